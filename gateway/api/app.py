@@ -1,0 +1,187 @@
+"""The FastAPI app: OpenAI's endpoints, health, readiness and metrics.
+
+Handlers only translate HTTP to a pipeline call and back; every decision is
+made in `gateway.pipeline`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.context import Endpoint, RequestContext
+from gateway.errors import GatewayError, error_body
+from gateway.service import Gateway
+
+log = logging.getLogger("icgate.api")
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="icgate", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
+    install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request, gw: GatewayDep) -> Response:
+        return await run_pipeline(gw, "chat", body.model_dump(exclude_unset=True), request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request, gw: GatewayDep) -> Response:
+        return await run_pipeline(gw, "completions", body.model_dump(exclude_unset=True), request)
+
+    @app.get("/v1/models")
+    async def models(request: Request, gw: GatewayDep) -> dict[str, Any]:
+        await gw.pipeline.check_caller(bearer_token(request))
+        created = int(time.time())
+        names = [*gw.policy.routed_models, *(b.name for b in gw.policy.backends), gw.policy.embedding.served_name]
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": created, "owned_by": "icgate"} for n in names],
+        }
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request, gw: GatewayDep) -> dict[str, Any]:
+        await gw.pipeline.check_caller(bearer_token(request))
+        if body.model != gw.policy.embedding.served_name:
+            raise GatewayError(
+                404,
+                f"The model '{body.model}' does not exist. Embeddings are served by "
+                f"'{gw.policy.embedding.served_name}'.",
+                param="model",
+                code="model_not_found",
+            )
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        if any(not t for t in texts):
+            raise GatewayError(400, "input must not contain empty strings", param="input")
+        vectors, tokens = await gw.embeddings.embed(texts)
+        if body.dimensions is not None:
+            if body.dimensions > vectors.shape[1]:
+                raise GatewayError(400, f"dimensions must be at most {vectors.shape[1]}", param="dimensions")
+            vectors = vectors[:, : body.dimensions]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return {
+            "object": "list",
+            "model": body.model,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(gw: GatewayDep) -> Response:
+        if gw.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "starting"}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(gw: GatewayDep) -> Response:
+        body, content_type = gw.telemetry.metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    return app
+
+
+async def run_pipeline(gw: Gateway, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Response:
+    ctx = RequestContext(endpoint=endpoint, body=body)
+    try:
+        result = await gw.pipeline.run(ctx, bearer_token(request))
+    except GatewayError as exc:
+        headers = {**exc.headers, "x-icgate-request-id": ctx.request_id}
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+    if result.chunks is None:
+        return JSONResponse(result.response, headers=result.headers())
+    return StreamingResponse(sse(result.chunks), media_type="text/event-stream", headers=result.headers())
+
+
+async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's framing; a mid-stream failure ends with an error event."""
+    try:
+        async for chunk in chunks:
+            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    except GatewayError as exc:
+        yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return [float(x) for x in vector]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI's format; nothing leaks a traceback."""
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message = "We could not parse the JSON body of your request."
+            param = None
+        elif first.get("type") == "missing":
+            message = f"Missing required parameter: '{param}'."
+        else:
+            message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = str(exc.detail) if exc.status_code != 404 else f"Unknown path: {request.url.path}"
+        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(
+            error_body("The gateway had an internal error; it has been logged.", "server_error"), status_code=500
+        )

@@ -1,0 +1,216 @@
+"""Calling backends through litellm, in OpenAI's wire format both ways.
+
+Every backend is an OpenAI-compatible endpoint (vLLM, llama.cpp, OpenAI,
+Anthropic, ...). A backend in `completion` mode is a base model without a chat
+template: chat requests are rendered to a prompt with its Jinja2 template, sent
+to the text-completion route, and the answer is turned back into chat format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from gateway.config import BackendConfig
+from gateway.context import Endpoint
+
+# litellm reads these at import time: never fetch the cost map, never reach a hub.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import litellm  # noqa: E402
+
+# Parameters litellm maps itself; everything else is passed through untouched in `extra_body`.
+OPENAI_PARAMS = frozenset(
+    {
+        "temperature", "top_p", "n", "stop", "max_tokens", "max_completion_tokens", "presence_penalty",
+        "frequency_penalty", "logit_bias", "user", "response_format", "seed", "tools", "tool_choice",
+        "logprobs", "top_logprobs", "parallel_tool_calls", "stream_options", "echo", "best_of", "suffix",
+        "metadata", "modalities", "audio", "prediction", "reasoning_effort", "store", "service_tier",
+    }
+)  # fmt: skip
+# Fields litellm adds to its objects that are not part of OpenAI's schema.
+_LITELLM_ONLY = ("provider_specific_fields",)
+_RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class BackendError(Exception):
+    """A backend failed. `retryable` says whether another backend might succeed."""
+
+    def __init__(self, backend: str, status_code: int, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.backend = backend
+        self.status_code = status_code
+        self.retryable = retryable
+        self.kind = "timeout" if status_code in (408, 504) else f"http_{status_code}"
+
+
+def _backend_error(backend: BackendConfig, exc: Exception) -> BackendError:
+    if isinstance(exc, litellm.Timeout):
+        return BackendError(backend.name, 504, f"backend {backend.name} timed out", retryable=True)
+    status = getattr(exc, "status_code", None)
+    if not isinstance(status, int):
+        status = 502
+    message = str(getattr(exc, "message", "") or exc)
+    if status in _RETRYABLE_STATUS or status >= 500:
+        # The raw message may carry internals of the backend; keep it short.
+        return BackendError(backend.name, 502, f"backend {backend.name} failed: {message[:300]}", True)
+    return BackendError(backend.name, status, message[:1000], retryable=False)
+
+
+def _clean(obj: Any) -> Any:
+    """Drop litellm-only fields and nulls so the wire format is plain OpenAI."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if k not in _LITELLM_ONLY and v is not None}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def split_params(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(parameters litellm understands, unknown fields to pass through in extra_body)."""
+    skip = {"model", "messages", "prompt", "stream"}
+    known = {k: v for k, v in body.items() if k in OPENAI_PARAMS}
+    extra = {k: v for k, v in body.items() if k not in OPENAI_PARAMS and k not in skip}
+    return known, extra
+
+
+class PromptRenderer:
+    """Renders chat messages into a completion prompt with a backend's Jinja2 template."""
+
+    def __init__(self) -> None:
+        self._env = ImmutableSandboxedEnvironment(trim_blocks=False, autoescape=False)
+        self._cache: dict[str, Any] = {}
+
+    def render(self, template: str, messages: list[dict[str, Any]]) -> str:
+        compiled = self._cache.get(template)
+        if compiled is None:
+            compiled = self._cache[template] = self._env.from_string(template)
+        plain = [{"role": m.get("role", "user"), "content": _text_of(m.get("content"))} for m in messages]
+        return str(compiled.render(messages=plain))
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: keep the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _text_model(model: str) -> str:
+    """litellm's text-completion route for OpenAI-compatible servers."""
+    return "text-completion-openai/" + model.removeprefix("openai/") if model.startswith("openai/") else model
+
+
+class BackendClient:
+    """Sends one request to one backend; returns OpenAI-format dicts (or a stream of them)."""
+
+    def __init__(self) -> None:
+        self.renderer = PromptRenderer()
+        litellm.suppress_debug_info = True
+
+    def _common(self, backend: BackendConfig, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+        known, extra = split_params(body)
+        if backend.stop and "stop" not in known:
+            known["stop"] = backend.stop
+        if not stream:
+            known.pop("stream_options", None)
+        args: dict[str, Any] = {
+            **known,
+            "api_base": backend.api_base,
+            "api_key": backend.api_key() or "no-key",
+            "timeout": backend.timeout_s,
+            "max_retries": 0,  # the pipeline decides about retries and fallbacks
+            "stream": stream,
+        }
+        if extra:
+            args["extra_body"] = extra
+        return args
+
+    async def complete(self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        args = self._common(backend, body, stream=False)
+        try:
+            if endpoint == "chat" and backend.mode == "chat":
+                resp = await litellm.acompletion(model=backend.model, messages=body["messages"], **args)
+                return dict(_clean(resp.model_dump()))
+            prompt = self._prompt(backend, endpoint, body)
+            resp = await litellm.atext_completion(model=_text_model(backend.model), prompt=prompt, **args)
+            out = dict(_clean(resp.model_dump()))
+        except Exception as exc:
+            raise _backend_error(backend, exc) from exc
+        return completion_to_chat(out) if endpoint == "chat" else out
+
+    async def stream(
+        self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Chunks in OpenAI format. Errors before the first chunk raise BackendError."""
+        args = self._common(backend, body, stream=True)
+        try:
+            if endpoint == "chat" and backend.mode == "chat":
+                stream = await litellm.acompletion(model=backend.model, messages=body["messages"], **args)
+            else:
+                prompt = self._prompt(backend, endpoint, body)
+                stream = await litellm.atext_completion(model=_text_model(backend.model), prompt=prompt, **args)
+        except Exception as exc:
+            raise _backend_error(backend, exc) from exc
+        return self._chunks(backend, stream, to_chat=endpoint == "chat" and backend.mode == "completion")
+
+    async def _chunks(self, backend: BackendConfig, stream: Any, to_chat: bool) -> AsyncIterator[dict[str, Any]]:
+        first = True
+        try:
+            async for chunk in stream:
+                data = dict(_clean(chunk.model_dump()))
+                if to_chat:
+                    data = completion_chunk_to_chat(data, first)
+                elif data.get("object") == "text_completion":
+                    data = tidy_completion_chunk(data)
+                first = False
+                yield data
+        except Exception as exc:
+            raise _backend_error(backend, exc) from exc
+
+    def _prompt(self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]) -> Any:
+        if endpoint == "completions":
+            return body["prompt"]
+        return self.renderer.render(backend.prompt_template, body["messages"])
+
+
+def completion_to_chat(resp: dict[str, Any]) -> dict[str, Any]:
+    """A text-completion response in chat-completion form."""
+    choices = [
+        {
+            "index": c.get("index", i),
+            "message": {"role": "assistant", "content": (c.get("text") or "").strip()},
+            "finish_reason": c.get("finish_reason") or "stop",
+        }
+        for i, c in enumerate(resp.get("choices", []))
+    ]
+    return {**resp, "object": "chat.completion", "choices": choices}
+
+
+def _drop_empty_usage(chunk: dict[str, Any]) -> dict[str, Any]:
+    # litellm fills zero usage into every text chunk; only a real count is worth sending.
+    if "usage" in chunk and not (chunk.get("usage") or {}).get("total_tokens"):
+        chunk = {k: v for k, v in chunk.items() if k != "usage"}
+    return chunk
+
+
+def tidy_completion_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's text-completion chunks always carry `text`, even the last one."""
+    choices = [{"text": "", **c} for c in chunk.get("choices", [])]
+    return _drop_empty_usage({**chunk, "choices": choices})
+
+
+def completion_chunk_to_chat(chunk: dict[str, Any], first: bool) -> dict[str, Any]:
+    choices = []
+    for i, c in enumerate(chunk.get("choices", [])):
+        delta: dict[str, Any] = {}
+        if c.get("text"):
+            delta["content"] = c["text"].lstrip() if first else c["text"]
+        if first:
+            delta["role"] = "assistant"
+        choices.append({"index": c.get("index", i), "delta": delta, "finish_reason": c.get("finish_reason")})
+    return _drop_empty_usage({**chunk, "object": "chat.completion.chunk", "choices": choices})

@@ -1,0 +1,123 @@
+"""`icgate`: serve, check a policy, migrate the database, manage API keys."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ICGATE_DATA_DIR", "data"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icgate", description="OpenAI-compatible LLM gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def policy_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (YAML)")
+        p.add_argument("--data-dir", type=Path, default=None, help="data directory (default: ./data)")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    policy_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--no-launch", action="store_true", help="do not start local backends")
+
+    check = sub.add_parser("check-policy", help="validate a policy file")
+    check.add_argument("file", type=Path)
+
+    dbp = sub.add_parser("db", help="database schema")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True)
+    policy_args(dbsub.add_parser("upgrade", help="apply all migrations"))
+
+    keys = sub.add_parser("keys", help="API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="create a key; it is shown once, as the last line")
+    policy_args(create)
+    create.add_argument("--tenant", required=True)
+    revoke = ksub.add_parser("revoke", help="revoke a key by its id")
+    policy_args(revoke)
+    revoke.add_argument("key_id", type=int)
+    policy_args(ksub.add_parser("list", help="list keys (never their secrets)"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "check-policy":
+            policy = load_policy(args.file)
+            print(f"{args.file}: ok ({len(policy.backends)} backends, routed: {', '.join(policy.routed_models)})")
+            return 0
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    data_dir = args.data_dir or default_data_dir()
+    if args.command == "serve":
+        return serve(policy, data_dir, args.host, args.port, launch_local=not args.no_launch)
+    if args.command == "db":
+        return migrate(policy, data_dir)
+    return manage_keys(args, policy, data_dir)
+
+
+def serve(policy: Policy, data_dir: Path, host: str, port: int, launch_local: bool) -> int:
+    import uvicorn
+
+    from gateway.api.app import create_app
+    from gateway.service import Gateway
+
+    app = create_app(Gateway(policy, data_dir, launch_local=launch_local))
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    return 0
+
+
+def migrate(policy: Policy, data_dir: Path) -> int:
+    from gateway import db
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = policy.database_url(data_dir)
+    db.upgrade(url)
+    print(f"database at revision {db.current_revision(url)}")
+    return 0
+
+
+def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    from gateway import db, keys
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = policy.database_url(data_dir)
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        if args.keys_command == "create":
+            created = keys.create_key(engine, args.tenant)
+            print(f"key id {created.key_id} for tenant {created.tenant_name}; it is shown only once:")
+            print(created.key)
+            return 0
+        if args.keys_command == "revoke":
+            if keys.revoke_key(engine, args.key_id):
+                print(f"key {args.key_id} revoked")
+                return 0
+            print(f"no key with id {args.key_id}", file=sys.stderr)
+            return 1
+        for info in keys.list_keys(engine):
+            state = "active" if info.active else "revoked"
+            print(f"{info.key_id}\t{info.tenant_name}\t{info.key_prefix}\t{state}")
+        return 0
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

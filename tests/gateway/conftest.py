@@ -1,0 +1,91 @@
+"""Fixtures for API tests: stand-in backends and gateways on real loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.harness import ServerThread
+from bench.standin_backend import StandinBackend
+from gateway.api.app import create_app
+from gateway.config import Policy
+from gateway.service import Gateway
+
+
+@dataclass
+class Standins:
+    small: StandinBackend
+    large: StandinBackend
+    small_url: str
+    large_url: str
+
+    def reset(self) -> None:
+        for backend in (self.small, self.large):
+            backend.received.clear()
+            backend.fail_next = 0
+            backend.delay_s = 0.0
+
+
+@pytest.fixture(scope="session")
+def standin_servers() -> Iterator[Standins]:
+    small, large = StandinBackend("small-model"), StandinBackend("large-model")
+    s1, s2 = ServerThread(small.app).start(), ServerThread(large.app).start()
+    yield Standins(small, large, s1.url, s2.url)
+    s1.stop()
+    s2.stop()
+
+
+@pytest.fixture
+def standins(standin_servers: Standins) -> Iterator[Standins]:
+    standin_servers.reset()
+    yield standin_servers
+    standin_servers.reset()
+
+
+def standin_policy(standins: Standins, **overrides: Any) -> Policy:
+    """A policy over the two stand-ins; `overrides` replace top-level sections."""
+    raw: dict[str, Any] = {
+        "backends": [
+            {"name": "small", "tier": "small", "model": "openai/small-model", "api_base": standins.small_url + "/v1"},
+            {"name": "large", "tier": "large", "model": "openai/large-model", "api_base": standins.large_url + "/v1"},
+        ],
+        "routed_models": ["auto"],
+        "auth": {"required": False},
+        "embedding": {"preload": False},
+        "router": {"large_if_prompt_tokens_over": 200},
+    }
+    raw.update(overrides)
+    return Policy.model_validate(raw)
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    server: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[[Policy], RunningGateway]]:
+    running: list[RunningGateway] = []
+
+    def start(policy: Policy, data_dir: Path | None = None) -> RunningGateway:
+        gateway = Gateway(policy, data_dir or tmp_path / f"gw{len(running)}", launch_local=False)
+        server = ServerThread(create_app(gateway), ready_path="/readyz").start()
+        handle = RunningGateway(gateway, server)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        handle.stop()

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from gateway import models
+from gateway.config import RequestLogConfig
+from gateway.context import RequestRecord
+from gateway.request_log import RequestLogWriter
+
+
+def record(i: int, **overrides: Any) -> RequestRecord:
+    fields: dict[str, Any] = dict(
+        request_id=f"req-{i:06d}",
+        created_at=datetime.now(UTC),
+        tenant_id=1,
+        api_key_id=2,
+        endpoint="chat",
+        model_requested="auto",
+        route="small",
+        backend="small-1",
+        fallback_from=None,
+        stream=False,
+        status_code=200,
+        error_type=None,
+        prompt_tokens=10,
+        completion_tokens=20,
+        cost_usd=0.001,
+        latency_ms=12.5,
+        overhead_ms=1.5,
+        queue_ms=0.0,
+        decisions={"router": {"score": 0.25, "tier": "small"}},
+    )
+    fields.update(overrides)
+    return RequestRecord(**fields)
+
+
+def count_rows(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(models.RequestLog)).scalar_one())
+
+
+@contextmanager
+def outage(engine: sa.Engine) -> Iterator[dict[str, bool]]:
+    """Make every request_log insert fail while state["down"] is true."""
+    state = {"down": True}
+
+    def fail(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if state["down"] and "request_log" in statement:
+            raise sa.exc.OperationalError(statement, None, ConnectionError("database is down"))
+
+    sa.event.listen(engine, "before_cursor_execute", fail)
+    try:
+        yield state
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", fail)
+
+
+async def test_all_records_land_after_close(engine: sa.Engine) -> None:
+    writer = RequestLogWriter(engine, RequestLogConfig(queue_size=1000, batch_size=50, flush_interval_s=0.05))
+    await writer.start()
+    for i in range(500):
+        assert writer.submit(record(i))
+        if i % 100 == 0:
+            await asyncio.sleep(0)
+    await writer.close()
+    assert (writer.written, writer.dropped, writer.pending) == (500, 0, 0)
+    assert count_rows(engine) == 500
+    assert writer.submit(record(1000)) is False  # closed: refused, counted
+    assert writer.dropped == 1
+
+
+async def test_rows_round_trip(engine: sa.Engine) -> None:
+    writer = RequestLogWriter(engine, RequestLogConfig(flush_interval_s=0.01))
+    await writer.start()
+    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    decisions = {"cache": {"similarity": math.nan, "hit": False}, "ids": (1, 2)}
+    writer.submit(record(1, created_at=created, decisions=decisions, fallback_from="small-2", stream=True))
+    await writer.flush()
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(models.RequestLog)).one()
+    await writer.close()
+    assert row.request_id == "req-000001" and row.created_at == created
+    assert row.decisions == {"cache": {"similarity": None, "hit": False}, "ids": [1, 2]}
+    assert row.fallback_from == "small-2" and row.stream is True and row.backend == "small-1"
+
+
+async def test_full_queue_drops_and_counts_without_blocking(engine: sa.Engine) -> None:
+    writer = RequestLogWriter(engine, RequestLogConfig(queue_size=10, batch_size=5, flush_interval_s=0.01))
+    # Not started: nothing drains the queue, so it fills up.
+    started = time.perf_counter()
+    accepted = [writer.submit(record(i)) for i in range(25)]
+    assert time.perf_counter() - started < 0.5
+    assert accepted == [True] * 10 + [False] * 15
+    assert writer.dropped == 15 and writer.pending == 10
+    await writer.close()  # drains what was accepted
+    assert writer.written == 10 and count_rows(engine) == 10
+
+
+async def test_short_outage_is_retried_without_loss(engine: sa.Engine) -> None:
+    writer = RequestLogWriter(
+        engine, RequestLogConfig(batch_size=10, flush_interval_s=0.01), max_attempts=5, retry_backoff_s=0.05
+    )
+    await writer.start()
+    with outage(engine) as state:
+        for i in range(30):
+            writer.submit(record(i))
+        await asyncio.sleep(0.1)
+        assert writer.written == 0 and writer.pending == 30
+        state["down"] = False
+        await writer.flush()
+    await writer.close()
+    assert (writer.written, writer.dropped) == (30, 0)
+    assert count_rows(engine) == 30
+
+
+async def test_long_outage_drops_batches_and_writer_survives(engine: sa.Engine) -> None:
+    writer = RequestLogWriter(
+        engine, RequestLogConfig(batch_size=10, flush_interval_s=0.01), max_attempts=2, retry_backoff_s=0.01
+    )
+    await writer.start()
+    with outage(engine):
+        for i in range(20):
+            writer.submit(record(i))
+        await writer.flush()
+        assert writer.failed == 20 and writer.dropped == 20 and writer.pending == 0
+    for i in range(20, 40):
+        writer.submit(record(i))
+    await writer.close()
+    assert writer.written == 20
+    assert count_rows(engine) == 20
+
+
+async def test_bad_row_does_not_sink_its_batch(engine: sa.Engine) -> None:
+    writer = RequestLogWriter(engine, RequestLogConfig(batch_size=10, flush_interval_s=0.05))
+    await writer.start()
+    writer.submit(record(1))
+    await writer.flush()
+    for i in range(1, 6):  # req-000001 is a duplicate: the other four must still land
+        writer.submit(record(i))
+    await writer.close()
+    assert writer.written == 5 and writer.failed == 1
+    assert count_rows(engine) == 5
