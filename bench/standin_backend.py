@@ -42,7 +42,9 @@ class StandinBackend:
         return JSONResponse({"ok": True})
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "x"}]})
+        return JSONResponse(
+            {"object": "list", "data": [{"id": self.name, "object": "model", "owned_by": "x"}]}
+        )
 
     async def _prepare(self, request: Request) -> tuple[dict[str, Any], Response | None]:
         body = await request.json()
@@ -92,7 +94,9 @@ class StandinBackend:
             "completion_tokens": len(text.split()),
             "total_tokens": prompt_tokens + len(text.split()),
         }
-        finish = "length" if body.get("max_tokens") and len(text.split()) >= int(body["max_tokens"]) else "stop"
+        finish = (
+            "length" if body.get("max_tokens") and len(text.split()) >= int(body["max_tokens"]) else "stop"
+        )
         if not body.get("stream"):
             if chat:
                 choice: dict[str, Any] = {
@@ -105,7 +109,14 @@ class StandinBackend:
                 choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
                 obj = "text_completion"
             return JSONResponse(
-                {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice], "usage": usage}
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": self.name,
+                    "choices": [choice],
+                    "usage": usage,
+                }
             )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(
@@ -127,7 +138,9 @@ class StandinBackend:
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
             else:
                 choice = {"index": 0, "text": piece, "finish_reason": None, "logprobs": None}
-            yield self._sse({"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]})
+            yield self._sse(
+                {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
+            )
         last: dict[str, Any] = (
             {"index": 0, "delta": {}, "finish_reason": finish}
             if chat
@@ -136,7 +149,14 @@ class StandinBackend:
         yield self._sse({"id": rid, "object": obj, "created": created, "model": self.name, "choices": [last]})
         if usage is not None:
             yield self._sse(
-                {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [], "usage": usage}
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": self.name,
+                    "choices": [],
+                    "usage": usage,
+                }
             )
         yield b"data: [DONE]\n\n"
 

@@ -60,7 +60,11 @@ class BackendPool:
         started = time.perf_counter()
         load.waiting += 1
         try:
-            await asyncio.wait_for(slots.acquire(), timeout=self.max_queue_wait_s)
+            if slots.locked():
+                async with asyncio.timeout(self.max_queue_wait_s):
+                    await slots.acquire()
+            else:
+                await slots.acquire()  # a free slot: never refuse, even with a zero wait
         except TimeoutError:
             raise AdmissionRefused(
                 backend.name,

@@ -9,7 +9,7 @@ to the text-completion route, and the answer is turned back into chat format.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -20,7 +20,7 @@ from gateway.context import Endpoint
 # litellm reads these at import time: never fetch the cost map, never reach a hub.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import litellm  # noqa: E402
+import litellm
 
 # Parameters litellm maps itself; everything else is passed through untouched in `extra_body`.
 OPENAI_PARAMS = frozenset(
@@ -88,11 +88,11 @@ class PromptRenderer:
         compiled = self._cache.get(template)
         if compiled is None:
             compiled = self._cache[template] = self._env.from_string(template)
-        plain = [{"role": m.get("role", "user"), "content": _text_of(m.get("content"))} for m in messages]
+        plain = [{"role": m.get("role", "user"), "content": message_text(m.get("content"))} for m in messages]
         return str(compiled.render(messages=plain))
 
 
-def _text_of(content: Any) -> str:
+def message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: keep the text ones
@@ -130,7 +130,9 @@ class BackendClient:
             args["extra_body"] = extra
         return args
 
-    async def complete(self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
+    ) -> dict[str, Any]:
         args = self._common(backend, body, stream=False)
         try:
             if endpoint == "chat" and backend.mode == "chat":
@@ -145,7 +147,7 @@ class BackendClient:
 
     async def stream(
         self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Chunks in OpenAI format. Errors before the first chunk raise BackendError."""
         args = self._common(backend, body, stream=True)
         try:
@@ -153,24 +155,33 @@ class BackendClient:
                 stream = await litellm.acompletion(model=backend.model, messages=body["messages"], **args)
             else:
                 prompt = self._prompt(backend, endpoint, body)
-                stream = await litellm.atext_completion(model=_text_model(backend.model), prompt=prompt, **args)
+                stream = await litellm.atext_completion(
+                    model=_text_model(backend.model), prompt=prompt, **args
+                )
         except Exception as exc:
             raise _backend_error(backend, exc) from exc
         return self._chunks(backend, stream, to_chat=endpoint == "chat" and backend.mode == "completion")
 
-    async def _chunks(self, backend: BackendConfig, stream: Any, to_chat: bool) -> AsyncIterator[dict[str, Any]]:
-        first = True
+    async def _chunks(
+        self, backend: BackendConfig, stream: Any, to_chat: bool
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        first, started_text = True, False
         try:
             async for chunk in stream:
                 data = dict(_clean(chunk.model_dump()))
                 if to_chat:
-                    data = completion_chunk_to_chat(data, first)
+                    data = completion_chunk_to_chat(data, first, strip_leading=not started_text)
+                    started_text = started_text or any(c["delta"].get("content") for c in data["choices"])
                 elif data.get("object") == "text_completion":
                     data = tidy_completion_chunk(data)
                 first = False
                 yield data
         except Exception as exc:
             raise _backend_error(backend, exc) from exc
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
 
     def _prompt(self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]) -> Any:
         if endpoint == "completions":
@@ -204,12 +215,19 @@ def tidy_completion_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
     return _drop_empty_usage({**chunk, "choices": choices})
 
 
-def completion_chunk_to_chat(chunk: dict[str, Any], first: bool) -> dict[str, Any]:
+def completion_chunk_to_chat(
+    chunk: dict[str, Any], first: bool, strip_leading: bool | None = None
+) -> dict[str, Any]:
+    """A text-completion chunk in chat form; the answer's leading space is dropped, as unstreamed."""
+    strip = first if strip_leading is None else strip_leading
     choices = []
     for i, c in enumerate(chunk.get("choices", [])):
         delta: dict[str, Any] = {}
-        if c.get("text"):
-            delta["content"] = c["text"].lstrip() if first else c["text"]
+        text = c.get("text") or ""
+        if strip:
+            text = text.lstrip()
+        if text:
+            delta["content"] = text
         if first:
             delta["role"] = "assistant"
         choices.append({"index": c.get("index", i), "delta": delta, "finish_reason": c.get("finish_reason")})

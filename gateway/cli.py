@@ -54,10 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # litellm logs every call at INFO; the gateway's own request log says more, once.
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx", "sentence_transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         if args.command == "check-policy":
             policy = load_policy(args.file)
-            print(f"{args.file}: ok ({len(policy.backends)} backends, routed: {', '.join(policy.routed_models)})")
+            routed = ", ".join(policy.routed_models)
+            print(f"{args.file}: ok ({len(policy.backends)} backends, routed: {routed})")
             return 0
         policy = load_policy(args.policy)
     except PolicyError as exc:

@@ -51,7 +51,9 @@ class BackendConfig(Strict):
     # `completion`: the backend is a base model without a chat template; chat
     # requests are rendered with `prompt_template` and sent to /v1/completions.
     mode: Literal["chat", "completion"] = "chat"
-    prompt_template: str = "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}Assistant:"
+    prompt_template: str = (
+        "{% for m in messages %}{{ m.role | capitalize }}: {{ m.content }}\n{% endfor %}Assistant:"
+    )
     stop: list[str] = []
     context_window: int = Field(2048, ge=256)
     launch: LaunchConfig | None = None

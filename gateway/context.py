@@ -69,7 +69,9 @@ class RequestContext:
         if self.backend is None:
             return 0.0
         b = self.backend
-        return (self.prompt_tokens * b.cost_per_1k_input + self.completion_tokens * b.cost_per_1k_output) / 1000
+        return (
+            self.prompt_tokens * b.cost_per_1k_input + self.completion_tokens * b.cost_per_1k_output
+        ) / 1000
 
 
 @dataclass(frozen=True)

@@ -209,8 +209,18 @@ class LocalBackend:
             str(self.port),
             "--n_threads",
             str(self.launch.n_threads),
+            # The server's default for prompt processing is every core; with two servers on a
+            # small box that oversubscribes the CPU and llama.cpp's spinning threads collapse
+            # (measured 10-20x slower). n_threads is the one knob: the cores this server may use.
+            "--n_threads_batch",
+            str(self.launch.n_threads),
             "--n_ctx",
             str(self.launch.n_ctx),
+            # By default the server ends a running stream (early [DONE], connection closed) as
+            # soon as another request waits for the model: one client would cut off another.
+            # Queue instead; extra_args may override (argparse: the last value wins).
+            "--interrupt_requests",
+            "False",
             *self.launch.extra_args,
         ]
 
@@ -398,6 +408,15 @@ class LocalBackends:
             for b in backends
             if b.launch is not None and b.name not in self.backends
         ]
+        threads = sum(lb.launch.n_threads for lb in [*self.backends.values(), *todo])
+        cores = os.cpu_count() or 1
+        if threads > cores:
+            log.warning(
+                "local backends use %d threads on %d cores: llama.cpp slows down sharply when its "
+                "threads outnumber the cores; lower launch.n_threads",
+                threads,
+                cores,
+            )
         results = await asyncio.gather(*(lb.start() for lb in todo), return_exceptions=True)
         failures: list[str] = []
         for lb, res in zip(todo, results, strict=True):

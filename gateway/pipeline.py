@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.admission import AdmissionRefused, BackendPool
-from gateway.backends import BackendClient, BackendError
+from gateway.backends import BackendClient, BackendError, message_text
 from gateway.config import AuthConfig, BackendConfig, Policy
 from gateway.context import ANONYMOUS, RequestContext, RequestRecord, Tenant
 from gateway.errors import GatewayError
@@ -51,7 +51,7 @@ class Target:
 class PipelineResult:
     ctx: RequestContext
     response: dict[str, Any] | None = None
-    chunks: AsyncIterator[dict[str, Any]] | None = None
+    chunks: StreamRelay | None = None
 
     def headers(self) -> dict[str, str]:
         return response_headers(self.ctx)
@@ -66,7 +66,11 @@ async def authenticate(api_key: str | None, auth: AuthConfig, authenticator: Aut
     if tenant is not None:
         return tenant
     if auth.required:
-        message = "Incorrect API key provided." if api_key else "Missing API key: send 'Authorization: Bearer <key>'."
+        message = (
+            "Incorrect API key provided."
+            if api_key
+            else "Missing API key: send 'Authorization: Bearer <key>'."
+        )
         raise GatewayError(401, message, type="invalid_request_error", code="invalid_api_key")
     return ANONYMOUS
 
@@ -89,7 +93,7 @@ def resolve_target(model: str, policy: Policy) -> Target:
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """About four characters a token: good enough to route on, and free."""
     if "messages" in body:
-        chars = sum(len(str(m.get("content") or "")) for m in body["messages"])
+        chars = sum(len(message_text(m.get("content"))) for m in body["messages"])
     else:
         chars = len(str(body.get("prompt", "")))
     return max(1, chars // 4)
@@ -103,7 +107,9 @@ def route_features(body: dict[str, Any]) -> RouteFeatures:
 
 def route(target: Target, features: RouteFeatures, router: Router) -> RouteDecision:
     if target.backend is not None:
-        return RouteDecision(tier=target.backend.tier, score=None, reasons=(f"addressed as {target.backend.name}",))
+        return RouteDecision(
+            tier=target.backend.tier, score=None, reasons=(f"addressed as {target.backend.name}",)
+        )
     return router.route(features)
 
 
@@ -135,6 +141,60 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
 def usage_of(response: dict[str, Any]) -> tuple[int, int]:
     usage = response.get("usage") or {}
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+class StreamRelay:
+    """Relays a backend stream to the client, then releases the backend slot and records.
+
+    A class rather than a generator: `aclose()` must release the slot even when the
+    consumer never started iterating (a client that disconnects before the first
+    byte), which a generator's `finally` cannot promise. Closing twice is harmless.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        ctx: RequestContext,
+        opened: tuple[dict[str, Any], AsyncGenerator[dict[str, Any], None]],
+        exits: AsyncExitStack,
+    ) -> None:
+        self._pipeline = pipeline
+        self._ctx = ctx
+        self._first: dict[str, Any] | None = opened[0] or None
+        self._rest = opened[1]
+        self._exits = exits
+        self._closed = False
+
+    def __aiter__(self) -> StreamRelay:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+            return chunk
+        try:
+            chunk = await anext(self._rest)
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except BackendError as err:
+            self._ctx.status_code, self._ctx.error_type = 502, "backend_error"
+            self._pipeline.telemetry.metrics.backend_error(err.backend, err.kind)
+            await self.aclose()
+            raise GatewayError(502, str(err), type="server_error", code="backend_error") from None
+        if chunk.get("usage"):
+            self._ctx.prompt_tokens, self._ctx.completion_tokens = usage_of(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._rest.aclose()
+        finally:
+            await self._exits.aclose()
+            self._pipeline.record(self._ctx)
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -169,7 +229,9 @@ class Pipeline:
         exits = AsyncExitStack()
         exits.enter_context(metrics.inflight())
         try:
-            with tracing.request_span(ctx.request_id, {"icgate.model": ctx.model, "icgate.stream": ctx.stream}):
+            with tracing.request_span(
+                ctx.request_id, {"icgate.model": ctx.model, "icgate.stream": ctx.stream}
+            ):
                 with tracing.stage_span("authenticate"):
                     ctx.tenant = await authenticate(api_key, self.policy.auth, self.authenticator)
                     ctx.decisions["authenticate"] = {"tenant": ctx.tenant.name}
@@ -189,7 +251,7 @@ class Pipeline:
                 candidates = candidates_for(target, decision, self.policy)
                 if ctx.stream:
                     chunks = await self._first_stream(ctx, candidates, exits)
-                    return PipelineResult(ctx, chunks=self._finish_stream(ctx, chunks, exits))
+                    return PipelineResult(ctx, chunks=StreamRelay(self, ctx, chunks, exits))
                 response = await self._call(ctx, candidates, exits)
                 ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
                 await exits.aclose()
@@ -247,7 +309,11 @@ class Pipeline:
                     self.telemetry.metrics.fallback(backend.name, fallback.name)
                     ctx.fallback_from, backend = backend.name, fallback
                     ctx.route = backend.tier
-                    ctx.decisions["fallback"] = {"from": ctx.fallback_from, "to": backend.name, "error": err.kind}
+                    ctx.decisions["fallback"] = {
+                        "from": ctx.fallback_from,
+                        "to": backend.name,
+                        "error": err.kind,
+                    }
                     continue
                 if not err.retryable:
                     raise GatewayError(err.status_code, str(err), type="invalid_request_error") from None
@@ -262,41 +328,23 @@ class Pipeline:
 
     async def _first_stream(
         self, ctx: RequestContext, candidates: list[BackendConfig], exits: AsyncExitStack
-    ) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+    ) -> tuple[dict[str, Any], AsyncGenerator[dict[str, Any], None]]:
         """Open the stream and pull its first chunk, so failures can still fall back."""
 
-        async def open_and_peek(backend: BackendConfig) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+        async def open_and_peek(
+            backend: BackendConfig,
+        ) -> tuple[dict[str, Any], AsyncGenerator[dict[str, Any], None]]:
             chunks = await self.client.stream(backend, ctx.endpoint, ctx.body)
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
                 first = {}
+            except BaseException:
+                await chunks.aclose()
+                raise
             return first, chunks
 
         return await self._attempts(ctx, candidates, exits, open_and_peek)
-
-    async def _finish_stream(
-        self,
-        ctx: RequestContext,
-        opened: tuple[dict[str, Any], AsyncIterator[dict[str, Any]]],
-        exits: AsyncExitStack,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Relay the stream; release the backend slot and record when it ends (or the client leaves)."""
-        first, rest = opened
-        try:
-            if first:
-                yield first
-            async for chunk in rest:
-                if chunk.get("usage"):
-                    ctx.prompt_tokens, ctx.completion_tokens = usage_of(chunk)
-                yield chunk
-        except BackendError as err:
-            ctx.status_code, ctx.error_type = 502, "backend_error"
-            self.telemetry.metrics.backend_error(err.backend, err.kind)
-            raise GatewayError(502, str(err), type="server_error", code="backend_error") from None
-        finally:
-            await exits.aclose()
-            self.record(ctx)
 
     def record(self, ctx: RequestContext) -> None:
         """Off the hot path: metrics now, the log row through the write-behind queue."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,9 @@ class Gateway:
             client=BackendClient(),
             pool=BackendPool(policy.backends, policy.admission.max_queue_wait_s),
             router=PromptLengthRule(
-                policy.router.default_tier, policy.router.large_tier, policy.router.large_if_prompt_tokens_over
+                policy.router.default_tier,
+                policy.router.large_tier,
+                policy.router.large_if_prompt_tokens_over,
             ),
             telemetry=self.telemetry,
         )
@@ -92,12 +95,15 @@ class Gateway:
         await self.log_writer.start()
         self.pipeline.sink = self.log_writer
         self.pipeline.authenticator = KeyAuthenticator(self.engine)
+        # Model servers and the embedder load side by side: start-up is bounded by the slower.
+        waits: list[Awaitable[object]] = []
         local = [b for b in self.policy.backends if b.launch is not None]
         if local and self.launch_local:
             log.info("starting %d local backend(s): %s", len(local), ", ".join(b.name for b in local))
-            await self.local.start_all(local, self.data_dir)
+            waits.append(self.local.start_all(local, self.data_dir))
         if self.policy.embedding.preload:
-            await self.embeddings.embedder()
+            waits.append(self.embeddings.embedder())
+        await asyncio.gather(*waits)
         self.ready = True
 
     async def stop(self) -> None:

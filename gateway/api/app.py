@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError, error_body
+from gateway.pipeline import StreamRelay
 from gateway.service import Gateway
 
 log = logging.getLogger("icgate.api")
@@ -47,8 +48,8 @@ def bearer_token(request: Request) -> str | None:
 def create_app(gateway: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gateway.start()
-        try:
+        try:  # a start that fails half-way still stops what it started
+            await gateway.start()
             yield
         finally:
             await gateway.stop()
@@ -69,7 +70,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def models(request: Request, gw: GatewayDep) -> dict[str, Any]:
         await gw.pipeline.check_caller(bearer_token(request))
         created = int(time.time())
-        names = [*gw.policy.routed_models, *(b.name for b in gw.policy.backends), gw.policy.embedding.served_name]
+        names = [
+            *gw.policy.routed_models,
+            *(b.name for b in gw.policy.backends),
+            gw.policy.embedding.served_name,
+        ]
         return {
             "object": "list",
             "data": [{"id": n, "object": "model", "created": created, "owned_by": "icgate"} for n in names],
@@ -132,7 +137,21 @@ async def run_pipeline(gw: Gateway, endpoint: Endpoint, body: dict[str, Any], re
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
     if result.chunks is None:
         return JSONResponse(result.response, headers=result.headers())
-    return StreamingResponse(sse(result.chunks), media_type="text/event-stream", headers=result.headers())
+    return RelayedStream(result.chunks, headers=result.headers())
+
+
+class RelayedStream(StreamingResponse):
+    """SSE response that closes its relay however the response ends, even before the first byte."""
+
+    def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
+        super().__init__(sse(relay), media_type="text/event-stream", headers=headers)
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.relay.aclose()
 
 
 async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -183,5 +202,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse(
-            error_body("The gateway had an internal error; it has been logged.", "server_error"), status_code=500
+            error_body("The gateway had an internal error; it has been logged.", "server_error"),
+            status_code=500,
         )

@@ -50,8 +50,18 @@ def standin_policy(standins: Standins, **overrides: Any) -> Policy:
     """A policy over the two stand-ins; `overrides` replace top-level sections."""
     raw: dict[str, Any] = {
         "backends": [
-            {"name": "small", "tier": "small", "model": "openai/small-model", "api_base": standins.small_url + "/v1"},
-            {"name": "large", "tier": "large", "model": "openai/large-model", "api_base": standins.large_url + "/v1"},
+            {
+                "name": "small",
+                "tier": "small",
+                "model": "openai/small-model",
+                "api_base": standins.small_url + "/v1",
+            },
+            {
+                "name": "large",
+                "tier": "large",
+                "model": "openai/large-model",
+                "api_base": standins.large_url + "/v1",
+            },
         ],
         "routed_models": ["auto"],
         "auth": {"required": False},

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from gateway import keys
 from gateway.config import Policy
+from gateway.db import make_engine
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]
@@ -22,7 +23,9 @@ def client(gw: RunningGateway, key: str = "sk-anything") -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
 
 
-def test_chat_routed_auto_goes_to_small_and_explains_itself(standins: Standins, start_gateway: StartGateway) -> None:
+def test_chat_routed_auto_goes_to_small_and_explains_itself(
+    standins: Standins, start_gateway: StartGateway
+) -> None:
     gw = start_gateway(standin_policy(standins))
     raw = client(gw).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "hello gateway"}]
@@ -92,7 +95,9 @@ def test_completions_endpoint(standins: Standins, start_gateway: StartGateway) -
     assert "".join(c.choices[0].text for c in stream if c.choices) == "small-model says: a b"
 
 
-def test_models_lists_routed_names_backends_and_embedder(standins: Standins, start_gateway: StartGateway) -> None:
+def test_models_lists_routed_names_backends_and_embedder(
+    standins: Standins, start_gateway: StartGateway
+) -> None:
     gw = start_gateway(standin_policy(standins))
     ids = [m.id for m in client(gw).models.list()]
     assert ids == ["auto", "small", "large", "all-MiniLM-L6-v2"]
@@ -120,8 +125,16 @@ def test_unknown_fields_pass_through(standins: Standins, start_gateway: StartGat
         ({"model": "auto"}, 400, "messages"),
         ({"model": "auto", "messages": []}, 400, "messages"),
         ({"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
-        ({"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": 7}, 400, "temperature"),
-        ({"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+        (
+            {"model": "auto", "messages": [{"role": "user", "content": "x"}], "temperature": 7},
+            400,
+            "temperature",
+        ),
+        (
+            {"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+            "max_tokens",
+        ),
         ({"model": "auto", "messages": "hello"}, 400, "messages"),
         ({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
     ],
@@ -201,7 +214,9 @@ def test_backend_timeout_falls_back(standins: Standins, start_gateway: StartGate
     policy.backends[0].timeout_s = 0.3
     gw = start_gateway(policy)
     raw = client(gw).chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "slow"}], extra_body={"x_standin": {"delay_ms": 0}}
+        model="auto",
+        messages=[{"role": "user", "content": "slow"}],
+        extra_body={"x_standin": {"delay_ms": 0}},
     )
     assert raw.headers.get("x-icgate-fallback-from") is None
     standins.small.delay_s = 2.0
@@ -264,18 +279,23 @@ def test_auth_required(standins: Standins, start_gateway: StartGateway) -> None:
     assert not any(created.key in json.dumps(r) for r in standins.small.received)
 
 
-def test_request_log_row_matches_headers(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_request_log_row_matches_headers(
+    standins: Standins, start_gateway: StartGateway, empty_db_url: str
+) -> None:
+    """On SQLite and PostgreSQL: the gateway migrates on start and the log row lands."""
+    gw = start_gateway(standin_policy(standins, database={"url": empty_db_url}))
     raw = client(gw).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "log me"}]
     )
     request_id = raw.headers["x-icgate-request-id"]
     gw.stop()  # a clean shutdown flushes the write-behind queue
-    engine = sa.create_engine(gw.gateway.database_url)
+    engine = make_engine(gw.gateway.database_url)
     with engine.connect() as conn:
         row = conn.execute(
-            sa.text("SELECT route, backend, status_code, completion_tokens, overhead_ms FROM request_log "
-                    "WHERE request_id = :r"),
+            sa.text(
+                "SELECT route, backend, status_code, completion_tokens, overhead_ms FROM request_log "
+                "WHERE request_id = :r"
+            ),
             {"r": request_id},
         ).one()
     engine.dispose()
@@ -299,12 +319,17 @@ def test_litellm_as_a_client(standins: Standins, start_gateway: StartGateway) ->
 
     gw = start_gateway(standin_policy(standins))
     resp = litellm.completion(
-        model="openai/auto", api_base=gw.url + "/v1", api_key="sk-x", messages=[{"role": "user", "content": "hey"}]
+        model="openai/auto",
+        api_base=gw.url + "/v1",
+        api_key="sk-x",
+        messages=[{"role": "user", "content": "hey"}],
     )
     assert resp.choices[0].message.content == "small-model says: hey"
 
 
-def test_completion_mode_backend_renders_chat_as_prompt(standins: Standins, start_gateway: StartGateway) -> None:
+def test_completion_mode_backend_renders_chat_as_prompt(
+    standins: Standins, start_gateway: StartGateway
+) -> None:
     policy = standin_policy(standins)
     large = policy.backends[1]
     large.mode = "completion"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -38,12 +39,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# One thread: these tests share a 2-core box with other suites; spinning threads would thrash.
 def smol_backend(port: int, *, model_file: str = SMOL, timeout_s: float = 60.0) -> BackendConfig:
     return BackendConfig(
         name="small",
         model="openai/smollm2-135m",
         api_base=f"http://127.0.0.1:{port}/v1",
-        launch=LaunchConfig(model_file=model_file, n_threads=2, n_ctx=512, startup_timeout_s=timeout_s),
+        launch=LaunchConfig(model_file=model_file, n_threads=1, n_ctx=512, startup_timeout_s=timeout_s),
     )
 
 
@@ -55,6 +57,33 @@ async def chat(api_base: str, text: str = "Say hello.") -> str:
         )
     resp.raise_for_status()
     return resp.json()["choices"][0]["message"]["content"]
+
+
+async def stream_chunks(api_base: str, max_tokens: int) -> int:
+    """Content chunks of a streamed chat completion that must run to `max_tokens`."""
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Tell me a long story about a robot."}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    chunks, finish = 0, None
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", f"{api_base}/chat/completions", json=body) as resp,
+    ):
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                chunks += bool(choice["delta"].get("content"))
+                finish = choice.get("finish_reason") or finish
+    assert finish == "length"
+    return chunks
+
+
+async def late_chat(api_base: str) -> str:
+    await asyncio.sleep(0.2)
+    return await chat(api_base)
 
 
 # --------------------------------------------------------------------------- model files
@@ -115,8 +144,10 @@ def test_command_line(tmp_path: Path) -> None:
         "--model_alias": "smollm2-135m",
         "--host": "127.0.0.1",
         "--port": "8101",
-        "--n_threads": "2",
+        "--n_threads": "1",
+        "--n_threads_batch": "1",
         "--n_ctx": "512",
+        "--interrupt_requests": "False",
         "--n_batch": "256",
     }
     assert served_name(backend) == "smollm2-135m"
@@ -139,6 +170,9 @@ async def test_start_chat_stop(tmp_path: Path) -> None:
             models = (await client.get(f"{lb.api_base}/models")).json()
         assert "smollm2-135m" in [m["id"] for m in models["data"]]
         assert (await chat(lb.api_base)).strip()
+        # A request arriving mid-stream waits its turn instead of cutting the stream short.
+        chunks, second = await asyncio.gather(stream_chunks(lb.api_base, 24), late_chat(lb.api_base))
+        assert chunks == 24 and second.strip()
     finally:
         await lb.stop()
     assert lb.state == "stopped" and lb.pid is None

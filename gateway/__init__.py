@@ -1,0 +1,1 @@
+"""The gateway service: API, pipeline, backends, admission, persistence, telemetry, CLI."""

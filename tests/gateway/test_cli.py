@@ -1,0 +1,100 @@
+"""The `icgate` command line, called in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import cli
+from gateway.config import DEFAULT_POLICY
+
+
+@pytest.fixture(autouse=True)
+def no_database_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ICGATE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("ICGATE_DATA_DIR", raising=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def test_check_policy_accepts_the_default(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "check-policy", str(DEFAULT_POLICY))
+    assert code == 0
+    assert out == [f"{DEFAULT_POLICY}: ok (2 backends, routed: auto)"]
+
+
+def test_check_policy_names_a_typo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = DEFAULT_POLICY.read_text().replace("    max_concurrent: 4\n", "    max_concurent: 4\n", 1)
+    assert "max_concurent" in text
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    code, out, err = run(capsys, "check-policy", str(path))
+    assert code == 2
+    assert out == []
+    assert "backends.0.max_concurent: unknown key" in err
+    assert str(path) in err
+
+
+def test_check_policy_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "check-policy", str(tmp_path / "absent.yaml"))
+    assert code == 2 and "cannot read policy file" in err
+
+
+def test_bad_policy_stops_other_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("backends: 3\n")
+    code, _, err = run(capsys, "db", "upgrade", "--policy", str(path), "--data-dir", str(tmp_path / "d"))
+    assert code == 2 and "backends" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    code, out, _ = run(capsys, "db", "upgrade", "--data-dir", str(data))
+    assert code == 0
+    assert out[-1] == "database at revision 0001"
+    assert (data / "icgate.db").is_file()
+
+
+def test_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = str(tmp_path / "data")
+    code, out, _ = run(capsys, "keys", "create", "--tenant", "t", "--data-dir", data)
+    assert code == 0
+    key = out[-1]
+    assert key.startswith("icg-") and len(key) > 20 and " " not in key
+    assert "for tenant t" in out[-2]
+    key_id = out[-2].split()[2]
+    assert key_id.isdigit()
+
+    code, out, _ = run(capsys, "keys", "list", "--data-dir", data)
+    assert code == 0
+    listing = "\n".join(out)
+    assert key not in listing
+    [row] = [line.split("\t") for line in out if "\t" in line]
+    assert row[0] == key_id and row[1] == "t" and row[3] == "active"
+    assert key.startswith(row[2]) and len(row[2]) < len(key)
+
+    code, out, _ = run(capsys, "keys", "revoke", key_id, "--data-dir", data)
+    assert code == 0 and out[-1] == f"key {key_id} revoked"
+
+    code, out, _ = run(capsys, "keys", "list", "--data-dir", data)
+    [row] = [line.split("\t") for line in out if "\t" in line]
+    assert row[0] == key_id and row[3] == "revoked"
+    assert key not in "\n".join(out)
+
+
+def test_keys_revoke_unknown_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "keys", "revoke", "999", "--data-dir", str(tmp_path / "data"))
+    assert code == 1 and "no key with id 999" in err
+
+
+def test_data_dir_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICGATE_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert cli.default_data_dir() == tmp_path / "elsewhere"
+    monkeypatch.delenv("ICGATE_DATA_DIR")
+    assert cli.default_data_dir() == Path("data")
