@@ -351,7 +351,7 @@ PROFILE_KEYS = [
     ("- of which the openai SDK request inside litellm", "openai.py", "make_openai_chat_completion_request"),
     ("- of which litellm's response cost calculation", "litellm_logging.py", "response_cost_calculator"),
     ("gateway `_clean` of the response", "backends.py", "_clean"),
-    ("logging handlers (uvicorn access log, litellm INFO lines)", "__init__.py", "callHandlers"),
+    ("logging handlers (every log record: access log, app logs)", "__init__.py", "callHandlers"),
 ]
 
 

@@ -26,7 +26,8 @@ class LaunchConfig(Strict):
     kind: Literal["llama_cpp"] = "llama_cpp"
     # A GGUF path, or `package:<module>` for a model shipped as a PyPI package.
     model_file: str
-    n_threads: int = Field(2, ge=1)
+    # One thread per server: two servers with two threads each on 2 cores collapse (spinning waits).
+    n_threads: int = Field(1, ge=1)
     n_ctx: int = Field(2048, ge=256)
     startup_timeout_s: float = Field(180.0, gt=0)
     restart_on_exit: bool = True

@@ -280,6 +280,8 @@ class LocalBackend:
                 # Own process group: a Ctrl-C meant for the gateway reaches the gateway, which
                 # then stops its children in order.
                 start_new_session=True,
+                # ...and if the gateway is killed outright, the server does not outlive it.
+                preexec_fn=_die_with_parent,
             )
         log.info("backend %s: started pid %d, log %s", self.name, self._proc.pid, self.log_path)
         await self._wait_ready(self._proc, started)
@@ -372,6 +374,16 @@ class LocalBackend:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the parent dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _model_ids(resp: httpx.Response) -> set[str]:

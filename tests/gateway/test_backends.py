@@ -65,6 +65,11 @@ def test_split_params_of_a_bare_body() -> None:
 # --- PromptRenderer with the shipped template ---------------------------------------------------------
 
 
+def conversation(prompt: str) -> str:
+    """The rendered prompt after the template's own few-shot examples."""
+    return prompt.split("A: Eight.\n\n", 1)[1]
+
+
 def test_default_large_template_renders_a_conversation(large: BackendConfig) -> None:
     messages = [
         {"role": "system", "content": "Answer briefly."},
@@ -73,7 +78,8 @@ def test_default_large_template_renders_a_conversation(large: BackendConfig) -> 
         {"role": "user", "content": "And 3+3?"},
     ]
     prompt = PromptRenderer().render(large.prompt_template, messages)
-    assert prompt == "Answer briefly.\n\nQ: What is 2+2?\nA: 4\nQ: And 3+3?\nA:"
+    assert prompt.startswith("Answer each question briefly and correctly.\n\nQ: What is the capital of Italy?")
+    assert conversation(prompt) == "Answer briefly.\n\nQ: What is 2+2?\nA: 4\n\nQ: And 3+3?\nA:"
 
 
 def test_template_takes_the_text_of_content_parts(large: BackendConfig) -> None:
@@ -88,12 +94,12 @@ def test_template_takes_the_text_of_content_parts(large: BackendConfig) -> None:
         },
     ]
     prompt = PromptRenderer().render(large.prompt_template, messages)
-    assert prompt == "Q: Describe this.\nA:"
+    assert conversation(prompt) == "Q: Describe this.\nA:"
 
 
 def test_template_treats_missing_role_as_user_and_missing_content_as_empty(large: BackendConfig) -> None:
     prompt = PromptRenderer().render(large.prompt_template, [{"content": "hi"}, {"role": "assistant"}])
-    assert prompt == "Q: hi\nA: \nA:"
+    assert conversation(prompt) == "Q: hi\nA: \n\nA:"
 
 
 def test_default_template_of_a_backend() -> None:

@@ -65,7 +65,7 @@ def test_shipped_default_policy_loads() -> None:
     policy = load_policy(DEFAULT_POLICY)
     large = policy.backend("large")
     assert large is not None and large.mode == "completion"
-    assert large.stop == ["\nQ:", "\n\n"]
+    assert large.stop == ["\n", "Q:"]
     assert {b.name for b in policy.backends} == {"small", "large"}
     assert all(b.launch is not None for b in policy.backends)
     assert policy.router.large_if_prompt_tokens_over == 1500
