@@ -8,10 +8,12 @@ to the text-completion route, and the answer is turned back into chat format.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Literal, Protocol
 
+import httpx
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gateway.config import BackendConfig
@@ -100,22 +102,39 @@ def message_text(content: Any) -> str:
     return ""
 
 
+Route = Literal["chat", "text"]
+
+
 def _text_model(model: str) -> str:
     """litellm's text-completion route for OpenAI-compatible servers."""
     return "text-completion-openai/" + model.removeprefix("openai/") if model.startswith("openai/") else model
 
 
-class BackendClient:
-    """Sends one request to one backend; returns OpenAI-format dicts (or a stream of them)."""
+def served_model(model: str) -> str:
+    """The name an OpenAI-compatible server knows: the litellm model string without `openai/`."""
+    return model.removeprefix("openai/")
+
+
+class Transport(Protocol):
+    """Moves one OpenAI-format payload to a backend and back; maps failures to BackendError."""
+
+    async def send(self, backend: BackendConfig, route: Route, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def open_stream(
+        self, backend: BackendConfig, route: Route, payload: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LitellmTransport:
+    """Any provider litellm reaches (OpenAI, Anthropic, Bedrock, vLLM, llama.cpp, ...)."""
 
     def __init__(self) -> None:
-        self.renderer = PromptRenderer()
         litellm.suppress_debug_info = True
 
-    def _common(self, backend: BackendConfig, body: dict[str, Any], stream: bool) -> dict[str, Any]:
-        known, extra = split_params(body)
-        if backend.stop and "stop" not in known:
-            known["stop"] = backend.stop
+    def _args(self, backend: BackendConfig, payload: dict[str, Any], stream: bool) -> dict[str, Any]:
+        known, extra = split_params(payload)
         if not stream:
             known.pop("stream_options", None)
         args: dict[str, Any] = {
@@ -130,52 +149,31 @@ class BackendClient:
             args["extra_body"] = extra
         return args
 
-    async def complete(
-        self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        args = self._common(backend, body, stream=False)
+    async def _call(self, backend: BackendConfig, route: Route, payload: dict[str, Any], stream: bool) -> Any:
+        args = self._args(backend, payload, stream)
         try:
-            if endpoint == "chat" and backend.mode == "chat":
-                resp = await litellm.acompletion(model=backend.model, messages=body["messages"], **args)
-                return dict(_clean(resp.model_dump()))
-            prompt = self._prompt(backend, endpoint, body)
-            resp = await litellm.atext_completion(model=_text_model(backend.model), prompt=prompt, **args)
-            out = dict(_clean(resp.model_dump()))
+            if route == "chat":
+                return await litellm.acompletion(model=backend.model, messages=payload["messages"], **args)
+            return await litellm.atext_completion(
+                model=_text_model(backend.model), prompt=payload["prompt"], **args
+            )
         except Exception as exc:
             raise _backend_error(backend, exc) from exc
-        return completion_to_chat(out) if endpoint == "chat" else out
 
-    async def stream(
-        self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """Chunks in OpenAI format. Errors before the first chunk raise BackendError."""
-        args = self._common(backend, body, stream=True)
-        try:
-            if endpoint == "chat" and backend.mode == "chat":
-                stream = await litellm.acompletion(model=backend.model, messages=body["messages"], **args)
-            else:
-                prompt = self._prompt(backend, endpoint, body)
-                stream = await litellm.atext_completion(
-                    model=_text_model(backend.model), prompt=prompt, **args
-                )
-        except Exception as exc:
-            raise _backend_error(backend, exc) from exc
-        return self._chunks(backend, stream, to_chat=endpoint == "chat" and backend.mode == "completion")
+    async def send(self, backend: BackendConfig, route: Route, payload: dict[str, Any]) -> dict[str, Any]:
+        resp = await self._call(backend, route, payload, stream=False)
+        return dict(_clean(resp.model_dump()))
 
-    async def _chunks(
-        self, backend: BackendConfig, stream: Any, to_chat: bool
+    async def open_stream(
+        self, backend: BackendConfig, route: Route, payload: dict[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
-        first, started_text = True, False
+        stream = await self._call(backend, route, payload, stream=True)
+        return self._relay(backend, stream)
+
+    async def _relay(self, backend: BackendConfig, stream: Any) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for chunk in stream:
-                data = dict(_clean(chunk.model_dump()))
-                if to_chat:
-                    data = completion_chunk_to_chat(data, first, strip_leading=not started_text)
-                    started_text = started_text or any(c["delta"].get("content") for c in data["choices"])
-                elif data.get("object") == "text_completion":
-                    data = tidy_completion_chunk(data)
-                first = False
-                yield data
+                yield dict(_clean(chunk.model_dump()))
         except Exception as exc:
             raise _backend_error(backend, exc) from exc
         finally:
@@ -183,10 +181,164 @@ class BackendClient:
             if close is not None:
                 await close()
 
-    def _prompt(self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]) -> Any:
-        if endpoint == "completions":
-            return body["prompt"]
-        return self.renderer.render(backend.prompt_template, body["messages"])
+    async def aclose(self) -> None:
+        return None
+
+
+class HttpTransport:
+    """OpenAI-compatible servers (vLLM, llama.cpp, OpenAI) over one pooled HTTP client.
+
+    The payload goes out as it came in, with only `model` renamed: nothing to
+    translate, so none of litellm's per-call work (see bench/results/overhead.md).
+    """
+
+    def __init__(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=None, limits=httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        )
+
+    def _request(
+        self, backend: BackendConfig, route: Route, payload: dict[str, Any], stream: bool
+    ) -> httpx.Request:
+        path = "/chat/completions" if route == "chat" else "/completions"
+        body = {**payload, "model": served_model(backend.model), "stream": stream}
+        if not stream:
+            body.pop("stream_options", None)
+        headers = {"content-type": "application/json"}
+        key = backend.api_key()
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        timeout = httpx.Timeout(backend.timeout_s)
+        url = (backend.api_base or "").rstrip("/") + path
+        return self._client.build_request(
+            "POST", url, content=json.dumps(body).encode(), headers=headers, timeout=timeout
+        )
+
+    async def send(self, backend: BackendConfig, route: Route, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            resp = await self._client.send(self._request(backend, route, payload, stream=False))
+        except httpx.HTTPError as exc:
+            raise _transport_error(backend, exc) from exc
+        if resp.status_code >= 400:
+            raise _status_error(backend, resp.status_code, resp.text)
+        try:
+            return dict(resp.json())
+        except ValueError as exc:
+            raise BackendError(backend.name, 502, f"backend {backend.name} sent invalid JSON", True) from exc
+
+    async def open_stream(
+        self, backend: BackendConfig, route: Route, payload: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        try:
+            resp = await self._client.send(self._request(backend, route, payload, stream=True), stream=True)
+        except httpx.HTTPError as exc:
+            raise _transport_error(backend, exc) from exc
+        if resp.status_code >= 400:
+            text = (await resp.aread()).decode(errors="replace")
+            await resp.aclose()
+            raise _status_error(backend, resp.status_code, text)
+        return self._events(backend, resp)
+
+    async def _events(
+        self, backend: BackendConfig, resp: httpx.Response
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        try:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event and "choices" not in event:
+                    raise BackendError(backend.name, 502, f"backend {backend.name}: {event['error']}", False)
+                yield event
+        except httpx.HTTPError as exc:
+            raise _transport_error(backend, exc) from exc
+        except ValueError as exc:
+            raise BackendError(backend.name, 502, f"backend {backend.name} sent invalid JSON", False) from exc
+        finally:
+            await resp.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _transport_error(backend: BackendConfig, exc: httpx.HTTPError) -> BackendError:
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendError(backend.name, 504, f"backend {backend.name} timed out", retryable=True)
+    return BackendError(backend.name, 502, f"backend {backend.name} unreachable: {type(exc).__name__}", True)
+
+
+def _status_error(backend: BackendConfig, status: int, text: str) -> BackendError:
+    try:
+        message = str(json.loads(text)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = text
+    if status in _RETRYABLE_STATUS or status >= 500:
+        return BackendError(backend.name, 502, f"backend {backend.name} failed: {message[:300]}", True)
+    return BackendError(backend.name, status, message[:1000], retryable=False)
+
+
+class BackendClient:
+    """Sends one request to one backend; returns OpenAI-format dicts (or a stream of them).
+
+    Chooses the transport per backend (`client: litellm | http`) and, for
+    completion-mode backends, renders chat into a prompt and the answer back.
+    """
+
+    def __init__(self) -> None:
+        self.renderer = PromptRenderer()
+        self.transports: dict[str, Transport] = {"litellm": LitellmTransport(), "http": HttpTransport()}
+
+    async def aclose(self) -> None:
+        for transport in self.transports.values():
+            await transport.aclose()
+
+    def _prepare(
+        self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
+    ) -> tuple[Route, dict[str, Any]]:
+        payload = {k: v for k, v in body.items() if k != "stream"}
+        if backend.stop and "stop" not in payload:
+            payload["stop"] = backend.stop
+        if endpoint == "chat" and backend.mode == "chat":
+            return "chat", payload
+        if endpoint == "chat":
+            payload.pop("messages", None)
+            payload["prompt"] = self.renderer.render(backend.prompt_template, body["messages"])
+        return "text", payload
+
+    async def complete(
+        self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        route, payload = self._prepare(backend, endpoint, body)
+        out = await self.transports[backend.client].send(backend, route, payload)
+        return completion_to_chat(out) if endpoint == "chat" and route == "text" else out
+
+    async def stream(
+        self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Chunks in OpenAI format. Errors before the first chunk raise BackendError."""
+        route, payload = self._prepare(backend, endpoint, body)
+        chunks = await self.transports[backend.client].open_stream(backend, route, payload)
+        return self._convert(chunks, to_chat=endpoint == "chat" and route == "text")
+
+    async def _convert(
+        self, chunks: AsyncGenerator[dict[str, Any], None], to_chat: bool
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        started_text = False
+        first = True
+        try:
+            async for data in chunks:
+                if to_chat:
+                    data = completion_chunk_to_chat(data, first, strip_leading=not started_text)
+                    started_text = started_text or any(c["delta"].get("content") for c in data["choices"])
+                elif data.get("object") == "text_completion":
+                    data = tidy_completion_chunk(data)
+                first = False
+                yield data
+        finally:
+            await chunks.aclose()
 
 
 def completion_to_chat(resp: dict[str, Any]) -> dict[str, Any]:

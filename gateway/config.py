@@ -42,6 +42,9 @@ class BackendConfig(Strict):
     # litellm model string: `openai/<served-name>` for vLLM and llama.cpp servers.
     model: str
     api_base: str | None = None
+    # `litellm`: any provider litellm knows. `http`: an OpenAI-compatible server
+    # (vLLM, llama.cpp, OpenAI) called directly, ~5x less gateway CPU per request.
+    client: Literal["litellm", "http"] = "litellm"
     # Name of the environment variable holding the key; the key itself never
     # appears in a policy file or a log.
     api_key_env: str | None = None
@@ -58,6 +61,12 @@ class BackendConfig(Strict):
     stop: list[str] = []
     context_window: int = Field(2048, ge=256)
     launch: LaunchConfig | None = None
+
+    @model_validator(mode="after")
+    def _http_needs_a_base(self) -> BackendConfig:
+        if self.client == "http" and not self.api_base:
+            raise ValueError("client 'http' needs api_base (an OpenAI-compatible server's URL)")
+        return self
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None

@@ -228,40 +228,52 @@ class Pipeline:
         tracing, metrics = self.telemetry.tracing, self.telemetry.metrics
         exits = AsyncExitStack()
         exits.enter_context(metrics.inflight())
-        try:
-            with tracing.request_span(
-                ctx.request_id, {"icgate.model": ctx.model, "icgate.stream": ctx.stream}
-            ):
-                with tracing.stage_span("authenticate"):
-                    ctx.tenant = await authenticate(api_key, self.policy.auth, self.authenticator)
-                    ctx.decisions["authenticate"] = {"tenant": ctx.tenant.name}
-                with tracing.stage_span("resolve_target"):
-                    target = resolve_target(ctx.model, self.policy)
-                    ctx.decisions["target"] = {"routed": target.routed}
-                with tracing.stage_span("route"):
-                    features = route_features(ctx.body)
-                    decision = route(target, features, self.router)
-                    ctx.route = decision.tier
-                    ctx.decisions["route"] = {
-                        "tier": decision.tier,
-                        "score": decision.score,
-                        "reasons": list(decision.reasons),
-                        "prompt_tokens_est": features.prompt_tokens,
-                    }
-                candidates = candidates_for(target, decision, self.policy)
-                if ctx.stream:
-                    chunks = await self._first_stream(ctx, candidates, exits)
-                    return PipelineResult(ctx, chunks=StreamRelay(self, ctx, chunks, exits))
-                response = await self._call(ctx, candidates, exits)
-                ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+        attributes = {"icgate.model": ctx.model, "icgate.stream": ctx.stream, "icgate.endpoint": ctx.endpoint}
+        with tracing.request_span(ctx.request_id, attributes) as span:
+            try:
+                result = await self._decide_and_call(ctx, api_key, exits)
+            except BaseException as exc:
+                # Whatever went wrong, the slot and the in-flight count are given back.
                 await exits.aclose()
+                if isinstance(exc, GatewayError):
+                    ctx.status_code, ctx.error_type = exc.status_code, exc.type
+                else:
+                    ctx.status_code, ctx.error_type = 500, type(exc).__name__
                 self.record(ctx)
-                return PipelineResult(ctx, response=response)
-        except GatewayError as exc:
-            await exits.aclose()
-            ctx.status_code, ctx.error_type = exc.status_code, exc.type
-            self.record(ctx)
-            raise
+                raise
+            finally:
+                tracing.record_outcome(span, RequestRecord.from_context(ctx))
+        return result
+
+    async def _decide_and_call(
+        self, ctx: RequestContext, api_key: str | None, exits: AsyncExitStack
+    ) -> PipelineResult:
+        tracing = self.telemetry.tracing
+        with tracing.stage_span("authenticate"):
+            ctx.tenant = await authenticate(api_key, self.policy.auth, self.authenticator)
+            ctx.decisions["authenticate"] = {"tenant": ctx.tenant.name}
+        with tracing.stage_span("resolve_target"):
+            target = resolve_target(ctx.model, self.policy)
+            ctx.decisions["target"] = {"routed": target.routed}
+        with tracing.stage_span("route"):
+            features = route_features(ctx.body)
+            decision = route(target, features, self.router)
+            ctx.route = decision.tier
+            ctx.decisions["route"] = {
+                "tier": decision.tier,
+                "score": decision.score,
+                "reasons": list(decision.reasons),
+                "prompt_tokens_est": features.prompt_tokens,
+            }
+        candidates = candidates_for(target, decision, self.policy)
+        if ctx.stream:
+            opened = await self._first_stream(ctx, candidates, exits)
+            return PipelineResult(ctx, chunks=StreamRelay(self, ctx, opened, exits))
+        response = await self._call(ctx, candidates, exits)
+        ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+        await exits.aclose()
+        self.record(ctx)
+        return PipelineResult(ctx, response=response)
 
     async def _attempts(
         self,

@@ -111,6 +111,7 @@ class Gateway:
         self.ready = False
         if self.log_writer is not None:
             await self.log_writer.close()
+        await self.pipeline.client.aclose()
         await self.local.stop_all()
         if self.engine is not None:
             self.engine.dispose()

@@ -46,7 +46,13 @@ def standins(standin_servers: Standins) -> Iterator[Standins]:
     standin_servers.reset()
 
 
-def standin_policy(standins: Standins, **overrides: Any) -> Policy:
+@pytest.fixture(params=["litellm", "http"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """API tests run through both backend transports."""
+    return str(request.param)
+
+
+def standin_policy(standins: Standins, transport: str = "litellm", **overrides: Any) -> Policy:
     """A policy over the two stand-ins; `overrides` replace top-level sections."""
     raw: dict[str, Any] = {
         "backends": [
@@ -55,12 +61,14 @@ def standin_policy(standins: Standins, **overrides: Any) -> Policy:
                 "tier": "small",
                 "model": "openai/small-model",
                 "api_base": standins.small_url + "/v1",
+                "client": transport,
             },
             {
                 "name": "large",
                 "tier": "large",
                 "model": "openai/large-model",
                 "api_base": standins.large_url + "/v1",
+                "client": transport,
             },
         ],
         "routed_models": ["auto"],

@@ -24,9 +24,9 @@ def client(gw: RunningGateway, key: str = "sk-anything") -> openai.OpenAI:
 
 
 def test_chat_routed_auto_goes_to_small_and_explains_itself(
-    standins: Standins, start_gateway: StartGateway
+    standins: Standins, start_gateway: StartGateway, transport: str
 ) -> None:
-    gw = start_gateway(standin_policy(standins))
+    gw = start_gateway(standin_policy(standins, transport))
     raw = client(gw).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "hello gateway"}]
     )
@@ -41,9 +41,9 @@ def test_chat_routed_auto_goes_to_small_and_explains_itself(
 
 
 def test_long_prompt_routes_to_large_and_named_backend_is_pass_through(
-    standins: Standins, start_gateway: StartGateway
+    standins: Standins, start_gateway: StartGateway, transport: str
 ) -> None:
-    gw = start_gateway(standin_policy(standins))
+    gw = start_gateway(standin_policy(standins, transport))
     long = "word " * 400  # ~500 estimated tokens > 200 in the policy
     raw = client(gw).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": long}], max_tokens=3
@@ -57,8 +57,8 @@ def test_long_prompt_routes_to_large_and_named_backend_is_pass_through(
     assert raw.parse().choices[0].message.content == "large-model says: short"
 
 
-def test_streaming_with_usage(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_streaming_with_usage(standins: Standins, start_gateway: StartGateway, transport: str) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     stream = client(gw).chat.completions.create(
         model="auto",
         messages=[{"role": "user", "content": "one two three"}],
@@ -73,8 +73,10 @@ def test_streaming_with_usage(standins: Standins, start_gateway: StartGateway) -
     assert standins.small.received[0]["body"]["stream_options"] == {"include_usage": True}
 
 
-def test_stream_sse_framing_and_headers(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_stream_sse_framing_and_headers(
+    standins: Standins, start_gateway: StartGateway, transport: str
+) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     body = {"model": "small", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=10) as resp:
         assert resp.status_code == 200
@@ -86,8 +88,8 @@ def test_stream_sse_framing_and_headers(standins: Standins, start_gateway: Start
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
 
 
-def test_completions_endpoint(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_completions_endpoint(standins: Standins, start_gateway: StartGateway, transport: str) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     completion = client(gw).completions.create(model="small", prompt="complete me", max_tokens=3)
     assert completion.choices[0].text == "small-model says: complete"
     assert standins.small.received[0]["path"] == "/v1/completions"
@@ -96,15 +98,15 @@ def test_completions_endpoint(standins: Standins, start_gateway: StartGateway) -
 
 
 def test_models_lists_routed_names_backends_and_embedder(
-    standins: Standins, start_gateway: StartGateway
+    standins: Standins, start_gateway: StartGateway, transport: str
 ) -> None:
-    gw = start_gateway(standin_policy(standins))
+    gw = start_gateway(standin_policy(standins, transport))
     ids = [m.id for m in client(gw).models.list()]
     assert ids == ["auto", "small", "large", "all-MiniLM-L6-v2"]
 
 
-def test_unknown_fields_pass_through(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_unknown_fields_pass_through(standins: Standins, start_gateway: StartGateway, transport: str) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     client(gw).chat.completions.create(
         model="auto",
         messages=[{"role": "user", "content": "x", "name": "alice"}],
@@ -140,9 +142,14 @@ def test_unknown_fields_pass_through(standins: Standins, start_gateway: StartGat
     ],
 )
 def test_bad_input_gets_openai_error(
-    standins: Standins, start_gateway: StartGateway, body: dict[str, object], status: int, param: str
+    standins: Standins,
+    start_gateway: StartGateway,
+    transport: str,
+    body: dict[str, object],
+    status: int,
+    param: str,
 ) -> None:
-    gw = start_gateway(standin_policy(standins))
+    gw = start_gateway(standin_policy(standins, transport))
     resp = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=10)
     assert resp.status_code == status
     error = resp.json()["error"]
@@ -152,8 +159,10 @@ def test_bad_input_gets_openai_error(
     assert not standins.small.received and not standins.large.received
 
 
-def test_malformed_json_and_unknown_path(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_malformed_json_and_unknown_path(
+    standins: Standins, start_gateway: StartGateway, transport: str
+) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     resp = httpx.post(
         gw.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
@@ -163,15 +172,19 @@ def test_malformed_json_and_unknown_path(standins: Standins, start_gateway: Star
     assert resp.status_code == 404 and "error" in resp.json()
 
 
-def test_openai_client_raises_typed_errors(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_openai_client_raises_typed_errors(
+    standins: Standins, start_gateway: StartGateway, transport: str
+) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     with pytest.raises(openai.NotFoundError) as info:
         client(gw).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert info.value.code == "model_not_found"
 
 
-def test_backend_failure_falls_back_once_and_says_so(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_backend_failure_falls_back_once_and_says_so(
+    standins: Standins, start_gateway: StartGateway, transport: str
+) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     standins.small.fail_next = 1
     raw = client(gw).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "rescue me"}]
@@ -184,8 +197,10 @@ def test_backend_failure_falls_back_once_and_says_so(standins: Standins, start_g
     assert 'icgate_fallbacks_total{from_backend="small",to_backend="large"} 1.0' in metrics
 
 
-def test_stream_falls_back_before_first_chunk(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_stream_falls_back_before_first_chunk(
+    standins: Standins, start_gateway: StartGateway, transport: str
+) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     standins.small.fail_next = 1
     raw = client(gw).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "stream rescue"}], stream=True
@@ -195,8 +210,10 @@ def test_stream_falls_back_before_first_chunk(standins: Standins, start_gateway:
     assert text == "large-model says: stream rescue"
 
 
-def test_both_backends_failing_is_a_clean_502(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_both_backends_failing_is_a_clean_502(
+    standins: Standins, start_gateway: StartGateway, transport: str
+) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     standins.small.fail_next = 1
     standins.large.fail_next = 1
     resp = httpx.post(
@@ -209,8 +226,8 @@ def test_both_backends_failing_is_a_clean_502(standins: Standins, start_gateway:
     assert len(standins.small.received) == 1 and len(standins.large.received) == 1
 
 
-def test_backend_timeout_falls_back(standins: Standins, start_gateway: StartGateway) -> None:
-    policy = standin_policy(standins)
+def test_backend_timeout_falls_back(standins: Standins, start_gateway: StartGateway, transport: str) -> None:
+    policy = standin_policy(standins, transport)
     policy.backends[0].timeout_s = 0.3
     gw = start_gateway(policy)
     raw = client(gw).chat.completions.with_raw_response.create(
@@ -228,8 +245,10 @@ def test_backend_timeout_falls_back(standins: Standins, start_gateway: StartGate
     assert 'kind="timeout"' in httpx.get(gw.url + "/metrics").text
 
 
-def test_client_error_from_backend_is_not_retried(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_client_error_from_backend_is_not_retried(
+    standins: Standins, start_gateway: StartGateway, transport: str
+) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     resp = httpx.post(
         gw.url + "/v1/chat/completions",
         json={"model": "auto", "messages": [{"role": "user", "content": "x"}], "x_standin": {"fail": 400}},
@@ -240,9 +259,9 @@ def test_client_error_from_backend_is_not_retried(standins: Standins, start_gate
 
 
 async def test_concurrency_limit_queues_then_refuses_with_retry_after(
-    standins: Standins, start_gateway: StartGateway
+    standins: Standins, start_gateway: StartGateway, transport: str
 ) -> None:
-    policy = standin_policy(standins, admission={"max_queue_wait_s": 0.3})
+    policy = standin_policy(standins, transport, admission={"max_queue_wait_s": 0.3})
     policy.backends[0].max_concurrent = 1
     gw = start_gateway(policy)
     standins.small.delay_s = 1.0
@@ -260,8 +279,8 @@ async def test_concurrency_limit_queues_then_refuses_with_retry_after(
     assert len(standins.small.received) == 1
 
 
-def test_auth_required(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins, auth={"required": True}))
+def test_auth_required(standins: Standins, start_gateway: StartGateway, transport: str) -> None:
+    gw = start_gateway(standin_policy(standins, transport, auth={"required": True}))
     assert gw.gateway.engine is not None
     created = keys.create_key(gw.gateway.engine, "team-a")
     messages = [{"role": "user", "content": "x"}]
@@ -280,10 +299,10 @@ def test_auth_required(standins: Standins, start_gateway: StartGateway) -> None:
 
 
 def test_request_log_row_matches_headers(
-    standins: Standins, start_gateway: StartGateway, empty_db_url: str
+    standins: Standins, start_gateway: StartGateway, transport: str, empty_db_url: str
 ) -> None:
     """On SQLite and PostgreSQL: the gateway migrates on start and the log row lands."""
-    gw = start_gateway(standin_policy(standins, database={"url": empty_db_url}))
+    gw = start_gateway(standin_policy(standins, transport, database={"url": empty_db_url}))
     raw = client(gw).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "log me"}]
     )
@@ -304,8 +323,8 @@ def test_request_log_row_matches_headers(
     assert row.overhead_ms == pytest.approx(float(raw.headers["x-icgate-overhead-ms"]), abs=0.5)
 
 
-def test_metrics_and_health(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(standin_policy(standins))
+def test_metrics_and_health(standins: Standins, start_gateway: StartGateway, transport: str) -> None:
+    gw = start_gateway(standin_policy(standins, transport))
     client(gw).chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
     assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(gw.url + "/readyz").status_code == 200
@@ -314,10 +333,10 @@ def test_metrics_and_health(standins: Standins, start_gateway: StartGateway) -> 
     assert "icgate_overhead_seconds_bucket" in text
 
 
-def test_litellm_as_a_client(standins: Standins, start_gateway: StartGateway) -> None:
+def test_litellm_as_a_client(standins: Standins, start_gateway: StartGateway, transport: str) -> None:
     import litellm
 
-    gw = start_gateway(standin_policy(standins))
+    gw = start_gateway(standin_policy(standins, transport))
     resp = litellm.completion(
         model="openai/auto",
         api_base=gw.url + "/v1",
@@ -328,9 +347,9 @@ def test_litellm_as_a_client(standins: Standins, start_gateway: StartGateway) ->
 
 
 def test_completion_mode_backend_renders_chat_as_prompt(
-    standins: Standins, start_gateway: StartGateway
+    standins: Standins, start_gateway: StartGateway, transport: str
 ) -> None:
-    policy = standin_policy(standins)
+    policy = standin_policy(standins, transport)
     large = policy.backends[1]
     large.mode = "completion"
     large.prompt_template = "{% for m in messages %}{{ m.role }}={{ m.content }};{% endfor %}A:"

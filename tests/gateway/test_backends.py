@@ -78,7 +78,9 @@ def test_default_large_template_renders_a_conversation(large: BackendConfig) -> 
         {"role": "user", "content": "And 3+3?"},
     ]
     prompt = PromptRenderer().render(large.prompt_template, messages)
-    assert prompt.startswith("Answer each question briefly and correctly.\n\nQ: What is the capital of Italy?")
+    assert prompt.startswith(
+        "Answer each question briefly and correctly.\n\nQ: What is the capital of Italy?"
+    )
     assert conversation(prompt) == "Answer briefly.\n\nQ: What is 2+2?\nA: 4\n\nQ: And 3+3?\nA:"
 
 

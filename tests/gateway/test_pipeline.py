@@ -605,3 +605,36 @@ async def test_empty_stream_records_and_releases() -> None:
     assert [c async for c in result.chunks] == []
     assert h.client.calls == [("stream", "small", "completions")]
     assert h.in_flight() == IDLE and len(h.sink.records) == 1
+
+
+# --- traces -------------------------------------------------------------------------------------
+
+
+async def test_run_traces_one_span_per_stage_under_the_request_span() -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    h = Harness()
+    h.telemetry = h.pipeline.telemetry = Telemetry.from_config(TelemetryConfig(), exporter=exporter)
+    h.client.script["small"] = [retryable("small")]
+    ctx = RequestContext(endpoint="chat", body=chat())
+    await h.pipeline.run(ctx)
+    spans = exporter.get_finished_spans()
+    root = next(s for s in spans if s.name == "icgate.request")
+    names = [s.name for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id]
+    # one admit and one backend span per attempt: the small one failed, the large one answered
+    assert names == [
+        "icgate.authenticate",
+        "icgate.resolve_target",
+        "icgate.route",
+        "icgate.admit",
+        "icgate.backend",
+        "icgate.admit",
+        "icgate.backend",
+    ]
+    assert root.attributes is not None
+    assert root.attributes["icgate.request_id"] == ctx.request_id
+    assert root.attributes["icgate.backend"] == "large"
+    assert root.attributes["icgate.fallback_from"] == "small"
+    failed_backend = [s for s in spans if s.name == "icgate.backend"][0]
+    assert not failed_backend.status.is_ok
