@@ -182,7 +182,10 @@ class LitellmTransport:
                 await close()
 
     async def aclose(self) -> None:
-        return None
+        """Close litellm's cached HTTP sessions (process-wide: one gateway per process in production)."""
+        from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
+
+        await close_litellm_async_clients()
 
 
 class HttpTransport:
