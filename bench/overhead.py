@@ -1,12 +1,21 @@
-"""What the gateway adds on the pass-through path: latency and max requests/s against a zero-latency stand-in.
+"""What the gateway adds on the pass-through path, per backend client kind, against a stand-in backend.
+
+Backends have a policy field `client: litellm | http`. This benchmark measures, in ONE run and side by side,
+(a) the stand-in directly, (b) a gateway whose backends use `client: litellm` and (c) a gateway whose backends
+use `client: http`: latency added, requests/s and the gateway's CPU per request. It does so in two scenarios,
+each with its own set of processes: a zero-latency stand-in (the gateway's cost in isolation; concurrency 1,
+16, 64) and a stand-in that answers after a realistic delay (`--backend-delay-ms`, default 100 ms; concurrency
+16 and 64), where, as with a real backend, many connections are busy at once.
 
 The machine is small and shared, so absolute numbers drift from minute to minute. This benchmark therefore
-measures *ratios side by side*: for every concurrency level it alternates rounds of load sent straight to the
-stand-in and rounds sent through the gateway, so both see the same machine conditions. The stand-in and the
-gateway run as separate processes (as deployed) and the load generator runs here, so the gateway does not
-share a GIL with it; all three still share the machine's cores.
+measures *ratios side by side*: for every concurrency level it runs rounds of load against each of the three
+targets, one target at a time, rotating through all orders of the three so drift hits all alike. The stand-in
+and both gateways run as separate processes (as deployed; each gateway with its own policy file and data
+directory, both in front of the same stand-in) and the load generator runs here, so no gateway shares a GIL
+with it; all of them still share the machine's cores. Only one gateway is under load at a time; the other
+idles (its idle CPU is measured and reported).
 
-Run:  .venv/bin/python bench/overhead.py            (about 3-5 minutes on 2 cores)
+Run:  .venv/bin/python bench/overhead.py            (about 5-6 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -28,9 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -44,6 +56,9 @@ BODY = {
     "max_tokens": 16,
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+KINDS = ("litellm", "http")  # the gateway variants: the backends' `client` policy field
+TARGETS = ("direct", *KINDS)
+STANDIN = "standin"
 
 
 def free_port() -> int:
@@ -64,6 +79,41 @@ def cpu_seconds(pid: int) -> float:
     """User+system CPU time of a process, from /proc: a noise-robust cost measure."""
     fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields_[11]) + int(fields_[12])) / CLK_TCK
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets a process holds open."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(int(link[8:-1]))
+    return inodes
+
+
+@dataclass
+class TcpSnapshot:
+    """TCP connections to the stand-in: who holds them open, and how many closed ones linger."""
+
+    established: dict[str, set[int]]  # per gateway: inodes of its ESTABLISHED sockets to the stand-in
+    time_wait: int  # TIME_WAIT sockets on the stand-in's port (either side): traces of closed connections
+
+
+def tcp_snapshot(standin_port: int, pids: dict[str, int]) -> TcpSnapshot:
+    established: dict[int, bool] = {}
+    time_wait = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            cols = line.split()
+            local_port, remote_port = int(cols[1].split(":")[1], 16), int(cols[2].split(":")[1], 16)
+            if cols[3] == "06" and standin_port in (local_port, remote_port):
+                time_wait += 1
+            elif cols[3] == "01" and remote_port == standin_port:
+                established[int(cols[9])] = True
+    owned = {name: socket_inodes(pid) & established.keys() for name, pid in pids.items()}
+    return TcpSnapshot(owned, time_wait)
 
 
 # --- processes ------------------------------------------------------------------------------------------
@@ -122,13 +172,14 @@ def stop(proc: Proc, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None
             proc.popen.wait(10)
 
 
-def write_policy(path: Path, standin_url: str) -> None:
+def write_policy(path: Path, standin_url: str, client: str) -> None:
     backends = [
         {
             "name": name,
             "tier": name,
             "model": "openai/standin",
             "api_base": standin_url + "/v1",
+            "client": client,
             "max_concurrent": 256,  # far above the load: admission never queues
             "timeout_s": 30,
         }
@@ -144,40 +195,58 @@ def write_policy(path: Path, standin_url: str) -> None:
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
 
 
+def scenario_tag(delay_ms: float) -> str:
+    """A file-name suffix per scenario: each has its own stand-in, gateways, policies and data."""
+    return f"-delay{delay_ms:g}ms" if delay_ms else ""
+
+
 @contextlib.contextmanager
-def servers(workdir: Path, profile_out: Path | None = None) -> Iterator[tuple[Proc, Proc]]:
-    """The stand-in and a gateway in front of it, as subprocesses; always terminated on exit."""
+def servers(
+    workdir: Path, kinds: Sequence[str] = KINDS, profiled: bool = False, delay_ms: float = 0.0
+) -> Iterator[tuple[Proc, dict[str, Proc]]]:
+    """The stand-in and one gateway per client kind in front of it, as subprocesses; always stopped on exit.
+
+    The stand-in answers every request after `delay_ms`. Each gateway has its own policy file and data
+    directory (its own SQLite request log). With `profiled`, each gateway runs under `serve_profiled` and
+    writes `gateway-<kind><tag>.prof` into `workdir`.
+    """
     procs: list[Proc] = []
+    suffix = scenario_tag(delay_ms) + ("-profiled" if profiled else "")
     try:
-        sport, gport = free_port(), free_port()
-        standin = spawn("standin", ["-m", "bench.standin_backend", "--port", str(sport)], sport, workdir)
+        sport = free_port()
+        standin_args = ["-m", "bench.standin_backend", "--port", str(sport), "--delay-ms", f"{delay_ms:g}"]
+        standin = spawn(STANDIN + suffix, standin_args, sport, workdir)
         procs.append(standin)
-        policy = workdir / "policy.yaml"
-        write_policy(policy, standin.url)
-        data_dir = workdir / ("data-profiled" if profile_out else "data")
-        cli = [
-            "serve",
-            "--policy",
-            str(policy),
-            "--port",
-            str(gport),
-            "--data-dir",
-            str(data_dir),
-            "--no-launch",
-        ]
-        if profile_out is None:
-            gateway = spawn("gateway", ["-m", "gateway.cli", *cli], gport, workdir)
-        else:
-            args = [str(Path(__file__).resolve()), PROFILED_FLAG, str(profile_out), *cli]
-            gateway = spawn("gateway-profiled", args, gport, workdir)
-        procs.append(gateway)
-        yield standin, gateway
+        gateways: dict[str, Proc] = {}
+        for kind in kinds:
+            gport = free_port()
+            policy = workdir / f"policy-{kind}{suffix}.yaml"
+            write_policy(policy, standin.url, kind)
+            cli = ["serve", "--policy", str(policy), "--port", str(gport)]
+            cli += ["--data-dir", str(workdir / f"data-{kind}{suffix}"), "--no-launch"]
+            if profiled:
+                prof = str(profile_path(workdir, kind, delay_ms))
+                args = [str(Path(__file__).resolve()), PROFILED_FLAG, prof, *cli]
+            else:
+                args = ["-m", "gateway.cli", *cli]
+            gateways[kind] = spawn(f"gateway-{kind}{suffix}", args, gport, workdir)
+            procs.append(gateways[kind])
+        yield standin, gateways
     finally:
         for proc in reversed(procs):
             stop(proc)
 
 
+async def wait_all_ready(standin: Proc, gateways: dict[str, Proc]) -> None:
+    await wait_ready(standin, "/healthz", 60)
+    await asyncio.gather(*(wait_ready(gw, "/readyz", 240) for gw in gateways.values()))
+
+
 PROFILED_FLAG = "--serve-profiled"
+
+
+def profile_path(workdir: Path, kind: str, delay_ms: float) -> Path:
+    return workdir / f"gateway-{kind}{scenario_tag(delay_ms)}.prof"
 
 
 def serve_profiled(out: str, cli_args: list[str]) -> int:
@@ -205,17 +274,25 @@ def serve_profiled(out: str, cli_args: list[str]) -> int:
 
 @dataclass
 class Round:
-    target: str  # "direct" | "gateway"
+    target: str  # "direct" | "litellm" | "http"
     latencies_ms: list[float] = field(default_factory=list)
     overhead_ms: list[float] = field(default_factory=list)  # the gateway's x-icgate-overhead-ms
-    errors: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # "HTTP 502", "ClientOSError", ...
+    error_samples: dict[str, str] = field(default_factory=dict)  # the first body/message per error kind
     wall_s: float = 0.0
-    server_cpu_s: float = 0.0  # CPU of the process(es) serving this round
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU per process ("standin", "litellm", "http")
     client_cpu_s: float = 0.0  # CPU of this load generator
+    conns: dict[str, int] = field(default_factory=dict)  # per gateway: connections to the stand-in after
+    new_conns: dict[str, int] = field(default_factory=dict)  # per gateway: of those, opened in this round
+    time_wait_delta: int = 0  # change of TIME_WAIT sockets on the stand-in's port over the round
 
     @property
     def ok(self) -> int:
         return len(self.latencies_ms)
+
+    @property
+    def n_errors(self) -> int:
+        return sum(self.errors.values())
 
     @property
     def rps(self) -> float:
@@ -229,14 +306,22 @@ async def run_round(
     n: int,
     concurrency: int,
     max_s: float,
-    cpu_pids: Sequence[int],
+    cpu_pids: dict[str, int],
+    standin_port: int | None = None,
 ) -> Round:
-    """Closed loop: `concurrency` workers send back-to-back requests until `n` are done or `max_s` passed."""
+    """Closed loop: `concurrency` workers send back-to-back requests until `n` are done or `max_s` passed.
+
+    With `standin_port`, the gateways' TCP connections to the stand-in are counted before and after.
+    """
     result = Round(target)
     payload = json.dumps(BODY).encode()
     headers = {"content-type": "application/json"}
     issued = 0
     deadline = time.perf_counter() + max_s
+
+    def error(kind: str, sample: str) -> None:
+        result.errors[kind] += 1
+        result.error_samples.setdefault(kind, sample[:300])
 
     async def worker() -> None:
         nonlocal issued
@@ -245,101 +330,203 @@ async def run_round(
             t0 = time.perf_counter()
             try:
                 async with session.post(url, data=payload, headers=headers) as resp:
-                    await resp.read()
+                    body = await resp.read()
                     status = resp.status
                     overhead = resp.headers.get("x-icgate-overhead-ms")
-            except (aiohttp.ClientError, TimeoutError):
-                result.errors += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error(type(exc).__name__, str(exc))
                 continue
             if status != 200:
-                result.errors += 1
+                error(f"HTTP {status}", body.decode(errors="replace"))
                 continue
             result.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
             if overhead is not None:
                 result.overhead_ms.append(float(overhead))
 
-    cpu0 = sum(cpu_seconds(p) for p in cpu_pids)
+    gateway_pids = {name: pid for name, pid in cpu_pids.items() if name != STANDIN}
+    tcp0 = tcp_snapshot(standin_port, gateway_pids) if standin_port else None
+    cpu0 = {name: cpu_seconds(pid) for name, pid in cpu_pids.items()}
     client0 = time.process_time()
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.wall_s = time.perf_counter() - start
     result.client_cpu_s = time.process_time() - client0
-    result.server_cpu_s = sum(cpu_seconds(p) for p in cpu_pids) - cpu0
+    result.cpu_s = {name: cpu_seconds(pid) - cpu0[name] for name, pid in cpu_pids.items()}
+    if standin_port and tcp0 is not None:
+        tcp1 = tcp_snapshot(standin_port, gateway_pids)
+        result.conns = {name: len(inodes) for name, inodes in tcp1.established.items()}
+        result.new_conns = {
+            name: len(inodes - tcp0.established[name]) for name, inodes in tcp1.established.items()
+        }
+        result.time_wait_delta = tcp1.time_wait - tcp0.time_wait
     return result
+
+
+def serving(target: str) -> tuple[str, ...]:
+    """The processes that serve a target's requests."""
+    return (STANDIN,) if target == "direct" else (target, STANDIN)
 
 
 @dataclass
 class Level:
     concurrency: int
-    direct: list[Round]
-    gateway: list[Round]
+    delay_ms: float  # the stand-in's delay per request (0: zero-latency)
+    rounds: dict[str, list[Round]] = field(default_factory=lambda: {t: [] for t in TARGETS})
+    orders: list[tuple[str, ...]] = field(default_factory=list)  # the order of the targets in each round
 
-    def pooled(self, rounds: list[Round], attr: str) -> list[float]:
-        return [x for r in rounds for x in getattr(r, attr)]
+    @property
+    def label(self) -> str:
+        return f"c={self.concurrency}, " + (
+            f"{self.delay_ms:g} ms backend" if self.delay_ms else "zero-latency backend"
+        )
 
-    def rps(self, rounds: list[Round]) -> float:
-        return sum(r.ok for r in rounds) / sum(r.wall_s for r in rounds)
+    @property
+    def bound_rps(self) -> float:
+        """The most req/s a closed loop of `concurrency` workers gets from a backend with this delay."""
+        return self.concurrency / (self.delay_ms / 1000.0) if self.delay_ms else math.inf
 
-    def round_ratios(self) -> list[float]:
-        return [g.rps / d.rps for d, g in zip(self.direct, self.gateway, strict=True)]
+    def pooled(self, target: str, attr: str) -> list[float]:
+        return [x for r in self.rounds[target] for x in getattr(r, attr)]
 
-    def cpu_ms_per_req(self, rounds: list[Round], attr: str) -> float:
-        return 1000.0 * sum(getattr(r, attr) for r in rounds) / max(1, sum(r.ok for r in rounds))
+    def ok(self, target: str) -> int:
+        return sum(r.ok for r in self.rounds[target])
+
+    def errors(self, target: str) -> Counter[str]:
+        return sum((r.errors for r in self.rounds[target]), Counter())
+
+    def rps(self, target: str) -> float:
+        return self.ok(target) / sum(r.wall_s for r in self.rounds[target])
+
+    def added(self, kind: str, q: float) -> float:
+        """Gateway-path percentile minus direct-path percentile."""
+        return pct(self.pooled(kind, "latencies_ms"), q) - pct(self.pooled("direct", "latencies_ms"), q)
+
+    def round_ratios(self, num: str, den: str) -> list[float]:
+        """req/s ratio per round: `num` and `den` rounds of the same round index ran back to back."""
+        return [a.rps / b.rps for a, b in zip(self.rounds[num], self.rounds[den], strict=True)]
+
+    def cpu_ms_per_req(self, target: str, procs: Sequence[str]) -> float:
+        rounds = self.rounds[target]
+        return 1000.0 * sum(r.cpu_s[p] for r in rounds for p in procs) / max(1, self.ok(target))
+
+    def client_cpu_ms_per_req(self, target: str) -> float:
+        return 1000.0 * sum(r.client_cpu_s for r in self.rounds[target]) / max(1, self.ok(target))
+
+    def gateway_cpu_ms(self, kind: str) -> float:
+        """(gateway + stand-in CPU in its rounds) minus (stand-in CPU in direct rounds), per request."""
+        return self.cpu_ms_per_req(kind, serving(kind)) - self.cpu_ms_per_req("direct", serving("direct"))
+
+    def idle_cpu(self, target: str, proc: str) -> str:
+        """CPU of a process that does not serve `target`, over the wall time of `target`'s rounds."""
+        rounds = self.rounds[target]
+        return (
+            f"{1000.0 * sum(r.cpu_s[proc] for r in rounds):.0f} ms in {sum(r.wall_s for r in rounds):.1f} s"
+        )
+
+
+ORDERS = list(itertools.permutations(TARGETS))  # 6 orders: each target is first, second, last twice
 
 
 async def measure_level(
-    standin: Proc, gateway: Proc, concurrency: int, requests: int, rounds: int, max_round_s: float
+    standin: Proc,
+    gateways: dict[str, Proc],
+    concurrency: int,
+    delay_ms: float,
+    requests: int,
+    rounds: int,
+    max_round_s: float,
 ) -> Level:
-    """Warm both paths, then alternate direct/gateway rounds (and which goes first) so drift hits both."""
-    level = Level(concurrency, [], [])
+    """Warm all paths, then run rounds of all three targets one after the other, rotating the order."""
+    level = Level(concurrency, delay_ms)
     timeout = aiohttp.ClientTimeout(total=60)
-    spid, gpid = standin.popen.pid, gateway.popen.pid
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as direct_s,
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout) as gw_s,
-    ):
-        direct = (direct_s, standin.url + CHAT_PATH, "direct", [spid])
-        via_gw = (gw_s, gateway.url + CHAT_PATH, "gateway", [gpid, spid])
+    pids = {STANDIN: standin.popen.pid, **{kind: gw.popen.pid for kind, gw in gateways.items()}}
+    urls = {"direct": standin.url + CHAT_PATH, **{k: gw.url + CHAT_PATH for k, gw in gateways.items()}}
+    sport = int(standin.url.rsplit(":", 1)[1])
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = {
+            target: await stack.enter_async_context(
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout)
+            )
+            for target in TARGETS
+        }
         warm = max(100, 4 * concurrency)
-        for session, url, target, pids in (direct, via_gw):
-            await run_round(session, url, target, warm, concurrency, max_round_s, pids)
+        for target in TARGETS:
+            await run_round(sessions[target], urls[target], target, warm, concurrency, max_round_s, pids)
         for i in range(rounds):
-            order = (direct, via_gw) if i % 2 == 0 else (via_gw, direct)
-            for session, url, target, pids in order:
-                r = await run_round(session, url, target, requests, concurrency, max_round_s, pids)
-                (level.direct if target == "direct" else level.gateway).append(r)
+            level.orders.append(ORDERS[i % len(ORDERS)])
+            for target in ORDERS[i % len(ORDERS)]:
+                r = await run_round(
+                    sessions[target], urls[target], target, requests, concurrency, max_round_s, pids, sport
+                )
+                level.rounds[target].append(r)
+                own = (
+                    f"  cpu {1000 * r.cpu_s[target] / max(1, r.ok):5.2f} ms/req  conns {r.conns[target]:3d} "
+                    f"(+{r.new_conns[target]})  time-wait {r.time_wait_delta:+d}"
+                    if target in KINDS
+                    else ""
+                )
                 print(
-                    f"  c={concurrency:<3} round {i + 1}/{rounds} {target:<7} {r.ok:5d} ok {r.errors:3d} err "
-                    f"{r.rps:8.1f} req/s  p50 {pct(r.latencies_ms, 50):6.2f} ms  "
-                    f"p99 {pct(r.latencies_ms, 99):6.2f} ms",
+                    f"  d={delay_ms:<4g} c={concurrency:<3} round {i + 1}/{rounds} {target:<7} {r.ok:5d} ok "
+                    f"{r.n_errors:3d} err {r.rps:8.1f} req/s  p50 {pct(r.latencies_ms, 50):7.2f} ms  "
+                    f"p99 {pct(r.latencies_ms, 99):7.2f} ms{own}",
                     flush=True,
                 )
     return level
 
 
-async def profile_gateway(workdir: Path, requests: int, concurrency: int) -> Path:
-    """A separate gateway run under cProfile: where its CPU goes per request (timings are inflated by it)."""
-    out = workdir / "gateway.prof"
-    with servers(workdir, profile_out=out) as (standin, gateway):
-        await wait_ready(standin, "/healthz", 60)
-        await wait_ready(gateway, "/readyz", 180)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-            url = gateway.url + CHAT_PATH
-            await run_round(session, url, "gateway", 100, concurrency, 120, [gateway.popen.pid])
-            gateway.popen.send_signal(signal.SIGUSR1)
-            await asyncio.sleep(0.2)
-            r = await run_round(session, url, "gateway", requests, concurrency, 300, [gateway.popen.pid])
-            gateway.popen.send_signal(signal.SIGUSR2)
-            print(
-                f"  profiled run: {r.ok} ok, {r.errors} errors, {r.rps:.1f} req/s under cProfile", flush=True
-            )
-            for _ in range(100):
-                if out.exists():
-                    break
-                await asyncio.sleep(0.1)
-    if not out.exists():
-        raise RuntimeError(f"cProfile wrote no profile:\n{gateway.tail()}")
+async def probe(standin: Proc, gateways: dict[str, Proc]) -> dict[str, dict[str, Any]]:
+    """One request per target before measuring: status, answer, fields and gateway headers, to compare."""
+    out: dict[str, dict[str, Any]] = {}
+    urls = {"direct": standin.url + CHAT_PATH, **{k: gw.url + CHAT_PATH for k, gw in gateways.items()}}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for target, url in urls.items():
+            async with session.post(url, json=BODY) as resp:
+                text = await resp.text()
+                info: dict[str, Any] = {
+                    "status": resp.status,
+                    "backend": resp.headers.get("x-icgate-backend"),
+                }
+            try:
+                body = json.loads(text)
+                info["keys"] = sorted(body)
+                info["content"] = body["choices"][0]["message"]["content"]
+                info["usage"] = body.get("usage")
+            except (ValueError, KeyError, IndexError, TypeError):
+                info["keys"], info["content"], info["usage"] = [], text[:200], None
+            out[target] = info
     return out
+
+
+async def profile_gateways(
+    workdir: Path, requests: int, concurrency: int, delay_ms: float
+) -> dict[str, Path]:
+    """Separate gateway runs under cProfile, one kind at a time: where their CPU goes per request."""
+    outs: dict[str, Path] = {}
+    with servers(workdir, profiled=True, delay_ms=delay_ms) as (standin, gateways):
+        await wait_all_ready(standin, gateways)
+        for kind, gateway in gateways.items():
+            out = profile_path(workdir, kind, delay_ms)
+            pids = {kind: gateway.popen.pid}
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+                url = gateway.url + CHAT_PATH
+                await run_round(session, url, kind, 100, concurrency, 120, pids)
+                gateway.popen.send_signal(signal.SIGUSR1)
+                await asyncio.sleep(0.2)
+                r = await run_round(session, url, kind, requests, concurrency, 300, pids)
+                gateway.popen.send_signal(signal.SIGUSR2)
+                print(
+                    f"  profiled {kind} (c={concurrency}, backend delay {delay_ms:g} ms): {r.ok} ok, "
+                    f"{r.n_errors} errors, {r.rps:.1f} req/s under cProfile",
+                    flush=True,
+                )
+                for _ in range(100):
+                    if out.exists():
+                        break
+                    await asyncio.sleep(0.1)
+            if not out.exists():
+                raise RuntimeError(f"cProfile wrote no profile for {kind}:\n{gateway.tail()}")
+            outs[kind] = out
+    return outs
 
 
 # The functions whose cumulative time says where a pass-through request's CPU goes.
@@ -347,15 +534,34 @@ PROFILE_KEYS = [
     ("uvicorn request cycle (everything below)", "httptools_impl.py", "run_asgi"),
     ("FastAPI app: routing, body validation, handler, response", "routing.py", "app"),
     ("gateway `Pipeline.run`", "pipeline.py", "run"),
-    ("litellm `acompletion` (the backend call)", "utils.py", "wrapper_async"),
-    ("- of which the openai SDK request inside litellm", "openai.py", "make_openai_chat_completion_request"),
-    ("- of which litellm's response cost calculation", "litellm_logging.py", "response_cost_calculator"),
-    ("gateway `_clean` of the response", "backends.py", "_clean"),
+    ("gateway `Transport.send` (the backend call, incl. the client library)", "gateway/backends.py", "send"),
+    ("- litellm `acompletion`", "utils.py", "wrapper_async"),
+    (
+        "- - of which the openai SDK request inside litellm",
+        "openai.py",
+        "make_openai_chat_completion_request",
+    ),
+    ("- - of which litellm's response cost calculation", "litellm_logging.py", "response_cost_calculator"),
+    ("- - of which httpx `AsyncClient.send` (litellm's HTTP client)", "httpx/_client.py", "send"),
+    ("- gateway `_clean` of litellm's response", "gateway/backends.py", "_clean"),
+    ("- gateway `HttpTransport._post` (body, headers, send, response head)", "gateway/backends.py", "_post"),
+    ("- - of which aiohttp `ClientSession._request` (HTTP client)", "aiohttp/client.py", "_request"),
+    ("- aiohttp `ClientResponse.read` (response body)", "aiohttp/client_reqrep.py", "read"),
     ("logging handlers (every log record: access log, app logs)", "__init__.py", "callHandlers"),
 ]
+BACKEND_CALL = ("gateway/backends.py", "send")
 
 
-def profile_summary(path: Path, requests: int) -> list[str]:
+@dataclass
+class Profile:
+    """One gateway's cProfile: report lines, and ms per request in the request cycle and the backend call."""
+
+    lines: list[str]
+    cycle_ms: float  # uvicorn's request cycle (everything the event loop does for a request)
+    call_ms: float  # `Transport.send`: the backend call the header books as backend time
+
+
+def profile_summary(path: Path, requests: int) -> Profile:
     """Per-request cumulative times of the key functions, and the top functions by own time."""
     table = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
 
@@ -371,13 +577,14 @@ def profile_summary(path: Path, requests: int) -> list[str]:
         value = cumulative(filename, func)
         if value is not None:
             lines.append(f"| {label} | {1000 * value / requests:.2f} | `{filename}:{func}` |")
-    total, lite = cumulative("httptools_impl.py", "run_asgi"), cumulative("utils.py", "wrapper_async")
-    if total and lite:
+    total, call = cumulative("httptools_impl.py", "run_asgi"), cumulative(*BACKEND_CALL)
+    if total and call:
         lines += [
             "",
-            f"litellm's `acompletion` is **{100 * lite / total:.0f}%** of the request cycle's time in the "
-            f"event-loop thread; everything else (uvicorn, FastAPI, the pipeline, logging) is "
-            f"{1000 * (total - lite) / requests:.2f} ms per request under the profiler.",
+            f"The backend call (`Transport.send`, client library included) is "
+            f"**{100 * call / total:.0f}%** of the request cycle's time in the event-loop thread; "
+            "everything else (uvicorn, FastAPI, the pipeline, logging) is "
+            f"{1000 * (total - call) / requests:.2f} ms per request under the profiler.",
         ]
     top = sorted(table.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
     lines += ["", "Top functions by own time (tottime) in the gateway's event-loop thread:", ""]
@@ -385,7 +592,7 @@ def profile_summary(path: Path, requests: int) -> list[str]:
     for (filename, lineno, func), (_cc, nc, tt, _ct, _callers) in top:
         short = "/".join(Path(filename).parts[-2:])
         lines.append(f"| {1000 * tt / requests:.3f} | {nc / requests:.1f} | `{short}:{lineno} {func}` |")
-    return lines
+    return Profile(lines, 1000 * (total or math.nan) / requests, 1000 * (call or math.nan) / requests)
 
 
 def litellm_log_lines(log_path: Path) -> tuple[int, int]:
@@ -416,7 +623,14 @@ def machine() -> dict[str, str]:
             code = f"commit {head.stdout.strip()}" + (
                 " plus uncommitted changes" if dirty.stdout.strip() else ""
             )
+    from importlib.metadata import PackageNotFoundError, version
+
+    libs = []
+    for name in ("litellm", "openai", "httpx", "aiohttp", "uvicorn", "uvloop", "fastapi"):
+        with contextlib.suppress(PackageNotFoundError):
+            libs.append(f"{name} {version(name)}")
     return {
+        "libs": ", ".join(libs),
         "nproc": str(os.cpu_count()),
         "cpu": model,
         "python": platform.python_version(),
@@ -430,58 +644,194 @@ def f2(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.2f}"
 
 
+def spread(values: list[float], digits: int = 3) -> str:
+    """median (min - max)"""
+    if not values:
+        return "n/a"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f} - {max(values):.{digits}f})"
+
+
+def error_text(errors: Counter[str]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in errors.most_common()) if errors else "0"
+
+
+def scenario_name(delay_ms: float) -> str:
+    return f"stand-in with {delay_ms:g} ms delay" if delay_ms else "zero-latency stand-in"
+
+
 def level_table(level: Level) -> list[str]:
-    d, g = level.direct, level.gateway
-    dl, gl = level.pooled(d, "latencies_ms"), level.pooled(g, "latencies_ms")
-    ov = level.pooled(g, "overhead_ms")
-    ratios = level.round_ratios()
-    rd, rg = level.rps(d), level.rps(g)
-    errs_d, errs_g = sum(r.errors for r in d), sum(r.errors for r in g)
+    def row(label: str, fn: Any, direct: str = "") -> str:
+        cells = [direct or fn("direct"), *(fn(kind) for kind in KINDS)]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lat = {t: level.pooled(t, "latencies_ms") for t in TARGETS}
     rows = [
-        ("end-to-end p50 ms, direct / via gateway", f"{f2(pct(dl, 50))} / {f2(pct(gl, 50))}"),
-        ("end-to-end p99 ms, direct / via gateway", f"{f2(pct(dl, 99))} / {f2(pct(gl, 99))}"),
-        ("**added p50 ms** (gateway p50 - direct p50)", f"**{f2(pct(gl, 50) - pct(dl, 50))}**"),
-        ("**added p99 ms** (gateway p99 - direct p99)", f"**{f2(pct(gl, 99) - pct(dl, 99))}**"),
-        ("self-reported `x-icgate-overhead-ms` p50 / p99", f"{f2(pct(ov, 50))} / {f2(pct(ov, 99))}"),
-        ("req/s direct", f"{rd:.1f}"),
-        ("req/s via gateway", f"{rg:.1f}"),
-        ("**req/s ratio gateway / direct** (pooled)", f"**{rg / rd:.3f}**"),
-        (
-            "per-round ratio median (min - max)",
-            f"{statistics.median(ratios):.3f} ({min(ratios):.3f} - {max(ratios):.3f})",
+        row("end-to-end p50 ms", lambda t: f2(pct(lat[t], 50))),
+        row("end-to-end p99 ms", lambda t: f2(pct(lat[t], 99))),
+        row("**added p50 ms** (gateway p50 - direct p50)", lambda k: f"**{f2(level.added(k, 50))}**", "-"),
+        row("**added p99 ms** (gateway p99 - direct p99)", lambda k: f"**{f2(level.added(k, 99))}**", "-"),
+        row(
+            "self-reported `x-icgate-overhead-ms` p50 / p99",
+            lambda k: (
+                f"{f2(pct(level.pooled(k, 'overhead_ms'), 50))} / "
+                f"{f2(pct(level.pooled(k, 'overhead_ms'), 99))}"
+            ),
+            "-",
         ),
-        (
-            "server CPU ms per request: stand-in alone / gateway + stand-in",
-            f"{level.cpu_ms_per_req(d, 'server_cpu_s'):.2f} / {level.cpu_ms_per_req(g, 'server_cpu_s'):.2f}",
-        ),
-        (
-            "load-generator CPU ms per request: direct / gateway rounds",
-            f"{level.cpu_ms_per_req(d, 'client_cpu_s'):.2f} / {level.cpu_ms_per_req(g, 'client_cpu_s'):.2f}",
-        ),
-        ("requests measured (ok), direct / gateway", f"{sum(r.ok for r in d)} / {sum(r.ok for r in g)}"),
-        ("errors, direct / gateway", f"{errs_d} / {errs_g}"),
+        row("req/s (pooled)", lambda t: f"{level.rps(t):.1f}"),
     ]
-    out = [f"### Concurrency {level.concurrency}", "", "| metric | value |", "| --- | ---: |"]
-    out += [f"| {k} | {v} |" for k, v in rows]
-    return [*out, ""]
+    if level.delay_ms:
+        rows.append(
+            row(
+                f"share of the closed-loop bound c / delay = {level.bound_rps:.0f} req/s",
+                lambda t: f"{level.rps(t) / level.bound_rps:.2f}",
+            )
+        )
+    rows += [
+        row(
+            "**req/s ratio to direct** (pooled)",
+            lambda k: f"**{level.rps(k) / level.rps('direct'):.3f}**",
+            "-",
+        ),
+        row(
+            "per-round ratio to direct, median (min - max)",
+            lambda k: spread(level.round_ratios(k, "direct")),
+            "-",
+        ),
+        row("**gateway CPU ms per request**", lambda k: f"**{level.gateway_cpu_ms(k):.2f}**", "-"),
+        row(
+            "server CPU ms per request (stand-in + the gateway serving)",
+            lambda t: f"{level.cpu_ms_per_req(t, serving(t)):.2f}",
+        ),
+        row("stand-in CPU ms per request", lambda t: f"{level.cpu_ms_per_req(t, (STANDIN,)):.2f}"),
+        row(
+            "CPU of the gateways idle meanwhile (10 ms ticks)",
+            lambda t: "; ".join(f"{k}: {level.idle_cpu(t, k)}" for k in KINDS if k != t),
+        ),
+        row("load-generator CPU ms per request", lambda t: f"{level.client_cpu_ms_per_req(t):.2f}"),
+        row("requests measured (ok)", lambda t: str(level.ok(t))),
+        row("errors", lambda t: error_text(level.errors(t))),
+    ]
+    head = ["| metric | direct | " + " | ".join(f"gateway, `client: {k}`" for k in KINDS) + " |"]
+    head.append("| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " |")
+    title = f"### {scenario_name(level.delay_ms).capitalize()}, concurrency {level.concurrency}"
+    return [title, "", *head, *rows, ""]
 
 
 def summary_table(levels: list[Level]) -> list[str]:
     out = [
-        "| concurrency | added p50 ms | added p99 ms | self-reported p50 / p99 ms | req/s direct "
-        "| req/s gateway | ratio | gateway CPU ms/req |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backend delay ms | concurrency | client | added p50 ms | added p99 ms "
+        "| self-reported p50 / p99 ms | req/s direct | req/s gateway | ratio to direct "
+        "| gateway CPU ms/req | errors |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for lv in levels:
-        dl, gl = lv.pooled(lv.direct, "latencies_ms"), lv.pooled(lv.gateway, "latencies_ms")
-        ov = lv.pooled(lv.gateway, "overhead_ms")
-        rd, rg = lv.rps(lv.direct), lv.rps(lv.gateway)
-        gw_cpu = lv.cpu_ms_per_req(lv.gateway, "server_cpu_s") - lv.cpu_ms_per_req(lv.direct, "server_cpu_s")
+        rd = lv.rps("direct")
+        for kind in KINDS:
+            ov = lv.pooled(kind, "overhead_ms")
+            out.append(
+                f"| {lv.delay_ms:g} | {lv.concurrency} | {kind} | {f2(lv.added(kind, 50))} "
+                f"| {f2(lv.added(kind, 99))} | {f2(pct(ov, 50))} / {f2(pct(ov, 99))} | {rd:.1f} "
+                f"| {lv.rps(kind):.1f} | {lv.rps(kind) / rd:.3f} | {lv.gateway_cpu_ms(kind):.2f} "
+                f"| {error_text(lv.errors(kind))} |"
+            )
+    return out
+
+
+def speedup_table(levels: list[Level]) -> list[str]:
+    out = [
+        "| backend delay ms | concurrency | req/s http / litellm (pooled) | per round, median (min - max) "
+        "| CPU ms/req litellm / http | added p50 ms litellm -> http | added p99 ms litellm -> http |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for lv in levels:
+        cpu_l, cpu_h = lv.gateway_cpu_ms("litellm"), lv.gateway_cpu_ms("http")
         out.append(
-            f"| {lv.concurrency} | {f2(pct(gl, 50) - pct(dl, 50))} | {f2(pct(gl, 99) - pct(dl, 99))} "
-            f"| {f2(pct(ov, 50))} / {f2(pct(ov, 99))} | {rd:.1f} | {rg:.1f} | {rg / rd:.3f} | {gw_cpu:.2f} |"
+            f"| {lv.delay_ms:g} | {lv.concurrency} | **{lv.rps('http') / lv.rps('litellm'):.2f}x** "
+            f"| {spread(lv.round_ratios('http', 'litellm'), 2)} "
+            f"| **{cpu_l / cpu_h if cpu_h > 0 else math.nan:.2f}x** ({cpu_l:.2f} / {cpu_h:.2f}) "
+            f"| {f2(lv.added('litellm', 50))} -> {f2(lv.added('http', 50))} "
+            f"| {f2(lv.added('litellm', 99))} -> {f2(lv.added('http', 99))} |"
         )
     return out
+
+
+def rounds_table(levels: list[Level]) -> list[str]:
+    """One row per round: the noise, outliers and the gateways' connections to the stand-in."""
+    out = [
+        "| delay ms | c | round | order | req/s direct / litellm / http | p99 ms litellm / http "
+        "| own CPU ms/req litellm / http | stand-in CPU ms/req direct / litellm / http "
+        "| conns to stand-in (new) litellm / http | TIME_WAIT change litellm / http |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for lv in levels:
+        for i, order in enumerate(lv.orders):
+            r = {t: lv.rounds[t][i] for t in TARGETS}
+
+            def own(t: str, proc: str, r: dict[str, Round] = r) -> str:
+                return f"{1000 * r[t].cpu_s[proc] / max(1, r[t].ok):.2f}"
+
+            out.append(
+                f"| {lv.delay_ms:g} | {lv.concurrency} | {i + 1} | {', '.join(order)} "
+                f"| {' / '.join(f'{r[t].rps:.0f}' for t in TARGETS)} "
+                f"| {' / '.join(f2(pct(r[k].latencies_ms, 99)) for k in KINDS)} "
+                f"| {' / '.join(own(k, k) for k in KINDS)} "
+                f"| {' / '.join(own(t, STANDIN) for t in TARGETS)} "
+                f"| {' / '.join(f'{r[k].conns.get(k, 0)} ({r[k].new_conns.get(k, 0)})' for k in KINDS)} "
+                f"| {' / '.join(f'{r[k].time_wait_delta:+d}' for k in KINDS)} |"
+            )
+    return out
+
+
+def probe_table(probes: dict[str, dict[str, Any]]) -> list[str]:
+    out = [
+        "| target | status | `x-icgate-backend` | answer | usage | top-level fields |",
+        "| --- | ---: | --- | --- | --- | --- |",
+    ]
+    for target, p in probes.items():
+        usage = json.dumps(p["usage"]) if p["usage"] is not None else "-"
+        out.append(
+            f"| {target} | {p['status']} | {p['backend'] or '-'} | {p['content']!r} | `{usage}` "
+            f"| {', '.join(p['keys'])} |"
+        )
+    return out
+
+
+# The httpx-based `client: http` measured before it was replaced (fixed numbers from that run, not this one).
+HISTORY_RUN = "2026-11-24T01:04:31+00:00, httpx 0.28.1 / httpcore 1.0.9, same machine and method"
+
+
+def history(levels: list[Level]) -> list[str]:
+    """Why `client: http` is on aiohttp: the httpx numbers of an earlier run, next to this run's."""
+    lines = [
+        "## History: why `client: http` no longer uses httpx",
+        "",
+        "`HttpTransport` first used one pooled httpx `AsyncClient`. The run that showed its problem "
+        f"({HISTORY_RUN}; these figures are from that run, not this one):",
+        "",
+        "- Zero-latency stand-in, c=64: in the one of 6 rounds where the http gateway had to rebuild its "
+        "pool (64 new connections) it spent 11.28 ms CPU/request at 93 req/s (p99 2117 ms), against "
+        "3.53 ms and 288 req/s (medians) in the other rounds; pooled, its p99 added latency was 1480.56 ms "
+        "against litellm's 671.05 ms. Its cProfile (c=16) was topped by httpcore's pool bookkeeping: `is_idle` 704 "
+        "calls per request, a `poll()` on idle sockets 42 times per request.",
+        "- A side experiment with a 100 ms backend delay at c=64 (many connections busy at once): the httpx "
+        "gateway did 50-62 req/s at 17-21 ms CPU/request, worse than litellm's 103-107 req/s at 9 ms.",
+        "- Cause: httpcore's connection pool re-examines all its connections whenever it assigns requests to "
+        "connections, which grows quadratically with the connections it holds (a fix was proposed in "
+        "encode/httpcore PR #1035; not in httpcore 1.0.9). `HttpTransport` was therefore rewritten on one "
+        "pooled aiohttp `ClientSession` (`TCPConnector(limit=0, keepalive_timeout=60)`), whose connector "
+        "takes the next idle connection from a per-host queue.",
+    ]
+    same = [lv for lv in levels if lv.delay_ms == 100 and lv.concurrency == 64]
+    if same:
+        lv = same[0]
+        lines.append(
+            "- The same 100 ms / c=64 case in this run, with aiohttp: `http` "
+            f"{lv.rps('http'):.1f} req/s at {lv.gateway_cpu_ms('http'):.2f} ms CPU/request, `litellm` "
+            f"{lv.rps('litellm'):.1f} req/s at {lv.gateway_cpu_ms('litellm'):.2f} ms "
+            f"({error_text(lv.errors('http'))} errors on `http`)."
+        )
+    return [*lines, ""]
 
 
 def write_report(
@@ -491,124 +841,371 @@ def write_report(
     levels: list[Level],
     started: dt.datetime,
     elapsed_s: float,
-    profile_lines: list[str] | None,
-    log_counts: tuple[int, int],
+    probes: dict[float, dict[str, dict[str, Any]]],
+    profiles: dict[tuple[float, int, str], Profile],
+    log_counts: dict[str, tuple[int, int]],
 ) -> None:
     exe = Path(sys.executable)
     with contextlib.suppress(ValueError):
         exe = exe.relative_to(ROOT)
     command = shlex.join([str(exe), *sys.argv])
+    delays = sorted({lv.delay_ms for lv in levels})
+    scenario_text = "; ".join(
+        f"{scenario_name(d)} at concurrency "
+        + ", ".join(str(lv.concurrency) for lv in levels if lv.delay_ms == d)
+        for d in delays
+    )
     lines = [
-        "# Gateway overhead on the pass-through path",
+        "# Gateway overhead on the pass-through path: `client: litellm` vs `client: http`",
         "",
         f"- date: {started.isoformat(timespec='seconds')} (run took {elapsed_s:.0f} s)",
         f"- machine: {info['nproc']} CPUs, {info['cpu']}; {info['platform']}; load average before the run "
         f"{info['loadavg_before']} (shared, noisy machine)",
-        f"- python: {info['python']}",
+        f"- python: {info['python']}; {info['libs']}",
         f"- code: {info['code']}",
         f"- command: `{command}`",
+        f"- scenarios: {scenario_text}",
         "",
         "## Method",
         "",
-        "- A zero-latency stand-in (`bench/standin_backend.py`, Starlette under uvicorn) and the gateway "
-        "(`python -m gateway.cli serve --no-launch`, as deployed: uvicorn with uvloop/httptools, its default "
-        "INFO logging incl. access log, SQLite request log) run as **separate processes**. The policy has "
-        "two backends on the stand-in (`openai/standin`), `max_concurrent: 256` (admission never queues), "
-        "`embedding.preload: false`, auth not required, traces exporter none.",
+        "- A stand-in backend (`bench/standin_backend.py`, Starlette under uvicorn) and **two "
+        "gateways** (`python -m gateway.cli serve --no-launch`, as deployed: uvicorn with "
+        "uvloop/httptools, its default INFO logging incl. access log, SQLite request log) run as "
+        "**separate processes**. Each gateway has "
+        "its own policy file and data directory; both policies have the same two backends on the one "
+        "stand-in (`openai/standin`), `max_concurrent: 256` (admission never queues), "
+        "`embedding.preload: false`, auth not required, traces exporter none, and differ only in the "
+        "backends' `client`: `litellm` (litellm's `acompletion`) or `http` (the gateway's `HttpTransport`: "
+        "the payload forwarded as is over one pooled aiohttp `ClientSession`, "
+        "`TCPConnector(limit=0, keepalive_timeout=60)`).",
+        "- **Two scenarios**, each with its own fresh set of the three processes: (1) a **zero-latency** "
+        "stand-in, which isolates the gateway's own cost; (2) the stand-in started with `--delay-ms "
+        f"{args.backend_delay_ms:g}`, which answers every request after {args.backend_delay_ms:g} ms like a "
+        "real (fast) backend, so that at high concurrency many connections are busy at once: the "
+        "production-relevant case. In (2) the direct target has the same delay, so *added* latency is "
+        "still what the gateway adds; a closed loop of c workers can get at most c / delay req/s.",
         f'- Request: non-streaming chat completion, `model: "small"` (a backend name: the pass-through '
         f"path, no routing decision), body `{json.dumps(BODY)}`.",
         "- Load generator: this process, aiohttp, closed loop: `concurrency` workers each send the next "
-        "request as soon as the previous answer is read; connection pool sized to the concurrency "
-        "(keep-alive).",
-        f"- For each concurrency: a warm-up on both paths, then {args.rounds} rounds of "
-        f"{args.requests_per_round} requests to the stand-in directly and {args.rounds} through the gateway, "
-        "**interleaved** (direct, gateway, then gateway, direct, ...), so drift of the shared machine hits "
-        "both sides alike. Percentiles are over all requests of all rounds of one side; req/s is requests "
-        "over summed round wall time. The per-round ratio range shows how noisy the pairs were.",
+        "request as soon as the previous answer is read; one connection pool per target, sized to the "
+        "concurrency (keep-alive).",
+        f"- For each concurrency: a warm-up of max(100, 4 x concurrency) requests on each target, then "
+        f"{args.rounds} rounds of {args.requests_per_round} requests on each of the three targets (stand-in "
+        "directly, litellm gateway, http gateway), **interleaved**: a round runs the three targets one after "
+        "the other, and successive rounds rotate through all six orders, so each target goes first, second "
+        "and last equally often and drift of the shared machine hits all alike. Only one target is under "
+        "load at a time; the other gateway idles meanwhile (its idle CPU is in the per-concurrency tables). "
+        f"A round also stops after {args.max_round_s:.0f} s. Percentiles are over all requests of all rounds "
+        "of one target; req/s is requests over summed round wall time. Per-round ratios compare rounds of "
+        "the same index (run back to back) and show how noisy the pairs were.",
         "- *Added ms* = gateway-path percentile minus direct-path percentile (a difference of percentiles, "
-        "not a percentile of differences). *Self-reported* = the gateway's `x-icgate-overhead-ms` header "
-        "(wall time inside the pipeline minus the time spent in the backend call).",
+        "not a percentile of differences). *Self-reported* = the gateway's `x-icgate-overhead-ms` header: "
+        "wall time inside the pipeline minus the time spent in the backend call (and in admission queues). "
+        "The backend call is `await transport.send(...)`, so **everything the client library does counts as "
+        "backend time**: with `client: litellm` that is litellm's request building, its HTTP client (the "
+        "openai SDK on httpx), parsing into pydantic objects, cost calculation and `model_dump`; with "
+        "`client: http` it is building the body, aiohttp sending it and reading the answer, and "
+        "`json.loads`. Neither includes uvicorn/FastAPI work outside the pipeline (request parsing "
+        "and validation, response serialisation and writing). The notes check the header against the "
+        "measured added latency and CPU.",
         "- CPU ms per request is read from `/proc/<pid>/stat` (10 ms ticks, summed over a round): the least "
-        "noise-sensitive measure of the gateway's own cost. *Gateway CPU ms/req* in the summary = "
-        "(gateway + stand-in CPU in gateway rounds) minus (stand-in CPU in direct rounds).",
-        f"- All three processes share {info['nproc']} cores: the gateway competes for CPU with the stand-in "
-        "and with the load generator, so req/s via the gateway is a lower bound on what it does alone, and "
-        "direct req/s at high concurrency is partly limited by the load generator itself.",
+        "noise-sensitive measure of a gateway's own cost. *Gateway CPU ms/req* = (that gateway + stand-in "
+        "CPU in its rounds) minus (stand-in CPU in direct rounds), per request.",
+        f"- All processes share {info['nproc']} cores: a gateway competes for CPU with the stand-in and with "
+        "the load generator (and a little with the idle gateway), so req/s via a gateway is a lower bound "
+        "on what it does alone, and direct req/s at high concurrency is partly limited by the load "
+        "generator itself.",
         "",
         "## Summary",
         "",
         *summary_table(levels),
         "",
-        "## Per concurrency",
+        "Speed-up of `client: http` over `client: litellm` (same run, interleaved rounds):",
+        "",
+        *speedup_table(levels),
         "",
     ]
+    lines += notes(levels, log_counts, probes, profiles)
+    lines += history(levels)
+    lines += ["## Per concurrency", ""]
     for level in levels:
         lines += level_table(level)
-    lines += notes(levels, log_counts)
-    if profile_lines:
+    lines += [
+        "## Response check",
+        "",
+        "One request per target before each scenario's measurement (the gateways should return the "
+        "stand-in's answer unchanged in OpenAI form):",
+        "",
+    ]
+    for delay, p in probes.items():
+        lines += [f"{scenario_name(delay).capitalize()}:", "", *probe_table(p), ""]
+    lines += [
+        "## Rounds",
+        "",
+        "Every measured round (the three targets of a round ran back to back in the order given). *Own CPU* "
+        "is the gateway process alone; *conns* are its ESTABLISHED connections to the stand-in after the "
+        "round (in brackets: how many of them were opened during the round); *TIME_WAIT change* is the "
+        "change, over that target's round, of closed connections on the stand-in's port lingering in "
+        "TIME_WAIT: a sign of connection churn, but not attributable to one process (either side, and "
+        "the closing side may be the stand-in timing out the idle pool of another gateway).",
+        "",
+        *rounds_table(levels),
+        "",
+    ]
+    if profiles:
         lines += [
-            "## Where the gateway's time goes (cProfile)",
+            "## Where the gateways' time goes (cProfile)",
             "",
-            f"A separate gateway process under cProfile for {args.profile_requests} requests at concurrency "
-            f"{args.profile_concurrency}, profiling only the event-loop thread and only during those "
-            "requests (after 100 warm-up; SIGUSR1/SIGUSR2 switch it on/off). cProfile inflates absolute "
-            "times (roughly 2x); the shares are what matter. litellm's success-logging work that it hands "
-            "to a thread pool is not in this profile (but is in the CPU ms per request above).",
-            "",
-            *profile_lines,
+            f"Separate gateway processes (one per client kind and scenario, as above) under cProfile, each "
+            f"loaded alone for {args.profile_requests} requests, profiling only "
+            "the event-loop thread and only during those requests (after 100 warm-up; SIGUSR1/SIGUSR2 "
+            "switch it on/off). cProfile inflates absolute times (roughly 2x) and, measuring wall time, "
+            "charges moments when the shared cores were busy elsewhere to whatever function was running; "
+            "the shares are what matter. Time a coroutine spends suspended (waiting for the backend) is not "
+            "counted. Work handed to threads (litellm's success logging) is not in these profiles (but is in "
+            "the CPU ms per request above).",
             "",
         ]
+        for (delay, conc, kind), prof in profiles.items():
+            lines += [f"### `client: {kind}`, {scenario_name(delay)}, c={conc}", "", *prof.lines, ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
 
 
-def notes(levels: list[Level], log_counts: tuple[int, int]) -> list[str]:
+def header_p50(lv: Level, kind: str) -> float:
+    return pct(lv.pooled(kind, "overhead_ms"), 50)
+
+
+def notes(
+    levels: list[Level],
+    log_counts: dict[str, tuple[int, int]],
+    probes: dict[float, dict[str, dict[str, Any]]],
+    profiles: dict[tuple[float, int, str], Profile],
+) -> list[str]:
     """Observations computed from this run's numbers, so they stay true when the report is regenerated."""
     lines = ["## Notes", ""]
-    by_c = {lv.concurrency: lv for lv in levels}
     for lv in levels:
-        gw_cpu = lv.cpu_ms_per_req(lv.gateway, "server_cpu_s") - lv.cpu_ms_per_req(lv.direct, "server_cpu_s")
-        ov = lv.pooled(lv.gateway, "overhead_ms")
-        dl, gl = lv.pooled(lv.direct, "latencies_ms"), lv.pooled(lv.gateway, "latencies_ms")
-        added = pct(gl, 50) - pct(dl, 50)
+        parts = []
+        for kind in KINDS:
+            cpu = lv.gateway_cpu_ms(kind)
+            parts.append(
+                f"`{kind}` {lv.rps(kind):.1f} req/s, {cpu:.2f} ms CPU/request (~{1000 / max(cpu, 1e-9):.0f} "
+                f"req/s per core at best), added p50 / p99 {f2(lv.added(kind, 50))} / "
+                f"{f2(lv.added(kind, 99))} ms, self-reported p50 {f2(header_p50(lv, kind))} ms"
+            )
+        lines.append(f"- {lv.label}: " + "; ".join(parts) + ".")
+    lines += comparison_notes(levels)
+    lines += delay_notes(levels)
+    lines += header_notes(levels, profiles)
+    if any(not lv.delay_ms for lv in levels):
         lines.append(
-            f"- c={lv.concurrency}: the gateway process costs about {gw_cpu:.1f} ms of CPU per request "
-            f"(~{1000 / max(gw_cpu, 1e-9):.0f} req/s per core at best); measured added p50 {added:.2f} ms, "
-            f"self-reported overhead p50 {pct(ov, 50):.2f} ms."
+            "- Zero-latency scenario: the direct path is cheap (the stand-in is a bare Starlette handler), "
+            "so at high concurrency the direct req/s is limited by the load generator and the stand-in "
+            "sharing the cores: its ratios to direct are conservative (low) figures, the CPU ms per request is "
+            "the robust one."
         )
-    lines += [
-        "- The self-reported `x-icgate-overhead-ms` undercounts: it starts after FastAPI has parsed and "
-        "validated the body and ends before the response is serialised and written, and it counts the whole "
-        "litellm call (building the request, its HTTP client, parsing the reply into pydantic objects, "
-        "`model_dump`) as *backend* time, although with a zero-latency backend nearly all of it is the "
-        "gateway's own CPU. Under load, the time a request waits for the busy event loop while its litellm "
-        "call is pending is booked as backend time too, so the header stays flat while latency explodes.",
-        "- At concurrency 1 the added latency is the per-request CPU path (no queueing). At 16 and 64 the "
-        "gateway is CPU-bound: its single event loop serialises requests, so added latency is mostly "
-        "queueing behind other requests' CPU; req/s via the gateway is about 1 / (gateway CPU per request).",
-        "- The direct path is cheap (the stand-in is a bare Starlette handler), so at high concurrency the "
-        "direct req/s is limited by the load generator and the stand-in sharing the cores: the ratio is "
-        "a conservative (low) figure, the CPU ms per request is the robust one.",
-    ]
-    requests, litellm_records = log_counts
-    if requests and litellm_records:
-        lines.append(
-            f"- The gateway's log holds {litellm_records / requests:.1f} litellm `completion()` INFO "
-            f"messages per request (over {requests} requests), besides uvicorn's access-log line."
-        )
-    elif requests:
-        lines.append(
-            f"- The gateway's log holds one uvicorn access-log line per request ({requests} requests) and no "
-            "per-call litellm lines."
-        )
-    if 1 in by_c and len(levels) > 1:
-        top = levels[-1]
-        lines.append(
-            f"- Throughput ratio gateway/direct: "
-            f"{by_c[1].rps(by_c[1].gateway) / by_c[1].rps(by_c[1].direct):.2f} at c=1, "
-            f"{top.rps(top.gateway) / top.rps(top.direct):.2f} at c={top.concurrency}."
-        )
+    for kind in KINDS:
+        requests, records = log_counts.get(kind, (0, 0))
+        if requests:
+            extra = (
+                f"and {records / requests:.1f} litellm `completion()` INFO messages per request"
+                if records
+                else "and no per-call litellm lines"
+            )
+            lines.append(
+                f"- The `{kind}` gateways' logs (all scenarios) hold one uvicorn access-log line per "
+                f"request ({requests} requests) {extra}."
+            )
+    lines += reconnect_notes(levels)
+    for delay, p in probes.items():
+        answers = {t: (info["status"], info["content"]) for t, info in p.items()}
+        if len(set(answers.values())) == 1 and all(s == 200 for s, _ in answers.values()):
+            lines.append(
+                f"- Response check ({scenario_name(delay)}): all three targets returned the same answer with "
+                "status 200."
+            )
+        else:
+            lines.append(f"- **Response check ({scenario_name(delay)}): the targets differ**: {answers}.")
+        keys = {t: set(info["keys"]) for t, info in p.items()}
+        for kind in KINDS:
+            added, dropped = keys[kind] - keys["direct"], keys["direct"] - keys[kind]
+            if added or dropped:
+                lines.append(
+                    f"- The `{kind}` gateway's response fields differ from the stand-in's: added "
+                    f"{sorted(added) or 'none'}, dropped {sorted(dropped) or 'none'}."
+                )
+    for lv in levels:
+        for target in TARGETS:
+            total = lv.errors(target)
+            if total:
+                samples: dict[str, str] = {}
+                for r in lv.rounds[target]:
+                    for kind, sample in r.error_samples.items():
+                        samples.setdefault(kind, sample)
+                lines.append(
+                    f"- **Errors on `{target}` ({lv.label})**: {error_text(total)}; first of each: "
+                    + "; ".join(f"{k}: `{v}`" for k, v in samples.items())
+                )
+    if not any(lv.errors(t) for lv in levels for t in TARGETS):
+        lines.append("- No request failed on any target in any round.")
     return [*lines, ""]
+
+
+def comparison_notes(levels: list[Level]) -> list[str]:
+    """Is `client: http` better than `client: litellm` everywhere? Every level where it is not, in bold."""
+    worse = []
+    for lv in levels:
+        checks = [  # (what, http, litellm, higher is better, format)
+            ("req/s", lv.rps("http"), lv.rps("litellm"), True, "{:.1f}"),
+            (
+                "gateway CPU ms/request",
+                lv.gateway_cpu_ms("http"),
+                lv.gateway_cpu_ms("litellm"),
+                False,
+                "{:.2f}",
+            ),
+            ("added p50 ms", lv.added("http", 50), lv.added("litellm", 50), False, "{:.2f}"),
+            ("added p99 ms", lv.added("http", 99), lv.added("litellm", 99), False, "{:.2f}"),
+        ]
+        for what, h, li, higher_better, fmt in checks:
+            if (h < li) if higher_better else (h > li):
+                rounds = ""
+                if what == "req/s":
+                    rounds = (
+                        f"; per-round ratio http / litellm {spread(lv.round_ratios('http', 'litellm'), 2)}"
+                    )
+                worse.append(f"{lv.label}: {what} http {fmt.format(h)} vs litellm {fmt.format(li)}{rounds}")
+        if lv.errors("http"):
+            worse.append(f"{lv.label}: {error_text(lv.errors('http'))} errors on http")
+    rps = [lv.rps("http") / lv.rps("litellm") for lv in levels]
+    cpu = [lv.gateway_cpu_ms("litellm") / lv.gateway_cpu_ms("http") for lv in levels]
+    span = (
+        f"req/s http / litellm {min(rps):.2f}x - {max(rps):.2f}x, CPU per request litellm / http "
+        f"{min(cpu):.2f}x - {max(cpu):.2f}x"
+    )
+    if not worse:
+        return [
+            "- **`client: http` (aiohttp) is ahead of `client: litellm` at every level of every scenario** "
+            f"on req/s, gateway CPU per request, added p50 and added p99, with no errors ({span})."
+        ]
+    return [
+        f"- Across all levels: {span}. **Where `client: http` is not ahead of `client: litellm`:** "
+        + "; ".join(worse)
+        + "."
+    ]
+
+
+def delay_notes(levels: list[Level]) -> list[str]:
+    """With a backend delay: how close each target gets to c / delay, and whether a gateway is CPU-bound."""
+    lines = []
+    for lv in levels:
+        if not lv.delay_ms:
+            continue
+        parts = []
+        for kind in KINDS:
+            busy = lv.rps(kind) * lv.gateway_cpu_ms(kind) / 1000.0
+            state = (
+                "CPU-bound (the added latency is mostly queueing for its event loop)"
+                if busy >= 0.8
+                else "not CPU-bound"
+            )
+            parts.append(
+                f"`{kind}` {100 * lv.rps(kind) / lv.bound_rps:.0f}% of it, using {busy:.2f} core-seconds per "
+                f"second (req/s x CPU/request): {state}"
+            )
+        lines.append(
+            f"- {lv.label}: the bound is c / delay = {lv.bound_rps:.0f} req/s; direct reaches "
+            f"{100 * lv.rps('direct') / lv.bound_rps:.0f}% of it, " + "; ".join(parts) + "."
+        )
+    return lines
+
+
+def header_notes(levels: list[Level], profiles: dict[tuple[float, int, str], Profile]) -> list[str]:
+    """Does x-icgate-overhead-ms tell what the gateway costs? Per client: header vs CPU and added latency."""
+    lines = []
+    for kind in KINDS:
+        cells = []
+        shares = []
+        for lv in levels:
+            head, cpu, added = header_p50(lv, kind), lv.gateway_cpu_ms(kind), lv.added(kind, 50)
+            shares.append(head / cpu)
+            cells.append(f"{lv.label} {f2(head)} / {cpu:.2f} / {f2(added)}")
+        verdict = (
+            "**it under-reports at every level**"
+            if max(shares) < 0.5
+            else "it is close to the CPU cost everywhere"
+            if min(shares) >= 0.7
+            else "it under-reports at some levels"
+        )
+        low = min(levels, key=lambda lv: (lv.delay_ms, lv.concurrency))
+        missed = low.added(kind, 50) - header_p50(low, kind)
+        prof = [
+            f"{100 * p.call_ms / p.cycle_ms:.0f}% of the event loop's request cycle ({p.call_ms:.2f} of "
+            f"{p.cycle_ms:.2f} ms/request under cProfile, {scenario_name(d)}, c={c})"
+            for (d, c, k), p in profiles.items()
+            if k == kind
+        ]
+        lines.append(
+            f"- **Header check, `client: {kind}`** (self-reported p50 / gateway CPU ms per request / added "
+            f"p50, ms): " + "; ".join(cells) + f". The header shows {100 * min(shares):.0f}% - "
+            f"{100 * max(shares):.0f}% of the CPU the gateway spends per request: {verdict}. At "
+            f"{low.label} (no queueing) it misses {missed:.2f} ms of the {f2(low.added(kind, 50))} ms added "
+            "p50."
+            + (
+                " The backend call it books as backend time (`Transport.send`, client library included) is "
+                + "; ".join(prof)
+                + ", and uvicorn/FastAPI work outside the pipeline is not counted either."
+                if prof
+                else ""
+            )
+        )
+    top = max(levels, key=lambda lv: (lv.concurrency, lv.delay_ms))
+    lines.append(
+        f"- Under load the header is no latency measure for either client: at {top.label} "
+        + "; ".join(
+            f"`{k}` self-reports p50 {f2(header_p50(top, k))} ms against {f2(top.added(k, 50))} ms added"
+            for k in KINDS
+        )
+        + ". A request whose backend call is pending while the event loop is busy with other requests "
+        "books that wait as backend time."
+    )
+    return lines
+
+
+def reconnect_notes(levels: list[Level]) -> list[str]:
+    """Rounds in which a gateway had to rebuild its connection pool to the stand-in, against the others."""
+    lines = []
+    for lv in levels:
+        for kind in KINDS:
+            rounds = lv.rounds[kind]
+            threshold = max(4, lv.concurrency // 8)
+            churn = [r for r in rounds if r.new_conns.get(kind, 0) >= threshold]
+            calm = [r for r in rounds if r not in churn]
+            if not churn or not calm:
+                continue
+
+            def cpu(rs: list[Round], kind: str = kind) -> float:
+                return statistics.median(1000 * r.cpu_s[kind] / max(1, r.ok) for r in rs)
+
+            lines.append(
+                f"- {lv.label}, `{kind}`: {len(churn)} of {len(rounds)} rounds opened at least "
+                f"{threshold} new connections to the stand-in (median "
+                f"{statistics.median(r.new_conns[kind] for r in churn):.0f}): in those the gateway's own CPU "
+                f"was {cpu(churn):.2f} ms/request and {statistics.median(r.rps for r in churn):.0f} req/s "
+                f"(p99 up to {max(pct(r.latencies_ms, 99) for r in churn):.0f} ms), in the other rounds "
+                f"{cpu(calm):.2f} ms/request and {statistics.median(r.rps for r in calm):.0f} req/s "
+                "(medians)."
+            )
+    if lines:
+        lines.append(
+            "- Why pools get rebuilt: the stand-in (uvicorn, default `timeout_keep_alive` 5 s, like any "
+            "uvicorn-served backend) closes keep-alive connections idle for 5 s, and a gateway idles while "
+            "the other targets are loaded. The next round starts with a burst of `concurrency` requests and "
+            "fewer reusable connections, so the pool opens new ones (the *Rounds* table counts those still "
+            "open at the end; the TIME_WAIT column hints at more opened and closed within the round). "
+            "Pooled figures mix both kinds of round; the per-round medians are the steadier comparison."
+        )
+    return lines
 
 
 # --- main -----------------------------------------------------------------------------------------------
@@ -618,34 +1215,62 @@ async def main_async(args: argparse.Namespace) -> int:
     started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
     info = machine()
     levels: list[Level] = []
-    profile_lines: list[str] | None = None
-    log_counts = (0, 0)
+    probes: dict[float, dict[str, dict[str, Any]]] = {}
+    profiles: dict[tuple[float, int, str], Profile] = {}
+    log_counts: dict[str, tuple[int, int]] = {}
+    scenarios: list[tuple[float, list[int]]] = [(0.0, args.concurrency)]
+    if args.backend_delay_ms > 0 and args.delay_concurrency:
+        scenarios.append((args.backend_delay_ms, args.delay_concurrency))
     with tempfile.TemporaryDirectory(prefix="icgate-overhead-") as tmp:
         workdir = Path(tmp)
-        with servers(workdir) as (standin, gateway):
-            await wait_ready(standin, "/healthz", 60)
-            await wait_ready(gateway, "/readyz", 180)
-            print(
-                f"stand-in {standin.url} (pid {standin.popen.pid}), gateway {gateway.url} "
-                f"(pid {gateway.popen.pid}) ready after {time.monotonic() - t0:.1f}s",
-                flush=True,
-            )
-            for concurrency in args.concurrency:
-                levels.append(
-                    await measure_level(
-                        standin, gateway, concurrency, args.requests_per_round, args.rounds, args.max_round_s
-                    )
+        for delay_ms, concurrencies in scenarios:
+            with servers(workdir, delay_ms=delay_ms) as (standin, gateways):
+                await wait_all_ready(standin, gateways)
+                print(
+                    f"{scenario_name(delay_ms)}: stand-in {standin.url} (pid {standin.popen.pid}), "
+                    + ", ".join(f"{k} gateway {g.url} (pid {g.popen.pid})" for k, g in gateways.items())
+                    + f" ready after {time.monotonic() - t0:.1f}s",
+                    flush=True,
                 )
-                if gateway.popen.poll() is not None:
-                    raise RuntimeError(f"gateway died:\n{gateway.tail()}")
-        log_counts = litellm_log_lines(gateway.log_path)
+                probes[delay_ms] = await probe(standin, gateways)
+                for target, p in probes[delay_ms].items():
+                    print(f"  probe {target:<7} {p['status']} {p['content']!r}", flush=True)
+                for concurrency in concurrencies:
+                    levels.append(
+                        await measure_level(
+                            standin,
+                            gateways,
+                            concurrency,
+                            delay_ms,
+                            args.requests_per_round,
+                            args.rounds,
+                            args.max_round_s,
+                        )
+                    )
+                    for proc in (standin, *gateways.values()):
+                        if proc.popen.poll() is not None:
+                            raise RuntimeError(f"{proc.name} died:\n{proc.tail()}")
+            for kind, gw in gateways.items():
+                requests, records = litellm_log_lines(gw.log_path)
+                before = log_counts.get(kind, (0, 0))
+                log_counts[kind] = (before[0] + requests, before[1] + records)
         if args.profile_requests > 0:
-            print("profiling a separate gateway run under cProfile ...", flush=True)
-            prof = await profile_gateway(workdir, args.profile_requests, args.profile_concurrency)
-            profile_lines = profile_summary(prof, args.profile_requests)
+            runs = [(0.0, args.profile_concurrency)]
+            if args.backend_delay_ms > 0 and args.profile_delay_concurrency > 0:
+                runs.append((args.backend_delay_ms, args.profile_delay_concurrency))
+            for delay_ms, conc in runs:
+                print(
+                    f"profiling separate gateway runs under cProfile ({scenario_name(delay_ms)}) ...",
+                    flush=True,
+                )
+                profs = await profile_gateways(workdir, args.profile_requests, conc, delay_ms)
+                for kind, path in profs.items():
+                    profiles[(delay_ms, conc, kind)] = profile_summary(path, args.profile_requests)
     elapsed = time.monotonic() - t0
-    write_report(args.out, args, info, levels, started, elapsed, profile_lines, log_counts)
+    write_report(args.out, args, info, levels, started, elapsed, probes, profiles, log_counts)
     print("\n".join(summary_table(levels)))
+    print()
+    print("\n".join(speedup_table(levels)))
     print(f"report: {args.out} ({elapsed:.0f} s)")
     return 0
 
@@ -655,15 +1280,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests-per-round", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=6, help="rounds per side (direct and gateway)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per target (direct, litellm, http)")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[1, 16, 64], help="zero-latency scenario"
+    )
+    parser.add_argument(
+        "--backend-delay-ms",
+        type=float,
+        default=100.0,
+        help="the second scenario's stand-in delay per request; 0 skips that scenario",
+    )
+    parser.add_argument(
+        "--delay-concurrency", type=int, nargs="*", default=[16, 64], help="delayed-backend scenario"
+    )
     parser.add_argument("--max-round-s", type=float, default=30.0, help="a round stops after this long")
-    parser.add_argument("--profile-requests", type=int, default=800, help="0 skips the cProfile run")
-    parser.add_argument("--profile-concurrency", type=int, default=16)
+    parser.add_argument("--profile-requests", type=int, default=800, help="0 skips the cProfile runs")
+    parser.add_argument("--profile-concurrency", type=int, default=16, help="zero-latency cProfile run")
+    parser.add_argument(
+        "--profile-delay-concurrency", type=int, default=64, help="delayed-backend cProfile run; 0 skips it"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.md")
     args = parser.parse_args(argv)
-    if args.requests_per_round < 1 or args.rounds < 1 or min(args.concurrency) < 1:
-        parser.error("--requests-per-round, --rounds and --concurrency must be positive")
+    concurrencies = [*args.concurrency, *args.delay_concurrency]
+    if args.requests_per_round < 1 or args.rounds < 1 or min(concurrencies) < 1 or args.backend_delay_ms < 0:
+        parser.error(
+            "--requests-per-round, --rounds and --concurrency must be positive, the delay not negative"
+        )
     return args
 
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncGenerator
 from typing import Any, Literal, Protocol
 
-import httpx
+import aiohttp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gateway.config import BackendConfig
@@ -189,20 +189,27 @@ class LitellmTransport:
 
 
 class HttpTransport:
-    """OpenAI-compatible servers (vLLM, llama.cpp, OpenAI) over one pooled HTTP client.
+    """OpenAI-compatible servers (vLLM, llama.cpp, OpenAI) over one pooled aiohttp session.
 
     The payload goes out as it came in, with only `model` renamed: nothing to
     translate, so none of litellm's per-call work (see bench/results/overhead.md).
+    aiohttp rather than httpx: httpcore's pool rescans every idle connection per
+    request, which costs more than litellm itself at high concurrency.
     """
 
     def __init__(self) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=None, limits=httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        )
+        self._session: aiohttp.ClientSession | None = None
 
-    def _request(
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # Created lazily: a session belongs to the running event loop.
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        return self._session
+
+    async def _post(
         self, backend: BackendConfig, route: Route, payload: dict[str, Any], stream: bool
-    ) -> httpx.Request:
+    ) -> aiohttp.ClientResponse:
         path = "/chat/completions" if route == "chat" else "/completions"
         body = {**payload, "model": served_model(backend.model), "stream": stream}
         if not stream:
@@ -211,42 +218,54 @@ class HttpTransport:
         key = backend.api_key()
         if key:
             headers["authorization"] = f"Bearer {key}"
-        timeout = httpx.Timeout(backend.timeout_s)
-        url = (backend.api_base or "").rstrip("/") + path
-        return self._client.build_request(
-            "POST", url, content=json.dumps(body).encode(), headers=headers, timeout=timeout
+        # A stream may run long; what must not stall is each read.
+        timeout = (
+            aiohttp.ClientTimeout(total=None, sock_connect=backend.timeout_s, sock_read=backend.timeout_s)
+            if stream
+            else aiohttp.ClientTimeout(total=backend.timeout_s)
         )
+        url = (backend.api_base or "").rstrip("/") + path
+        try:
+            resp = await self._session_for_loop().post(
+                url, data=json.dumps(body).encode(), headers=headers, timeout=timeout
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(backend, exc) from exc
+        if resp.status >= 400:
+            try:
+                text = (await resp.read()).decode(errors="replace")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _transport_error(backend, exc) from exc
+            finally:
+                resp.release()
+            raise _status_error(backend, resp.status, text)
+        return resp
 
     async def send(self, backend: BackendConfig, route: Route, payload: dict[str, Any]) -> dict[str, Any]:
+        resp = await self._post(backend, route, payload, stream=False)
         try:
-            resp = await self._client.send(self._request(backend, route, payload, stream=False))
-        except httpx.HTTPError as exc:
+            raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(backend, exc) from exc
-        if resp.status_code >= 400:
-            raise _status_error(backend, resp.status_code, resp.text)
+        finally:
+            resp.release()
         try:
-            return dict(resp.json())
+            return dict(json.loads(raw))
         except ValueError as exc:
             raise BackendError(backend.name, 502, f"backend {backend.name} sent invalid JSON", True) from exc
 
     async def open_stream(
         self, backend: BackendConfig, route: Route, payload: dict[str, Any]
     ) -> AsyncGenerator[dict[str, Any], None]:
-        try:
-            resp = await self._client.send(self._request(backend, route, payload, stream=True), stream=True)
-        except httpx.HTTPError as exc:
-            raise _transport_error(backend, exc) from exc
-        if resp.status_code >= 400:
-            text = (await resp.aread()).decode(errors="replace")
-            await resp.aclose()
-            raise _status_error(backend, resp.status_code, text)
+        resp = await self._post(backend, route, payload, stream=True)
         return self._events(backend, resp)
 
     async def _events(
-        self, backend: BackendConfig, resp: httpx.Response
+        self, backend: BackendConfig, resp: aiohttp.ClientResponse
     ) -> AsyncGenerator[dict[str, Any], None]:
         try:
-            async for line in resp.aiter_lines():
+            async for raw in resp.content:
+                line = raw.decode().strip()
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -256,19 +275,20 @@ class HttpTransport:
                 if "error" in event and "choices" not in event:
                     raise BackendError(backend.name, 502, f"backend {backend.name}: {event['error']}", False)
                 yield event
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(backend, exc) from exc
         except ValueError as exc:
             raise BackendError(backend.name, 502, f"backend {backend.name} sent invalid JSON", False) from exc
         finally:
-            await resp.aclose()
+            resp.release()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-def _transport_error(backend: BackendConfig, exc: httpx.HTTPError) -> BackendError:
-    if isinstance(exc, httpx.TimeoutException):
+def _transport_error(backend: BackendConfig, exc: BaseException) -> BackendError:
+    if isinstance(exc, TimeoutError):
         return BackendError(backend.name, 504, f"backend {backend.name} timed out", retryable=True)
     return BackendError(backend.name, 502, f"backend {backend.name} unreachable: {type(exc).__name__}", True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -116,3 +116,38 @@ class RequestLog(Base):
     overhead_ms: Mapped[float]
     queue_ms: Mapped[float]
     decisions: Mapped[dict[str, Any]]
+
+
+class CacheEntryRow(Base):
+    """One cached request/response pair (see `cache.store.CacheEntry`).
+
+    The vector is stored beside the text, so a replica rebuilds its index at
+    start without re-embedding. Deletion is a tombstone (`deleted_at`): other
+    replicas learn of it on their next sync.
+    """
+
+    __tablename__ = "cache_entries"
+    __table_args__ = (Index("ix_cache_entries_namespace_exact_key", "namespace", "exact_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(160), index=True)
+    exact_key: Mapped[str] = mapped_column(String(64))
+    context_fingerprint: Mapped[str] = mapped_column(String(64))
+    embed_text: Mapped[str] = mapped_column(Text)
+    prompt_text: Mapped[str] = mapped_column(Text)
+    response_text: Mapped[str] = mapped_column(Text)
+    response: Mapped[dict[str, Any]]
+    backend: Mapped[str] = mapped_column(String(128))
+    tier: Mapped[str] = mapped_column(String(32))
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    utility: Mapped[float] = mapped_column(Float)
+    feedback_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    feedback_count: Mapped[int] = mapped_column(Integer, default=0)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+    helped: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None] = mapped_column(index=True)

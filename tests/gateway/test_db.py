@@ -10,7 +10,8 @@ from alembic.migration import MigrationContext
 from gateway.db import alembic_config, current_revision, make_engine, normalize_url, upgrade
 from gateway.models import Base
 
-TABLES = {"tenants", "api_keys", "request_log"}
+TABLES = {"tenants", "api_keys", "request_log", "cache_entries"}
+HEAD = "0002"
 
 
 def _tables(url: str) -> set[str]:
@@ -25,13 +26,13 @@ def test_upgrade_creates_tables_and_sets_revision(empty_db_url: str) -> None:
     assert current_revision(empty_db_url) is None
     upgrade(empty_db_url)
     assert _tables(empty_db_url) >= TABLES
-    assert current_revision(empty_db_url) == "0001"
+    assert current_revision(empty_db_url) == HEAD
 
 
 def test_upgrade_is_idempotent(db_url: str) -> None:
     upgrade(db_url)
     upgrade(db_url)
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == HEAD
     assert _tables(db_url) >= TABLES
 
 
@@ -48,13 +49,15 @@ def test_models_match_migrations(db_url: str) -> None:
 
 
 def test_downgrade_to_base_and_back(db_url: str) -> None:
-    upgrade(db_url, "0001")
+    command.downgrade(alembic_config(db_url), "0001")
+    assert current_revision(db_url) == "0001"
+    assert "cache_entries" not in _tables(db_url)
 
     command.downgrade(alembic_config(db_url), "base")
     assert current_revision(db_url) is None
     assert not TABLES & _tables(db_url)
     upgrade(db_url)
-    assert current_revision(db_url) == "0001"
+    assert current_revision(db_url) == HEAD
 
 
 def test_sqlite_engine_uses_wal_and_creates_parent_dir(tmp_path: Path) -> None:
