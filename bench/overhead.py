@@ -279,6 +279,7 @@ class Round:
     overhead_ms: list[float] = field(default_factory=list)  # the gateway's x-icgate-overhead-ms
     errors: Counter[str] = field(default_factory=Counter)  # "HTTP 502", "ClientOSError", ...
     error_samples: dict[str, str] = field(default_factory=dict)  # the first body/message per error kind
+    served: Counter[str] = field(default_factory=Counter)  # per `x-icgate-backend`: "small", or a fallback
     wall_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU per process ("standin", "litellm", "http")
     client_cpu_s: float = 0.0  # CPU of this load generator
@@ -333,6 +334,7 @@ async def run_round(
                     body = await resp.read()
                     status = resp.status
                     overhead = resp.headers.get("x-icgate-overhead-ms")
+                    served = resp.headers.get("x-icgate-backend")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 error(type(exc).__name__, str(exc))
                 continue
@@ -342,6 +344,8 @@ async def run_round(
             result.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
             if overhead is not None:
                 result.overhead_ms.append(float(overhead))
+            if served is not None:
+                result.served[served] += 1
 
     gateway_pids = {name: pid for name, pid in cpu_pids.items() if name != STANDIN}
     tcp0 = tcp_snapshot(standin_port, gateway_pids) if standin_port else None
@@ -394,6 +398,9 @@ class Level:
     def errors(self, target: str) -> Counter[str]:
         return sum((r.errors for r in self.rounds[target]), Counter())
 
+    def served(self, target: str) -> Counter[str]:
+        return sum((r.served for r in self.rounds[target]), Counter())
+
     def rps(self, target: str) -> float:
         return self.ok(target) / sum(r.wall_s for r in self.rounds[target])
 
@@ -424,6 +431,13 @@ class Level:
         )
 
 
+def load_connector(concurrency: int) -> aiohttp.TCPConnector:
+    """The load generator's pool per target. Its keep-alive stays below uvicorn's 5 s: a connection the server
+    closes just as it is reused fails the POST ("Can not write request body"; aiohttp retries no POST), which
+    happened when a target idled about 5 s while the others were loaded."""
+    return aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=2.0)
+
+
 ORDERS = list(itertools.permutations(TARGETS))  # 6 orders: each target is first, second, last twice
 
 
@@ -445,7 +459,7 @@ async def measure_level(
     async with contextlib.AsyncExitStack() as stack:
         sessions = {
             target: await stack.enter_async_context(
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), timeout=timeout)
+                aiohttp.ClientSession(connector=load_connector(concurrency), timeout=timeout)
             )
             for target in TARGETS
         }
@@ -507,7 +521,7 @@ async def profile_gateways(
         for kind, gateway in gateways.items():
             out = profile_path(workdir, kind, delay_ms)
             pids = {kind: gateway.popen.pid}
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+            async with aiohttp.ClientSession(connector=load_connector(concurrency)) as session:
                 url = gateway.url + CHAT_PATH
                 await run_round(session, url, kind, 100, concurrency, 120, pids)
                 gateway.popen.send_signal(signal.SIGUSR1)
@@ -542,10 +556,14 @@ PROFILE_KEYS = [
         "make_openai_chat_completion_request",
     ),
     ("- - of which litellm's response cost calculation", "litellm_logging.py", "response_cost_calculator"),
-    ("- - of which httpx `AsyncClient.send` (litellm's HTTP client)", "httpx/_client.py", "send"),
+    ("- - of which httpx `AsyncClient.send` (the openai SDK's HTTP client)", "httpx/_client.py", "send"),
     ("- gateway `_clean` of litellm's response", "gateway/backends.py", "_clean"),
     ("- gateway `HttpTransport._post` (body, headers, send, response head)", "gateway/backends.py", "_post"),
-    ("- - of which aiohttp `ClientSession._request` (HTTP client)", "aiohttp/client.py", "_request"),
+    (
+        "- aiohttp `ClientSession._request` (`http`: the client; `litellm`: under httpx)",
+        "aiohttp/client.py",
+        "_request",
+    ),
     ("- aiohttp `ClientResponse.read` (response body)", "aiohttp/client_reqrep.py", "read"),
     ("logging handlers (every log record: access log, app logs)", "__init__.py", "callHandlers"),
 ]
@@ -595,16 +613,28 @@ def profile_summary(path: Path, requests: int) -> Profile:
     return Profile(lines, 1000 * (total or math.nan) / requests, 1000 * (call or math.nan) / requests)
 
 
-def litellm_log_lines(log_path: Path) -> tuple[int, int]:
-    """(chat requests in the gateway's access log, litellm `completion()` INFO records in its log)."""
-    text = log_path.read_text(errors="replace")
-    return text.count('"POST /v1/chat/completions HTTP/1.1"'), text.count("LiteLLM completion() model=")
+@dataclass
+class LogCounts:
+    """What a gateway's log holds: access-log lines, litellm per-call lines, warnings and errors."""
+
+    requests: int = 0
+    litellm_records: int = 0
+    problems: int = 0  # WARNING and ERROR records (a failed backend call logs one)
+    first_problem: str = ""
+
+    def add(self, log_path: Path) -> None:
+        text = log_path.read_text(errors="replace")
+        self.requests += text.count('"POST /v1/chat/completions HTTP/1.1"')
+        self.litellm_records += text.count("LiteLLM completion() model=")
+        problems = [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line]
+        self.problems += len(problems)
+        self.first_problem = self.first_problem or (problems[0][:300] if problems else "")
 
 
 # --- report ---------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
+def machine(code_label: str | None = None) -> dict[str, str]:
     model = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -612,17 +642,20 @@ def machine() -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    code = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            code = f"commit {head.stdout.strip()}" + (
-                " plus uncommitted changes" if dirty.stdout.strip() else ""
+    code = code_label or "unknown"
+    if not code_label:  # otherwise described by the caller
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            git = ["git", "-C", str(ROOT)]
+            head = subprocess.run(
+                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
             )
+            dirty = subprocess.run(
+                [*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10
+            )
+            if head.returncode == 0:
+                code = f"commit {head.stdout.strip()}" + (
+                    " plus uncommitted changes" if dirty.stdout.strip() else ""
+                )
     from importlib.metadata import PackageNotFoundError, version
 
     libs = []
@@ -711,6 +744,11 @@ def level_table(level: Level) -> list[str]:
         row("load-generator CPU ms per request", lambda t: f"{level.client_cpu_ms_per_req(t):.2f}"),
         row("requests measured (ok)", lambda t: str(level.ok(t))),
         row("errors", lambda t: error_text(level.errors(t))),
+        row(
+            "served by (`x-icgate-backend`; `large` = fallback after a failed call)",
+            lambda k: ", ".join(f"{b}: {n}" for b, n in level.served(k).most_common()) or "-",
+            "-",
+        ),
     ]
     head = ["| metric | direct | " + " | ".join(f"gateway, `client: {k}`" for k in KINDS) + " |"]
     head.append("| --- | ---: | " + " | ".join("---:" for _ in KINDS) + " |")
@@ -809,11 +847,11 @@ def history(levels: list[Level]) -> list[str]:
         "`HttpTransport` first used one pooled httpx `AsyncClient`. The run that showed its problem "
         f"({HISTORY_RUN}; these figures are from that run, not this one):",
         "",
-        "- Zero-latency stand-in, c=64: in the one of 6 rounds where the http gateway had to rebuild its "
-        "pool (64 new connections) it spent 11.28 ms CPU/request at 93 req/s (p99 2117 ms), against "
-        "3.53 ms and 288 req/s (medians) in the other rounds; pooled, its p99 added latency was 1480.56 ms "
-        "against litellm's 671.05 ms. Its cProfile (c=16) was topped by httpcore's pool bookkeeping: `is_idle` 704 "
-        "calls per request, a `poll()` on idle sockets 42 times per request.",
+        "- Zero-latency stand-in, c=64: in the one of 6 rounds where the http gateway had to rebuild "
+        "its pool (64 new connections) it spent 11.28 ms CPU/request at 93 req/s (p99 2117 ms), "
+        "against 3.53 ms and 288 req/s (medians) in the other rounds; pooled, its p99 added latency "
+        "was 1480.56 ms against litellm's 671.05 ms. Its cProfile (c=16) was topped by httpcore's pool "
+        "bookkeeping: `is_idle` 704 calls per request, a `poll()` on idle sockets 42 times per request.",
         "- A side experiment with a 100 ms backend delay at c=64 (many connections busy at once): the httpx "
         "gateway did 50-62 req/s at 17-21 ms CPU/request, worse than litellm's 103-107 req/s at 9 ms.",
         "- Cause: httpcore's connection pool re-examines all its connections whenever it assigns requests to "
@@ -843,7 +881,7 @@ def write_report(
     elapsed_s: float,
     probes: dict[float, dict[str, dict[str, Any]]],
     profiles: dict[tuple[float, int, str], Profile],
-    log_counts: dict[str, tuple[int, int]],
+    log_counts: dict[str, LogCounts],
 ) -> None:
     exe = Path(sys.executable)
     with contextlib.suppress(ValueError):
@@ -859,8 +897,9 @@ def write_report(
         "# Gateway overhead on the pass-through path: `client: litellm` vs `client: http`",
         "",
         f"- date: {started.isoformat(timespec='seconds')} (run took {elapsed_s:.0f} s)",
-        f"- machine: {info['nproc']} CPUs, {info['cpu']}; {info['platform']}; load average before the run "
-        f"{info['loadavg_before']} (shared, noisy machine)",
+        f"- machine: {info['nproc']} CPUs, {info['cpu']}; {info['platform']}; load average (1, 5, 15 min) "
+        f"before the run {info['loadavg_before']}, after it {info['loadavg_after']} (shared, noisy machine: "
+        "other jobs ran on the same cores)",
         f"- python: {info['python']}; {info['libs']}",
         f"- code: {info['code']}",
         f"- command: `{command}`",
@@ -888,7 +927,8 @@ def write_report(
         f"path, no routing decision), body `{json.dumps(BODY)}`.",
         "- Load generator: this process, aiohttp, closed loop: `concurrency` workers each send the next "
         "request as soon as the previous answer is read; one connection pool per target, sized to the "
-        "concurrency (keep-alive).",
+        "concurrency, keeping connections alive for up to 2 s (below uvicorn's 5 s: reusing a connection "
+        "the server is just closing fails the POST).",
         f"- For each concurrency: a warm-up of max(100, 4 x concurrency) requests on each target, then "
         f"{args.rounds} rounds of {args.requests_per_round} requests on each of the three targets (stand-in "
         "directly, litellm gateway, http gateway), **interleaved**: a round runs the three targets one after "
@@ -897,7 +937,9 @@ def write_report(
         "load at a time; the other gateway idles meanwhile (its idle CPU is in the per-concurrency tables). "
         f"A round also stops after {args.max_round_s:.0f} s. Percentiles are over all requests of all rounds "
         "of one target; req/s is requests over summed round wall time. Per-round ratios compare rounds of "
-        "the same index (run back to back) and show how noisy the pairs were.",
+        "the same index (run back to back) and show how noisy the pairs were. (The defaults, 300 requests "
+        "per round and 500 profiled requests, were cut from 400 and 800 when the delayed-backend scenario "
+        "was added, to keep the whole default run near 6 minutes.)",
         "- *Added ms* = gateway-path percentile minus direct-path percentile (a difference of percentiles, "
         "not a percentile of differences). *Self-reported* = the gateway's `x-icgate-overhead-ms` header: "
         "wall time inside the pipeline minus the time spent in the backend call (and in admission queues). "
@@ -978,7 +1020,7 @@ def header_p50(lv: Level, kind: str) -> float:
 
 def notes(
     levels: list[Level],
-    log_counts: dict[str, tuple[int, int]],
+    log_counts: dict[str, LogCounts],
     probes: dict[float, dict[str, dict[str, Any]]],
     profiles: dict[tuple[float, int, str], Profile],
 ) -> list[str]:
@@ -999,23 +1041,31 @@ def notes(
     lines += header_notes(levels, profiles)
     if any(not lv.delay_ms for lv in levels):
         lines.append(
-            "- Zero-latency scenario: the direct path is cheap (the stand-in is a bare Starlette handler), "
-            "so at high concurrency the direct req/s is limited by the load generator and the stand-in "
-            "sharing the cores: its ratios to direct are conservative (low) figures, the CPU ms per request is "
-            "the robust one."
+            "- Zero-latency scenario: the direct path is cheap (the stand-in is a bare Starlette "
+            "handler), so at high concurrency the direct req/s is limited by the load generator and the "
+            "stand-in sharing the cores: its ratios to direct are conservative (low) figures, the CPU ms "
+            "per request is the robust one."
         )
     for kind in KINDS:
-        requests, records = log_counts.get(kind, (0, 0))
-        if requests:
+        logs = log_counts.get(kind, LogCounts())
+        if logs.requests:
             extra = (
-                f"and {records / requests:.1f} litellm `completion()` INFO messages per request"
-                if records
-                else "and no per-call litellm lines"
+                f"{logs.litellm_records / logs.requests:.1f} litellm `completion()` INFO messages per request"
+                if logs.litellm_records
+                else "no per-call litellm lines"
+            )
+            problems = (
+                f"**{logs.problems} WARNING/ERROR lines** (first: `{logs.first_problem}`)"
+                if logs.problems
+                else "no WARNING or ERROR line (no failed backend call)"
             )
             lines.append(
                 f"- The `{kind}` gateways' logs (all scenarios) hold one uvicorn access-log line per "
-                f"request ({requests} requests) {extra}."
+                f"request ({logs.requests} requests), {extra}, and {problems}."
             )
+        fallbacks = sum(n for lv in levels for b, n in lv.served(kind).items() if b != "small")
+        if fallbacks:
+            lines.append(f"- **The `{kind}` gateway answered {fallbacks} requests from a fallback backend.**")
     lines += reconnect_notes(levels)
     for delay, p in probes.items():
         answers = {t: (info["status"], info["content"]) for t, info in p.items()}
@@ -1096,7 +1146,7 @@ def comparison_notes(levels: list[Level]) -> list[str]:
 
 
 def delay_notes(levels: list[Level]) -> list[str]:
-    """With a backend delay: how close each target gets to c / delay, and whether a gateway is CPU-bound."""
+    """With a backend delay: how close each target gets to c / delay, and what the gateways spend on it."""
     lines = []
     for lv in levels:
         if not lv.delay_ms:
@@ -1104,14 +1154,10 @@ def delay_notes(levels: list[Level]) -> list[str]:
         parts = []
         for kind in KINDS:
             busy = lv.rps(kind) * lv.gateway_cpu_ms(kind) / 1000.0
-            state = (
-                "CPU-bound (the added latency is mostly queueing for its event loop)"
-                if busy >= 0.8
-                else "not CPU-bound"
-            )
             parts.append(
                 f"`{kind}` {100 * lv.rps(kind) / lv.bound_rps:.0f}% of it, using {busy:.2f} core-seconds per "
-                f"second (req/s x CPU/request): {state}"
+                f"second (req/s x CPU/request; its CPU per request caps one event loop at "
+                f"~{1000 / lv.gateway_cpu_ms(kind):.0f} req/s on a free core)"
             )
         lines.append(
             f"- {lv.label}: the bound is c / delay = {lv.bound_rps:.0f} req/s; direct reaches "
@@ -1147,8 +1193,11 @@ def header_notes(levels: list[Level], profiles: dict[tuple[float, int, str], Pro
         ]
         lines.append(
             f"- **Header check, `client: {kind}`** (self-reported p50 / gateway CPU ms per request / added "
-            f"p50, ms): " + "; ".join(cells) + f". The header shows {100 * min(shares):.0f}% - "
-            f"{100 * max(shares):.0f}% of the CPU the gateway spends per request: {verdict}. At "
+            f"p50, ms): "
+            + "; ".join(cells)
+            + f". The header shows {100 * min(shares):.0f}%"
+            + (f" - {100 * max(shares):.0f}%" if round(100 * max(shares)) != round(100 * min(shares)) else "")
+            + f" of the CPU the gateway spends per request: {verdict}. At "
             f"{low.label} (no queueing) it misses {missed:.2f} ms of the {f2(low.added(kind, 50))} ms added "
             "p50."
             + (
@@ -1213,11 +1262,11 @@ def reconnect_notes(levels: list[Level]) -> list[str]:
 
 async def main_async(args: argparse.Namespace) -> int:
     started, t0 = dt.datetime.now(dt.UTC), time.monotonic()
-    info = machine()
+    info = machine(args.code_label)
     levels: list[Level] = []
     probes: dict[float, dict[str, dict[str, Any]]] = {}
     profiles: dict[tuple[float, int, str], Profile] = {}
-    log_counts: dict[str, tuple[int, int]] = {}
+    log_counts: dict[str, LogCounts] = {kind: LogCounts() for kind in KINDS}
     scenarios: list[tuple[float, list[int]]] = [(0.0, args.concurrency)]
     if args.backend_delay_ms > 0 and args.delay_concurrency:
         scenarios.append((args.backend_delay_ms, args.delay_concurrency))
@@ -1251,9 +1300,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         if proc.popen.poll() is not None:
                             raise RuntimeError(f"{proc.name} died:\n{proc.tail()}")
             for kind, gw in gateways.items():
-                requests, records = litellm_log_lines(gw.log_path)
-                before = log_counts.get(kind, (0, 0))
-                log_counts[kind] = (before[0] + requests, before[1] + records)
+                log_counts[kind].add(gw.log_path)
         if args.profile_requests > 0:
             runs = [(0.0, args.profile_concurrency)]
             if args.backend_delay_ms > 0 and args.profile_delay_concurrency > 0:
@@ -1267,6 +1314,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 for kind, path in profs.items():
                     profiles[(delay_ms, conc, kind)] = profile_summary(path, args.profile_requests)
     elapsed = time.monotonic() - t0
+    info["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     write_report(args.out, args, info, levels, started, elapsed, probes, profiles, log_counts)
     print("\n".join(summary_table(levels)))
     print()
@@ -1279,7 +1327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests-per-round", type=int, default=400)
+    parser.add_argument("--requests-per-round", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=6, help="rounds per target (direct, litellm, http)")
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 16, 64], help="zero-latency scenario"
@@ -1294,12 +1342,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--delay-concurrency", type=int, nargs="*", default=[16, 64], help="delayed-backend scenario"
     )
     parser.add_argument("--max-round-s", type=float, default=30.0, help="a round stops after this long")
-    parser.add_argument("--profile-requests", type=int, default=800, help="0 skips the cProfile runs")
+    parser.add_argument("--profile-requests", type=int, default=500, help="0 skips the cProfile runs")
     parser.add_argument("--profile-concurrency", type=int, default=16, help="zero-latency cProfile run")
     parser.add_argument(
         "--profile-delay-concurrency", type=int, default=64, help="delayed-backend cProfile run; 0 skips it"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.md")
+    parser.add_argument("--code-label", help="describe the code measured (default: git commit of the repo)")
     args = parser.parse_args(argv)
     concurrencies = [*args.concurrency, *args.delay_concurrency]
     if args.requests_per_round < 1 or args.rounds < 1 or min(concurrencies) < 1 or args.backend_delay_ms < 0:

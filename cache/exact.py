@@ -25,7 +25,9 @@ def _normalise_content(content: Any) -> Any:
         return normalise_text(content)
     if isinstance(content, list):
         return [
-            {**part, "text": normalise_text(part["text"])} if isinstance(part, dict) and "text" in part else part
+            {**part, "text": normalise_text(part["text"])}
+            if isinstance(part, dict) and "text" in part
+            else part
             for part in content
         ]
     return content

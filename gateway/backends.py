@@ -203,7 +203,9 @@ class HttpTransport:
     def _session_for_loop(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # Created lazily: a session belongs to the running event loop.
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+            # Keep-alive shorter than uvicorn's 5 s (vLLM, llama.cpp): never reuse a connection
+            # the server is about to close, which would fail a POST that cannot be retried.
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         return self._session
 

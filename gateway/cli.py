@@ -48,6 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
     policy_args(revoke)
     revoke.add_argument("key_id", type=int)
     policy_args(ksub.add_parser("list", help="list keys (never their secrets)"))
+
+    cache = sub.add_parser("cache", help="semantic cache: calibrate, evaluate, replay")
+    csub = cache.add_subparsers(dest="cache_command", required=True)
+    cal = csub.add_parser("calibrate", help="fit the hit threshold and verifier for a target precision")
+    policy_args(cal)
+    cal.add_argument("--pairs", type=Path, required=True, help="labelled pairs (JSONL or CSV)")
+    cal.add_argument("--precision", type=float, default=0.95)
+    cal.add_argument("--max-pairs", type=int, default=None)
+    cal.add_argument(
+        "--out", type=Path, default=None, help="artifact path (default: <data-dir>/hit_verifier.joblib)"
+    )
+    ev = csub.add_parser("eval", help="precision, recall and F1 of the hit decision on labelled pairs")
+    policy_args(ev)
+    ev.add_argument("--pairs", type=Path, required=True)
+    ev.add_argument(
+        "--verifier", type=Path, default=None, help="artifact (default: the one the gateway loads)"
+    )
+    ev.add_argument("--max-pairs", type=int, default=None)
+    rep = csub.add_parser("replay", help="regenerate valuable answers with the large model while it is idle")
+    policy_args(rep)
+    rep.add_argument("--budget", type=float, required=True, help="USD to spend at most")
+    rep.add_argument("--max-entries", type=int, default=100)
+    rep.add_argument("--gateway", default=None, help="a running gateway's URL, to replay only while idle")
+    rep.add_argument("--idle-wait-s", type=float, default=30.0)
+    rep.add_argument("--prune-after-days", type=float, default=7.0)
+    rep.add_argument("--dry-run", action="store_true")
     return parser
 
 
@@ -72,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         return serve(policy, data_dir, args.host, args.port, launch_local=not args.no_launch)
     if args.command == "db":
         return migrate(policy, data_dir)
+    if args.command == "cache":
+        try:
+            return manage_cache(args, policy, data_dir)
+        except (OSError, ValueError) as exc:
+            print(f"icgate cache {args.cache_command}: {exc}", file=sys.stderr)
+            return 2
     return manage_keys(args, policy, data_dir)
 
 
@@ -121,6 +153,44 @@ def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int
         return 0
     finally:
         engine.dispose()
+
+
+def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    import asyncio
+    import json
+
+    from cache import verify
+    from gateway.cache_service import CALIBRATED_NAME, verifier_path
+
+    if args.cache_command == "calibrate":
+        out = args.out or data_dir / CALIBRATED_NAME
+        out.parent.mkdir(parents=True, exist_ok=True)
+        verifier = verify.calibrate_file(args.pairs, out, args.precision, max_pairs=args.max_pairs)
+        print(
+            json.dumps({"artifact": str(out), "version": verifier.version, **verifier.metrics}, default=str)
+        )
+        return 0
+    if args.cache_command == "eval":
+        path = args.verifier or verifier_path(policy.cache.verifier, data_dir)
+        result = verify.evaluate_file(args.pairs, path, max_pairs=args.max_pairs)
+        print(json.dumps(result, default=str))
+        return 0
+    from gateway.replay import run_replay
+
+    summary = asyncio.run(
+        run_replay(
+            policy,
+            data_dir,
+            args.budget,
+            max_entries=args.max_entries,
+            gateway_url=args.gateway,
+            idle_wait_s=args.idle_wait_s,
+            prune_after_days=args.prune_after_days,
+            dry_run=args.dry_run,
+        )
+    )
+    print(json.dumps(summary.as_dict()))
+    return 0
 
 
 if __name__ == "__main__":

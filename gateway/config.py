@@ -103,10 +103,57 @@ class TelemetryConfig(Strict):
     service_name: str = "icgate"
 
 
-class CacheConfig(Strict):
-    """Filled in by the semantic cache issue."""
+class CacheSwitches(Strict):
+    """Per-tenant or per-routed-model overrides; unset keys inherit the cache section."""
 
-    enabled: bool = False
+    enabled: bool | None = None
+    exact: bool | None = None
+    semantic: bool | None = None
+    examples: bool | None = None
+    store: bool | None = None
+
+
+class CacheConfig(Strict):
+    """The semantic cache and in-context examples (IC-Cache). On by default."""
+
+    enabled: bool = True
+    exact: bool = True  # identical requests answered from the cache
+    semantic: bool = True  # near-duplicates answered, when the verifier agrees
+    examples: bool = True  # similar past pairs prepended for the small tier
+    store: bool = True  # good answers stored for later
+    # Reuse answers to sampled requests (temperature > 0): off, they are meant to vary.
+    allow_sampled: bool = False
+    ttl_s: float | None = Field(30 * 86_400.0, gt=0)
+    max_entries_per_tenant: int = Field(100_000, ge=1)
+    top_k: int = Field(8, ge=1, le=100)
+    examples_k: int = Field(3, ge=0, le=16)
+    examples_min_similarity: float = Field(0.5, ge=-1, le=1)
+    # Share of the backend's context window (after the prompt) examples may fill.
+    examples_share: float = Field(0.5, gt=0, le=1)
+    examples_style: Literal["turns", "system"] = "turns"
+    # Threshold and verifier artifact from `icgate cache calibrate`; default: the shipped one.
+    verifier: str | None = None
+    hnsw_threshold: int = Field(50_000, ge=1)
+    sync_interval_s: float = Field(5.0, gt=0)
+    scrub_pii: bool = True
+    tenants: dict[str, CacheSwitches] = {}
+    models: dict[str, CacheSwitches] = {}
+
+    def switches(self, tenant: str, model: str) -> CacheSwitches:
+        """The effective switches for one request: tenant overrides win over model overrides."""
+        merged = {
+            "enabled": self.enabled,
+            "exact": self.exact,
+            "semantic": self.semantic,
+            "examples": self.examples,
+            "store": self.store,
+        }
+        for override in (self.models.get(model), self.tenants.get(tenant)):
+            if override is not None:
+                merged.update({k: v for k, v in override.model_dump().items() if v is not None})
+        if not merged["enabled"]:
+            merged = dict.fromkeys(merged, False)
+        return CacheSwitches(**merged)
 
 
 class AdmissionConfig(Strict):
@@ -131,6 +178,9 @@ class EmbeddingConfig(Strict):
 class Policy(Strict):
     backends: list[BackendConfig] = Field(min_length=1)
     routed_models: list[str] = ["auto"]
+    # Tiers from cheapest to best: a request addressed to a backend may be served
+    # from the cache only by answers of its own backend or of a higher tier.
+    tiers: list[str] = ["small", "large"]
     # Retry target when a backend errors or times out; default: the first
     # backend of another tier.
     fallback_backend: str | None = None
@@ -158,12 +208,18 @@ class Policy(Strict):
         clash = names & set(self.routed_models)
         if clash:
             raise ValueError(f"routed_models {sorted(clash)} clash with backend names")
+        unknown_tiers = sorted({b.tier for b in self.backends} - set(self.tiers))
+        if unknown_tiers:
+            raise ValueError(f"backend tiers {unknown_tiers} are not listed in tiers {self.tiers}")
         if self.fallback_backend is not None and self.fallback_backend not in names:
             raise ValueError(f"fallback_backend {self.fallback_backend!r} is not a backend name")
         return self
 
     def backend(self, name: str) -> BackendConfig | None:
         return next((b for b in self.backends if b.name == name), None)
+
+    def tier_rank(self, tier: str) -> int:
+        return self.tiers.index(tier) if tier in self.tiers else -1
 
     def tier(self, tier: str) -> list[BackendConfig]:
         return [b for b in self.backends if b.tier == tier]

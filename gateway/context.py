@@ -11,9 +11,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gateway.config import BackendConfig
+
+if TYPE_CHECKING:
+    from gateway.cache_service import CacheLookup
 
 Endpoint = Literal["chat", "completions"]
 
@@ -50,6 +53,11 @@ class RequestContext:
     completion_tokens: int = 0
     status_code: int = 200
     error_type: str | None = None
+    # What the cache stages found (None when the cache is off for this request).
+    cache: CacheLookup | None = None
+    # The answer as it streamed by, for storing it once the stream ends.
+    output_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
 
     @property
     def model(self) -> str:

@@ -2,13 +2,13 @@
 
 Read `Pipeline.run` top to bottom to follow a request:
 
-    authenticate -> resolve_target -> route -> admit -> call backend (fallback once) -> record
+    authenticate -> resolve_target -> exact cache -> embed + retrieve -> semantic hit
+    -> route -> admit -> augment with examples -> call backend (fallback once) -> record + store
 
 Each stage is a small function that takes what it needs and returns its
 decision; `Pipeline` only wires them and notes each decision in
 `ctx.decisions`, which the headers, the request log, metrics and traces share.
-Stages of later issues (exact cache, embed, retrieve, augment) slot in between
-`resolve_target` and `admit`.
+The cache stages live in `gateway.cache_stages`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway import cache_stages
 from gateway.admission import AdmissionRefused, BackendPool
 from gateway.backends import BackendClient, BackendError, message_text
+from gateway.cache_service import CacheService, Hit
 from gateway.config import AuthConfig, BackendConfig, Policy
 from gateway.context import ANONYMOUS, RequestContext, RequestRecord, Tenant
 from gateway.errors import GatewayError
@@ -132,6 +134,11 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
     }
     if ctx.fallback_from:
         headers["x-icgate-fallback-from"] = ctx.fallback_from
+    cached = ctx.decisions.get("cache") or {}
+    if cached.get("similarity") is not None:
+        headers["x-icgate-similarity"] = f"{cached['similarity']:.4f}"
+    if "examples" in ctx.decisions:
+        headers["x-icgate-examples"] = str(len(ctx.decisions["examples"]))
     score = ctx.decisions.get("route", {}).get("score")
     if score is not None:
         headers["x-icgate-router-score"] = f"{score:.4f}"
@@ -184,6 +191,10 @@ class StreamRelay:
             raise GatewayError(502, str(err), type="server_error", code="backend_error") from None
         if chunk.get("usage"):
             self._ctx.prompt_tokens, self._ctx.completion_tokens = usage_of(chunk)
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) == 0:
+                self._ctx.output_parts.append((choice.get("delta") or {}).get("content") or "")
+                self._ctx.finish_reason = choice.get("finish_reason") or self._ctx.finish_reason
         return chunk
 
     async def aclose(self) -> None:
@@ -210,7 +221,11 @@ class Pipeline:
         telemetry: Telemetry,
         authenticator: Authenticator | None = None,
         sink: RecordSink | None = None,
+        cache: CacheService | None = None,
+        embed: cache_stages.Embed | None = None,
     ) -> None:
+        self.cache = cache
+        self.embed = embed
         self.policy = policy
         self.client = client
         self.pool = pool
@@ -255,6 +270,9 @@ class Pipeline:
         with tracing.stage_span("resolve_target"):
             target = resolve_target(ctx.model, self.policy)
             ctx.decisions["target"] = {"routed": target.routed}
+        hit = await self._look_up_cache(ctx, target)
+        if hit is not None:
+            return await self._serve_hit(ctx, hit, exits)
         with tracing.stage_span("route"):
             features = route_features(ctx.body)
             decision = route(target, features, self.router)
@@ -272,8 +290,58 @@ class Pipeline:
         response = await self._call(ctx, candidates, exits)
         ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
         await exits.aclose()
-        self.record(ctx)
+        self.record(ctx, response)
         return PipelineResult(ctx, response=response)
+
+    async def _look_up_cache(self, ctx: RequestContext, target: Target) -> Hit | None:
+        """Exact cache, then embed and retrieve, then a semantic hit; the lookup stays on ctx."""
+        if self.cache is None or self.embed is None:
+            return None
+        tracing = self.telemetry.tracing
+        min_tier = target.backend.tier if target.backend is not None else None
+        ctx.cache = lookup = cache_stages.plan_lookup(ctx, self.cache, min_tier)
+        if lookup is None:
+            return None
+        with tracing.stage_span("exact_cache"):
+            hit = cache_stages.look_up_exact(lookup, self.cache, min_tier)
+        if hit is None:
+            with tracing.stage_span("embed_retrieve"):
+                await cache_stages.embed_and_retrieve(lookup, self.cache, self.embed)
+            with tracing.stage_span("semantic_hit"):
+                hit = cache_stages.look_up_semantic(lookup, self.cache, min_tier)
+        best = lookup.candidates[0].similarity if lookup.candidates else None
+        ctx.decisions["cache"] = {
+            "hit": hit.kind if hit else None,
+            "entry": hit.entry.id if hit else None,
+            "similarity": hit.similarity if hit else best,
+            "verifier": hit.verifier_score if hit else None,
+            "candidates": len(lookup.candidates),
+            "servable": lookup.servable,
+        }
+        if hit is not None:
+            lookup.served_by = hit.entry.id
+        return hit
+
+    async def _serve_hit(self, ctx: RequestContext, hit: Hit, exits: AsyncExitStack) -> PipelineResult:
+        ctx.route = "cache"
+        response = cache_stages.hit_response(ctx, hit)
+        ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+        if ctx.stream:
+            chunks = cache_stages.replay_as_stream(ctx, response)
+            first = await anext(chunks)
+            return PipelineResult(ctx, chunks=StreamRelay(self, ctx, (first, chunks), exits))
+        await exits.aclose()
+        self.record(ctx, response)
+        return PipelineResult(ctx, response=response)
+
+    def _body_for(self, ctx: RequestContext, backend: BackendConfig) -> dict[str, Any]:
+        """The request as this backend gets it: with in-context examples for the small tier."""
+        if self.cache is None or ctx.cache is None:
+            return ctx.body
+        with self.telemetry.tracing.stage_span("augment"):
+            return cache_stages.augment(
+                ctx, self.cache, backend, estimate_prompt_tokens(ctx.body), self.policy.tiers[0]
+            )
 
     async def _attempts(
         self,
@@ -335,7 +403,7 @@ class Pipeline:
 
     async def _call(self, ctx: RequestContext, candidates: list[BackendConfig], exits: AsyncExitStack) -> Any:
         return await self._attempts(
-            ctx, candidates, exits, lambda b: self.client.complete(b, ctx.endpoint, ctx.body)
+            ctx, candidates, exits, lambda b: self.client.complete(b, ctx.endpoint, self._body_for(ctx, b))
         )
 
     async def _first_stream(
@@ -346,7 +414,7 @@ class Pipeline:
         async def open_and_peek(
             backend: BackendConfig,
         ) -> tuple[dict[str, Any], AsyncGenerator[dict[str, Any], None]]:
-            chunks = await self.client.stream(backend, ctx.endpoint, ctx.body)
+            chunks = await self.client.stream(backend, ctx.endpoint, self._body_for(ctx, backend))
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
@@ -358,9 +426,11 @@ class Pipeline:
 
         return await self._attempts(ctx, candidates, exits, open_and_peek)
 
-    def record(self, ctx: RequestContext) -> None:
-        """Off the hot path: metrics now, the log row through the write-behind queue."""
+    def record(self, ctx: RequestContext, response: dict[str, Any] | None = None) -> None:
+        """Off the hot path: metrics now, the log row through the write-behind queue, the cache insert."""
         record = RequestRecord.from_context(ctx)
         self.telemetry.metrics.observe(record)
         if self.sink is not None and not self.sink.submit(record):
             self.telemetry.metrics.request_log_dropped()
+        if self.cache is not None:
+            cache_stages.store_answer(ctx, self.cache, response)

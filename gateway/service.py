@@ -13,12 +13,14 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import numpy as np
+import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from cache.embed import Embedder, SentenceTransformerEmbedder, resolve_model_dir
-from gateway import db
+from cache.embed import Embedder, MicroBatcher, SentenceTransformerEmbedder, resolve_model_dir
+from gateway import db, models
 from gateway.admission import BackendPool
 from gateway.backends import BackendClient
+from gateway.cache_service import CacheService, Usage, load_verifier
 from gateway.config import EmbeddingConfig, Policy
 from gateway.keys import KeyAuthenticator
 from gateway.launcher import LocalBackends
@@ -63,15 +65,24 @@ class EmbeddingService:
 
 
 class Gateway:
-    def __init__(self, policy: Policy, data_dir: Path, launch_local: bool = True) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        data_dir: Path,
+        launch_local: bool = True,
+        embeddings: EmbeddingService | None = None,
+    ) -> None:
         self.policy = policy
         self.data_dir = data_dir
         self.launch_local = launch_local
         self.database_url = policy.database_url(data_dir)
         self.telemetry = Telemetry.from_config(policy.telemetry)
-        self.embeddings = EmbeddingService(policy.embedding)
+        # Injectable so that several gateways in one process (tests) share one loaded model.
+        self.embeddings = embeddings or EmbeddingService(policy.embedding)
         self.local = LocalBackends()
         self.engine: Engine | None = None
+        self.cache: CacheService | None = None
+        self.batcher: MicroBatcher | None = None
         self.log_writer: RequestLogWriter | None = None
         self.ready = False
         self.pipeline = Pipeline(
@@ -104,11 +115,55 @@ class Gateway:
         if self.policy.embedding.preload:
             waits.append(self.embeddings.embedder())
         await asyncio.gather(*waits)
+        if self.policy.cache.enabled:
+            await self._start_cache()
         self.ready = True
+
+    async def _start_cache(self) -> None:
+        """The cache needs the embedder (for vectors) and the verifier (for safe semantic hits)."""
+        assert self.engine is not None
+        verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
+        embedder = await self.embeddings.embedder()
+        self.batcher = MicroBatcher(embedder, max_batch=self.policy.embedding.max_batch)
+        self.cache = CacheService(
+            self.policy.cache, self.policy.tier_rank, self.engine, verifier, dim=embedder.dim
+        )
+        await self.cache.start()
+        self.pipeline.cache = self.cache
+        self.pipeline.embed = self.batcher.embed
+
+    async def usage_of(self, request_id: str) -> Usage | None:
+        """What served or helped a past request, from its request-log row (after a restart)."""
+        if self.engine is None:
+            return None
+        engine = self.engine
+
+        def read() -> Usage | None:
+            table = models.RequestLog
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(table.tenant_id, table.decisions).where(table.request_id == request_id)
+                ).first()
+            if row is None:
+                return None
+            decisions = row.decisions or {}
+            served = (decisions.get("cache") or {}).get("entry")
+            namespace = f"tenant:{row.tenant_id}" if row.tenant_id is not None else "anonymous"
+            return Usage(
+                namespace=namespace,
+                served=[int(served)] if served else [],
+                helped=[int(i) for i in decisions.get("examples") or []],
+            )
+
+        return await asyncio.to_thread(read)
 
     async def stop(self) -> None:
         """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
         self.ready = False
+        if self.cache is not None:
+            await self.cache.stop()
+        if self.batcher is not None:
+            self.batcher.close()
         if self.log_writer is not None:
             await self.log_writer.close()
         await self.pipeline.client.aclose()

@@ -20,7 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
+from gateway.cache_service import namespace_for
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError, error_body
 from gateway.pipeline import StreamRelay
@@ -56,6 +57,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(title="icgate", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(StampArrival)
     install_error_handlers(app)
 
     @app.post("/v1/chat/completions")
@@ -110,6 +112,17 @@ def create_app(gateway: Gateway) -> FastAPI:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest, request: Request, gw: GatewayDep) -> dict[str, Any]:
+        """Moves the utility of the cache entries that served, helped or came from a request."""
+        tenant = await gw.pipeline.check_caller(bearer_token(request))
+        if gw.cache is None:
+            raise GatewayError(409, "The cache is off in this gateway's policy.", code="cache_disabled")
+        touched = await gw.cache.feedback(body.request_id, body.score, namespace_for(tenant), gw.usage_of)
+        if touched is None:
+            raise GatewayError(404, f"No request '{body.request_id}' is known.", param="request_id")
+        return {"object": "feedback", "request_id": body.request_id, "entries_updated": touched}
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -128,8 +141,22 @@ def create_app(gateway: Gateway) -> FastAPI:
     return app
 
 
+class StampArrival:
+    """Notes when a request reached the gateway, before its body is read and validated,
+    so that `x-icgate-overhead-ms` counts that work too."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["icgate_arrived"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
 async def run_pipeline(gw: Gateway, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Response:
-    ctx = RequestContext(endpoint=endpoint, body=body)
+    arrived = getattr(request.state, "icgate_arrived", None) or time.perf_counter()
+    ctx = RequestContext(endpoint=endpoint, body=body, arrived=arrived)
     try:
         result = await gw.pipeline.run(ctx, bearer_token(request))
     except GatewayError as exc:

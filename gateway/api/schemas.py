@@ -55,3 +55,11 @@ class EmbeddingRequest(Passthrough):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """Feedback on one answer: -1 (bad) to 1 (good)."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=64)
+    score: float = Field(ge=-1, le=1)

@@ -12,8 +12,8 @@ import pytest
 from bench.harness import ServerThread
 from bench.standin_backend import StandinBackend
 from gateway.api.app import create_app
-from gateway.config import Policy
-from gateway.service import Gateway
+from gateway.config import EmbeddingConfig, Policy
+from gateway.service import EmbeddingService, Gateway
 
 
 @dataclass
@@ -74,6 +74,7 @@ def standin_policy(standins: Standins, transport: str = "litellm", **overrides: 
         "routed_models": ["auto"],
         "auth": {"required": False},
         "embedding": {"preload": False},
+        "cache": {"enabled": False},
         "router": {"large_if_prompt_tokens_over": 200},
     }
     raw.update(overrides)
@@ -93,12 +94,29 @@ class RunningGateway:
         self.server.stop()
 
 
+@pytest.fixture(scope="session")
+def shared_embeddings() -> EmbeddingService:
+    """One loaded MiniLM for every gateway of the session (loading takes seconds)."""
+    import asyncio
+
+    service = EmbeddingService(EmbeddingConfig())
+    asyncio.run(service.embedder())
+    return service
+
+
 @pytest.fixture
-def start_gateway(tmp_path: Path) -> Iterator[Callable[[Policy], RunningGateway]]:
+def start_gateway(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[Policy], RunningGateway]]:
     running: list[RunningGateway] = []
 
     def start(policy: Policy, data_dir: Path | None = None) -> RunningGateway:
-        gateway = Gateway(policy, data_dir or tmp_path / f"gw{len(running)}", launch_local=False)
+        embeddings = None
+        if policy.cache.enabled or policy.embedding.preload:
+            embeddings = request.getfixturevalue("shared_embeddings")
+        gateway = Gateway(
+            policy, data_dir or tmp_path / f"gw{len(running)}", launch_local=False, embeddings=embeddings
+        )
         server = ServerThread(create_app(gateway), ready_path="/readyz").start()
         handle = RunningGateway(gateway, server)
         running.append(handle)

@@ -636,5 +636,5 @@ async def test_run_traces_one_span_per_stage_under_the_request_span() -> None:
     assert root.attributes["icgate.request_id"] == ctx.request_id
     assert root.attributes["icgate.backend"] == "large"
     assert root.attributes["icgate.fallback_from"] == "small"
-    failed_backend = [s for s in spans if s.name == "icgate.backend"][0]
+    failed_backend = next(s for s in spans if s.name == "icgate.backend")
     assert not failed_backend.status.is_ok

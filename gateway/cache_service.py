@@ -1,0 +1,519 @@
+"""The gateway's cache: memory and faiss for the hot path, the database behind it.
+
+Reads on the hot path touch only the in-memory store and the vector index.
+Inserts happen after the response is sent; stats updates go through a
+write-behind queue. Every replica loads the table at start and then follows it
+by id watermark (new entries) and tombstones (deletions), so replicas sharing
+one PostgreSQL converge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from cache.examples import Example, augment_messages, choose_examples, estimate_tokens, example_budget
+from cache.index import VectorIndex
+from cache.store import CacheEntry, CacheStore, initial_utility
+from cache.verify import DEFAULT_ARTIFACT, HitVerifier
+from gateway import models
+from gateway.config import CacheConfig, RequestLogConfig
+from gateway.context import Tenant
+from gateway.write_behind import WriteBehindQueue
+
+log = logging.getLogger("icgate.cache")
+
+CALIBRATED_NAME = "hit_verifier.joblib"  # where `icgate cache calibrate` puts its artifact in the data dir
+
+
+def namespace_for(tenant: Tenant) -> str:
+    """One namespace per tenant: entries, scores and timing never cross it."""
+    return f"tenant:{tenant.id}" if tenant.id is not None else "anonymous"
+
+
+def verifier_path(spec: str | None, data_dir: Path) -> Path:
+    """The policy's artifact, else one calibrated into the data dir, else the shipped one."""
+    if spec:
+        return Path(spec)
+    calibrated = data_dir / CALIBRATED_NAME
+    return calibrated if calibrated.is_file() else DEFAULT_ARTIFACT
+
+
+def load_verifier(spec: str | None, data_dir: Path) -> HitVerifier:
+    return HitVerifier.load(verifier_path(spec, data_dir))
+
+
+_PII = (
+    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "[email]"),
+    (re.compile(r"\b(?:\d[ -]?){13,19}\b"), "[card]"),
+    (re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)"), "[phone]"),
+)
+
+
+def scrub_pii(text: str) -> str:
+    """The default scrubber: e-mail addresses, card-like and phone-like numbers."""
+    for pattern, mask in _PII:
+        text = pattern.sub(mask, text)
+    return text
+
+
+@dataclass(frozen=True)
+class Candidate:
+    entry: CacheEntry
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: CacheEntry
+    similarity: float
+    kind: str  # exact | semantic
+    verifier_score: float
+
+
+@dataclass
+class NewEntry:
+    """What the pipeline knows about an answer worth storing."""
+
+    namespace: str
+    exact_key: str
+    context_fingerprint: str
+    embed_text: str
+    prompt_text: str
+    response_text: str
+    response: dict[str, Any]
+    backend: str
+    tier: str
+    prompt_tokens: int
+    completion_tokens: int
+    vector: np.ndarray
+
+
+@dataclass
+class CacheLookup:
+    """What the cache stages learned about one request; later stages and the insert reuse it."""
+
+    namespace: str
+    exact_key: str
+    servable: bool
+    storable: bool
+    embed_text: str
+    prompt_text: str
+    fingerprint: str
+    exact: bool
+    semantic: bool
+    examples: bool
+    store: bool
+    vector: np.ndarray | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    examples_used: list[int] = field(default_factory=list)
+    served_by: int | None = None
+
+
+@dataclass
+class Usage:
+    """What served or helped one request, so feedback can find it."""
+
+    namespace: str = ""
+    served: list[int] = field(default_factory=list)
+    helped: list[int] = field(default_factory=list)
+    produced: list[int] = field(default_factory=list)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _dt(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
+class CacheService:
+    def __init__(
+        self,
+        config: CacheConfig,
+        tier_rank: Callable[[str], int],
+        engine: sa.Engine,
+        verifier: HitVerifier,
+        dim: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.tier_rank = tier_rank
+        self.engine = engine
+        self.verifier = verifier
+        self.clock = clock
+        self.store = CacheStore()
+        self.index = VectorIndex(dim, hnsw_threshold=config.hnsw_threshold)
+        self.scrub: Callable[[str], str] = scrub_pii if config.scrub_pii else (lambda text: text)
+        self._watermark = 0
+        # Ids are handed out before commit: an entry committed late can carry an id below one
+        # already seen, so each sync looks back this many ids (known ones are skipped).
+        self._lookback = 1_000
+        self._deleted_since: datetime | None = None
+        self._usage: OrderedDict[str, Usage] = OrderedDict()
+        self._inserts: set[asyncio.Task[None]] = set()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._updates: WriteBehindQueue[tuple[int, dict[str, Any]]] = WriteBehindQueue(
+            self._write_updates, RequestLogConfig(), name="cache stats"
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loaded = await self.sync()
+        log.info("cache: %d entries loaded", loaded)
+        await self._updates.start()
+        self._sync_task = asyncio.create_task(self._follow(), name="cache sync")
+
+    async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        if self._inserts:
+            await asyncio.gather(*self._inserts, return_exceptions=True)
+        await self._updates.close()
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sync_interval_s)
+            try:
+                await self.sync()
+                await self.expire_and_evict()
+            except Exception:
+                log.exception("cache sync failed; retrying next interval")
+
+    async def sync(self) -> int:
+        """Apply entries added and deleted in the database since the last sync (by any replica)."""
+        rows, deleted, max_deleted = await asyncio.to_thread(self._read_changes)
+        for row in rows:
+            self._remember(self._entry_of(row))
+        for entry_id in deleted:
+            self._forget(entry_id)
+        if max_deleted is not None:
+            self._deleted_since = max_deleted
+        return len(rows)
+
+    def _read_changes(self) -> tuple[list[models.CacheEntryRow], list[int], datetime | None]:
+        table = models.CacheEntryRow
+        with Session(self.engine) as session:
+            since = max(0, self._watermark - self._lookback)
+            found = session.scalars(
+                sa.select(table).where(table.id > since, table.deleted_at.is_(None)).order_by(table.id)
+            ).all()
+            new = [row for row in found if self.store.get(row.id) is None]
+            if found:
+                self._watermark = max(self._watermark, found[-1].id)
+            query = sa.select(table.id, table.deleted_at).where(table.deleted_at.is_not(None))
+            if self._deleted_since is not None:
+                query = query.where(table.deleted_at >= self._deleted_since)
+            gone = session.execute(query).all()
+            session.expunge_all()
+        stamps = [d for _, d in gone if d is not None]
+        latest = max(stamps) if stamps else None
+        return list(new), [i for i, _ in gone], latest
+
+    @staticmethod
+    def _entry_of(row: models.CacheEntryRow) -> CacheEntry:
+        return CacheEntry(
+            id=row.id,
+            namespace=row.namespace,
+            exact_key=row.exact_key,
+            context_fingerprint=row.context_fingerprint,
+            embed_text=row.embed_text,
+            prompt_text=row.prompt_text,
+            response_text=row.response_text,
+            response=row.response,
+            backend=row.backend,
+            tier=row.tier,
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            vector=np.frombuffer(row.vector, dtype=np.float32).copy(),
+            utility=row.utility,
+            feedback_sum=row.feedback_sum,
+            feedback_count=row.feedback_count,
+            hits=row.hits,
+            helped=row.helped,
+            created_at=_epoch(row.created_at) or 0.0,
+            last_used_at=_epoch(row.last_used_at) or 0.0,
+            expires_at=_epoch(row.expires_at),
+        )
+
+    def _remember(self, entry: CacheEntry) -> None:
+        self.store.add(entry)
+        self.index.add(entry.namespace, np.array([entry.id], dtype=np.int64), entry.vector[None, :])
+
+    def _forget(self, entry_id: int) -> None:
+        entry = self.store.remove(entry_id)
+        if entry is not None:
+            self.index.remove(entry.namespace, np.array([entry_id], dtype=np.int64))
+
+    # --- hot path ---------------------------------------------------------------------------------
+
+    def allowed(self, entry: CacheEntry, min_tier: str | None) -> bool:
+        """A request addressed to a backend is served only by answers of its tier or a better one."""
+        if entry.expired(self.clock()):
+            return False
+        return min_tier is None or self.tier_rank(entry.tier) >= self.tier_rank(min_tier)
+
+    def lookup_exact(self, namespace: str, key: str, min_tier: str | None) -> Hit | None:
+        entry = self.store.exact(namespace, key)
+        if entry is None or not self.allowed(entry, min_tier):
+            return None
+        return Hit(entry, 1.0, "exact", 1.0)
+
+    async def retrieve(self, namespace: str, vector: np.ndarray, k: int) -> list[Candidate]:
+        found = await asyncio.to_thread(self.index.search_one, namespace, vector, k)
+        out = []
+        for entry_id, score in found:
+            entry = self.store.get(int(entry_id))
+            if entry is not None and entry.namespace == namespace:
+                out.append(Candidate(entry, float(score)))
+        return out
+
+    def semantic_hit(
+        self,
+        prompt_text: str,
+        fingerprint: str,
+        vector: np.ndarray,
+        candidates: list[Candidate],
+        min_tier: str | None,
+    ) -> Hit | None:
+        """The best candidate that asks the same thing in the same context, if the verifier agrees."""
+        usable = [
+            c
+            for c in candidates
+            if c.entry.context_fingerprint == fingerprint
+            and c.similarity >= self.verifier.cosine_threshold
+            and self.allowed(c.entry, min_tier)
+        ]
+        if not usable:
+            return None
+        scores = self.verifier.score_batch(
+            [prompt_text] * len(usable),
+            [c.entry.prompt_text for c in usable],
+            np.repeat(vector[None, :], len(usable), axis=0),
+            np.stack([c.entry.vector for c in usable]),
+        )
+        best = int(np.argmax(scores))
+        if scores[best] < self.verifier.probability_threshold:
+            return None
+        return Hit(usable[best].entry, usable[best].similarity, "semantic", float(scores[best]))
+
+    def examples(
+        self,
+        messages: list[dict[str, Any]],
+        candidates: list[Candidate],
+        context_window: int,
+        prompt_tokens: int,
+        max_tokens: int | None,
+    ) -> tuple[list[dict[str, Any]], list[int]]:
+        """Messages with the most useful similar pairs prepended, and the ids of those pairs."""
+        if self.config.examples_k == 0 or not candidates:
+            return messages, []
+        pool = [
+            Example(
+                entry_id=c.entry.id,
+                prompt=c.entry.prompt_text,
+                response=c.entry.response_text,
+                similarity=c.similarity,
+                utility=c.entry.utility,
+                tier=c.entry.tier,
+                tokens=estimate_tokens(c.entry.prompt_text) + estimate_tokens(c.entry.response_text),
+                vector=c.entry.vector,
+            )
+            for c in candidates
+            if not c.entry.expired(self.clock())
+        ]
+        budget = example_budget(context_window, prompt_tokens, max_tokens, self.config.examples_share)
+        chosen = choose_examples(
+            pool, self.config.examples_k, budget, min_similarity=self.config.examples_min_similarity
+        )
+        if not chosen:
+            return messages, []
+        return augment_messages(messages, chosen, self.config.examples_style), [e.entry_id for e in chosen]
+
+    # --- after the response -----------------------------------------------------------------------
+
+    def note_usage(self, request_id: str, usage: Usage) -> None:
+        """Remember what served or helped a request (bounded), and count it on the entries."""
+        self._usage[request_id] = usage
+        while len(self._usage) > 50_000:
+            self._usage.popitem(last=False)
+        now = self.clock()
+        for entry_id in usage.served:
+            entry = self.store.get(entry_id)
+            if entry is not None:
+                entry.hits += 1
+                entry.last_used_at = now
+                self._updates.submit((entry_id, {"hits": entry.hits, "last_used_at": _dt(now)}))
+        for entry_id in usage.helped:
+            entry = self.store.get(entry_id)
+            if entry is not None:
+                entry.helped += 1
+                entry.last_used_at = now
+                self._updates.submit((entry_id, {"helped": entry.helped, "last_used_at": _dt(now)}))
+
+    def insert_later(self, request_id: str, new: NewEntry) -> None:
+        """Store an answer off the hot path; the request has already been answered."""
+        if len(self._inserts) > 1_000:
+            return  # the database is behind: skip rather than pile up
+        task = asyncio.create_task(self._insert(request_id, new))
+        self._inserts.add(task)
+        task.add_done_callback(self._inserts.discard)
+
+    async def _insert(self, request_id: str, new: NewEntry) -> None:
+        try:
+            existing = self.store.exact(new.namespace, new.exact_key)
+            if existing is not None:
+                return
+            now = self.clock()
+            entry = CacheEntry(
+                id=0,
+                namespace=new.namespace,
+                exact_key=new.exact_key,
+                context_fingerprint=new.context_fingerprint,
+                embed_text=self.scrub(new.embed_text),
+                prompt_text=self.scrub(new.prompt_text),
+                response_text=self.scrub(new.response_text),
+                response=new.response,
+                backend=new.backend,
+                tier=new.tier,
+                prompt_tokens=new.prompt_tokens,
+                completion_tokens=new.completion_tokens,
+                vector=np.asarray(new.vector, dtype=np.float32),
+                utility=initial_utility(new.tier),
+                created_at=now,
+                last_used_at=now,
+                expires_at=now + self.config.ttl_s if self.config.ttl_s else None,
+            )
+            if entry.response_text != new.response_text:
+                entry.response = _with_content(new.response, entry.response_text)
+            entry.id = await asyncio.to_thread(self._insert_row, entry)
+            self._remember(entry)
+            usage = self._usage.setdefault(request_id, Usage(namespace=new.namespace))
+            usage.produced.append(entry.id)
+            if self.store.size(entry.namespace) > self.config.max_entries_per_tenant:
+                await self.expire_and_evict()
+        except Exception:
+            log.exception("cache insert failed for %s", request_id)
+
+    def _insert_row(self, entry: CacheEntry) -> int:
+        row = models.CacheEntryRow(
+            namespace=entry.namespace,
+            exact_key=entry.exact_key,
+            context_fingerprint=entry.context_fingerprint,
+            embed_text=entry.embed_text,
+            prompt_text=entry.prompt_text,
+            response_text=entry.response_text,
+            response=entry.response,
+            backend=entry.backend,
+            tier=entry.tier,
+            prompt_tokens=entry.prompt_tokens,
+            completion_tokens=entry.completion_tokens,
+            vector=entry.vector.astype(np.float32).tobytes(),
+            utility=entry.utility,
+            feedback_sum=0.0,
+            feedback_count=0,
+            hits=0,
+            helped=0,
+            created_at=_dt(entry.created_at),
+            last_used_at=_dt(entry.last_used_at),
+            expires_at=_dt(entry.expires_at),
+        )
+        with Session(self.engine) as session, session.begin():
+            session.add(row)
+            session.flush()
+            return int(row.id)
+
+    def _write_updates(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        merged: dict[int, dict[str, Any]] = {}
+        for entry_id, values in batch:
+            merged.setdefault(entry_id, {}).update(values)
+        table = models.CacheEntryRow
+        with self.engine.begin() as conn:
+            for entry_id, values in merged.items():
+                conn.execute(sa.update(table).where(table.id == entry_id).values(**values))
+
+    async def delete(self, entry_ids: list[int]) -> int:
+        """Tombstone entries so every replica drops them, and drop them here now."""
+        if not entry_ids:
+            return 0
+        now = _dt(self.clock())
+        table = models.CacheEntryRow
+
+        def write() -> None:
+            with self.engine.begin() as conn:
+                conn.execute(sa.update(table).where(table.id.in_(entry_ids)).values(deleted_at=now))
+
+        await asyncio.to_thread(write)
+        for entry_id in entry_ids:
+            self._forget(entry_id)
+        return len(entry_ids)
+
+    async def expire_and_evict(self) -> int:
+        """TTL first, then per-tenant capacity by worth (utility, recency, use), never plain LRU."""
+        now = self.clock()
+        doomed = set(self.store.expired(now))
+        for namespace in {e.namespace for e in self.store.entries.values()}:
+            doomed.update(self.store.over_capacity(namespace, self.config.max_entries_per_tenant, now))
+        return await self.delete(sorted(doomed))
+
+    async def feedback(
+        self,
+        request_id: str,
+        score: float,
+        namespace: str,
+        lookup: Callable[[str], Awaitable[Usage | None]],
+    ) -> int | None:
+        """Move the utility of every entry that served, helped or came from `request_id`.
+
+        None when the request is unknown to this tenant (another tenant's id looks the same).
+        """
+        usage = self._usage.get(request_id) or await lookup(request_id)
+        if usage is None or usage.namespace != namespace:
+            return None
+        touched = 0
+        for entry_id in {*usage.served, *usage.helped, *usage.produced}:
+            entry = self.store.get(entry_id)
+            if entry is None or entry.namespace != namespace:
+                continue
+            entry.apply_feedback(score)
+            touched += 1
+            self._updates.submit(
+                (
+                    entry_id,
+                    {
+                        "utility": entry.utility,
+                        "feedback_sum": entry.feedback_sum,
+                        "feedback_count": entry.feedback_count,
+                    },
+                )
+            )
+        return touched
+
+    async def flush(self) -> None:
+        """Wait for pending inserts and stats writes (tests, shutdown)."""
+        while self._inserts:
+            await asyncio.gather(*list(self._inserts), return_exceptions=True)
+        await self._updates.flush()
+
+
+def _with_content(response: dict[str, Any], text: str) -> dict[str, Any]:
+    choices = [
+        {**c, "message": {**c.get("message", {}), "content": text}} if i == 0 else c
+        for i, c in enumerate(response.get("choices", []))
+    ]
+    return {**response, "choices": choices}

@@ -1,0 +1,199 @@
+"""The pipeline's cache stages: exact lookup, embed, retrieve, semantic hit, augment, store.
+
+Each is a small function over the request context and the cache service; the
+pipeline calls them in order (see `gateway.pipeline`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from cache.embed import context_fingerprint, conversation_text, message_text
+from cache.exact import cacheability, exact_key
+from gateway.cache_service import CacheLookup, CacheService, Hit, NewEntry, Usage, namespace_for
+from gateway.config import BackendConfig
+from gateway.context import RequestContext
+
+Embed = Callable[[str], Awaitable[np.ndarray]]
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return ""
+
+
+def plan_lookup(ctx: RequestContext, cache: CacheService, min_tier: str | None) -> CacheLookup | None:
+    """What the cache may do for this request (policy switches, sampling, tools), before any work."""
+    if ctx.endpoint != "chat":
+        return None
+    switches = cache.config.switches(ctx.tenant.name, ctx.model)
+    if not switches.enabled:
+        return None
+    messages = ctx.body["messages"]
+    allowed = cacheability(ctx.body, cache.config.allow_sampled)
+    return CacheLookup(
+        namespace=namespace_for(ctx.tenant),
+        exact_key=exact_key(ctx.endpoint, ctx.body),
+        servable=allowed.servable,
+        storable=allowed.storable,
+        embed_text=conversation_text(messages),
+        prompt_text=last_user_text(messages),
+        fingerprint=context_fingerprint(messages),
+        exact=bool(switches.exact),
+        semantic=bool(switches.semantic),
+        examples=bool(switches.examples),
+        store=bool(switches.store),
+    )
+
+
+def look_up_exact(lookup: CacheLookup, cache: CacheService, min_tier: str | None) -> Hit | None:
+    if not (lookup.exact and lookup.servable):
+        return None
+    return cache.lookup_exact(lookup.namespace, lookup.exact_key, min_tier)
+
+
+async def embed_and_retrieve(lookup: CacheLookup, cache: CacheService, embed: Embed) -> None:
+    """One embedding per request, reused by the semantic hit, the examples, the router and the insert."""
+    if not (lookup.semantic or lookup.examples or lookup.store):
+        return
+    lookup.vector = await embed(lookup.embed_text)
+    lookup.candidates = await cache.retrieve(lookup.namespace, lookup.vector, cache.config.top_k)
+
+
+def look_up_semantic(lookup: CacheLookup, cache: CacheService, min_tier: str | None) -> Hit | None:
+    if not (lookup.semantic and lookup.servable) or lookup.vector is None:
+        return None
+    return cache.semantic_hit(
+        lookup.prompt_text, lookup.fingerprint, lookup.vector, lookup.candidates, min_tier
+    )
+
+
+def hit_response(ctx: RequestContext, hit: Hit) -> dict[str, Any]:
+    """The cached answer as a fresh chat completion for this request."""
+    cached = hit.entry.response
+    return {
+        **cached,
+        "id": f"chatcmpl-{ctx.request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+    }
+
+
+async def replay_as_stream(
+    ctx: RequestContext, response: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A cached answer as server-sent chunks, the way a backend would stream it."""
+    base = {"id": response["id"], "object": "chat.completion.chunk", "created": response["created"]}
+    base["model"] = response.get("model", "icgate-cache")
+    text = ""
+    choices = response.get("choices") or []
+    if choices:
+        text = choices[0].get("message", {}).get("content") or ""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        delta: dict[str, Any] = {"content": word if i == 0 else " " + word}
+        if i == 0:
+            delta["role"] = "assistant"
+        yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    if (ctx.body.get("stream_options") or {}).get("include_usage") and response.get("usage"):
+        yield {**base, "choices": [], "usage": response["usage"]}
+
+
+def augment(
+    ctx: RequestContext, cache: CacheService, backend: BackendConfig, prompt_tokens: int, small_tier: str
+) -> dict[str, Any]:
+    """The body for `backend`: with in-context examples when it is a small-tier backend."""
+    lookup = ctx.cache
+    lookup_ok = lookup is not None and lookup.examples and lookup.candidates
+    if not lookup_ok or backend.tier != small_tier or ctx.endpoint != "chat":
+        if lookup is not None:
+            lookup.examples_used = []
+        ctx.decisions["examples"] = []
+        return ctx.body
+    assert lookup is not None
+    messages, used = cache.examples(
+        ctx.body["messages"],
+        lookup.candidates,
+        backend.context_window,
+        prompt_tokens,
+        ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens"),
+    )
+    lookup.examples_used = used
+    ctx.decisions["examples"] = used
+    return {**ctx.body, "messages": messages} if used else ctx.body
+
+
+def store_answer(ctx: RequestContext, cache: CacheService, response: dict[str, Any] | None) -> None:
+    """After the response: count what served or helped it, and store a good new answer."""
+    lookup = ctx.cache
+    if lookup is None:
+        return
+    usage = Usage(
+        namespace=lookup.namespace,
+        served=[lookup.served_by] if lookup.served_by else [],
+        helped=list(lookup.examples_used),
+    )
+    cache.note_usage(ctx.request_id, usage)
+    if ctx.status_code != 200 or ctx.route == "cache" or ctx.backend is None:
+        return
+    if not (lookup.store and lookup.storable) or lookup.vector is None:
+        return
+    text, finish = answer_of(ctx, response)
+    # Never store truncated answers (finish_reason "length") or empty ones.
+    if finish != "stop" or not text.strip():
+        return
+    stored = (
+        response
+        if response is not None
+        else {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": ctx.backend.model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            ],
+            "usage": {
+                "prompt_tokens": ctx.prompt_tokens,
+                "completion_tokens": ctx.completion_tokens,
+                "total_tokens": ctx.prompt_tokens + ctx.completion_tokens,
+            },
+        }
+    )
+    cache.insert_later(
+        ctx.request_id,
+        NewEntry(
+            namespace=lookup.namespace,
+            exact_key=lookup.exact_key,
+            context_fingerprint=lookup.fingerprint,
+            embed_text=lookup.embed_text,
+            prompt_text=lookup.prompt_text,
+            response_text=text,
+            response=stored,
+            backend=ctx.backend.name,
+            tier=ctx.backend.tier,
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=ctx.completion_tokens,
+            vector=lookup.vector,
+        ),
+    )
+
+
+def answer_of(ctx: RequestContext, response: dict[str, Any] | None) -> tuple[str, str | None]:
+    if response is None:
+        return "".join(ctx.output_parts), ctx.finish_reason
+    choices = response.get("choices") or []
+    if len(choices) != 1:
+        return "", None
+    message = choices[0].get("message") or {}
+    if message.get("tool_calls"):
+        return "", None
+    return str(message.get("content") or ""), choices[0].get("finish_reason")
