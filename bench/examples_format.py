@@ -231,6 +231,9 @@ def main() -> None:
         help="JSONL of answers keyed by request: read, and appended to, so that runs cut short by the time"
         " budget add up (greedy decoding at temperature 0 on one thread gives the same answer again)",
     )
+    parser.add_argument(
+        "--recheck", type=int, default=2, help="regenerate the stored answers of this many questions"
+    )
     args = parser.parse_args()
     if not args.data.exists():
         raise SystemExit(f"data file {args.data} not found (../shared/data is not in this checkout)")
@@ -256,6 +259,7 @@ def main() -> None:
             record = json.loads(line)
             stored[record["key"]] = record
     reused = 0
+    rechecked: list[bool] = []
     with llama_server(model, free_port(), log) as base, httpx.Client(base_url=base, timeout=120) as client:
         warm_up = {"model": MODEL_ALIAS, "messages": messages_for(all_items[-1], "turns"), "max_tokens": 8}
         client.post("/v1/chat/completions", json=warm_up).raise_for_status()  # not a tested question
@@ -291,6 +295,13 @@ def main() -> None:
                             sink.write(json.dumps(stored[key]) + "\n")
                 else:
                     reused += 1
+                    if n < args.recheck:  # is a stored answer really what the model says again?
+                        again = client.post("/v1/chat/completions", json=body)
+                        again.raise_for_status()
+                        same = (again.json()["choices"][0]["message"]["content"] or "") == stored[key][
+                            "content"
+                        ]
+                        rechecked.append(same)
                 item.answers[condition] = stored[key]["content"]
                 item.usage[condition] = stored[key]["usage"]
                 item.seconds[condition] = stored[key]["seconds"]
@@ -305,7 +316,12 @@ def main() -> None:
     meta = [
         f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}"
         f" (this run took {time.time() - started:.0f} s: {generated} answers generated in"
-        f" {generation_s:.0f} s, {reused} taken from the answers file of earlier runs)",
+        f" {generation_s:.0f} s, {reused} taken from the answers file of earlier runs"
+        + (
+            f"; {sum(rechecked)} of {len(rechecked)} stored answers, regenerated as a check, were identical)"
+            if rechecked
+            else ")"
+        ),
         f"- command: `.venv/bin/python bench/examples_format.py --limit {args.limit} --k {args.k}"
         f" --min-similarity {args.min_similarity} --max-tokens {args.max_tokens} --seed {args.seed}"
         f" --time-budget-s {args.time_budget_s:.0f}"
@@ -382,11 +398,12 @@ def score_and_report(
         "| comparison | cosine diff [95% CI] | cos wins / losses | F1 diff [95% CI] | F1 wins / losses |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    verdict: dict[tuple[str, str], tuple[float, float, float]] = {}
+    verdict: dict[tuple[str, str, str], tuple[float, float, float]] = {}
     for a, b in (("turns", "none"), ("system", "none"), ("turns", "system")):
         dc, df = cos[a] - cos[b], f1[a] - f1[b]
         ci_c, ci_f = paired_bootstrap(dc), paired_bootstrap(df)
-        verdict[(a, b)] = (float(dc.mean()), *ci_c)
+        verdict[(a, b, "cosine")] = (float(dc.mean()), *ci_c)
+        verdict[(a, b, "F1")] = (float(df.mean()), *ci_f)
         lines.append(
             f"| {a} - {b} | {dc.mean():+.3f} [{ci_c[0]:+.3f}, {ci_c[1]:+.3f}] | "
             f"{int((dc > 1e-6).sum())} / {int((dc < -1e-6).sum())} | "
@@ -423,16 +440,31 @@ def score_and_report(
     return "\n".join(lines)
 
 
-def verdict_lines(v: dict[tuple[str, str], tuple[float, float, float]]) -> list[str]:
-    def says(a: str, b: str) -> str:
-        diff, low, high = v[(a, b)]
+def verdict_lines(v: dict[tuple[str, str, str], tuple[float, float, float]]) -> list[str]:
+    def says(a: str, b: str, metric: str) -> str:
+        diff, low, high = v[(a, b, metric)]
+        ci = f"{metric} {diff:+.3f}, CI [{low:+.3f}, {high:+.3f}]"
         if low > 0:
-            return f"`{a}` is better than `{b}` (cosine {diff:+.3f}, CI [{low:+.3f}, {high:+.3f}] excludes 0)"
+            return f"better ({ci} excludes 0)"
         if high < 0:
-            return f"`{a}` is worse than `{b}` (cosine {diff:+.3f}, CI [{low:+.3f}, {high:+.3f}] excludes 0)"
-        return f"`{a}` and `{b}` are not distinguishable (cosine {diff:+.3f}, CI [{low:+.3f}, {high:+.3f}])"
+            return f"worse ({ci} excludes 0)"
+        return f"not distinguishable ({ci})"
 
-    return [f"- {says('turns', 'none')}.", f"- {says('system', 'none')}.", f"- {says('turns', 'system')}."]
+    lines = [
+        f"- `{a}` vs `{b}`: by cosine {says(a, b, 'cosine')}; by token F1 {says(a, b, 'F1')}."
+        for a, b in (("turns", "none"), ("system", "none"), ("turns", "system"))
+    ]
+    examples_help = any(v[(a, "none", m)][1] > 0 for a in ("turns", "system") for m in ("cosine", "F1"))
+    _, low, high = v[("turns", "system", "cosine")]
+    _, f1_low, f1_high = v[("turns", "system", "F1")]
+    if low > 0 or f1_low > 0:
+        form = "Earlier turns help the small model more than the system prompt."
+    elif high < 0 or f1_high < 0:
+        form = "The system prompt helps the small model more than earlier turns."
+    else:
+        form = "Between the two forms this run finds no difference larger than its noise."
+    gain = "Examples help (at least one form beats none with a CI that excludes 0). " if examples_help else ""
+    return [*lines, "", f"**{gain}{form}**"]
 
 
 def one_line(text: str, limit: int = 300) -> str:

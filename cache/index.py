@@ -20,18 +20,21 @@ them from there: one copy in steady state, two during a rebuild.
 
 Threading: each namespace has a readers-writer lock. Searches take it shared (faiss releases the GIL, so
 searches of one namespace run in parallel); `add` and `remove` take it exclusively, briefly. A rebuild is
-done by the thread whose `add`/`remove` made it necessary, *outside* the lock: it snapshots the live
-entries, builds the new index while searches and writes keep using the old one (writes are also logged),
-then, under the lock, replays the logged writes onto the new index and swaps it in. A search therefore sees
-either the old index or the complete new one, never a half-built one. The calling thread of that write
-blocks for the build (seconds at 50k entries): call `add`/`remove` off the request path.
+done by the thread whose `add`/`remove` made it necessary, outside the exclusive lock: it snapshots the live
+entries (lock shared), builds the new index while searches and writes keep using the old one (writes are
+also logged), then, under the exclusive lock, replays the logged writes onto the new index and swaps it
+in. A search therefore sees either the old index or the complete new one, never a half-built one. The
+calling thread of that write blocks for the build (10-50 s at 50k entries of dim 384 on the 2-core box):
+call `add`/`remove` off the request path.
 
 OpenMP threads: faiss parallelises with OpenMP, and with libgomp (what the faiss-cpu wheels ship) the thread
 count set by `faiss.omp_set_num_threads` is per calling thread, not per process: set it in each thread that
 searches, e.g. `ThreadPoolExecutor(initializer=set_threads, initargs=(1,))`. Measured on the 2-core box
-(bench/results/cache_lookup.md): a single-query search is no faster with 2 threads than with 1, while
-several concurrent searches with 2 threads each oversubscribe the cores, so searching threads should use 1.
-Builds (`add` of many vectors into HNSW) do use all threads: leave the writer thread at the default.
+(bench/results/cache_lookup.md, with other jobs running): a single HNSW query runs on one thread either
+way; a single flat query with 2 threads was 2.5-3x *slower* than with 1 (55 vs 20 ms at 100k entries),
+because OpenMP workers wait for a core. So searching threads should use 1. Builds (`add` of many vectors
+into HNSW) parallelise well: leave the writer thread at the default (all cores), and consider
+OMP_WAIT_POLICY=PASSIVE in the environment on a shared machine.
 """
 
 from __future__ import annotations

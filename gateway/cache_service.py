@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import re
 import time
 from collections import OrderedDict
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from cache.examples import Example, augment_messages, choose_examples, estimate_tokens, example_budget
-from cache.index import VectorIndex
+from cache.index import VectorIndex, set_threads
 from cache.store import CacheEntry, CacheStore, initial_utility
 from cache.verify import DEFAULT_ARTIFACT, HitVerifier
 from gateway import models
@@ -157,6 +158,9 @@ class CacheService:
         self.clock = clock
         self.store = CacheStore()
         self.index = VectorIndex(dim, hnsw_threshold=config.hnsw_threshold)
+        # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
+        # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
+        self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
         self.scrub: Callable[[str], str] = scrub_pii if config.scrub_pii else (lambda text: text)
         self._watermark = 0
         # Ids are handed out before commit: an entry committed late can carry an id below one
@@ -185,6 +189,7 @@ class CacheService:
         if self._inserts:
             await asyncio.gather(*self._inserts, return_exceptions=True)
         await self._updates.close()
+        self._search_pool.shutdown(wait=False)
 
     async def _follow(self) -> None:
         while True:
@@ -275,7 +280,8 @@ class CacheService:
         return Hit(entry, 1.0, "exact", 1.0)
 
     async def retrieve(self, namespace: str, vector: np.ndarray, k: int) -> list[Candidate]:
-        found = await asyncio.to_thread(self.index.search_one, namespace, vector, k)
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._search_pool, self.index.search_one, namespace, vector, k)
         out = []
         for entry_id, score in found:
             entry = self.store.get(int(entry_id))

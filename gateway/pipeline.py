@@ -178,9 +178,14 @@ class StreamRelay:
     async def __anext__(self) -> dict[str, Any]:
         if self._first is not None:
             chunk, self._first = self._first, None
-            return chunk
+        else:
+            chunk = await self._next_from_backend()
+        self._note(chunk)
+        return chunk
+
+    async def _next_from_backend(self) -> dict[str, Any]:
         try:
-            chunk = await anext(self._rest)
+            return await anext(self._rest)
         except StopAsyncIteration:
             await self.aclose()
             raise
@@ -189,13 +194,15 @@ class StreamRelay:
             self._pipeline.telemetry.metrics.backend_error(err.backend, err.kind)
             await self.aclose()
             raise GatewayError(502, str(err), type="server_error", code="backend_error") from None
+
+    def _note(self, chunk: dict[str, Any]) -> None:
+        """Usage and the answer's text, for the request log and the cache insert."""
         if chunk.get("usage"):
             self._ctx.prompt_tokens, self._ctx.completion_tokens = usage_of(chunk)
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) == 0:
                 self._ctx.output_parts.append((choice.get("delta") or {}).get("content") or "")
                 self._ctx.finish_reason = choice.get("finish_reason") or self._ctx.finish_reason
-        return chunk
 
     async def aclose(self) -> None:
         if self._closed:

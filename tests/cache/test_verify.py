@@ -224,7 +224,7 @@ def synthetic_pairs() -> list[LabelledPair]:
 
 @pytest.fixture(scope="module")
 def calibrated(embedder: SentenceTransformerEmbedder) -> HitVerifier:
-    return calibrate(synthetic_pairs(), embedder.encode, target_precision=0.9, seed=0)
+    return calibrate(synthetic_pairs(), embedder.encode, target_precision=0.9, seed=0, balance=False)
 
 
 def test_calibrate_meets_its_target_on_its_validation_split(

@@ -24,7 +24,12 @@ StartGateway = Callable[[Policy], RunningGateway]
 
 
 def cache_policy(standins: Standins, **cache: Any) -> Policy:
-    settings: dict[str, Any] = {"enabled": True, "sync_interval_s": 0.2, **cache}
+    settings: dict[str, Any] = {
+        "enabled": True,
+        "sync_interval_s": 0.2,
+        "verifier": "/tmp/v_small.joblib",
+        **cache,
+    }
     return standin_policy(standins, "http", cache=settings)
 
 
@@ -242,7 +247,9 @@ def test_replicas_sharing_a_database_converge(
     standins: Standins, start_gateway: StartGateway, empty_db_url: str
 ) -> None:
     """On SQLite and PostgreSQL: one replica's answer serves the other; a deletion reaches both."""
-    a = start_gateway(cache_policy(standins).model_copy(update={"database": {"url": empty_db_url}}))
+    policy_a = cache_policy(standins)
+    policy_a.database.url = empty_db_url
+    a = start_gateway(policy_a)
     policy_b = cache_policy(standins)
     policy_b.database.url = empty_db_url
     b = start_gateway(policy_b)
