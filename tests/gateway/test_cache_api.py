@@ -27,7 +27,6 @@ def cache_policy(standins: Standins, **cache: Any) -> Policy:
     settings: dict[str, Any] = {
         "enabled": True,
         "sync_interval_s": 0.2,
-        "verifier": "/tmp/v_small.joblib",
         **cache,
     }
     return standin_policy(standins, "http", cache=settings)
