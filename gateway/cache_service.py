@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -417,28 +417,7 @@ class CacheService:
             log.exception("cache insert failed for %s", request_id)
 
     def _insert_row(self, entry: CacheEntry) -> int:
-        row = models.CacheEntryRow(
-            namespace=entry.namespace,
-            exact_key=entry.exact_key,
-            context_fingerprint=entry.context_fingerprint,
-            embed_text=entry.embed_text,
-            prompt_text=entry.prompt_text,
-            response_text=entry.response_text,
-            response=entry.response,
-            backend=entry.backend,
-            tier=entry.tier,
-            prompt_tokens=entry.prompt_tokens,
-            completion_tokens=entry.completion_tokens,
-            vector=entry.vector.astype(np.float32).tobytes(),
-            utility=entry.utility,
-            feedback_sum=0.0,
-            feedback_count=0,
-            hits=0,
-            helped=0,
-            created_at=_dt(entry.created_at),
-            last_used_at=_dt(entry.last_used_at),
-            expires_at=_dt(entry.expires_at),
-        )
+        row = row_of(entry)
         with Session(self.engine) as session, session.begin():
             session.add(row)
             session.flush()
@@ -515,6 +494,32 @@ class CacheService:
         while self._inserts:
             await asyncio.gather(*list(self._inserts), return_exceptions=True)
         await self._updates.flush()
+
+
+def row_of(entry: CacheEntry) -> models.CacheEntryRow:
+    """The database row for an entry (its id is assigned on insert)."""
+    return models.CacheEntryRow(
+        namespace=entry.namespace,
+        exact_key=entry.exact_key,
+        context_fingerprint=entry.context_fingerprint,
+        embed_text=entry.embed_text,
+        prompt_text=entry.prompt_text,
+        response_text=entry.response_text,
+        response=entry.response,
+        backend=entry.backend,
+        tier=entry.tier,
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        vector=np.asarray(entry.vector, dtype=np.float32).tobytes(),
+        utility=entry.utility,
+        feedback_sum=entry.feedback_sum,
+        feedback_count=entry.feedback_count,
+        hits=entry.hits,
+        helped=entry.helped,
+        created_at=_dt(entry.created_at),
+        last_used_at=_dt(entry.last_used_at),
+        expires_at=_dt(entry.expires_at),
+    )
 
 
 def _with_content(response: dict[str, Any], text: str) -> dict[str, Any]:

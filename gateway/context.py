@@ -58,6 +58,7 @@ class RequestContext:
     # The answer as it streamed by, for storing it once the stream ends.
     output_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    overhead_frozen_ms: float | None = None
 
     @property
     def model(self) -> str:
@@ -71,7 +72,16 @@ class RequestContext:
         return time.perf_counter() - self.arrived
 
     def overhead_ms(self) -> float:
+        """Wall time so far minus backend and queue time; fixed once the answer is decided."""
+        if self.overhead_frozen_ms is not None:
+            return self.overhead_frozen_ms
         return max(0.0, (self.elapsed_s() - self.backend_s - self.queue_s) * 1000.0)
+
+    def freeze_overhead(self) -> None:
+        """Called when the answer (or a stream's first chunk) is in hand: what follows is delivery,
+        and the header, the log and the metrics must all show the same number."""
+        if self.overhead_frozen_ms is None:
+            self.overhead_frozen_ms = self.overhead_ms()
 
     def cost_usd(self) -> float:
         if self.backend is None:

@@ -254,6 +254,7 @@ class Pipeline:
         with tracing.request_span(ctx.request_id, attributes) as span:
             try:
                 result = await self._decide_and_call(ctx, api_key, exits)
+                ctx.freeze_overhead()
             except BaseException as exc:
                 # Whatever went wrong, the slot and the in-flight count are given back.
                 await exits.aclose()
@@ -435,6 +436,7 @@ class Pipeline:
 
     def record(self, ctx: RequestContext, response: dict[str, Any] | None = None) -> None:
         """Off the hot path: metrics now, the log row through the write-behind queue, the cache insert."""
+        ctx.freeze_overhead()
         record = RequestRecord.from_context(ctx)
         self.telemetry.metrics.observe(record)
         if self.sink is not None and not self.sink.submit(record):

@@ -9,6 +9,7 @@ ordinary sync.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -26,7 +26,7 @@ from cache.replay import plan_replay
 from cache.store import CacheEntry, initial_utility
 from gateway import db, models
 from gateway.backends import BackendClient, BackendError
-from gateway.cache_service import CacheService
+from gateway.cache_service import CacheService, row_of
 from gateway.config import BackendConfig, Policy
 from gateway.launcher import LocalBackends
 
@@ -81,34 +81,26 @@ def replace_entry(
     engine: sa.Engine, old: CacheEntry, backend: BackendConfig, response: dict[str, Any]
 ) -> int:
     """A new row with the large model's answer, and a tombstone for the old one, in one transaction."""
-    text = response["choices"][0]["message"]["content"]
     usage = response.get("usage") or {}
-    now = datetime.now(UTC)
-    row = models.CacheEntryRow(
-        namespace=old.namespace,
-        exact_key=old.exact_key,
-        context_fingerprint=old.context_fingerprint,
-        embed_text=old.embed_text,
-        prompt_text=old.prompt_text,
-        response_text=text,
+    now = time.time()
+    new = dataclasses.replace(
+        old,
+        response_text=response["choices"][0]["message"]["content"],
         response=response,
         backend=backend.name,
         tier=backend.tier,
         prompt_tokens=int(usage.get("prompt_tokens") or old.prompt_tokens),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        vector=np.asarray(old.vector, dtype=np.float32).tobytes(),
         utility=max(old.utility, initial_utility(backend.tier)),
         feedback_sum=0.0,
         feedback_count=0,
-        hits=old.hits,
-        helped=old.helped,
         created_at=now,
-        last_used_at=datetime.fromtimestamp(old.last_used_at or time.time(), UTC),
-        expires_at=datetime.fromtimestamp(old.expires_at, UTC) if old.expires_at else None,
+        last_used_at=old.last_used_at or now,
     )
     table = models.CacheEntryRow
     with Session(engine) as session, session.begin():
-        session.execute(sa.update(table).where(table.id == old.id).values(deleted_at=now))
+        session.execute(sa.update(table).where(table.id == old.id).values(deleted_at=datetime.now(UTC)))
+        row = row_of(new)
         session.add(row)
         session.flush()
         return int(row.id)
