@@ -190,6 +190,8 @@ def write_policy(path: Path, standin_url: str, client: str) -> None:
         "routed_models": ["auto"],
         "auth": {"required": False},
         "embedding": {"preload": False},
+        # The pass-through path: a cache would answer the repeated request itself.
+        "cache": {"enabled": False},
         "telemetry": {"traces_exporter": "none"},
     }
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
@@ -857,7 +859,7 @@ def history(levels: list[Level]) -> list[str]:
         "- Cause: httpcore's connection pool re-examines all its connections whenever it assigns requests to "
         "connections, which grows quadratically with the connections it holds (a fix was proposed in "
         "encode/httpcore PR #1035; not in httpcore 1.0.9). `HttpTransport` was therefore rewritten on one "
-        "pooled aiohttp `ClientSession` (`TCPConnector(limit=0, keepalive_timeout=60)`), whose connector "
+        "pooled aiohttp `ClientSession` (`TCPConnector(limit=0, keepalive_timeout=4)`), whose connector "
         "takes the next idle connection from a per-host queue.",
     ]
     same = [lv for lv in levels if lv.delay_ms == 100 and lv.concurrency == 64]
@@ -913,10 +915,12 @@ def write_report(
         "**separate processes**. Each gateway has "
         "its own policy file and data directory; both policies have the same two backends on the one "
         "stand-in (`openai/standin`), `max_concurrent: 256` (admission never queues), "
-        "`embedding.preload: false`, auth not required, traces exporter none, and differ only in the "
+        "`embedding.preload: false`, `cache.enabled: false` (the pass-through path: the benchmark "
+        "repeats one request, which the cache would answer itself), auth not required, traces "
+        "exporter none, and differ only in the "
         "backends' `client`: `litellm` (litellm's `acompletion`) or `http` (the gateway's `HttpTransport`: "
         "the payload forwarded as is over one pooled aiohttp `ClientSession`, "
-        "`TCPConnector(limit=0, keepalive_timeout=60)`).",
+        "`TCPConnector(limit=0, keepalive_timeout=4)`).",
         "- **Two scenarios**, each with its own fresh set of the three processes: (1) a **zero-latency** "
         "stand-in, which isolates the gateway's own cost; (2) the stand-in started with `--delay-ms "
         f"{args.backend_delay_ms:g}`, which answers every request after {args.backend_delay_ms:g} ms like a "

@@ -192,11 +192,16 @@ class CacheService:
         self._search_pool.shutdown(wait=False)
 
     async def _follow(self) -> None:
+        """Sync every interval; expire and evict about once a minute (it walks every entry)."""
+        rounds_per_eviction = max(1, round(60.0 / self.config.sync_interval_s))
+        rounds = 0
         while True:
             await asyncio.sleep(self.config.sync_interval_s)
+            rounds += 1
             try:
                 await self.sync()
-                await self.expire_and_evict()
+                if rounds % rounds_per_eviction == 0:
+                    await self.expire_and_evict()
             except Exception:
                 log.exception("cache sync failed; retrying next interval")
 
@@ -384,7 +389,9 @@ class CacheService:
         try:
             existing = self.store.exact(new.namespace, new.exact_key)
             if existing is not None:
-                return
+                if self.tier_rank(new.tier) <= self.tier_rank(existing.tier):
+                    return
+                await self.delete([existing.id])  # a better tier's answer replaces it
             now = self.clock()
             entry = CacheEntry(
                 id=0,
