@@ -133,6 +133,14 @@ class Usage:
     produced: list[int] = field(default_factory=list)
 
 
+# Fields with the same name and meaning in `CacheEntry` and the `cache_entries` row.
+_COPIED = (
+    "namespace", "exact_key", "context_fingerprint", "embed_text", "prompt_text", "response_text",
+    "response", "backend", "tier", "prompt_tokens", "completion_tokens", "utility", "feedback_sum",
+    "feedback_count", "hits", "helped",
+)  # fmt: skip
+
+
 def _epoch(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
@@ -239,23 +247,8 @@ class CacheService:
     def _entry_of(row: models.CacheEntryRow) -> CacheEntry:
         return CacheEntry(
             id=row.id,
-            namespace=row.namespace,
-            exact_key=row.exact_key,
-            context_fingerprint=row.context_fingerprint,
-            embed_text=row.embed_text,
-            prompt_text=row.prompt_text,
-            response_text=row.response_text,
-            response=row.response,
-            backend=row.backend,
-            tier=row.tier,
-            prompt_tokens=row.prompt_tokens,
-            completion_tokens=row.completion_tokens,
+            **{name: getattr(row, name) for name in _COPIED},
             vector=np.frombuffer(row.vector, dtype=np.float32).copy(),
-            utility=row.utility,
-            feedback_sum=row.feedback_sum,
-            feedback_count=row.feedback_count,
-            hits=row.hits,
-            helped=row.helped,
             created_at=_epoch(row.created_at) or 0.0,
             last_used_at=_epoch(row.last_used_at) or 0.0,
             expires_at=_epoch(row.expires_at),
@@ -506,23 +499,8 @@ class CacheService:
 def row_of(entry: CacheEntry) -> models.CacheEntryRow:
     """The database row for an entry (its id is assigned on insert)."""
     return models.CacheEntryRow(
-        namespace=entry.namespace,
-        exact_key=entry.exact_key,
-        context_fingerprint=entry.context_fingerprint,
-        embed_text=entry.embed_text,
-        prompt_text=entry.prompt_text,
-        response_text=entry.response_text,
-        response=entry.response,
-        backend=entry.backend,
-        tier=entry.tier,
-        prompt_tokens=entry.prompt_tokens,
-        completion_tokens=entry.completion_tokens,
+        **{name: getattr(entry, name) for name in _COPIED},
         vector=np.asarray(entry.vector, dtype=np.float32).tobytes(),
-        utility=entry.utility,
-        feedback_sum=entry.feedback_sum,
-        feedback_count=entry.feedback_count,
-        hits=entry.hits,
-        helped=entry.helped,
         created_at=_dt(entry.created_at),
         last_used_at=_dt(entry.last_used_at),
         expires_at=_dt(entry.expires_at),
