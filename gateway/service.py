@@ -20,8 +20,9 @@ from cache.embed import Embedder, MicroBatcher, SentenceTransformerEmbedder, res
 from gateway import db, models
 from gateway.admission import BackendPool
 from gateway.backends import BackendClient
-from gateway.cache_service import CacheService, Usage, load_verifier
+from gateway.cache_service import CacheService, Usage, load_verifier, namespace_for
 from gateway.config import EmbeddingConfig, Policy
+from gateway.context import Tenant
 from gateway.keys import KeyAuthenticator
 from gateway.launcher import LocalBackends
 from gateway.pipeline import Pipeline
@@ -148,9 +149,8 @@ class Gateway:
                 return None
             decisions = row.decisions or {}
             served = (decisions.get("cache") or {}).get("entry")
-            namespace = f"tenant:{row.tenant_id}" if row.tenant_id is not None else "anonymous"
             return Usage(
-                namespace=namespace,
+                namespace=namespace_for(Tenant(id=row.tenant_id, name="")),
                 served=[int(served)] if served else [],
                 helped=[int(i) for i in decisions.get("examples") or []],
             )

@@ -312,3 +312,27 @@ def test_policy_turns_semantic_hits_off_per_routed_model(
     named = ask(gw, "How can I reset my password??", model="small")
     assert named.headers["x-icgate-route"] == "cache"
     assert float(named.headers["x-icgate-similarity"]) < 1.0
+
+
+def test_feedback_after_a_restart_finds_the_request_in_the_log(
+    standins: Standins, start_gateway: StartGateway, tmp_path: Any
+) -> None:
+    data_dir = tmp_path / "feedback"
+    first = start_gateway(cache_policy(standins, semantic=False), data_dir)
+    ask(first, "What is the capital of Italy?", model="large")
+    settle(first)
+    helped = ask(first, "What is the capital city of Italy?", model="small")
+    assert helped.headers["x-icgate-examples"] == "1"
+    first.stop()
+    second = start_gateway(cache_policy(standins, semantic=False), data_dir)
+    resp = httpx.post(
+        second.url + "/v1/feedback", json={"request_id": helped.headers["x-icgate-request-id"], "score": 1}
+    )
+    assert resp.status_code == 200 and resp.json()["entries_updated"] == 1
+    assert second.gateway.cache is not None
+    entry = next(
+        e
+        for e in second.gateway.cache.store.entries.values()
+        if e.prompt_text == "What is the capital of Italy?"
+    )
+    assert entry.utility == 1.0 and entry.feedback_count == 1
