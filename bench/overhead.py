@@ -32,7 +32,6 @@ import platform
 import pstats
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,10 @@ import aiohttp
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import free_port  # noqa: E402
+
 HOST = "127.0.0.1"  # all traffic stays on loopback
 CHAT_PATH = "/v1/chat/completions"
 BODY = {
@@ -59,12 +62,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 KINDS = ("litellm", "http")  # the gateway variants: the backends' `client` policy field
 TARGETS = ("direct", *KINDS)
 STANDIN = "standin"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def pct(values: Sequence[float], q: float) -> float:

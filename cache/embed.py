@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cache.exact import normalise_text
+
 
 class Embedder(Protocol):
     dim: int
@@ -106,10 +108,6 @@ def _last_turn_index(messages: list[dict[str, Any]]) -> int:
     return len(messages) - 1  # no user turn at all: the last message is what is being answered
 
 
-def _squash(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _clip(text: str, limit: int) -> str:
     """At most `limit` characters, cut at a word boundary (a word longer than the limit is cut inside)."""
     if len(text) <= limit:
@@ -178,22 +176,24 @@ def conversation_text(messages: list[dict[str, Any]]) -> str:
     last = _last_turn_index(messages)
     turn = message_text(messages[last].get("content")).strip()
     earlier = messages[:last]
-    users = [_squash(message_text(m.get("content"))) for m in earlier if m.get("role") == "user"]
+    users = [normalise_text(message_text(m.get("content"))) for m in earlier if m.get("role") == "user"]
     users = [u for u in reversed(users) if u]
     system = " ".join(
-        _squash(message_text(m.get("content"))) for m in earlier if m.get("role") in ("system", "developer")
+        normalise_text(message_text(m.get("content")))
+        for m in earlier
+        if m.get("role") in ("system", "developer")
     ).strip()
     assistant = ""
     for m in reversed(earlier):
         if m.get("role") == "assistant":
-            assistant = _first_sentence(_squash(message_text(m.get("content"))))
+            assistant = _first_sentence(normalise_text(message_text(m.get("content"))))
             if assistant:
                 break
     user_text = " / ".join(users)
     if not (user_text or assistant or system):
         return turn
 
-    turn = _head_and_tail(_squash(turn), LAST_TURN_MAX_CHARS)
+    turn = _head_and_tail(normalise_text(turn), LAST_TURN_MAX_CHARS)
     budget = int(min(CONTEXT_MAX_CHARS, max(CONTEXT_MIN_CHARS, CONTEXT_SHARE * len(turn))))
     pieces = {"users": user_text, "assistant": assistant, "system": system}
     limits = _allocate(budget, {name: len(text) for name, text in pieces.items()})
@@ -203,7 +203,7 @@ def conversation_text(messages: list[dict[str, Any]]) -> str:
 
 def _canonical_message(message: dict[str, Any]) -> dict[str, Any]:
     content = message.get("content")
-    canonical: dict[str, Any] = {"role": message.get("role"), "text": _squash(message_text(content))}
+    canonical: dict[str, Any] = {"role": message.get("role"), "text": normalise_text(message_text(content))}
     if isinstance(content, list):  # non-text parts (images, audio, files) count as they are
         others = [p for p in content if not (isinstance(p, dict) and isinstance(p.get("text"), str))]
         if others:

@@ -25,7 +25,6 @@ class BackendLoad:
     backend: BackendConfig
     in_flight: int = 0
     waiting: int = 0
-    errors: int = 0
 
     @property
     def utilisation(self) -> float:

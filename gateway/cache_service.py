@@ -217,7 +217,7 @@ class CacheService:
         """Apply entries added and deleted in the database since the last sync (by any replica)."""
         rows, deleted, max_deleted = await asyncio.to_thread(self._read_changes)
         for row in rows:
-            self._remember(self._entry_of(row))
+            self._remember(entry_of(row))
         for entry_id in deleted:
             self._forget(entry_id)
         if max_deleted is not None:
@@ -242,17 +242,6 @@ class CacheService:
         stamps = [d for _, d in gone if d is not None]
         latest = max(stamps) if stamps else None
         return list(new), [i for i, _ in gone], latest
-
-    @staticmethod
-    def _entry_of(row: models.CacheEntryRow) -> CacheEntry:
-        return CacheEntry(
-            id=row.id,
-            **{name: getattr(row, name) for name in _COPIED},
-            vector=np.frombuffer(row.vector, dtype=np.float32).copy(),
-            created_at=_epoch(row.created_at) or 0.0,
-            last_used_at=_epoch(row.last_used_at) or 0.0,
-            expires_at=_epoch(row.expires_at),
-        )
 
     def _remember(self, entry: CacheEntry) -> None:
         self.store.add(entry)
@@ -357,18 +346,14 @@ class CacheService:
         while len(self._usage) > 50_000:
             self._usage.popitem(last=False)
         now = self.clock()
-        for entry_id in usage.served:
-            entry = self.store.get(entry_id)
-            if entry is not None:
-                entry.hits += 1
+        for counter, entry_ids in (("hits", usage.served), ("helped", usage.helped)):
+            for entry_id in entry_ids:
+                entry = self.store.get(entry_id)
+                if entry is None:
+                    continue
+                setattr(entry, counter, getattr(entry, counter) + 1)
                 entry.last_used_at = now
-                self._updates.submit((entry_id, {"hits": entry.hits, "last_used_at": _dt(now)}))
-        for entry_id in usage.helped:
-            entry = self.store.get(entry_id)
-            if entry is not None:
-                entry.helped += 1
-                entry.last_used_at = now
-                self._updates.submit((entry_id, {"helped": entry.helped, "last_used_at": _dt(now)}))
+                self._updates.submit((entry_id, {counter: getattr(entry, counter), "last_used_at": _dt(now)}))
 
     def insert_later(self, request_id: str, new: NewEntry) -> None:
         """Store an answer off the hot path; the request has already been answered."""
@@ -436,14 +421,7 @@ class CacheService:
         """Tombstone entries so every replica drops them, and drop them here now."""
         if not entry_ids:
             return 0
-        now = _dt(self.clock())
-        table = models.CacheEntryRow
-
-        def write() -> None:
-            with self.engine.begin() as conn:
-                conn.execute(sa.update(table).where(table.id.in_(entry_ids)).values(deleted_at=now))
-
-        await asyncio.to_thread(write)
+        await asyncio.to_thread(tombstone_rows, self.engine, entry_ids, _dt(self.clock()))
         for entry_id in entry_ids:
             self._forget(entry_id)
         return len(entry_ids)
@@ -494,6 +472,36 @@ class CacheService:
         while self._inserts:
             await asyncio.gather(*list(self._inserts), return_exceptions=True)
         await self._updates.flush()
+
+
+def entry_of(row: models.CacheEntryRow) -> CacheEntry:
+    """The in-memory entry for a database row."""
+    return CacheEntry(
+        id=row.id,
+        **{name: getattr(row, name) for name in _COPIED},
+        vector=np.frombuffer(row.vector, dtype=np.float32).copy(),
+        created_at=_epoch(row.created_at) or 0.0,
+        last_used_at=_epoch(row.last_used_at) or 0.0,
+        expires_at=_epoch(row.expires_at),
+    )
+
+
+def tombstone_rows(
+    target: sa.Engine | sa.Connection | Session, entry_ids: list[int], when: datetime | None = None
+) -> None:
+    """Mark entries deleted: every replica drops them on its next sync.
+
+    Given an engine, in a transaction of its own; given a connection or session, in the caller's.
+    """
+    if not entry_ids:
+        return
+    table = models.CacheEntryRow
+    statement = sa.update(table).where(table.id.in_(entry_ids)).values(deleted_at=when or datetime.now(UTC))
+    if isinstance(target, sa.Engine):
+        with target.begin() as conn:
+            conn.execute(statement)
+    else:
+        target.execute(statement)
 
 
 def row_of(entry: CacheEntry) -> models.CacheEntryRow:

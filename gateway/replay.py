@@ -14,7 +14,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from cache.replay import plan_replay
 from cache.store import CacheEntry, initial_utility
 from gateway import db, models
 from gateway.backends import BackendClient, BackendError
-from gateway.cache_service import CacheService, row_of
+from gateway.cache_service import entry_of, row_of, tombstone_rows
 from gateway.config import BackendConfig, Policy
 from gateway.launcher import LocalBackends
 
@@ -50,7 +49,7 @@ def load_entries(engine: sa.Engine) -> list[CacheEntry]:
     table = models.CacheEntryRow
     with Session(engine) as session:
         rows = session.scalars(sa.select(table).where(table.deleted_at.is_(None)).order_by(table.id)).all()
-        return [CacheService._entry_of(row) for row in rows]
+        return [entry_of(row) for row in rows]
 
 
 def cost(backend: BackendConfig, prompt_tokens: int, completion_tokens: int) -> float:
@@ -97,21 +96,12 @@ def replace_entry(
         created_at=now,
         last_used_at=old.last_used_at or now,
     )
-    table = models.CacheEntryRow
     with Session(engine) as session, session.begin():
-        session.execute(sa.update(table).where(table.id == old.id).values(deleted_at=datetime.now(UTC)))
+        tombstone_rows(session, [old.id])
         row = row_of(new)
         session.add(row)
         session.flush()
         return int(row.id)
-
-
-def tombstone(engine: sa.Engine, entry_ids: list[int]) -> None:
-    if not entry_ids:
-        return
-    table = models.CacheEntryRow
-    with engine.begin() as conn:
-        conn.execute(sa.update(table).where(table.id.in_(entry_ids)).values(deleted_at=datetime.now(UTC)))
 
 
 async def run_replay(
@@ -150,7 +140,7 @@ async def run_replay(
         summary.planned, summary.pruned = len(plan.replay), len(plan.prune)
         if dry_run:
             return summary
-        await asyncio.to_thread(tombstone, engine, [e.id for e in plan.prune])
+        await asyncio.to_thread(tombstone_rows, engine, [e.id for e in plan.prune])
         if not plan.replay:
             return summary
         async with LocalBackends() as local:
