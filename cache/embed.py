@@ -299,7 +299,9 @@ class MicroBatcher:
     """An async front to an Embedder that encodes concurrent requests together, in one worker thread.
 
     `await embed(text)` queues the text; the first text of a batch waits at most `max_wait_ms` for
-    company (or until `max_batch` texts are queued), then the whole batch is encoded by ONE call of
+    company (or until `max_batch` texts are queued; the default 0 never holds a text: a lone request pays
+    no wait, and texts queued in the same event-loop turn still go together), then the whole batch is
+    encoded by ONE call of
     `embedder.encode` in the batcher's own single worker thread, so the event loop never blocks and the
     encoder never runs twice at once (on a small machine two concurrent encodes only fight for the
     cores). While a batch is being encoded new texts queue up and go, without further waiting, as the
@@ -315,7 +317,7 @@ class MicroBatcher:
     """
 
     def __init__(
-        self, embedder: Embedder, max_batch: int = 32, max_wait_ms: float = 2.0, memo_items: int = 4096
+        self, embedder: Embedder, max_batch: int = 32, max_wait_ms: float = 0.0, memo_items: int = 4096
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")

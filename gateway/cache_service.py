@@ -36,6 +36,7 @@ from gateway.write_behind import WriteBehindQueue
 
 log = logging.getLogger("icgate.cache")
 
+VERIFIED_CANDIDATES = 3  # the most similar candidates the verifier scores per request
 CALIBRATED_NAME = "hit_verifier.joblib"  # where `icgate cache calibrate` puts its artifact in the data dir
 
 
@@ -169,6 +170,7 @@ class CacheService:
         # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
         # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
         self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
+        self._verify_pool = ThreadPoolExecutor(1, "icgate-verify")
         self.scrub: Callable[[str], str] = scrub_pii if config.scrub_pii else (lambda text: text)
         self._watermark = 0
         # Ids are handed out before commit: an entry committed late can carry an id below one
@@ -198,6 +200,7 @@ class CacheService:
             await asyncio.gather(*self._inserts, return_exceptions=True)
         await self._updates.close()
         self._search_pool.shutdown(wait=False)
+        self._verify_pool.shutdown(wait=False)
 
     async def _follow(self) -> None:
         """Sync every interval; expire and evict about once a minute (it walks every entry)."""
@@ -276,7 +279,7 @@ class CacheService:
                 out.append(Candidate(entry, float(score)))
         return out
 
-    def semantic_hit(
+    async def semantic_hit(
         self,
         prompt_text: str,
         fingerprint: str,
@@ -284,7 +287,11 @@ class CacheService:
         candidates: list[Candidate],
         min_tier: str | None,
     ) -> Hit | None:
-        """The best candidate that asks the same thing in the same context, if the verifier agrees."""
+        """The best candidate that asks the same thing in the same context, if the verifier agrees.
+
+        Only the `VERIFIED_CANDIDATES` most similar usable candidates are scored: the verifier may run a
+        cross-encoder (milliseconds per pair), in its own thread so the event loop never waits on it.
+        """
         usable = [
             c
             for c in candidates
@@ -292,9 +299,12 @@ class CacheService:
             and c.similarity >= self.verifier.cosine_threshold
             and self.allowed(c.entry, min_tier)
         ]
+        usable = sorted(usable, key=lambda c: -c.similarity)[:VERIFIED_CANDIDATES]
         if not usable:
             return None
-        scores = self.verifier.score_batch(
+        scores = await asyncio.get_running_loop().run_in_executor(
+            self._verify_pool,
+            self.verifier.score_batch,
             [prompt_text] * len(usable),
             [c.entry.prompt_text for c in usable],
             np.repeat(vector[None, :], len(usable), axis=0),

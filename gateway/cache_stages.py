@@ -67,10 +67,10 @@ async def embed_and_retrieve(lookup: CacheLookup, cache: CacheService, embed: Em
     lookup.candidates = await cache.retrieve(lookup.namespace, lookup.vector, cache.config.top_k)
 
 
-def look_up_semantic(lookup: CacheLookup, cache: CacheService, min_tier: str | None) -> Hit | None:
+async def look_up_semantic(lookup: CacheLookup, cache: CacheService, min_tier: str | None) -> Hit | None:
     if not (lookup.semantic and lookup.servable) or lookup.vector is None:
         return None
-    return cache.semantic_hit(
+    return await cache.semantic_hit(
         lookup.prompt_text, lookup.fingerprint, lookup.vector, lookup.candidates, min_tier
     )
 

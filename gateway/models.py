@@ -151,3 +151,46 @@ class CacheEntryRow(Base):
     last_used_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class ModelArtifactRow(Base):
+    """A trained router or length predictor: the artifact's bytes, what it was trained on, how it scored.
+
+    The newest row of a kind is the one in force; every replica polls for it and swaps it in without a
+    restart (`gateway.model_store`). Older rows stay, so a bad model can be rolled back by publishing an
+    older artifact again.
+    """
+
+    __tablename__ = "model_artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # router | length
+    version: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    artifact: Mapped[bytes] = mapped_column(LargeBinary)
+    training: Mapped[dict[str, Any]]  # data files, rows, label rates
+    metrics: Mapped[dict[str, Any]]  # held-out numbers
+
+
+class RouteSampleRow(Base):
+    """A routed request's prompt, who answered and how long, and later its quality label.
+
+    The gateway's own training data: labels come from `/v1/feedback` or from the large model grading a
+    sampled share of small-model answers (LLM-as-judge); `icgate router train --from-log` and
+    `icgate length fit --from-log` read them. The prompt is stored after the cache's PII scrub.
+    """
+
+    __tablename__ = "route_samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime]
+    tenant_id: Mapped[int | None] = mapped_column(Integer)
+    prompt_text: Mapped[str] = mapped_column(Text)
+    tier: Mapped[str] = mapped_column(String(32))
+    backend: Mapped[str] = mapped_column(String(128))
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    label: Mapped[float | None] = mapped_column(Float)  # 0..1: was the answer good enough?
+    label_source: Mapped[str | None] = mapped_column(String(32))  # feedback | judge

@@ -316,7 +316,7 @@ class Pipeline:
             with tracing.stage_span("embed_retrieve"):
                 await cache_stages.embed_and_retrieve(lookup, self.cache, self.embed)
             with tracing.stage_span("semantic_hit"):
-                hit = cache_stages.look_up_semantic(lookup, self.cache, min_tier)
+                hit = await cache_stages.look_up_semantic(lookup, self.cache, min_tier)
         best = lookup.candidates[0].similarity if lookup.candidates else None
         ctx.decisions["cache"] = {
             "hit": hit.kind if hit else None,

@@ -125,7 +125,11 @@ class Gateway:
         assert self.engine is not None
         verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
         embedder = await self.embeddings.embedder()
-        self.batcher = MicroBatcher(embedder, max_batch=self.policy.embedding.max_batch)
+        self.batcher = MicroBatcher(
+            embedder,
+            max_batch=self.policy.embedding.max_batch,
+            max_wait_ms=self.policy.embedding.max_wait_ms,
+        )
         self.cache = CacheService(
             self.policy.cache, self.policy.tier_rank, self.engine, verifier, dim=embedder.dim
         )

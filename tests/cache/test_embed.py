@@ -159,6 +159,17 @@ async def test_lone_call_waits_at_most_max_wait() -> None:
     batcher.close()
 
 
+async def test_by_default_a_lone_call_is_not_held_but_one_turn_still_batches() -> None:
+    fake = FakeEmbedder()
+    batcher = MicroBatcher(fake, max_batch=32)
+    assert batcher.max_wait_s == 0.0  # the gather wait cost a lone request 18% (bench/results/cache.md)
+    await batcher.embed("alone")
+    assert fake.batches == [["alone"]]
+    await asyncio.gather(*(batcher.embed(f"same turn {i}") for i in range(5)))
+    assert [len(b) for b in fake.batches] == [1, 5]
+    batcher.close()
+
+
 async def test_arrivals_during_an_encode_form_the_next_batch() -> None:
     fake = FakeEmbedder()
     fake.release.clear()  # the encoder stalls until released

@@ -10,8 +10,8 @@ from alembic.migration import MigrationContext
 from gateway.db import alembic_config, current_revision, make_engine, normalize_url, upgrade
 from gateway.models import Base
 
-TABLES = {"tenants", "api_keys", "request_log", "cache_entries"}
-HEAD = "0002"
+TABLES = {"tenants", "api_keys", "request_log", "cache_entries", "model_artifacts", "route_samples"}
+HEAD = "0003"
 
 
 def _tables(url: str) -> set[str]:
