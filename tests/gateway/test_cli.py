@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,29 @@ def test_data_dir_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cli.default_data_dir() == tmp_path / "elsewhere"
     monkeypatch.delenv("ICGATE_DATA_DIR")
     assert cli.default_data_dir() == Path("data")
+
+
+def test_cache_calibrate_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.cache.test_verify import synthetic_pairs
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"text_a": p.text_a, "text_b": p.text_b, "duplicate": int(p.duplicate)} for p in synthetic_pairs()
+    ]
+    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "verifier.joblib"
+    code, lines, err = run(
+        capsys, "cache", "calibrate", "--pairs", str(pairs), "--precision", "0.9", "--out", str(out),
+        "--cross-encoder-steps", "8", "--tuned-layers", "1", "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    calibrated = json.loads(lines[-1])
+    assert calibrated["artifact"] == str(out) and calibrated["cross_encoder"]["steps"] == 8
+    assert "cross-encoder step 8/8" in err  # progress goes to stderr, the result alone to stdout
+    code, lines, err = run(
+        capsys, "cache", "eval", "--pairs", str(pairs), "--verifier", str(out), "--data-dir", str(tmp_path)
+    )
+    assert code == 0, err
+    result = json.loads(lines[-1])
+    assert {"precision", "recall", "f1", "n"} <= set(result) and result["n"] == len(rows)
+    assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0

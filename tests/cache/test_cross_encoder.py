@@ -1,0 +1,105 @@
+"""The verifier's cross-encoder: symmetric, learns from labels, stored as only what was tuned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache.cross_encoder import PairCrossEncoder, TrainingConfig
+from cache.embed import SentenceTransformerEmbedder
+from cache.verify import (
+    CROSS_ENCODER_FEATURE,
+    SCALAR_FEATURES,
+    HitVerifier,
+    calibrate,
+    feature_names,
+    split_fit_validation,
+)
+from tests.cache.test_verify import synthetic_pairs
+
+TINY = TrainingConfig(tuned_layers=1, steps=30, batch_size=16, learning_rate=1e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tuned() -> PairCrossEncoder:
+    pairs = synthetic_pairs()
+    return PairCrossEncoder(tuned_layers=1).fit(
+        [p.text_a for p in pairs], [p.text_b for p in pairs], [p.duplicate for p in pairs], TINY
+    )
+
+
+def test_scores_do_not_depend_on_the_order_of_the_pair(tuned: PairCrossEncoder) -> None:
+    a = ["How do I reset my password?", "Is it safe to run 5 km a day?"]
+    b = ["How can I reset my router?", "Is it not safe to run 5 km a day?"]
+    np.testing.assert_array_equal(tuned.logits(a, b), tuned.logits(b, a))
+
+
+def test_fine_tuning_learns_the_labels(tuned: PairCrossEncoder) -> None:
+    pairs = synthetic_pairs()
+    untrained = PairCrossEncoder(tuned_layers=1)
+    texts_a, texts_b = [p.text_a for p in pairs], [p.text_b for p in pairs]
+    labels = np.array([p.duplicate for p in pairs])
+
+    def gap(encoder: PairCrossEncoder) -> float:
+        logits = encoder.logits(texts_a, texts_b)
+        return float(logits[labels].mean() - logits[~labels].mean())
+
+    assert gap(tuned) > gap(untrained) + 1.0
+
+
+def test_state_holds_only_the_tuned_layers_and_round_trips(tuned: PairCrossEncoder) -> None:
+    state = tuned.state()
+    names = set(state["weights"])
+    assert names and all(
+        n.startswith(("bert.encoder.layer.5.", "bert.pooler.", "classifier.")) for n in names
+    )
+    assert not any("embeddings" in n for n in names)  # the packaged weights are never copied
+    assert all(w.dtype == np.float16 for w in state["weights"].values())
+    restored = PairCrossEncoder.from_state(state)
+    a, b = ["How do I cook rice?", "What is love?"], ["How can I cook rice?", "What is hate?"]
+    np.testing.assert_allclose(restored.logits(a, b), tuned.logits(a, b), atol=0.05)
+    state["weights"].pop(next(iter(state["weights"])))
+    with pytest.raises(ValueError, match="do not match"):
+        PairCrossEncoder.from_state(state)
+
+
+def test_tuned_layers_must_exist() -> None:
+    with pytest.raises(ValueError, match="tuned_layers"):
+        PairCrossEncoder(tuned_layers=7)
+
+
+def test_verifier_with_a_cross_encoder_saves_and_loads(
+    embedder: SentenceTransformerEmbedder, tmp_path: Path
+) -> None:
+    pairs = synthetic_pairs()
+    half = len(pairs) // 2
+    order = np.random.default_rng(1).permutation(len(pairs))
+    ce_pairs, rest = [pairs[i] for i in order[:half]], [pairs[i] for i in order[half:]]
+    verifier = calibrate(
+        rest,
+        embedder.encode,
+        target_precision=0.9,
+        balance=False,
+        cross_encoder=TINY,
+        cross_encoder_pairs=ce_pairs,
+    )
+    assert verifier.cross_encoder is not None and verifier.metrics["cross_encoder"]["n_pairs"] == half
+    loaded = HitVerifier.load(verifier.save(tmp_path / "v.joblib"))
+    assert loaded.cross_encoder is not None
+    _, validation = split_fit_validation(rest, seed=0)
+    va = embedder.encode([p.text_a for p in validation])
+    vb = embedder.encode([p.text_b for p in validation])
+    texts_a, texts_b = [p.text_a for p in validation], [p.text_b for p in validation]
+    features = verifier.features(texts_a, texts_b, va, vb)
+    column = feature_names(True).index(CROSS_ENCODER_FEATURE)
+    assert column == len(SCALAR_FEATURES)  # right after the scalar features
+    np.testing.assert_allclose(
+        features[:, column], verifier.cross_encoder.logits(texts_a, texts_b), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        loaded.score_batch(texts_a, texts_b, va, vb),
+        verifier.score_batch(texts_a, texts_b, va, vb),
+        atol=0.02,
+    )
