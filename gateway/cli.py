@@ -1,4 +1,4 @@
-"""`icgate`: serve, check a policy, migrate the database, manage API keys."""
+"""`icgate`: serve, check a policy, migrate the database, manage API keys, the cache and the learned parts."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--cross-encoder-steps",
         type=int,
-        default=500,
-        help="fine-tuning steps of the MiniLM cross-encoder (32 pairs each; ~10 min on 2 cores); 0: none",
+        default=0,
+        help="fine-tune a MiniLM cross-encoder for this many steps (32 pairs each) as one more feature; "
+        "0 (default): none. See cache/artifacts/README.md for what it gave",
     )
     cal.add_argument("--tuned-layers", type=int, default=3, help="top MiniLM layers the cross-encoder tunes")
     cal.add_argument(
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--idle-wait-s", type=float, default=30.0)
     rep.add_argument("--prune-after-days", type=float, default=7.0)
     rep.add_argument("--dry-run", action="store_true")
+
+    from gateway import cli_models
+
+    cli_models.add_parsers(sub, policy_args)
     return parser
 
 
@@ -112,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             return manage_cache(args, policy, data_dir)
         except (OSError, ValueError) as exc:
             print(f"icgate cache {args.cache_command}: {exc}", file=sys.stderr)
+            return 2
+    if args.command in ("router", "length"):
+        from gateway import cli_models
+
+        run = cli_models.run_router if args.command == "router" else cli_models.run_length
+        try:
+            return run(args, policy, data_dir)
+        except (OSError, ValueError) as exc:
+            sub = getattr(args, f"{args.command}_command")
+            print(f"icgate {args.command} {sub}: {exc}", file=sys.stderr)
             return 2
     return manage_keys(args, policy, data_dir)
 

@@ -73,13 +73,41 @@ class BackendConfig(Strict):
 
 
 class RouterConfig(Strict):
-    """Until the learned router lands: a rule on prompt length."""
+    """Which tier answers a routed (`auto`) request: a learned router (default) or a rule on length.
 
-    kind: Literal["rule"] = "rule"
+    The learned router scores P(the small tier's answer is good enough); one knob turns that into a
+    decision: `threshold`, or `strong_share` (the share of requests sent to the large tier, mapped to a
+    threshold on the router's calibration scores), or `quality_value_usd` (the value of a good answer,
+    weighed against what the large tier costs more for the request). None set: the trained artifact's
+    own calibrated threshold.
+    """
+
+    kind: Literal["learned", "rule"] = "learned"
     default_tier: str = "small"
     large_tier: str = "large"
-    # Prompts longer than this (estimated tokens) go to `large_tier`.
+    # kind: rule. Prompts longer than this (estimated tokens) go to `large_tier`.
     large_if_prompt_tokens_over: int = Field(1500, ge=0)
+    # A router artifact file; default: the newest `icgate router train` published, else the shipped one.
+    artifact: str | None = None
+    threshold: float | None = Field(None, ge=0, le=1)
+    strong_share: float | None = Field(None, ge=0, le=1)
+    quality_value_usd: float | None = Field(None, ge=0)
+    # How much a close, useful in-context example raises P (see routers/decide.py).
+    example_lift: float = Field(0.5, ge=0, le=1)
+    example_min_similarity: float = Field(0.75, ge=0, le=1)
+    # How often the gateway looks for a newly published router or length predictor.
+    reload_interval_s: float = Field(30.0, gt=0)
+    # Share of routed requests kept as route samples (training data for router and length predictor).
+    sample_share: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> RouterConfig:
+        knobs = [
+            k for k in ("threshold", "strong_share", "quality_value_usd") if getattr(self, k) is not None
+        ]
+        if len(knobs) > 1:
+            raise ValueError(f"set at most one of threshold, strong_share, quality_value_usd (got {knobs})")
+        return self
 
 
 class AuthConfig(Strict):

@@ -20,21 +20,27 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway import cache_stages
+from gateway import cache_stages, routing
 from gateway.admission import AdmissionRefused, BackendPool
 from gateway.backends import BackendClient, BackendError, message_text
-from gateway.cache_service import CacheService, Hit
+from gateway.cache_service import CacheService, Hit, scrub_pii
 from gateway.config import AuthConfig, BackendConfig, Policy
 from gateway.context import ANONYMOUS, RequestContext, RequestRecord, Tenant
 from gateway.errors import GatewayError
+from gateway.route_samples import RouteSample
 from gateway.telemetry import Telemetry
 from routers.base import RouteDecision, RouteFeatures, Router
+from routers.length import PromptLengthHeuristic
 
 log = logging.getLogger("icgate.pipeline")
 
 
 class Authenticator(Protocol):
     async def authenticate(self, plaintext: str) -> Tenant | None: ...
+
+
+class SampleSink(Protocol):
+    def submit(self, sample: RouteSample) -> bool: ...
 
 
 class RecordSink(Protocol):
@@ -139,10 +145,41 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
         headers["x-icgate-similarity"] = f"{cached['similarity']:.4f}"
     if "examples" in ctx.decisions:
         headers["x-icgate-examples"] = str(len(ctx.decisions["examples"]))
-    score = ctx.decisions.get("route", {}).get("score")
-    if score is not None:
-        headers["x-icgate-router-score"] = f"{score:.4f}"
+    routed = ctx.decisions.get("route") or {}
+    if routed.get("score") is not None:
+        headers["x-icgate-router-score"] = f"{routed['score']:.4f}"
+    if routed.get("predicted_tokens"):
+        headers["x-icgate-predicted-tokens"] = str(routed["predicted_tokens"]["p50"])
     return headers
+
+
+def route_sample_of(ctx: RequestContext) -> RouteSample | None:
+    """A routed request a backend answered: the prompt (PII scrubbed), who answered, how long."""
+    if not (ctx.decisions.get("target") or {}).get("routed") or ctx.backend is None or ctx.status_code != 200:
+        return None
+    if ctx.route == "cache" or ctx.endpoint != "chat":
+        return None
+    messages = ctx.body.get("messages") or []
+    users = [m for m in messages if m.get("role") == "user"]
+    text = (
+        ctx.cache.prompt_text
+        if ctx.cache is not None
+        else message_text(users[-1].get("content"))
+        if users
+        else ""
+    )
+    if not text.strip():
+        return None
+    return RouteSample(
+        request_id=ctx.request_id,
+        tenant_id=ctx.tenant.id,
+        prompt_text=scrub_pii(text),
+        tier=ctx.backend.tier,
+        backend=ctx.backend.name,
+        prompt_tokens=ctx.prompt_tokens,
+        completion_tokens=ctx.completion_tokens,
+        finish_reason=ctx.finish_reason,
+    )
 
 
 def usage_of(response: dict[str, Any]) -> tuple[int, int]:
@@ -236,10 +273,11 @@ class Pipeline:
         self.policy = policy
         self.client = client
         self.pool = pool
-        self.router = router
+        self.models = routing.Models(router=router, length=PromptLengthHeuristic())
         self.telemetry = telemetry
         self.authenticator = authenticator
         self.sink = sink
+        self.samples: SampleSink | None = None  # route samples (router training data), once started
 
     async def check_caller(self, api_key: str | None) -> Tenant:
         """Authentication alone, for endpoints that do not run the whole pipeline."""
@@ -282,15 +320,7 @@ class Pipeline:
         if hit is not None:
             return await self._serve_hit(ctx, hit, exits)
         with tracing.stage_span("route"):
-            features = route_features(ctx.body)
-            decision = route(target, features, self.router)
-            ctx.route = decision.tier
-            ctx.decisions["route"] = {
-                "tier": decision.tier,
-                "score": decision.score,
-                "reasons": list(decision.reasons),
-                "prompt_tokens_est": features.prompt_tokens,
-            }
+            decision = await self._route(ctx, target)
         candidates = candidates_for(target, decision, self.policy)
         if ctx.stream:
             opened = await self._first_stream(ctx, candidates, exits)
@@ -300,6 +330,37 @@ class Pipeline:
         await exits.aclose()
         self.record(ctx, response)
         return PipelineResult(ctx, response=response)
+
+    async def _route(self, ctx: RequestContext, target: Target) -> RouteDecision:
+        """Features (with the cache's embedding and best example), predicted length, then the decision."""
+        models = self.models
+        needs_vector = target.routed and getattr(models.router, "needs_embedding", False)
+        vector = ctx.cache.vector if ctx.cache is not None else None
+        text = routing.last_user_text(ctx.body)
+        if vector is None and needs_vector and self.embed is not None and text:
+            vector = await self.embed(text)  # the cache was off for this request: embed for the router
+        example = routing.best_example(ctx.cache)
+        features = routing.with_cache_view(route_features(ctx.body), vector, example)
+        max_tokens = ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")
+        predicted = routing.predict_length(models, features, text, max_tokens)
+        if not target.routed:
+            decision = route(target, features, models.router)
+        elif needs_vector and vector is None:
+            tier = self.policy.router.default_tier
+            decision = RouteDecision(tier, None, ("no request embedding (embedder off): default tier",))
+        else:
+            decision = routing.choose_tier(self.policy, models, features, predicted, example)
+        ctx.route = decision.tier
+        ctx.decisions["route"] = {
+            "tier": decision.tier,
+            "score": decision.score,
+            "reasons": list(decision.reasons),
+            "prompt_tokens_est": features.prompt_tokens,
+            "predicted_tokens": {"p50": predicted.p50, "p90": predicted.p90},
+            "router": models.router_version if target.routed else None,
+            "length_model": models.length_version,
+        }
+        return decision
 
     async def _look_up_cache(self, ctx: RequestContext, target: Target) -> Hit | None:
         """Exact cache, then embed and retrieve, then a semantic hit; the lookup stays on ctx."""
@@ -443,3 +504,7 @@ class Pipeline:
             self.telemetry.metrics.request_log_dropped()
         if self.cache is not None:
             cache_stages.store_answer(ctx, self.cache, response)
+        if self.samples is not None:
+            sample = route_sample_of(ctx)
+            if sample is not None:
+                self.samples.submit(sample)

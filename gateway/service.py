@@ -11,13 +11,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from cache.embed import Embedder, MicroBatcher, SentenceTransformerEmbedder, resolve_model_dir
-from gateway import db, models
+from gateway import db, models, routing
 from gateway.admission import BackendPool
 from gateway.backends import BackendClient
 from gateway.cache_service import CacheService, Usage, load_verifier, namespace_for
@@ -25,9 +26,12 @@ from gateway.config import EmbeddingConfig, Policy
 from gateway.context import Tenant
 from gateway.keys import KeyAuthenticator
 from gateway.launcher import LocalBackends
+from gateway.model_store import ModelWatcher, StoredModel
 from gateway.pipeline import Pipeline
 from gateway.request_log import RequestLogWriter
+from gateway.route_samples import RouteSampleWriter, label_from_feedback, label_sample
 from gateway.telemetry import Telemetry
+from routers.length import LengthModel
 from routers.rules import PromptLengthRule
 
 log = logging.getLogger("icgate")
@@ -85,6 +89,8 @@ class Gateway:
         self.cache: CacheService | None = None
         self.batcher: MicroBatcher | None = None
         self.log_writer: RequestLogWriter | None = None
+        self.sample_writer: RouteSampleWriter | None = None
+        self.watchers: list[ModelWatcher[Any]] = []
         self.ready = False
         self.pipeline = Pipeline(
             policy=policy,
@@ -106,6 +112,9 @@ class Gateway:
         self.log_writer = RequestLogWriter(self.engine, self.policy.request_log)
         await self.log_writer.start()
         self.pipeline.sink = self.log_writer
+        self.sample_writer = RouteSampleWriter(self.engine, self.policy.request_log)
+        await self.sample_writer.start()
+        self.pipeline.samples = self.sample_writer
         self.pipeline.authenticator = KeyAuthenticator(self.engine)
         # Model servers and the embedder load side by side: start-up is bounded by the slower.
         waits: list[Awaitable[object]] = []
@@ -116,26 +125,67 @@ class Gateway:
         if self.policy.embedding.preload:
             waits.append(self.embeddings.embedder())
         await asyncio.gather(*waits)
+        await self._start_models()
+        if self.policy.cache.enabled or self.policy.router.kind == "learned":
+            await self._start_batcher()
         if self.policy.cache.enabled:
             await self._start_cache()
         self.ready = True
 
-    async def _start_cache(self) -> None:
-        """The cache needs the embedder (for vectors) and the verifier (for safe semantic hits)."""
-        assert self.engine is not None
-        verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
+    async def _start_batcher(self) -> None:
+        """One embedding per request, shared by the cache stages and the router."""
         embedder = await self.embeddings.embedder()
         self.batcher = MicroBatcher(
             embedder,
             max_batch=self.policy.embedding.max_batch,
             max_wait_ms=self.policy.embedding.max_wait_ms,
         )
+        self.pipeline.embed = self.batcher.embed
+
+    async def _start_cache(self) -> None:
+        """The cache needs the embedder (for vectors) and the verifier (for safe semantic hits)."""
+        assert self.engine is not None
+        verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
+        embedder = await self.embeddings.embedder()
         self.cache = CacheService(
             self.policy.cache, self.policy.tier_rank, self.engine, verifier, dim=embedder.dim
         )
         await self.cache.start()
         self.pipeline.cache = self.cache
-        self.pipeline.embed = self.batcher.embed
+
+    async def _start_models(self) -> None:
+        """The router and the length predictor: the newest published, else the configured or shipped ones;
+        then watchers swap in whatever `icgate router train` / `icgate length train` publish later."""
+        assert self.engine is not None
+        models = await asyncio.to_thread(routing.initial_models, self.policy, self.engine)
+        self.pipeline.models = models
+        log.info("router %s, length predictor %s", models.router_version, models.length_version)
+        interval = self.policy.router.reload_interval_s
+        if self.policy.router.kind == "learned" and self.policy.router.artifact is None:
+            router_watcher = ModelWatcher(
+                self.engine, "router", routing.load_router, self._swap_router, interval
+            )
+            router_watcher.current_id = models.router_row
+            self.watchers.append(router_watcher)
+        length_watcher = ModelWatcher(self.engine, "length", routing.load_length, self._swap_length, interval)
+        length_watcher.current_id = models.length_row
+        self.watchers.append(length_watcher)
+        for watcher in self.watchers:
+            watcher.start()
+
+    def _swap_router(self, loaded: routing.LoadedRouter, stored: StoredModel) -> None:
+        self.pipeline.models = routing.with_router(self.pipeline.models, loaded, stored)
+
+    def _swap_length(self, loaded: LengthModel, stored: StoredModel) -> None:
+        self.pipeline.models = routing.with_length(self.pipeline.models, loaded, stored)
+
+    async def label_route_sample(self, request_id: str, tenant: Tenant, score: float) -> bool:
+        """Feedback on a routed request labels its route sample (written off the hot path: flush first)."""
+        if self.engine is None or self.sample_writer is None:
+            return False
+        await self.sample_writer.flush()
+        label = label_from_feedback(score)
+        return await asyncio.to_thread(label_sample, self.engine, request_id, tenant.id, label, "feedback")
 
     async def usage_of(self, request_id: str) -> Usage | None:
         """What served or helped a past request, from its request-log row (after a restart)."""
@@ -164,12 +214,16 @@ class Gateway:
     async def stop(self) -> None:
         """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
         self.ready = False
+        for watcher in self.watchers:
+            await watcher.stop()
         if self.cache is not None:
             await self.cache.stop()
         if self.batcher is not None:
             self.batcher.close()
         if self.log_writer is not None:
             await self.log_writer.close()
+        if self.sample_writer is not None:
+            await self.sample_writer.close()
         await self.pipeline.client.aclose()
         await self.local.stop_all()
         if self.engine is not None:

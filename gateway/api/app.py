@@ -114,14 +114,21 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest, request: Request, gw: GatewayDep) -> dict[str, Any]:
-        """Moves the utility of the cache entries that served, helped or came from a request."""
+        """Moves the utility of the cache entries that served, helped or came from a request, and labels
+        the request's route sample (router training data)."""
         tenant = await gw.pipeline.check_caller(bearer_token(request))
-        if gw.cache is None:
-            raise GatewayError(409, "The cache is off in this gateway's policy.", code="cache_disabled")
-        touched = await gw.cache.feedback(body.request_id, body.score, namespace_for(tenant), gw.usage_of)
-        if touched is None:
+        labelled = await gw.label_route_sample(body.request_id, tenant, body.score)
+        touched = None
+        if gw.cache is not None:
+            touched = await gw.cache.feedback(body.request_id, body.score, namespace_for(tenant), gw.usage_of)
+        if touched is None and not labelled:
             raise GatewayError(404, f"No request '{body.request_id}' is known.", param="request_id")
-        return {"object": "feedback", "request_id": body.request_id, "entries_updated": touched}
+        return {
+            "object": "feedback",
+            "request_id": body.request_id,
+            "entries_updated": touched or 0,
+            "route_sample_labelled": labelled,
+        }
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -75,7 +75,7 @@ def standin_policy(standins: Standins, transport: str = "litellm", **overrides: 
         "auth": {"required": False},
         "embedding": {"preload": False},
         "cache": {"enabled": False},
-        "router": {"large_if_prompt_tokens_over": 200},
+        "router": {"kind": "rule", "large_if_prompt_tokens_over": 200},
     }
     raw.update(overrides)
     return Policy.model_validate(raw)
@@ -112,7 +112,7 @@ def start_gateway(
 
     def start(policy: Policy, data_dir: Path | None = None) -> RunningGateway:
         embeddings = None
-        if policy.cache.enabled or policy.embedding.preload:
+        if policy.cache.enabled or policy.embedding.preload or policy.router.kind == "learned":
             embeddings = request.getfixturevalue("shared_embeddings")
         gateway = Gateway(
             policy, data_dir or tmp_path / f"gw{len(running)}", launch_local=False, embeddings=embeddings

@@ -58,7 +58,7 @@ def test_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     code, out, _ = run(capsys, "db", "upgrade", "--data-dir", str(data))
     assert code == 0
-    assert out[-1] == "database at revision 0002"
+    assert out[-1] == "database at revision 0003"
     assert (data / "icgate.db").is_file()
 
 

@@ -39,7 +39,7 @@ def make_policy(**overrides: Any) -> Policy:
             {"name": "large", "tier": "large", "model": "openai/l", "max_concurrent": 2},
         ],
         "routed_models": ["auto"],
-        "router": {"large_if_prompt_tokens_over": THRESHOLD},
+        "router": {"kind": "rule", "large_if_prompt_tokens_over": THRESHOLD},
     }
     raw.update(overrides)
     return Policy.model_validate(raw)
