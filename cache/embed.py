@@ -298,10 +298,10 @@ class BatcherStats:
 class MicroBatcher:
     """An async front to an Embedder that encodes concurrent requests together, in one worker thread.
 
-    `await embed(text)` queues the text; the first text of a batch waits at most `max_wait_ms` for
-    company (or until `max_batch` texts are queued; the default 0 never holds a text: a lone request pays
-    no wait, and texts queued in the same event-loop turn still go together), then the whole batch is
-    encoded by ONE call of
+    `await embed(text)` queues the text; if the previous batch had company (traffic is concurrent), the
+    first text of a batch waits at most `max_wait_ms` for more (or until `max_batch` texts are queued);
+    otherwise it goes at once, so a lone request pays no wait (texts queued in the same event-loop turn
+    still go together). Then the whole batch is encoded by ONE call of
     `embedder.encode` in the batcher's own single worker thread, so the event loop never blocks and the
     encoder never runs twice at once (on a small machine two concurrent encodes only fight for the
     cores). While a batch is being encoded new texts queue up and go, without further waiting, as the
@@ -317,7 +317,7 @@ class MicroBatcher:
     """
 
     def __init__(
-        self, embedder: Embedder, max_batch: int = 32, max_wait_ms: float = 0.0, memo_items: int = 4096
+        self, embedder: Embedder, max_batch: int = 32, max_wait_ms: float = 2.0, memo_items: int = 4096
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -335,6 +335,7 @@ class MicroBatcher:
         self._full: asyncio.Event | None = None  # set when the queue holds max_batch texts
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        self._company = False  # the last batch held more than one text: worth waiting for the next
 
     @property
     def closed(self) -> bool:
@@ -428,7 +429,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         assert self._full is not None and self._executor is not None
         while self._queue and not self._closed:
-            deadline = self._queue[0][1] + self.max_wait_s
+            deadline = self._queue[0][1] + (self.max_wait_s if self._company else 0.0)
             while len(self._queue) < self.max_batch and (remaining := deadline - loop.time()) > 0:
                 self._full.clear()
                 with contextlib.suppress(TimeoutError):
@@ -438,6 +439,7 @@ class MicroBatcher:
                 self._full.clear()
             if not batch:
                 continue
+            self._company = len(batch) > 1
             self.stats.batches += 1
             self.stats.encoded += len(batch)
             self.stats.batch_sizes[len(batch)] += 1

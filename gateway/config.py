@@ -199,9 +199,9 @@ class EmbeddingConfig(Strict):
     # Name served at /v1/embeddings.
     served_name: str = "all-MiniLM-L6-v2"
     max_batch: int = Field(64, ge=1)
-    # How long the first text of a batch waits for company when the encoder is idle. 0: never (batches
-    # still form from what queues while the encoder is busy); see bench/results/cache.md.
-    max_wait_ms: float = Field(0.0, ge=0, le=50)
+    # How long the first text of a batch waits for company, once traffic is concurrent (the previous
+    # batch had more than one text); a lone request never waits. See bench/results/cache.md.
+    max_wait_ms: float = Field(2.0, ge=0, le=50)
     # Load the model at start (readiness waits for it) rather than on first use.
     preload: bool = True
 

@@ -148,25 +148,24 @@ async def test_concurrent_calls_are_batched_in_one_worker_thread() -> None:
     batcher.close()
 
 
-async def test_lone_call_waits_at_most_max_wait() -> None:
+async def test_a_lone_call_goes_at_once_and_waits_only_after_a_batch_with_company() -> None:
     fake = FakeEmbedder()
-    batcher = MicroBatcher(fake, max_batch=32, max_wait_ms=20)
+    batcher = MicroBatcher(fake, max_batch=32, max_wait_ms=300)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await batcher.embed("alone")
-    elapsed = loop.time() - start
-    assert 0.015 <= elapsed < 1.0 and fake.batches == [["alone"]]
-    batcher.close()
-
-
-async def test_by_default_a_lone_call_is_not_held_but_one_turn_still_batches() -> None:
-    fake = FakeEmbedder()
-    batcher = MicroBatcher(fake, max_batch=32)
-    assert batcher.max_wait_s == 0.0  # the gather wait cost a lone request 18% (bench/results/cache.md)
-    await batcher.embed("alone")
-    assert fake.batches == [["alone"]]
+    await batcher.embed("alone")  # no company seen yet: not held for 300 ms
+    assert loop.time() - start < 0.25 and fake.batches == [["alone"]]
     await asyncio.gather(*(batcher.embed(f"same turn {i}") for i in range(5)))
     assert [len(b) for b in fake.batches] == [1, 5]
+    # traffic is concurrent now: the next text waits up to max_wait_ms for company, and gets it
+    first = asyncio.ensure_future(batcher.embed("first of the next batch"))
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(batcher.embed("joins it"))
+    await asyncio.gather(first, second)
+    assert fake.batches[-1] == ["first of the next batch", "joins it"]
+    await batcher.embed("alone again")  # that batch had company: held up to max_wait_ms, then alone
+    await batcher.embed("and now at once")
+    assert fake.batches[-2:] == [["alone again"], ["and now at once"]]
     batcher.close()
 
 
