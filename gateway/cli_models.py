@@ -23,6 +23,31 @@ def say(line: str) -> None:
 
 
 def add_parsers(sub: Any, policy_args: PolicyArgs) -> None:
+    router = sub.add_parser("router", help="learned router: train, calibrate, evaluate")
+    rsub = router.add_subparsers(dest="router_command", required=True)
+    train = rsub.add_parser("train", help="train on RouteLLM-style CSVs and/or the gateway's labelled log")
+    policy_args(train)
+    train.add_argument("--data", type=Path, nargs="*", default=[], help="CSV: prompt, weak, strong columns")
+    train.add_argument("--from-log", action="store_true", help="add route samples labelled by feedback")
+    train.add_argument("--kind", choices=["classifier", "knn"], default="classifier")
+    knob = train.add_mutually_exclusive_group()
+    knob.add_argument("--strong-share", type=float, default=None)
+    knob.add_argument("--min-quality", type=float, default=None, help="default 0.95 of the strong model")
+    train.add_argument("--all-rows", action="store_true", help="train on every row (no held-out report)")
+    train.add_argument("--out", type=Path, default=None, help="also save the artifact to this file")
+    cal = rsub.add_parser("calibrate", help="set the current router's threshold; publishes a new version")
+    policy_args(cal)
+    cal.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="labelled rows it was not trained on"
+    )
+    knob = cal.add_mutually_exclusive_group(required=True)
+    knob.add_argument("--strong-share", type=float, default=None)
+    knob.add_argument("--min-quality", type=float, default=None)
+    ev = rsub.add_parser("eval", help="APGR and CPT of the current router, as one JSON object")
+    policy_args(ev)
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--artifact", type=Path, default=None, help="default: the one the gateway loads")
+
     length = sub.add_parser("length", help="output-length predictor: train, evaluate")
     lsub = length.add_subparsers(dest="length_command", required=True)
     train = lsub.add_parser("train", help="fit on an Arena-Hard-style file and/or the gateway's own log")
@@ -36,6 +61,125 @@ def add_parsers(sub: Any, policy_args: PolicyArgs) -> None:
     ev.add_argument("--data", type=Path, required=True)
     ev.add_argument("--model", default="gpt-4-0314")
     ev.add_argument("--artifact", type=Path, default=None, help="default: the one the gateway loads")
+
+
+def run_router(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    from routers import data, learned
+
+    encode = default_encode()
+    if args.router_command == "eval":
+        trained = (
+            learned.LearnedRouter.load(args.artifact)
+            if args.artifact is not None
+            else current_router(policy, data_dir)
+        )
+        rows = data.load_routing_csv(args.data)
+        unseen = unseen_rows(trained, rows)
+        if not unseen:
+            raise ValueError(
+                f"{args.data}: every row was used to train this router; nothing left to evaluate"
+            )
+        metrics = learned.evaluate_router(trained, unseen, encode).as_dict()
+        metrics.pop("curve")
+        print(json.dumps({**metrics, "router": trained.version, "skipped_trained": len(rows) - len(unseen)}))
+        return 0
+    if args.router_command == "calibrate":
+        trained = current_router(policy, data_dir)
+        rows = unseen_rows(trained, [r for path in args.data for r in data.load_routing_csv(path)])
+        if not rows:
+            raise ValueError("every row was used to train this router: calibrate on rows it has not seen")
+        threshold = learned.recalibrate(
+            trained, rows, encode, strong_share=args.strong_share, min_quality=args.min_quality
+        )
+        trained.metadata["version"] = f"{trained.version.split('+')[0]}+t{threshold:.4f}"
+        row = publish(
+            policy, data_dir, "router", trained.version, trained.to_bytes(), trained.metadata["training"]
+        )
+        print(json.dumps({"version": trained.version, "row": row, "threshold": threshold, "rows": len(rows)}))
+        return 0
+    rows = [r for path in args.data for r in data.load_routing_csv(path)]
+    if args.from_log:
+        logged = log_rows(policy, data_dir)
+        say(f"{len(logged)} labelled route samples in the log")
+        rows += logged
+    if not rows:
+        raise ValueError("no training rows: give --data FILE ... and/or --from-log")
+    min_quality = args.min_quality if args.min_quality is not None or args.strong_share is not None else 0.95
+    trained = learned.train_router(
+        rows,
+        encode,
+        args.kind,
+        hold_out=not args.all_rows,
+        min_quality=min_quality,
+        strong_share=args.strong_share,
+        sources=[p.name for p in args.data] + (["request log"] if args.from_log else []),
+    )
+    remember_training(trained, rows if args.all_rows else data.split_rows(rows)[0], encode)
+    if args.out is not None:
+        trained.save(args.out)
+    row = publish(
+        policy, data_dir, "router", trained.version, trained.to_bytes(), trained.metadata["training"]
+    )
+    held = trained.metadata.get("held_out", {})
+    print(
+        json.dumps({"version": trained.version, "row": row, "threshold": trained.threshold, "held_out": held})
+    )
+    return 0
+
+
+def prompt_hash(prompt: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha1(" ".join(prompt.lower().split()).encode()).digest()[:8], "big")
+
+
+def remember_training(trained: Any, train_rows: list[Any], encode: Any) -> None:
+    """Keep, in the artifact, what `eval`/`calibrate` must leave out (hashes of the training prompts) and
+    the training scores' quantiles (to map a policy's `strong_share` to a threshold at serve time)."""
+    import numpy as np
+
+    trained.metadata["trained_prompt_hashes"] = np.unique(
+        np.array([prompt_hash(r.prompt) for r in train_rows], dtype=np.uint64)
+    )
+    scores = trained.score_rows(train_rows, encode)
+    trained.metadata["score_quantiles"] = np.quantile(scores, np.linspace(0, 1, 201)).tolist()
+
+
+def unseen_rows(trained: Any, rows: list[Any]) -> list[Any]:
+    import numpy as np
+
+    seen = trained.metadata.get("trained_prompt_hashes")
+    if seen is None or not len(seen):
+        return rows
+    hashes = np.array([prompt_hash(r.prompt) for r in rows], dtype=np.uint64)
+    keep = ~np.isin(hashes, np.asarray(seen, dtype=np.uint64))
+    return [r for r, k in zip(rows, keep, strict=True) if k]
+
+
+def current_router(policy: Policy, data_dir: Path) -> Any:
+    """What the gateway would load: the policy's artifact file, else the newest published, else shipped."""
+    from routers.learned import DEFAULT_ARTIFACT, LearnedRouter
+
+    if policy.router.artifact is not None:
+        return LearnedRouter.load(policy.router.artifact)
+    stored = stored_model(policy, data_dir, "router")
+    if stored is not None:
+        return LearnedRouter.from_bytes(stored.artifact)
+    return LearnedRouter.load(DEFAULT_ARTIFACT)
+
+
+def log_rows(policy: Policy, data_dir: Path) -> list[Any]:
+    """Labelled route samples as training rows: a small-tier answer's label says whether the weak model
+    was good enough; the strong model's verdict is not observed (so such rows train P(small ok))."""
+    from gateway.route_samples import GOOD_ENOUGH
+    from routers.data import rows_from_records
+
+    records = [
+        {"prompt": s.prompt_text, "weak_ok": s.label >= GOOD_ENOUGH, "group": "request log"}
+        for s in route_samples(policy, data_dir)
+        if s.label is not None and s.tier == policy.router.default_tier
+    ]
+    return rows_from_records(records)
 
 
 def run_length(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:

@@ -334,13 +334,13 @@ class Pipeline:
     async def _route(self, ctx: RequestContext, target: Target) -> RouteDecision:
         """Features (with the cache's embedding and best example), predicted length, then the decision."""
         models = self.models
-        needs_vector = target.routed and getattr(models.router, "needs_embedding", False)
+        needs_vector = target.routed and models.router_needs_embedding
         vector = ctx.cache.vector if ctx.cache is not None else None
         text = routing.last_user_text(ctx.body)
         if vector is None and needs_vector and self.embed is not None and text:
             vector = await self.embed(text)  # the cache was off for this request: embed for the router
         example = routing.best_example(ctx.cache)
-        features = routing.with_cache_view(route_features(ctx.body), vector, example)
+        features = routing.with_cache_view(route_features(ctx.body), vector, example, text)
         max_tokens = ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")
         predicted = routing.predict_length(models, features, text, max_tokens)
         if not target.routed:

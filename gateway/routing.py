@@ -21,6 +21,7 @@ from gateway.config import BackendConfig, Policy, RouterConfig
 from gateway.model_store import StoredModel
 from routers.base import RouteDecision, RouteFeatures, Router
 from routers.decide import DecisionKnob, ExampleSignal, TierPrice, decide
+from routers.learned import DEFAULT_ARTIFACT, LearnedRouter
 from routers.length import (
     LengthEstimate,
     LengthModel,
@@ -30,7 +31,7 @@ from routers.length import (
 )
 from routers.rules import PromptLengthRule
 
-SHIPPED_ROUTER = Path(__file__).resolve().parents[1] / "routers" / "artifacts" / "router.joblib"
+SHIPPED_ROUTER = DEFAULT_ARTIFACT
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Models:
     # model_artifacts rows in force (None: a file, not a published row)
     router_row: int | None = None
     length_row: int | None = None
+    router_needs_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,11 @@ class LoadedRouter:
 
 
 def load_router(blob: bytes) -> LoadedRouter:
-    from routers.learned import router_from_bytes
-
-    trained = router_from_bytes(blob)
-    return LoadedRouter(trained, trained.threshold, trained.calibration_scores, trained.version)
+    """A trained router artifact; its score quantiles (kept at training) map `strong_share` to a threshold."""
+    trained = LearnedRouter.from_bytes(blob)
+    quantiles = trained.metadata.get("score_quantiles")
+    scores = None if quantiles is None else np.asarray(quantiles, dtype=np.float64)
+    return LoadedRouter(trained, trained.threshold, scores, trained.version)
 
 
 def load_router_file(path: str | Path) -> LoadedRouter:
@@ -70,10 +73,14 @@ def load_length(blob: bytes) -> LengthModel:
     return LengthPredictor.from_bytes(blob, source="model_artifacts")
 
 
-def with_router(models: Models, loaded: LoadedRouter, stored: StoredModel | None) -> Models:
+def with_router(models: Models, loaded: LoadedRouter, stored: StoredModel | None, policy: Policy) -> Models:
+    router = loaded.router
+    if isinstance(router, LearnedRouter):  # the tiers it chooses between are the policy's
+        router.small_tier, router.large_tier = policy.router.default_tier, policy.router.large_tier
     return replace(
         models,
-        router=loaded.router,
+        router=router,
+        router_needs_embedding=True,
         threshold=loaded.threshold,
         calibration_scores=loaded.calibration_scores,
         router_version=loaded.version,
@@ -103,11 +110,11 @@ def initial_models(policy: Policy, engine: sa.Engine) -> Models:
     if config.kind == "rule":
         return models
     if config.artifact is not None:
-        return with_router(models, load_router_file(config.artifact), None)
+        return with_router(models, load_router_file(config.artifact), None, policy)
     router_row = model_store.newest(engine, "router")
     if router_row is not None:
-        return with_router(models, load_router(router_row.artifact), router_row)
-    return with_router(models, load_router_file(SHIPPED_ROUTER), None)
+        return with_router(models, load_router(router_row.artifact), router_row, policy)
+    return with_router(models, load_router_file(SHIPPED_ROUTER), None, policy)
 
 
 def threshold_for(config: RouterConfig, models: Models) -> float | None:
@@ -138,13 +145,13 @@ def best_example(lookup: CacheLookup | None) -> ExampleSignal | None:
 
 
 def with_cache_view(
-    features: RouteFeatures, vector: np.ndarray | None, example: ExampleSignal | None
+    features: RouteFeatures, vector: np.ndarray | None, example: ExampleSignal | None, text: str
 ) -> RouteFeatures:
     """The request's features plus what the cache stage found: the embedding and the best example."""
     extra = dict(features.extra)
     if example is not None:
         extra.update(example_similarity=example.similarity, example_utility=example.utility)
-    return replace(features, embedding=vector, extra=extra)
+    return replace(features, embedding=vector, extra=extra, text=text)
 
 
 def predict_length(

@@ -174,7 +174,7 @@ class Gateway:
             watcher.start()
 
     def _swap_router(self, loaded: routing.LoadedRouter, stored: StoredModel) -> None:
-        self.pipeline.models = routing.with_router(self.pipeline.models, loaded, stored)
+        self.pipeline.models = routing.with_router(self.pipeline.models, loaded, stored, self.policy)
 
     def _swap_length(self, loaded: LengthModel, stored: StoredModel) -> None:
         self.pipeline.models = routing.with_length(self.pipeline.models, loaded, stored)

@@ -10,12 +10,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class RouteFeatures:
-    """What a router may look at. The embedding is computed once per request upstream."""
+    """What a router may look at. The embedding is computed once per request upstream.
+
+    `text` is the text that was embedded (the last user message, or the prompt), for routers that read
+    surface features such as numbers or answer choices; `extra` carries signals from earlier stages (e.g.
+    the retrieved examples' `example_similarity` and `example_utility`).
+    """
 
     prompt_tokens: int
     conversation_depth: int
     embedding: np.ndarray | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    text: str | None = None
 
 
 @dataclass(frozen=True)

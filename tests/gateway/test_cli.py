@@ -125,3 +125,87 @@ def test_cache_calibrate_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture
     result = json.loads(lines[-1])
     assert {"precision", "recall", "f1", "n"} <= set(result) and result["n"] == len(rows)
     assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+
+
+def routing_csv(path: Path, offset: int) -> Path:
+    """Arithmetic the weak model gets wrong and the strong one right; trivia both get right."""
+    lines = ["idx,prompt,weak-model,strong-model"]
+    for i in range(offset, offset + 120):
+        lines.append(
+            f'{i},"Compute {i * 7 + 13} times {i % 17 + 23}, then subtract {i}. Show each step.",False,True'
+        )
+        lines.append(f'{i},"Which word is the odd one out: apple, pear, plum or chair number {i}?",True,True')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_router_train_eval_calibrate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train_csv, other_csv = routing_csv(tmp_path / "train.csv", 0), routing_csv(tmp_path / "other.csv", 1000)
+    data_dir = str(tmp_path / "data")
+    code, lines, err = run(capsys, "router", "train", "--data", str(train_csv), "--data-dir", data_dir)
+    assert code == 0, err
+    trained = json.loads(lines[-1])
+    assert trained["row"] == 1 and 0.0 <= trained["threshold"] <= 1.0
+    code, lines, err = run(capsys, "router", "eval", "--data", str(other_csv), "--data-dir", data_dir)
+    assert code == 0, err
+    metrics = json.loads(lines[-1])
+    assert metrics["router"] == trained["version"] and metrics["n"] == 240 and metrics["skipped_trained"] == 0
+    # half the rows need the strong model, so a perfect ordering gives APGR 0.75 (random: 0.5)
+    assert metrics["apgr"] >= 0.74 and metrics["cpt80"] == pytest.approx(0.4, abs=0.02)
+    code, lines, err = run(
+        capsys,
+        "router",
+        "calibrate",
+        "--strong-share",
+        "0.5",
+        "--data",
+        str(other_csv),
+        "--data-dir",
+        data_dir,
+    )
+    assert code == 0, err
+    calibrated = json.loads(lines[-1])
+    assert (
+        calibrated["row"] == 2 and calibrated["version"] != trained["version"] and calibrated["rows"] == 240
+    )
+    # the training file's own rows are left out of an evaluation
+    code, lines, err = run(capsys, "router", "eval", "--data", str(train_csv), "--data-dir", data_dir)
+    assert code == 0 and json.loads(lines[-1])["skipped_trained"] > 150
+
+
+def test_router_eval_of_an_unreadable_file_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,weak\nhello,maybe\n")
+    code, _, err = run(capsys, "router", "eval", "--data", str(bad), "--data-dir", str(tmp_path))
+    assert code == 2 and "icgate router eval:" in err and "Traceback" not in err
+
+
+def test_length_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = []
+    for i in range(60):
+        long = i % 2 == 0
+        prompt = f"Write a long detailed essay about topic {i}" if long else f"Say yes or no: is {i} even?"
+        tokens = 800 + i if long else 3
+        rows.append(
+            {"question_id": f"q{i}", "prompt": prompt, "answers": {"m": {"text": "x", "tokens": tokens}}}
+        )
+    data = tmp_path / "lengths.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data_dir = str(tmp_path / "data")
+    code, lines, err = run(
+        capsys, "length", "train", "--data", str(data), "--model", "m", "--data-dir", data_dir
+    )
+    assert code == 0, err
+    assert json.loads(lines[-1])["row"] == 1
+    code, lines, err = run(
+        capsys, "length", "eval", "--data", str(data), "--model", "m", "--data-dir", data_dir
+    )
+    assert code == 0, err
+    result = json.loads(lines[-1])
+    assert result["n"] + result["skipped_trained"] == 60 and result["kendall_tau"] > 0.5
+    code, _, err = run(
+        capsys, "length", "eval", "--data", str(data), "--model", "nobody", "--data-dir", data_dir
+    )
+    assert code == 2 and "nobody" in err
