@@ -54,6 +54,7 @@ from routers.learned import (  # noqa: E402
     RandomRouter,
     features_for_prompt,
     out_of_fold_scores,
+    remember_training,
     train_router,
     unit_rows,
 )
@@ -250,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     plot(results, args.plot)
     if not args.no_artifact:
+        remember_training(shipped, train, encode)
         shipped.save(args.artifact)
     latency = decision_latency_us(shipped, held["MMLU"] + held["GSM8K"], encode)
     size = len(shipped.to_bytes())

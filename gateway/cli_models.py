@@ -74,7 +74,7 @@ def run_router(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
             else current_router(policy, data_dir)
         )
         rows = data.load_routing_csv(args.data)
-        unseen = unseen_rows(trained, rows)
+        unseen = learned.unseen_rows(trained, rows)
         if not unseen:
             raise ValueError(
                 f"{args.data}: every row was used to train this router; nothing left to evaluate"
@@ -85,7 +85,7 @@ def run_router(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
         return 0
     if args.router_command == "calibrate":
         trained = current_router(policy, data_dir)
-        rows = unseen_rows(trained, [r for path in args.data for r in data.load_routing_csv(path)])
+        rows = learned.unseen_rows(trained, [r for path in args.data for r in data.load_routing_csv(path)])
         if not rows:
             raise ValueError("every row was used to train this router: calibrate on rows it has not seen")
         threshold = learned.recalibrate(
@@ -114,7 +114,7 @@ def run_router(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
         strong_share=args.strong_share,
         sources=[p.name for p in args.data] + (["request log"] if args.from_log else []),
     )
-    remember_training(trained, rows if args.all_rows else data.split_rows(rows)[0], encode)
+    learned.remember_training(trained, rows if args.all_rows else data.split_rows(rows)[0], encode)
     if args.out is not None:
         trained.save(args.out)
     row = publish(
@@ -125,35 +125,6 @@ def run_router(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
         json.dumps({"version": trained.version, "row": row, "threshold": trained.threshold, "held_out": held})
     )
     return 0
-
-
-def prompt_hash(prompt: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha1(" ".join(prompt.lower().split()).encode()).digest()[:8], "big")
-
-
-def remember_training(trained: Any, train_rows: list[Any], encode: Any) -> None:
-    """Keep, in the artifact, what `eval`/`calibrate` must leave out (hashes of the training prompts) and
-    the training scores' quantiles (to map a policy's `strong_share` to a threshold at serve time)."""
-    import numpy as np
-
-    trained.metadata["trained_prompt_hashes"] = np.unique(
-        np.array([prompt_hash(r.prompt) for r in train_rows], dtype=np.uint64)
-    )
-    scores = trained.score_rows(train_rows, encode)
-    trained.metadata["score_quantiles"] = np.quantile(scores, np.linspace(0, 1, 201)).tolist()
-
-
-def unseen_rows(trained: Any, rows: list[Any]) -> list[Any]:
-    import numpy as np
-
-    seen = trained.metadata.get("trained_prompt_hashes")
-    if seen is None or not len(seen):
-        return rows
-    hashes = np.array([prompt_hash(r.prompt) for r in rows], dtype=np.uint64)
-    keep = ~np.isin(hashes, np.asarray(seen, dtype=np.uint64))
-    return [r for r, k in zip(rows, keep, strict=True) if k]
 
 
 def current_router(policy: Policy, data_dir: Path) -> Any:

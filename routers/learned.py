@@ -829,3 +829,33 @@ def evaluate_by_group(router: Any, rows: Sequence[LabelledPrompt], encode: Encod
         metrics.pop("curve")
         out[name] = metrics
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# What a trained router remembers of its training rows
+# --------------------------------------------------------------------------------------------------------
+
+
+def prompt_hash(prompt: str) -> int:
+    """64 bits of sha1 of the case- and whitespace-normalised prompt (as `routers.data.prompt_bucket`)."""
+    return int.from_bytes(hashlib.sha1(" ".join(prompt.lower().split()).encode()).digest()[:8], "big")
+
+
+def remember_training(router: LearnedRouter, train_rows: Sequence[LabelledPrompt], encode: Encode) -> None:
+    """Keep in the artifact what an evaluation must leave out (hashes of the training prompts) and the
+    training scores' quantiles (the gateway maps a policy's `strong_share` to a threshold with them)."""
+    router.metadata["trained_prompt_hashes"] = np.unique(
+        np.array([prompt_hash(r.prompt) for r in train_rows], dtype=np.uint64)
+    )
+    scores = router.score_rows(train_rows, encode)
+    router.metadata["score_quantiles"] = np.quantile(scores, np.linspace(0, 1, 201)).tolist()
+
+
+def unseen_rows(router: LearnedRouter, rows: Sequence[LabelledPrompt]) -> list[LabelledPrompt]:
+    """The rows whose prompt the router was not trained on (all of them if it kept no record)."""
+    seen = router.metadata.get("trained_prompt_hashes")
+    if seen is None or not len(seen):
+        return list(rows)
+    hashes = np.array([prompt_hash(r.prompt) for r in rows], dtype=np.uint64)
+    keep = ~np.isin(hashes, np.asarray(seen, dtype=np.uint64))
+    return [r for r, k in zip(rows, keep, strict=True) if k]
