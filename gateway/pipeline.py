@@ -504,7 +504,7 @@ class Pipeline:
             self.telemetry.metrics.request_log_dropped()
         if self.cache is not None:
             cache_stages.store_answer(ctx, self.cache, response)
-        if self.samples is not None:
+        if self.samples is not None and routing.sampled(self.policy.router.sample_share):
             sample = route_sample_of(ctx)
             if sample is not None:
                 self.samples.submit(sample)

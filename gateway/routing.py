@@ -7,6 +7,8 @@ version and a threshold from another.
 
 from __future__ import annotations
 
+import logging
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from routers.length import (
 from routers.rules import PromptLengthRule
 
 SHIPPED_ROUTER = DEFAULT_ARTIFACT
+log = logging.getLogger("icgate.routing")
 
 
 @dataclass(frozen=True)
@@ -103,17 +106,22 @@ def initial_models(policy: Policy, engine: sa.Engine) -> Models:
     rule = PromptLengthRule(config.default_tier, config.large_tier, config.large_if_prompt_tokens_over)
     models = Models(router=rule, length=PromptLengthHeuristic())
     length_row = model_store.newest(engine, "length")
-    if length_row is not None:
-        models = with_length(models, load_length(length_row.artifact), length_row)
-    else:
+    try:
+        models = with_length(models, load_length(length_row.artifact), length_row) if length_row else models
+    except ValueError:
+        log.exception("published length predictor (row %s) did not load; using the shipped one", length_row)
+    if models.length_row is None:
         models = with_length(models, load_length_model(), None)
     if config.kind == "rule":
         return models
-    if config.artifact is not None:
+    if config.artifact is not None:  # a file the operator named: failing to load it is fatal
         return with_router(models, load_router_file(config.artifact), None, policy)
     router_row = model_store.newest(engine, "router")
     if router_row is not None:
-        return with_router(models, load_router(router_row.artifact), router_row, policy)
+        try:
+            return with_router(models, load_router(router_row.artifact), router_row, policy)
+        except ValueError:
+            log.exception("published router (row %d) did not load; using the shipped one", router_row.id)
     return with_router(models, load_router_file(SHIPPED_ROUTER), None, policy)
 
 
@@ -162,6 +170,11 @@ def predict_length(
     if max_tokens:
         return LengthEstimate(p50=min(estimate.p50, max_tokens), p90=min(estimate.p90, max_tokens))
     return estimate
+
+
+def sampled(share: float) -> bool:
+    """Keep this routed request as a route sample? (`router.sample_share` of them are kept.)"""
+    return share >= 1.0 or random.random() < share
 
 
 def price(policy: Policy, tier: str) -> TierPrice:

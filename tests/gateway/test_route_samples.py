@@ -62,3 +62,10 @@ def test_predicted_output_length_shows_in_the_header_and_respects_max_tokens(
     assert int(essay.headers["x-icgate-predicted-tokens"]) > int(short.headers["x-icgate-predicted-tokens"])
     capped = chat(gw, "Write a detailed essay on the history of the printing press.", max_tokens=7)
     assert int(capped.headers["x-icgate-predicted-tokens"]) <= 7
+
+
+def test_sample_share_zero_keeps_no_samples(standins: Standins, start_gateway: StartGateway) -> None:
+    policy = standin_policy(standins, "http", router={"kind": "rule", "sample_share": 0.0})
+    gw = start_gateway(policy)
+    chat(gw, "How do I bake bread?")
+    assert samples(gw) == []

@@ -128,3 +128,21 @@ def test_value_of_quality_knob_weighs_the_large_tiers_price(
     gw = start_gateway(Policy.model_validate(raw))
     resp = ask(gw, HARD)
     assert resp.headers["x-icgate-route"] == "small"  # no answer is worth that much more
+
+
+def test_a_broken_published_router_at_start_falls_back_to_the_shipped_one(
+    standins: Standins, start_gateway: Callable[..., RunningGateway], shipped: LearnedRouter, tmp_path: Any
+) -> None:
+    from gateway import db
+
+    data_dir = tmp_path / "broken"
+    policy = learned_policy(standins)
+    url = policy.database_url(data_dir)
+    data_dir.mkdir()
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    model_store.publish(engine, "router", "garbage", b"not a router", {}, {})
+    engine.dispose()
+    gw = start_gateway(policy, data_dir)
+    assert gw.gateway.pipeline.models.router_version == shipped.version
+    assert ask(gw, EASY).status_code == 200
