@@ -37,6 +37,7 @@ Run:  .venv/bin/python bench/cache_precision.py     (minutes when the embeddings
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib
 import json
@@ -96,7 +97,7 @@ def precision_at_recall(verifier: HitVerifier, pairs: list[Any], encode: Encode)
     va = vecs[[index[p.text_a] for p in pairs]]
     vb = vecs[[index[p.text_b] for p in pairs]]
     labels = np.array([p.duplicate for p in pairs], dtype=bool)
-    ungated = HitVerifier(0.0, 0.0, verifier.model, verifier.version, dim=verifier.dim, idf=verifier.idf)
+    ungated = dataclasses.replace(verifier, cosine_threshold=0.0, probability_threshold=0.0)
     scores = {
         "icgate verifier score": ungated.score_batch(
             [p.text_a for p in pairs], [p.text_b for p in pairs], va, vb
