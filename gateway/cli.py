@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy
 
@@ -152,13 +153,20 @@ def migrate(policy: Policy, data_dir: Path) -> int:
     return 0
 
 
-def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
-    from gateway import db, keys
+def open_database(policy: Policy, data_dir: Path) -> Any:
+    """The policy's database, migrated to head (the data directory is created if needed)."""
+    from gateway import db
 
     data_dir.mkdir(parents=True, exist_ok=True)
     url = policy.database_url(data_dir)
     db.upgrade(url)
-    engine = db.make_engine(url)
+    return db.make_engine(url)
+
+
+def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    from gateway import keys
+
+    engine = open_database(policy, data_dir)
     try:
         if args.keys_command == "create":
             created = keys.create_key(engine, args.tenant)

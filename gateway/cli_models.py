@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.cli import open_database
 from gateway.config import Policy
 
 PolicyArgs = Callable[[argparse.ArgumentParser], None]
@@ -198,15 +199,6 @@ def default_encode() -> Any:
     return default_encoder()
 
 
-def _engine(policy: Policy, data_dir: Path) -> Any:
-    from gateway import db
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    url = policy.database_url(data_dir)
-    db.upgrade(url)
-    return db.make_engine(url)
-
-
 def publish(
     policy: Policy,
     data_dir: Path,
@@ -218,7 +210,7 @@ def publish(
 ) -> int:
     from gateway import model_store
 
-    engine = _engine(policy, data_dir)
+    engine = open_database(policy, data_dir)
     try:
         return model_store.publish(engine, kind, version, blob, training, metrics or {})
     finally:
@@ -228,7 +220,7 @@ def publish(
 def stored_model(policy: Policy, data_dir: Path, kind: str) -> Any:
     from gateway import model_store
 
-    engine = _engine(policy, data_dir)
+    engine = open_database(policy, data_dir)
     try:
         return model_store.newest(engine, kind)
     finally:
@@ -251,7 +243,7 @@ def route_samples(policy: Policy, data_dir: Path) -> list[Any]:
 
     from gateway import models
 
-    engine = _engine(policy, data_dir)
+    engine = open_database(policy, data_dir)
     try:
         with Session(engine) as session:
             return list(session.scalars(sa.select(models.RouteSampleRow).order_by(models.RouteSampleRow.id)))

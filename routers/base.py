@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -34,3 +37,13 @@ class RouteDecision:
 
 class Router(Protocol):
     def route(self, features: RouteFeatures) -> RouteDecision: ...
+
+
+def write_artifact(path: str | Path, data: bytes) -> Path:
+    """Write a trained artifact atomically (a temporary file, then rename): a reader never sees half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path

@@ -28,16 +28,14 @@ import datetime as dt
 import hashlib
 import io
 import math
-import os
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from routers.base import RouteDecision, RouteFeatures
+from routers.base import RouteDecision, RouteFeatures, write_artifact
 from routers.data import LabelledPrompt, label_summary, split_rows
 from routers.evaluation import RouterMetrics, calibrate_threshold, evaluate_scores
 
@@ -292,15 +290,7 @@ class LearnedRouter:
             return RouteDecision(
                 tier=self.large_tier, score=None, reasons=(f"no embedding: {self.kind} router cannot score",)
             )
-        score = float(
-            self.score_batch(
-                np.asarray(features.embedding)[None],
-                [features.text],
-                [features.prompt_tokens],
-                [features.conversation_depth],
-                [features.extra],
-            )[0]
-        )
+        score = float(self.score_batch(*one_row(features))[0])
         small = score >= self.threshold
         head = (
             f"P(small good enough) {score:.3f} {'>=' if small else '<'} threshold {self.threshold:.3f}"
@@ -374,13 +364,7 @@ class LearnedRouter:
         return router
 
     def save(self, path: str | Path) -> Path:
-        """Write the artifact atomically (a temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)
-        return path
+        return write_artifact(path, self.to_bytes())
 
     @staticmethod
     def load(
@@ -393,6 +377,20 @@ class LearnedRouter:
             return LearnedRouter.from_bytes(path.read_bytes(), small_tier=small_tier, large_tier=large_tier)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from exc
+
+
+def one_row(
+    features: RouteFeatures,
+) -> tuple[np.ndarray, list[str | None], list[int], list[int], list[Mapping[str, float]]]:
+    """One request's features as the batch arguments of `score_batch`."""
+    assert features.embedding is not None
+    return (
+        np.asarray(features.embedding)[None],
+        [features.text],
+        [features.prompt_tokens],
+        [features.conversation_depth],
+        [features.extra],
+    )
 
 
 def feature_spec() -> dict[str, Any]:
@@ -472,13 +470,7 @@ class ClassifierRouter(LearnedRouter):
     def route(self, features: RouteFeatures) -> RouteDecision:
         if features.embedding is None:
             return super().route(features)
-        score_a, need_a, gate, names = self._parts(
-            np.asarray(features.embedding)[None],
-            [features.text],
-            [features.prompt_tokens],
-            [features.conversation_depth],
-            [features.extra],
-        )
+        score_a, need_a, gate, names = self._parts(*one_row(features))
         score, need = float(score_a[0]), float(need_a[0])
         small = score >= self.threshold
         reasons = [

@@ -19,9 +19,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +27,8 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
+
+from routers.base import write_artifact
 
 Encode = Callable[[list[str]], np.ndarray]
 
@@ -640,12 +640,7 @@ class LengthPredictor:
         )
 
     def save(self, path: str | Path = DEFAULT_ARTIFACT) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)
-        return path
+        return write_artifact(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_ARTIFACT) -> LengthPredictor:
