@@ -61,6 +61,13 @@ class BackendConfig(Strict):
     stop: list[str] = []
     context_window: int = Field(2048, ge=256)
     launch: LaunchConfig | None = None
+    # Admission. Tokens in flight: prompts plus predicted remaining output of the requests it holds.
+    max_tokens_in_flight: int | None = Field(None, ge=1)
+    # What admission assumes before it has measured the backend (then: moving averages).
+    expected_ttft_ms: float = Field(500.0, gt=0)
+    expected_tpot_ms: float = Field(30.0, gt=0)
+    # vLLM-style Prometheus endpoint (num_requests_waiting/running, gpu_cache_usage_perc), polled.
+    metrics_url: str | None = None
 
     @model_validator(mode="after")
     def _http_needs_a_base(self) -> BackendConfig:
@@ -184,12 +191,76 @@ class CacheConfig(Strict):
         return CacheSwitches(**merged)
 
 
-class AdmissionConfig(Strict):
-    """Filled in by the admission issue. `ttft_slo_ms` is the default objective."""
+class PriorityClass(Strict):
+    """A class of traffic: its place in the queue (lower rank first) and its latency objectives."""
 
+    rank: int = 0
     ttft_slo_ms: float | None = Field(None, gt=0)
+    tpot_slo_ms: float | None = Field(None, gt=0)
+
+
+class TenantLimits(Strict):
+    """One tenant's priority class, rate limits and spend budget (all optional)."""
+
+    priority: str | None = None
+    requests_per_min: int | None = Field(None, ge=1)
+    tokens_per_min: int | None = Field(None, ge=1)
+    budget_usd: float | None = Field(None, ge=0)
+    budget_window: Literal["day", "month", "total"] = "month"
+
+
+class AdmissionConfig(Strict):
+    """Load-aware admission: admit, queue, spill to the other tier, or refuse with 429.
+
+    `ttft_slo_ms` is the default objective for time to first token, counted from the request's
+    arrival; a priority class may set its own. Without any objective, a saturated backend queues
+    requests up to `max_queue_wait_s`. See docs/admission.md.
+    """
+
+    # Off: every request goes straight to its backend, no limits (the benchmark's baseline).
+    enabled: bool = True
+    ttft_slo_ms: float | None = Field(None, gt=0)
+    tpot_slo_ms: float | None = Field(None, gt=0)
     # How long a request may wait for a free slot on a saturated backend.
     max_queue_wait_s: float = Field(30.0, ge=0)
+    max_queue: int = Field(256, ge=0)  # waiting requests per backend
+    # How fast a waiting request's predicted length shrinks in the queue order, so long ones never starve.
+    ageing_tokens_per_s: float = Field(100.0, ge=0)
+    # A routed request may go to the other tier when its own cannot meet the objective.
+    spill: bool = True
+    classes: dict[str, PriorityClass] = {}
+    default_class: str | None = None
+    # Per tenant name; the key `*` applies to tenants not listed.
+    tenants: dict[str, TenantLimits] = {}
+    # Where rate-limit counters live (the `limits` library): memory:// per replica, redis://... shared.
+    rate_limit_storage: str = "memory://"
+    # Backends' own /metrics: how often to poll, and when a reading is too old to trust.
+    metrics_interval_s: float = Field(2.0, gt=0)
+    metrics_stale_s: float = Field(10.0, gt=0)
+    # How often tenants' spend is re-read from the request log (shared across replicas).
+    spend_refresh_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _classes_exist(self) -> AdmissionConfig:
+        named = [self.default_class, *(t.priority for t in self.tenants.values())]
+        unknown = sorted({c for c in named if c is not None and c not in self.classes})
+        if unknown:
+            raise ValueError(f"priority classes {unknown} are not defined under admission.classes")
+        return self
+
+    def tenant(self, name: str) -> TenantLimits | None:
+        return self.tenants.get(name) or self.tenants.get("*")
+
+    def priority_of(self, tenant: str) -> tuple[str | None, PriorityClass]:
+        """The tenant's class name and class, with the section's objectives filling what it leaves unset."""
+        limits = self.tenant(tenant)
+        name = (limits.priority if limits else None) or self.default_class
+        cls = self.classes.get(name) if name else None
+        return name, PriorityClass(
+            rank=cls.rank if cls else 0,
+            ttft_slo_ms=(cls.ttft_slo_ms if cls and cls.ttft_slo_ms else self.ttft_slo_ms),
+            tpot_slo_ms=(cls.tpot_slo_ms if cls and cls.tpot_slo_ms else self.tpot_slo_ms),
+        )
 
 
 class EmbeddingConfig(Strict):

@@ -13,6 +13,7 @@ The cache stages live in `gateway.cache_stages`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -21,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway import cache_stages, routing
-from gateway.admission import AdmissionRefused, BackendPool
+from gateway.admission import Admission, AdmissionRefused, Ask, Job
 from gateway.backends import BackendClient, BackendError, message_text
 from gateway.cache_service import CacheService, Hit, scrub_pii
 from gateway.config import AuthConfig, BackendConfig, Policy
 from gateway.context import ANONYMOUS, RequestContext, RequestRecord, Tenant
 from gateway.errors import GatewayError
+from gateway.limits import TenantLimiter
 from gateway.route_samples import RouteSample
 from gateway.telemetry import Telemetry
 from routers.base import RouteDecision, RouteFeatures, Router
@@ -128,6 +130,39 @@ def candidates_for(target: Target, decision: RouteDecision, policy: Policy) -> l
     if not backends:
         raise GatewayError(503, f"no backend serves tier '{decision.tier}'", type="server_error")
     return backends
+
+
+def spill_candidates(target: Target, decision: RouteDecision, policy: Policy) -> list[BackendConfig]:
+    """Where a routed request may go when its tier cannot meet the objective: the other tiers."""
+    if target.backend is not None or not policy.admission.spill:
+        return []
+    return [b for b in policy.backends if b.tier != decision.tier]
+
+
+def ask_for(ctx: RequestContext, policy: Policy) -> Ask:
+    """What admission needs: sizes (the prompt estimate, the predicted output) and the class's objectives."""
+    name, cls = policy.admission.priority_of(ctx.tenant.name)
+    routed = ctx.decisions.get("route") or {}
+    predicted = (routed.get("predicted_tokens") or {}).get("p50") or 0
+    ctx.decisions["priority"] = {"class": name, "rank": cls.rank, "ttft_slo_ms": cls.ttft_slo_ms}
+    return Ask(
+        prompt_tokens=routed.get("prompt_tokens_est") or estimate_prompt_tokens(ctx.body),
+        output_tokens=int(predicted),
+        rank=cls.rank,
+        ttft_slo_s=cls.ttft_slo_ms / 1000 if cls.ttft_slo_ms else None,
+        tpot_slo_s=cls.tpot_slo_ms / 1000 if cls.tpot_slo_ms else None,
+        arrived=ctx.arrived,
+    )
+
+
+def refusal(refused: AdmissionRefused) -> GatewayError:
+    return GatewayError(
+        429,
+        f"{refused.reason}; retry later.",
+        type="rate_limit_error",
+        code="backend_at_capacity",
+        headers={"retry-after": str(int(refused.retry_after_s))},
+    )
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:
@@ -260,7 +295,7 @@ class Pipeline:
         self,
         policy: Policy,
         client: BackendClient,
-        pool: BackendPool,
+        admission: Admission,
         router: Router,
         telemetry: Telemetry,
         authenticator: Authenticator | None = None,
@@ -272,7 +307,9 @@ class Pipeline:
         self.embed = embed
         self.policy = policy
         self.client = client
-        self.pool = pool
+        self.admission = admission
+        self.limiter: TenantLimiter | None = None  # rate limits and budgets, once started
+        self._charges: set[asyncio.Task[None]] = set()
         self.models = routing.Models(router=router, length=PromptLengthHeuristic())
         self.telemetry = telemetry
         self.authenticator = authenticator
@@ -313,6 +350,13 @@ class Pipeline:
         with tracing.stage_span("authenticate"):
             ctx.tenant = await authenticate(api_key, self.policy.auth, self.authenticator)
             ctx.decisions["authenticate"] = {"tenant": ctx.tenant.name}
+        if self.limiter is not None:
+            with tracing.stage_span("limits"):
+                try:
+                    await self.limiter.check(ctx.tenant.name, estimate_prompt_tokens(ctx.body))
+                except GatewayError:
+                    self.telemetry.metrics.admission("none", "limited")
+                    raise
         with tracing.stage_span("resolve_target"):
             target = resolve_target(ctx.model, self.policy)
             ctx.decisions["target"] = {"routed": target.routed}
@@ -322,10 +366,11 @@ class Pipeline:
         with tracing.stage_span("route"):
             decision = await self._route(ctx, target)
         candidates = candidates_for(target, decision, self.policy)
+        spill = spill_candidates(target, decision, self.policy)
         if ctx.stream:
-            opened = await self._first_stream(ctx, candidates, exits)
+            opened = await self._first_stream(ctx, candidates, spill, exits)
             return PipelineResult(ctx, chunks=StreamRelay(self, ctx, opened, exits))
-        response = await self._call(ctx, candidates, exits)
+        response = await self._call(ctx, candidates, spill, exits)
         ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
         await exits.aclose()
         self.record(ctx, response)
@@ -416,11 +461,22 @@ class Pipeline:
         self,
         ctx: RequestContext,
         candidates: list[BackendConfig],
+        spill: list[BackendConfig],
         exits: AsyncExitStack,
         call: Callable[[BackendConfig], Awaitable[Any]],
     ) -> Any:
         """Admit and call the chosen backend; on a retryable failure, once more on the fallback."""
-        backend = self.pool.choose(candidates)
+        metrics = self.telemetry.metrics
+        ask = ask_for(ctx, self.policy)
+        try:
+            backend, spilled = self.admission.place(ask, candidates, spill)
+        except AdmissionRefused as refused:
+            metrics.admission(refused.backend, "refused")
+            ctx.decisions["admit"] = {"refused": refused.reason}
+            raise refusal(refused) from None
+        if spilled:
+            ctx.decisions["spill"] = {"from": ctx.route, "to": backend.name}
+            ctx.route = backend.tier
         fallback = self.policy.fallback_for(backend)
         attempt = 0
         while True:
@@ -428,30 +484,33 @@ class Pipeline:
             slot = AsyncExitStack()
             try:
                 with self.telemetry.tracing.stage_span("admit"):
-                    ctx.queue_s += await slot.enter_async_context(self.pool.admit(backend))
-                slot.enter_context(self.telemetry.metrics.backend_inflight(backend.name))
+                    job = await slot.enter_async_context(self.admission.hold(backend, ask))
+                ctx.queue_s += job.queued_s
+                slot.enter_context(metrics.backend_inflight(backend.name))
+                # The answer's size, for the backend's measured time per output token.
+                slot.callback(self._note_output, ctx, job)
                 ctx.backend = backend
                 ctx.decisions["admit"] = {"backend": backend.name, "queue_ms": round(ctx.queue_s * 1000, 2)}
+                metrics.admission(backend.name, "spilled" if spilled else "admitted")
                 started = time.perf_counter()
                 try:
                     with self.telemetry.tracing.stage_span("backend"):
                         result = await call(backend)
                 finally:
                     ctx.backend_s += time.perf_counter() - started
+                if ctx.stream:
+                    job.first_token_at = time.perf_counter()
                 # The slot stays held until the caller is done (a stream holds it to the end).
                 exits.push_async_exit(slot)
                 return result
             except AdmissionRefused as refused:
                 await slot.aclose()
-                raise GatewayError(
-                    429,
-                    f"{refused.reason}; retry later.",
-                    type="rate_limit_error",
-                    code="backend_at_capacity",
-                    headers={"retry-after": str(int(refused.retry_after_s))},
-                ) from None
+                metrics.admission(refused.backend, "refused")
+                ctx.decisions["admit"] = {"refused": refused.reason}
+                raise refusal(refused) from None
             except BackendError as err:
                 await slot.aclose()
+                self.admission.backend_failed(backend)
                 self.telemetry.metrics.backend_error(backend.name, err.kind)
                 log.warning("request %s: backend %s failed (%s)", ctx.request_id, backend.name, err.kind)
                 if err.retryable and attempt == 1 and fallback is not None:
@@ -470,13 +529,28 @@ class Pipeline:
                     504 if err.kind == "timeout" else 502, str(err), type="server_error", code="backend_error"
                 ) from None
 
-    async def _call(self, ctx: RequestContext, candidates: list[BackendConfig], exits: AsyncExitStack) -> Any:
-        return await self._attempts(
-            ctx, candidates, exits, lambda b: self.client.complete(b, ctx.endpoint, self._body_for(ctx, b))
-        )
+    @staticmethod
+    def _note_output(ctx: RequestContext, job: Job) -> None:
+        job.completion_tokens = ctx.completion_tokens or len(ctx.output_parts)
+
+    async def _call(
+        self,
+        ctx: RequestContext,
+        candidates: list[BackendConfig],
+        spill: list[BackendConfig],
+        exits: AsyncExitStack,
+    ) -> Any:
+        def complete(backend: BackendConfig) -> Awaitable[Any]:
+            return self.client.complete(backend, ctx.endpoint, self._body_for(ctx, backend))
+
+        return await self._attempts(ctx, candidates, spill, exits, complete)
 
     async def _first_stream(
-        self, ctx: RequestContext, candidates: list[BackendConfig], exits: AsyncExitStack
+        self,
+        ctx: RequestContext,
+        candidates: list[BackendConfig],
+        spill: list[BackendConfig],
+        exits: AsyncExitStack,
     ) -> tuple[dict[str, Any], AsyncGenerator[dict[str, Any], None]]:
         """Open the stream and pull its first chunk, so failures can still fall back."""
 
@@ -493,7 +567,7 @@ class Pipeline:
                 raise
             return first, chunks
 
-        return await self._attempts(ctx, candidates, exits, open_and_peek)
+        return await self._attempts(ctx, candidates, spill, exits, open_and_peek)
 
     def record(self, ctx: RequestContext, response: dict[str, Any] | None = None) -> None:
         """Off the hot path: metrics now, the log row through the write-behind queue, the cache insert."""
@@ -502,6 +576,12 @@ class Pipeline:
         self.telemetry.metrics.observe(record)
         if self.sink is not None and not self.sink.submit(record):
             self.telemetry.metrics.request_log_dropped()
+        if self.limiter is not None and ctx.backend is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.limiter.charge(ctx.tenant.name, ctx.completion_tokens, ctx.cost_usd())
+            )
+            self._charges.add(task)
+            task.add_done_callback(self._charges.discard)
         if self.cache is not None:
             cache_stages.store_answer(ctx, self.cache, response)
         if self.samples is not None and routing.sampled(self.policy.router.sample_share):

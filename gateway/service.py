@@ -19,13 +19,15 @@ from sqlalchemy import Engine
 
 from cache.embed import Embedder, MicroBatcher, SentenceTransformerEmbedder, resolve_model_dir
 from gateway import db, models, routing
-from gateway.admission import BackendPool
+from gateway.admission import Admission
+from gateway.backend_signals import SignalPoller
 from gateway.backends import BackendClient
 from gateway.cache_service import CacheService, Usage, load_verifier, namespace_for
 from gateway.config import EmbeddingConfig, Policy
 from gateway.context import Tenant
 from gateway.keys import KeyAuthenticator
 from gateway.launcher import LocalBackends
+from gateway.limits import TenantLimiter
 from gateway.model_store import ModelWatcher, StoredModel
 from gateway.pipeline import Pipeline
 from gateway.request_log import RequestLogWriter
@@ -92,10 +94,13 @@ class Gateway:
         self.sample_writer: RouteSampleWriter | None = None
         self.watchers: list[ModelWatcher[Any]] = []
         self.ready = False
+        self.admission = Admission(policy.backends, policy.admission)
+        self.signals = SignalPoller(policy.backends, self.admission, policy.admission.metrics_interval_s)
+        self._spend_task: asyncio.Task[None] | None = None
         self.pipeline = Pipeline(
             policy=policy,
             client=BackendClient(),
-            pool=BackendPool(policy.backends, policy.admission.max_queue_wait_s),
+            admission=self.admission,
             router=PromptLengthRule(
                 policy.router.default_tier,
                 policy.router.large_tier,
@@ -116,6 +121,7 @@ class Gateway:
         await self.sample_writer.start()
         self.pipeline.samples = self.sample_writer
         self.pipeline.authenticator = KeyAuthenticator(self.engine)
+        await self._start_limits()
         # Model servers and the embedder load side by side: start-up is bounded by the slower.
         waits: list[Awaitable[object]] = []
         local = [b for b in self.policy.backends if b.launch is not None]
@@ -131,6 +137,23 @@ class Gateway:
         if self.policy.cache.enabled:
             await self._start_cache()
         self.ready = True
+
+    async def _start_limits(self) -> None:
+        """Tenants' rate limits and budgets (spend read from the request log), backends' own signals."""
+        limiter = TenantLimiter(self.policy.admission, self.engine)
+        if limiter.budgeted_tenants():
+            await asyncio.to_thread(limiter.refresh_spend)
+            self._spend_task = asyncio.create_task(self._refresh_spend(limiter), name="icgate-spend")
+        self.pipeline.limiter = limiter
+        self.signals.start()
+
+    async def _refresh_spend(self, limiter: TenantLimiter) -> None:
+        while True:
+            await asyncio.sleep(self.policy.admission.spend_refresh_s)
+            try:
+                await asyncio.to_thread(limiter.refresh_spend)
+            except Exception as exc:  # the database may be briefly away: keep the last reading
+                log.warning("could not re-read tenants' spend: %s", type(exc).__name__)
 
     async def _start_batcher(self) -> None:
         """One embedding per request, shared by the cache stages and the router."""
@@ -214,6 +237,10 @@ class Gateway:
     async def stop(self) -> None:
         """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
         self.ready = False
+        await self.signals.stop()
+        if self._spend_task is not None:
+            self._spend_task.cancel()
+            await asyncio.gather(self._spend_task, return_exceptions=True)
         for watcher in self.watchers:
             await watcher.stop()
         if self.cache is not None:

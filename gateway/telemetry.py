@@ -230,6 +230,12 @@ class Metrics:
             ["from_backend", "to_backend"],
             registry=r,
         )
+        self.admissions = Counter(
+            "icgate_admission_total",
+            "Admission outcomes: admitted, queued, spilled, refused, limited.",
+            ["backend", "outcome"],
+            registry=r,
+        )
         self.inflight_requests = Gauge("icgate_inflight_requests", "Requests being handled.", registry=r)
         self.backend_inflight_requests = Gauge(
             "icgate_backend_inflight", "Calls in flight per backend.", ["backend"], registry=r
@@ -261,6 +267,9 @@ class Metrics:
 
     def fallback(self, from_backend: str, to_backend: str) -> None:
         self.fallbacks.labels(from_backend, to_backend).inc()
+
+    def admission(self, backend: str, outcome: str) -> None:
+        self.admissions.labels(backend, outcome).inc()
 
     def request_log_dropped(self, count: int = 1) -> None:
         self.log_dropped.inc(count)

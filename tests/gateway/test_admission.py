@@ -1,162 +1,291 @@
-"""Choosing a backend of a tier and holding its concurrency slots."""
+"""Admission decisions and queueing on plain asyncio (the HTTP path: test_admission_api.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 import pytest
 
-from gateway.admission import AdmissionRefused, BackendLoad, BackendPool
-from gateway.config import BackendConfig
+from gateway.admission import Admission, AdmissionRefused, Ask, BackendSignals, Job, Waiter
+from gateway.config import AdmissionConfig, BackendConfig
 
 
-def backend(name: str, max_concurrent: int = 4) -> BackendConfig:
+def backend(name: str, max_concurrent: int = 4, tier: str = "small", **kw: Any) -> BackendConfig:
     return BackendConfig.model_validate(
-        {"name": name, "model": f"openai/{name}", "max_concurrent": max_concurrent}
+        {"name": name, "tier": tier, "model": f"openai/{name}", "max_concurrent": max_concurrent, **kw}
     )
 
 
-def test_utilisation_counts_in_flight_and_waiting() -> None:
-    load = BackendLoad(backend("a", max_concurrent=4), in_flight=2, waiting=1)
-    assert load.utilisation == pytest.approx(0.75)
+def ask(output: int = 100, rank: int = 0, slo_ms: float | None = None, prompt: int = 10) -> Ask:
+    return Ask(prompt, output, rank=rank, ttft_slo_s=slo_ms / 1000 if slo_ms else None)
 
 
-def test_choose_picks_the_least_utilised() -> None:
-    a, b, c = backend("a", 4), backend("b", 10), backend("c", 2)
-    pool = BackendPool([a, b, c], max_queue_wait_s=1)
-    pool.loads["a"].in_flight = 2  # 0.5
-    pool.loads["b"].in_flight = 3  # 0.3
-    pool.loads["c"].waiting = 1  # 0.5
-    assert pool.choose([a, b, c]) == b
-    pool.loads["b"].waiting = 3  # 0.6
-    assert pool.choose([a, b, c]) == a  # tie between a and c: policy order
-    assert pool.choose([c, a]) == c
-    assert pool.choose([b]) == b
+def admission(*backends: BackendConfig, **config: Any) -> Admission:
+    return Admission(list(backends), AdmissionConfig.model_validate(config))
 
 
-async def test_choose_follows_slots_taken_through_admit() -> None:
-    a, b = backend("a", 2), backend("b", 2)
-    pool = BackendPool([a, b], max_queue_wait_s=1)
-    assert pool.choose([a, b]) == a
-    async with pool.admit(a):
-        assert pool.choose([a, b]) == b
-        async with pool.admit(b), pool.admit(b):
-            assert pool.choose([a, b]) == a
-    assert pool.choose([a, b]) == a
+def test_place_prefers_a_backend_with_room_then_the_least_utilised() -> None:
+    a, b = backend("a", 1), backend("b", 4)
+    adm = admission(a, b)
+    assert adm.place(ask(), [a, b]) == (a, False)
+    adm.states["a"].jobs.add(_job())
+    assert adm.place(ask(), [a, b]) == (b, False)
 
 
-async def test_admit_never_exceeds_max_concurrent() -> None:
+async def test_hold_never_exceeds_max_concurrent_and_reports_queue_time() -> None:
     a = backend("a", max_concurrent=3)
-    pool = BackendPool([a], max_queue_wait_s=5)
+    adm = admission(a, max_queue_wait_s=5)
     observed: list[int] = []
-    waits: list[float] = []
+    queued: list[float] = []
 
     async def one() -> None:
-        async with pool.admit(a) as waited:
-            waits.append(waited)
+        async with adm.hold(a, ask()) as job:
+            queued.append(job.queued_s)
             for _ in range(3):
-                observed.append(pool.loads["a"].in_flight)
-                await asyncio.sleep(0.001)
+                observed.append(adm.states["a"].in_flight)
+                await asyncio.sleep(0.002)
 
     await asyncio.gather(*(one() for _ in range(30)))
     assert max(observed) == 3
-    assert len(waits) == 30
-    assert pool.loads["a"].in_flight == 0 and pool.loads["a"].waiting == 0
+    assert sorted(queued)[:3] == [0.0, 0.0, 0.0]  # the first three never waited
+    assert max(queued) > 0.01  # the last ones did, and it was measured
+    assert adm.states["a"].in_flight == 0 and adm.states["a"].waiting == 0
 
 
-async def test_queue_wait_is_reported() -> None:
+async def test_queue_serves_higher_class_then_shortest_predicted_output_first() -> None:
     a = backend("a", max_concurrent=1)
-    pool = BackendPool([a], max_queue_wait_s=5)
-    holding = asyncio.Event()
+    adm = admission(a, max_queue_wait_s=5, ageing_tokens_per_s=0)
+    order: list[str] = []
     release = asyncio.Event()
 
-    async def holder() -> float:
-        async with pool.admit(a) as waited:
-            holding.set()
+    async def holder() -> None:
+        async with adm.hold(a, ask()):
             await release.wait()
-            return waited
 
-    async def waiter() -> float:
-        async with pool.admit(a) as waited:
-            return waited
+    async def waiter(name: str, request: Ask) -> None:
+        async with adm.hold(a, request):
+            order.append(name)
 
-    held = asyncio.create_task(holder())
-    await holding.wait()
-    queued = asyncio.create_task(waiter())
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    tasks = [
+        asyncio.create_task(waiter("batch-short", ask(output=10, rank=1))),
+        asyncio.create_task(waiter("long", ask(output=500))),
+        asyncio.create_task(waiter("short", ask(output=20))),
+        asyncio.create_task(waiter("medium", ask(output=100))),
+    ]
     await asyncio.sleep(0.01)
-    assert pool.loads["a"].waiting == 1 and pool.loads["a"].in_flight == 1
-    await asyncio.sleep(0.09)
+    assert adm.states["a"].waiting == 4
     release.set()
-    assert await held < 0.05
-    assert 0.1 <= await queued < 2.0
-    assert pool.loads["a"].in_flight == 0 and pool.loads["a"].waiting == 0
+    await asyncio.gather(first, *tasks)
+    assert order == ["short", "medium", "long", "batch-short"]
+
+
+async def test_ageing_lets_a_long_request_overtake_newer_short_ones() -> None:
+    a = backend("a", max_concurrent=1)
+    adm = admission(a, max_queue_wait_s=5, ageing_tokens_per_s=10_000)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with adm.hold(a, ask()):
+            await release.wait()
+
+    async def waiter(name: str, request: Ask) -> None:
+        async with adm.hold(a, request):
+            order.append(name)
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    long = asyncio.create_task(waiter("long", ask(output=500)))
+    await asyncio.sleep(0.1)  # 0.1 s at 10k tokens/s ages it by 1000 tokens: now "shorter" than 20
+    short = asyncio.create_task(waiter("short", ask(output=20)))
+    await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(first, long, short)
+    assert order == ["long", "short"]
+
+
+def test_wait_estimate_plays_in_flight_and_queue_forward_over_the_slots() -> None:
+    a = backend("a", max_concurrent=2, expected_ttft_ms=100, expected_tpot_ms=10)
+    adm = admission(a)
+    state = adm.states["a"]
+    now = time.perf_counter()
+    # Two in flight, predicted to end in ~0.6 s and ~1.1 s (0.1 s + 50 or 100 tokens at 10 ms).
+    state.jobs.update({_job(output=50, started=now), _job(output=100, started=now)})
+    wait = adm.wait_s(state, ask(output=10), now)
+    assert wait == pytest.approx(0.6, abs=0.01)
+    # One queued ahead (service 0.1 + 0.3 s) takes the slot that frees at 0.6 s and ends at 1.0 s,
+    # before the other in-flight request (1.1 s): ours starts at 1.0 s.
+    state.waiters.append(_waiter(adm, ask(output=30), now))
+    assert adm.wait_s(state, ask(output=100), now) == pytest.approx(1.0, abs=0.01)
+    # A higher class is not behind that waiter.
+    assert adm.wait_s(state, ask(output=100, rank=-1), now) == pytest.approx(0.6, abs=0.01)
+    assert adm.ttft_s(state, ask(output=10), now) == pytest.approx(0.7, abs=0.01)
+
+
+def test_place_refuses_when_no_candidate_can_meet_the_objective() -> None:
+    a = backend("a", max_concurrent=1, expected_ttft_ms=100, expected_tpot_ms=10)
+    adm = admission(a)
+    adm.states["a"].jobs.add(_job(output=300))  # busy for ~3.1 s
+    assert adm.place(ask(slo_ms=5000), [a]) == (a, False)  # it can wait
+    with pytest.raises(AdmissionRefused) as info:
+        adm.place(ask(slo_ms=1500), [a])
+    refused = info.value
+    assert refused.backend == "a"
+    assert refused.retry_after_s >= 2  # ~3.2 s predicted against 1.5 s: retry in about 2 s
+    assert "1500 ms" in refused.reason
+
+
+def test_place_spills_a_routed_request_to_the_other_tier_only_when_that_meets_the_objective() -> None:
+    small = backend("small", 1, expected_ttft_ms=50, expected_tpot_ms=5)
+    large = backend("large", 1, tier="large", expected_ttft_ms=100, expected_tpot_ms=10)
+    adm = admission(small, large)
+    adm.states["large"].jobs.add(_job(output=300))
+    assert adm.place(ask(slo_ms=1000), [large], spill=[small]) == (small, True)
+    adm.states["small"].jobs.add(_job(output=400))  # small busy ~2 s as well
+    with pytest.raises(AdmissionRefused):
+        adm.place(ask(slo_ms=1000), [large], spill=[small])
+    assert adm.place(ask(slo_ms=1000_000), [large], spill=[small]) == (large, False)
+
+
+def test_without_an_objective_a_saturated_backend_queues_rather_than_refusing() -> None:
+    a = backend("a", max_concurrent=1)
+    adm = admission(a)
+    adm.states["a"].jobs.add(_job(output=10_000))
+    assert adm.place(ask(), [a]) == (a, False)
+
+
+def test_a_full_queue_refuses() -> None:
+    a = backend("a", max_concurrent=1)
+    adm = admission(a, max_queue=1)
+    adm.states["a"].jobs.add(_job())
+    adm.states["a"].waiters.append(_waiter(adm, ask(), time.perf_counter()))
+    with pytest.raises(AdmissionRefused, match="queued"):
+        adm.place(ask(slo_ms=60_000), [a])
+
+
+async def test_queued_request_is_refused_once_it_can_no_longer_meet_its_objective() -> None:
+    a = backend("a", max_concurrent=1, expected_ttft_ms=100)
+    adm = admission(a, max_queue_wait_s=30)
+    async with adm.hold(a, ask()):
+        started = time.perf_counter()
+        with pytest.raises(AdmissionRefused):
+            async with adm.hold(a, ask(slo_ms=400)):
+                pytest.fail("admitted past its objective")
+        waited = time.perf_counter() - started
+    assert 0.25 <= waited < 2.0  # gave up at 0.4 s - 0.1 s predicted first token, not at 30 s
+    assert adm.states["a"].waiting == 0 and adm.states["a"].in_flight == 0
 
 
 @pytest.mark.parametrize("max_wait", [0.05, 1.2])
 async def test_waiting_longer_than_max_queue_wait_is_refused(max_wait: float) -> None:
     a = backend("a", max_concurrent=1)
-    pool = BackendPool([a], max_queue_wait_s=max_wait)
-    async with pool.admit(a):
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+    adm = admission(a, max_queue_wait_s=max_wait)
+    async with adm.hold(a, ask()):
+        started = time.perf_counter()
         with pytest.raises(AdmissionRefused) as info:
-            async with pool.admit(a):
+            async with adm.hold(a, ask()):
                 pytest.fail("admitted past the limit")
-        assert loop.time() - started >= max_wait * 0.9
-    refused = info.value
-    assert refused.backend == "a"
-    assert refused.retry_after_s >= 1
-    assert refused.retry_after_s >= max_wait
-    assert "a" in refused.reason
-    assert pool.loads["a"].in_flight == 0 and pool.loads["a"].waiting == 0
-    async with pool.admit(a) as waited:  # the refused request left nothing behind
-        assert waited < 0.05
+        assert time.perf_counter() - started >= max_wait * 0.9
+    assert info.value.retry_after_s >= 1
+    async with adm.hold(a, ask()) as job:  # the refused request left nothing behind
+        assert job.queued_s == 0
 
 
 async def test_zero_queue_wait_admits_when_a_slot_is_free() -> None:
-    # `max_queue_wait_s: 0` (allowed by the policy schema) means "never queue": an idle
-    # backend must still take the request, and only a saturated one refuses it.
     a = backend("a", max_concurrent=1)
-    pool = BackendPool([a], max_queue_wait_s=0)
-    async with pool.admit(a) as waited:
-        assert waited == pytest.approx(0, abs=0.05)
+    adm = admission(a, max_queue_wait_s=0)
+    async with adm.hold(a, ask()) as job:
+        assert job.queued_s == 0
         with pytest.raises(AdmissionRefused):
-            async with pool.admit(a):
+            async with adm.hold(a, ask()):
                 pass
 
 
-async def test_slot_released_on_exception() -> None:
+async def test_slot_released_on_exception_and_cancelled_waiter_leaves_no_trace() -> None:
     a = backend("a", max_concurrent=1)
-    pool = BackendPool([a], max_queue_wait_s=0.05)
+    adm = admission(a, max_queue_wait_s=5)
     with pytest.raises(RuntimeError):
-        async with pool.admit(a):
-            assert pool.loads["a"].in_flight == 1
+        async with adm.hold(a, ask()):
             raise RuntimeError("backend call failed")
-    assert pool.loads["a"].in_flight == 0
-    async with pool.admit(a) as waited:  # would be refused if the slot had leaked
-        assert pool.loads["a"].in_flight == 1
-        assert waited < 0.05
-
-
-async def test_cancelled_waiter_leaves_no_trace() -> None:
-    a = backend("a", max_concurrent=1)
-    pool = BackendPool([a], max_queue_wait_s=5)
-    async with pool.admit(a):
-        task = asyncio.create_task(pool.admit(a).__aenter__())
+    assert adm.states["a"].in_flight == 0
+    async with adm.hold(a, ask()):
+        task = asyncio.create_task(adm.hold(a, ask()).__aenter__())
         await asyncio.sleep(0.01)
-        assert pool.loads["a"].waiting == 1
+        assert adm.states["a"].waiting == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert pool.loads["a"].waiting == 0
-    assert pool.loads["a"].in_flight == 0
-    async with pool.admit(a) as waited:
-        assert waited < 0.05
+        assert adm.states["a"].waiting == 0
+    assert adm.states["a"].in_flight == 0
+    async with adm.hold(a, ask()) as job:
+        assert job.queued_s == 0
 
 
-async def test_backends_have_independent_slots() -> None:
-    a, b = backend("a", 1), backend("b", 1)
-    pool = BackendPool([a, b], max_queue_wait_s=0.05)
-    async with pool.admit(a), pool.admit(b) as waited:
-        assert waited < 0.05
-        assert (pool.loads["a"].in_flight, pool.loads["b"].in_flight) == (1, 1)
+async def test_finished_requests_teach_time_to_first_token_and_per_token() -> None:
+    a = backend("a", expected_ttft_ms=1000, expected_tpot_ms=1000)
+    adm = admission(a)
+    async with adm.hold(a, ask()) as job:
+        await asyncio.sleep(0.05)
+        job.first_token_at = time.perf_counter()
+        await asyncio.sleep(0.05)
+        job.completion_tokens = 11
+    state = adm.states["a"]
+    assert 0.04 <= state.ttft.estimate_s < 0.5
+    assert 0.004 <= state.tpot.estimate_s < 0.05  # ~0.05 s over 10 tokens
+    snapshot = adm.snapshot()["a"]
+    assert snapshot["served"] == 1 and snapshot["in_flight"] == 0
+
+
+def test_fresh_backend_signals_count_and_stale_ones_do_not() -> None:
+    a = backend("a", max_concurrent=2, expected_ttft_ms=100, expected_tpot_ms=10)
+    adm = admission(a, metrics_stale_s=5)
+    state = adm.states["a"]
+    now = time.perf_counter()
+    adm.note_signals("a", BackendSignals(waiting=4, running=8, kv_usage=0.5, read_at=time.monotonic()))
+    # Four requests queued inside the backend, ~1.1 s each over 2 slots, come first.
+    assert adm.wait_s(state, ask(output=100), now) == pytest.approx(2.2, abs=0.05)
+    adm.note_signals("a", BackendSignals(waiting=0, running=2, kv_usage=0.99, read_at=time.monotonic()))
+    state.jobs.add(_job(output=10, started=now))
+    assert not adm.has_room(state, ask(), now)  # KV cache full: hold new work
+    adm.note_signals("a", BackendSignals(waiting=9, running=2, kv_usage=0.99, read_at=time.monotonic() - 60))
+    assert adm.has_room(state, ask(), now)
+    assert adm.wait_s(state, ask(output=100), now) == 0
+    assert adm.snapshot()["a"]["backend_waiting"] is None
+
+
+def test_tokens_in_flight_limit_holds_new_work() -> None:
+    a = backend("a", max_concurrent=8, max_tokens_in_flight=1000)
+    adm = admission(a)
+    state = adm.states["a"]
+    state.jobs.add(_job(output=500, prompt=300))
+    now = time.perf_counter()
+    assert adm.has_room(state, ask(output=100, prompt=100), now)
+    assert not adm.has_room(state, ask(output=100, prompt=200), now)
+
+
+async def test_disabled_admission_commits_everything_at_once() -> None:
+    a = backend("a", max_concurrent=1)
+    adm = admission(a, enabled=False, ttft_slo_ms=1)
+    held = []
+    async with adm.hold(a, ask()) as one, adm.hold(a, ask()) as two:
+        held = [one.queued_s, two.queued_s]
+        assert adm.states["a"].in_flight == 2
+        assert adm.place(ask(slo_ms=1), [a]) == (a, False)
+    assert held == [0.0, 0.0]
+
+
+def _job(output: int = 100, prompt: int = 10, started: float | None = None) -> Job:
+    return Job(ask(output=output, prompt=prompt), started if started is not None else time.perf_counter())
+
+
+def _waiter(adm: Admission, request: Ask, now: float) -> Waiter:
+    """A queued request, as data (its future is never awaited)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return Waiter(request, next(adm._seq), now, loop.create_future())
+    finally:
+        loop.close()

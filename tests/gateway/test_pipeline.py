@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gateway.admission import BackendPool
+from gateway.admission import Admission, Ask
 from gateway.backends import BackendError
-from gateway.config import AuthConfig, BackendConfig, Policy, TelemetryConfig
+from gateway.config import AdmissionConfig, AuthConfig, BackendConfig, Policy, TelemetryConfig
 from gateway.context import ANONYMOUS, Endpoint, RequestContext, RequestRecord, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline import (
@@ -109,11 +109,11 @@ class FakeClient:
         self.streams_opened = 0
         self.streams_closed = 0
         self.in_flight_seen: list[int] = []
-        self.pool: BackendPool | None = None
+        self.admission: Admission | None = None
 
     def _next(self, backend: BackendConfig) -> Any:
-        if self.pool is not None:
-            self.in_flight_seen.append(self.pool.loads[backend.name].in_flight)
+        if self.admission is not None:
+            self.in_flight_seen.append(self.admission.states[backend.name].in_flight)
         queue = self.script.get(backend.name)
         return queue.pop(0) if queue else None
 
@@ -153,15 +153,16 @@ class Harness:
     def __init__(self, policy: Policy | None = None, client: FakeClient | None = None, **kw: Any) -> None:
         self.policy = policy or make_policy()
         self.client = client or FakeClient()
-        self.pool = BackendPool(self.policy.backends, max_queue_wait_s=kw.pop("max_queue_wait_s", 1.0))
-        self.client.pool = self.pool
+        wait = kw.pop("max_queue_wait_s", 1.0)
+        self.admission = Admission(self.policy.backends, AdmissionConfig(max_queue_wait_s=wait))
+        self.client.admission = self.admission
         self.sink = ListSink(accept=kw.pop("accept", True))
         self.telemetry = Telemetry.from_config(TelemetryConfig())
         r = self.policy.router
         self.pipeline = Pipeline(
             self.policy,
             self.client,  # type: ignore[arg-type]
-            self.pool,
+            self.admission,
             PromptLengthRule(r.default_tier, r.large_tier, r.large_if_prompt_tokens_over),
             self.telemetry,
             authenticator=kw.pop("authenticator", None),
@@ -170,7 +171,7 @@ class Harness:
         assert not kw, kw
 
     def in_flight(self) -> dict[str, int]:
-        return {name: load.in_flight for name, load in self.pool.loads.items()}
+        return {name: state.in_flight for name, state in self.admission.states.items()}
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         return self.telemetry.metrics.registry.get_sample_value(name, labels or {})
@@ -487,7 +488,8 @@ async def test_run_saturated_backend_is_refused_with_429_and_retry_after() -> No
     h = Harness(max_queue_wait_s=0.05)
     small = h.policy.backend("small")
     assert small is not None
-    async with h.pool.admit(small), h.pool.admit(small):  # max_concurrent: 2, both taken
+    ask = Ask(prompt_tokens=1, output_tokens=1)
+    async with h.admission.hold(small, ask), h.admission.hold(small, ask):  # max_concurrent: 2, both taken
         ctx = RequestContext(endpoint="chat", body=chat())
         with pytest.raises(GatewayError) as info:
             await h.pipeline.run(ctx)
@@ -495,7 +497,7 @@ async def test_run_saturated_backend_is_refused_with_429_and_retry_after() -> No
     assert (err.status_code, err.code, err.type) == (429, "backend_at_capacity", "rate_limit_error")
     assert int(err.headers["retry-after"]) >= 1
     assert h.client.calls == []
-    assert h.in_flight() == IDLE and h.pool.loads["small"].waiting == 0
+    assert h.in_flight() == IDLE and h.admission.states["small"].waiting == 0
     assert h.sink.records[0].status_code == 429
 
 

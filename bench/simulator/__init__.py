@@ -1,0 +1,18 @@
+"""A vLLM-like backend simulator: real HTTP, OpenAI chat API, vLLM /metrics, continuous-batching timing.
+
+Run one with `python -m bench.simulator --preset small --port 8201`, or in-process
+with `running_simulator(EngineConfig.small())`.
+"""
+
+from bench.simulator.engine import Engine, EngineConfig, RequestTooLarge, Sequence
+from bench.simulator.server import Simulator, count_prompt_tokens, running_simulator
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "RequestTooLarge",
+    "Sequence",
+    "Simulator",
+    "count_prompt_tokens",
+    "running_simulator",
+]
