@@ -96,6 +96,7 @@ class Gateway:
         self.ready = False
         self.admission = Admission(policy.backends, policy.admission)
         self.signals = SignalPoller(policy.backends, self.admission, policy.admission.metrics_interval_s)
+        self.telemetry.metrics.watch_backends(self.admission.snapshot)
         self._spend_task: asyncio.Task[None] | None = None
         self.pipeline = Pipeline(
             policy=policy,

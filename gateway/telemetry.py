@@ -7,7 +7,7 @@ can then live in one process (tests do this) without sharing spans or counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -29,6 +29,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway.config import TelemetryConfig
 from gateway.context import RequestRecord
@@ -186,6 +188,30 @@ def _clean(attributes: Mapping[str, Any]) -> dict[str, AttributeValue]:
     return out
 
 
+LiveState = Callable[[], Mapping[str, Mapping[str, float | int | None]]]
+
+
+class BackendStateCollector(Collector):
+    """Admission's live view of each backend, read at scrape time: `icgate_admission_backend_<field>{backend}`."""
+
+    def __init__(self, snapshot: LiveState) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for backend, fields in self.snapshot().items():
+            for field, value in fields.items():
+                if value is None:
+                    continue
+                family = families.get(field)
+                if family is None:
+                    description = f"Admission's live {field.replace('_', ' ')}."
+                    family = GaugeMetricFamily(f"icgate_admission_backend_{field}", description, labels=["backend"])
+                    families[field] = family
+                family.add_metric([backend], float(value))
+        return list(families.values())
+
+
 class Metrics:
     """Prometheus metrics for one gateway, in a registry of its own.
 
@@ -267,6 +293,9 @@ class Metrics:
 
     def fallback(self, from_backend: str, to_backend: str) -> None:
         self.fallbacks.labels(from_backend, to_backend).inc()
+
+    def watch_backends(self, snapshot: LiveState) -> None:
+        self.registry.register(BackendStateCollector(snapshot))
 
     def admission(self, backend: str, outcome: str) -> None:
         self.admissions.labels(backend, outcome).inc()

@@ -137,6 +137,10 @@ async def test_contract_max_concurrent_queue_and_429_for_a_backend_addressed_by_
     snapshot = gw.gateway.admission.snapshot()["small"]
     assert snapshot["in_flight"] == 0 and snapshot["waiting"] == 0
     assert snapshot["served"] == len(admitted)
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert f'icgate_admission_total{{backend="small",outcome="refused"}} {len(refused)}.0' in metrics
+    assert f'icgate_admission_backend_served{{backend="small"}} {len(admitted)}.0' in metrics
+    assert 'icgate_admission_backend_waiting{backend="small"} 0.0' in metrics
 
 
 async def test_a_streamed_request_gets_its_first_byte_only_once_admitted(
