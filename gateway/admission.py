@@ -29,6 +29,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from gateway.config import AdmissionConfig, BackendConfig
 
 
@@ -50,6 +52,11 @@ class Ask:
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
     arrived: float = field(default_factory=time.perf_counter)
+    output_tokens_p90: int | None = None  # what to expect once it has outrun its p50
+
+    @property
+    def output_p90(self) -> int:
+        return max(self.output_tokens, self.output_tokens_p90 or 0)
 
     @property
     def tokens(self) -> int:
@@ -86,6 +93,39 @@ class Latency:
         return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
+class TtftModel:
+    """Time to first token as a + b * (prompt tokens to prefill, this request's and those just ahead).
+
+    A long prompt, or a burst of them admitted together, takes longer to its first token; a plain
+    average would promise a short TTFT to the request that arrives in the middle of such a burst.
+    Fitted by least squares on recent samples; the moving average stands in until there are enough.
+    """
+
+    def __init__(self, prior_s: float, window: int = 64, min_samples: int = 8) -> None:
+        self.mean = Latency(prior_s, window=window)
+        self.min_samples = min_samples
+        self._tokens: deque[float] = deque(maxlen=window)
+        self._seconds: deque[float] = deque(maxlen=window)
+        self._fit: tuple[float, float] | None = None  # (a, b)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.mean.add(seconds)
+        self._tokens.append(float(tokens))
+        self._seconds.append(max(0.0, seconds))
+        if len(self._tokens) >= self.min_samples and np.ptp(self._tokens) > 0:
+            slope, intercept = np.polyfit(np.array(self._tokens), np.array(self._seconds), 1)
+            if slope <= 0:
+                self._fit = (float(np.mean(self._seconds)), 0.0)
+            else:
+                self._fit = (max(0.0, float(intercept)), float(slope))
+
+    def estimate_s(self, tokens: int) -> float:
+        if self._fit is None:
+            return self.mean.estimate_s
+        a, b = self._fit
+        return a + b * tokens
+
+
 @dataclass(frozen=True)
 class BackendSignals:
     """What a backend reports about itself (vLLM's /metrics), and when it was read."""
@@ -103,6 +143,7 @@ class Job:
     ask: Ask
     started: float
     queued_s: float = 0.0
+    prefill_tokens: int = 0  # its prompt plus those still prefilling when it started
     first_token_at: float | None = None  # streams only
     completion_tokens: int | None = None  # known once it ends
 
@@ -113,6 +154,7 @@ class Waiter:
     seq: int
     enqueued: float
     granted: asyncio.Future[None]
+    latest_start: float | None = None  # past this its first token is late (None: no objective)
     job: Job | None = None  # set when it is given a slot
 
 
@@ -123,7 +165,7 @@ class BackendState:
         self.config = config
         self.jobs: set[Job] = set()
         self.waiters: list[Waiter] = []
-        self.ttft = Latency(config.expected_ttft_ms / 1000)
+        self.ttft = TtftModel(config.expected_ttft_ms / 1000)
         self.tpot = Latency(config.expected_tpot_ms / 1000)
         self.errors = 0
         self.served = 0
@@ -151,12 +193,32 @@ class BackendState:
         s = self.signals
         return s if s is not None and now_monotonic - s.read_at <= stale_s else None
 
+    def prefilling_tokens(self, now: float) -> int:
+        """Prompt tokens of requests in flight still waiting for their first token."""
+        return sum(
+            job.ask.prompt_tokens
+            for job in self.jobs
+            if job.first_token_at is None and now - job.started < 2 * self.ttft.estimate_s(job.prefill_tokens)
+        )
+
+    def start_job(self, ask: Ask, now: float, queued_s: float = 0.0) -> Job:
+        job = Job(ask, now, queued_s, prefill_tokens=self.prefilling_tokens(now) + ask.prompt_tokens)
+        self.jobs.add(job)
+        return job
+
     def service_s(self, ask: Ask) -> float:
-        return self.ttft.estimate_s + ask.output_tokens * self.tpot.estimate_s
+        return self.ttft.estimate_s(ask.prompt_tokens) + ask.output_tokens * self.tpot.estimate_s
 
     def remaining_s(self, job: Job, now: float) -> float:
-        """Predicted time until a job in flight ends (at least one token's time: it is still running)."""
+        """Predicted time until a job in flight ends: by its p50 length, once past that its p90, then
+        as long again as it has overrun; at least one token's time, since it is still running."""
         end = job.started + self.service_s(job.ask)
+        if end <= now:
+            end += (job.ask.output_p90 - job.ask.output_tokens) * self.tpot.estimate_s
+        if end <= now:
+            # Past its p90 too: answer lengths have a heavy tail, so expect it to run about as long
+            # again as it has overrun (not "any moment now", which would promise slots that stay taken).
+            end = now + (now - end)
         return max(end - now, self.tpot.estimate_s)
 
     @property
@@ -174,10 +236,10 @@ class Admission:
 
     # --- estimates ------------------------------------------------------------------------------
 
-    def _order_key(self, waiter_ask: Ask, enqueued: float, seq: int, now: float) -> tuple[float, float, int]:
+    def _order_key(self, ask: Ask, enqueued: float, seq: float, now: float) -> tuple[float, float, float]:
         """Class first, then shortest predicted output, aged by time waited."""
-        aged = waiter_ask.output_tokens - self.config.ageing_tokens_per_s * (now - enqueued)
-        return (waiter_ask.rank, aged, seq)
+        aged = ask.output_tokens - self.config.ageing_tokens_per_s * (now - enqueued)
+        return (ask.rank, aged, seq)
 
     def has_room(self, state: BackendState, ask: Ask, now: float) -> bool:
         """A free slot and room for the request's tokens (an idle backend always has room)."""
@@ -193,31 +255,71 @@ class Admission:
         limit = state.config.max_tokens_in_flight
         return limit is None or state.tokens_in_flight(now) + ask.tokens <= limit
 
-    def wait_s(self, state: BackendState, ask: Ask, now: float) -> float:
-        """Predicted wait for a slot: in-flight ends and the queue ahead played forward over the slots."""
-        external = 0.0
+    def _external_s(self, state: BackendState, ask: Ask) -> float:
+        """Requests the backend says it holds for other clients go first (fresh signals only)."""
         signals = state.fresh_signals(time.monotonic(), self.config.metrics_stale_s)
-        if signals is not None and signals.waiting > 0:
-            # Requests queued inside the backend by other clients go first.
-            external = signals.waiting * state.service_s(ask) / state.config.max_concurrent
-        if not state.waiters and self.has_room(state, ask, now):
-            return external
-        key = self._order_key(ask, now, -1, now)
-        ahead = [w for w in state.waiters if self._order_key(w.ask, w.enqueued, w.seq, now) < key]
-        ends = sorted(state.remaining_s(job, now) for job in state.jobs)
-        slots = ends[: state.config.max_concurrent]
-        slots += [0.0] * (state.config.max_concurrent - len(slots))
+        if signals is None or signals.waiting <= 0:
+            return 0.0
+        return signals.waiting * state.service_s(ask) / state.config.max_concurrent
+
+    def _starts(self, state: BackendState, order: list[Ask], now: float) -> list[float]:
+        """Predicted start (seconds from now) of each request in queue order: the in-flight ends and
+        the queue played forward over the backend's slots."""
+        cap = state.config.max_concurrent
+        ends = sorted(state.remaining_s(job, now) for job in state.jobs)[:cap]
+        # A free slot is usable now only if the tokens in flight and the KV cache allow; else at the next end.
+        usable_now = not ends or (bool(order) and self.has_room(state, order[0], now))
+        slots = ends + [0.0 if usable_now else ends[0]] * (cap - len(ends))
         heapq.heapify(slots)
-        for waiter in sorted(ahead, key=lambda w: self._order_key(w.ask, w.enqueued, w.seq, now)):
-            heapq.heappush(slots, heapq.heappop(slots) + state.service_s(waiter.ask))
-        free_at = slots[0]
-        if not ahead and state.in_flight < state.config.max_concurrent:
-            free_at = min(ends) if ends else 0.0  # a slot is free but tokens are not: the next end
-        return free_at + external
+        starts = []
+        for ask in order:
+            start = heapq.heappop(slots)
+            starts.append(start)
+            heapq.heappush(slots, start + state.service_s(ask))
+        return starts
+
+    def _plan(self, state: BackendState, ask: Ask, now: float) -> tuple[int, float]:
+        """Where a newcomer joins the queue, and its predicted start (seconds from now).
+
+        Class first, then shortest predicted output (aged), but never ahead of a waiter whose
+        objective that would break: a request told it can wait is not overtaken into missing.
+        """
+        waiters = state.waiters
+        key = self._order_key(ask, now, math.inf, now)  # after equals already waiting
+        pos = next(
+            (i for i, w in enumerate(waiters) if key < self._order_key(w.ask, w.enqueued, w.seq, now)),
+            len(waiters),
+        )
+        asks = [w.ask for w in waiters]
+        before = self._starts(state, asks, now)
+        while True:
+            starts = self._starts(state, [*asks[:pos], ask, *asks[pos:]], now)
+            broken = [
+                i
+                for i in range(pos, len(waiters))
+                if (latest := waiters[i].latest_start) is not None
+                and now + starts[i + 1] > latest >= now + before[i]
+            ]
+            if not broken:
+                return pos, starts[pos] + self._external_s(state, ask)
+            pos = broken[-1] + 1
+
+    def wait_s(self, state: BackendState, ask: Ask, now: float) -> float:
+        """Predicted wait for a slot (see `_plan`)."""
+        if not state.waiters and self.has_room(state, ask, now):
+            return self._external_s(state, ask)
+        return self._plan(state, ask, now)[1]
+
+    def first_token_s(self, state: BackendState, ask: Ask, wait_s: float, now: float) -> float:
+        """The backend's time to first token for a request that starts after `wait_s`: with the
+        prompts still prefilling now if it starts now, its own prompt alone if later."""
+        ahead = state.prefilling_tokens(now) if wait_s <= 0 else 0
+        return state.ttft.estimate_s(ahead + ask.prompt_tokens)
 
     def ttft_s(self, state: BackendState, ask: Ask, now: float) -> float:
         """Predicted time from now to the request's first token on this backend."""
-        return self.wait_s(state, ask, now) + state.ttft.estimate_s
+        wait = self.wait_s(state, ask, now)
+        return wait + self.first_token_s(state, ask, wait, now)
 
     # --- the decision at arrival ----------------------------------------------------------------
 
@@ -234,22 +336,27 @@ class Admission:
         states = [self.states[b.name] for b in candidates]
         if not self.config.enabled:
             return min(states, key=lambda s: s.in_flight).config, False
-        free = [s for s in states if not s.waiters and self.has_room(s, ask, now)]
+        budget = ask.budget_s(now)
+        free = [
+            s
+            for s in states
+            if not s.waiters
+            and self.has_room(s, ask, now)
+            # A busy backend whose prefill backlog would make the first token late is not free.
+            and (budget is None or s.in_flight == 0 or self.first_token_s(s, ask, 0.0, now) <= budget)
+        ]
         if free:
             return min(free, key=lambda s: s.utilisation).config, False
-        budget = ask.budget_s(now)
         if budget is None:
             return min(states, key=lambda s: s.utilisation).config, False
-        best = min(states, key=lambda s: self.ttft_s(s, ask, now))
-        best_ttft = self.ttft_s(best, ask, now)
+        best_ttft, best = min(((self.ttft_s(s, ask, now), s) for s in states), key=lambda p: p[0])
         if best_ttft <= budget and best.waiting < self.config.max_queue:
             return best.config, False
         spill_states = [self.states[b.name] for b in spill]
         if spill_states:
-            other = min(spill_states, key=lambda s: self.ttft_s(s, ask, now))
-            if self.ttft_s(other, ask, now) <= budget and (
-                other.waiting < self.config.max_queue or self.has_room(other, ask, now)
-            ):
+            other_ttft, other = min(((self.ttft_s(s, ask, now), s) for s in spill_states), key=lambda p: p[0])
+            has_place = other.waiting < self.config.max_queue or self.has_room(other, ask, now)
+            if other_ttft <= budget and has_place:
                 return other.config, True
         retry = max(1.0, math.ceil(best_ttft - max(budget, 0.0)))
         if best.waiting >= self.config.max_queue:
@@ -274,8 +381,7 @@ class Admission:
         """
         state = self.states[backend.name]
         if not self.config.enabled:
-            job = Job(ask, time.perf_counter())
-            state.jobs.add(job)
+            job = state.start_job(ask, time.perf_counter())
             try:
                 yield job
             finally:
@@ -285,8 +391,7 @@ class Admission:
         if state.waiters or not self.has_room(state, ask, now):
             job = await self._queue(state, ask, now)
         else:
-            job = Job(ask, now)
-            state.jobs.add(job)
+            job = state.start_job(ask, now)
         try:
             yield job
         finally:
@@ -300,57 +405,73 @@ class Admission:
                 max(1.0, math.ceil(self.wait_s(state, ask, now))),
                 f"backend {state.config.name} has {len(state.waiters)} requests queued (the limit)",
             )
-        waiter = Waiter(ask, next(self._seq), now, asyncio.get_running_loop().create_future())
-        state.waiters.append(waiter)
+        pos, start = self._plan(state, ask, now)
+        budget = ask.budget_s(now)
+        latest = None
+        if budget is not None:
+            # Past this, the first token would come too late even if the slot came then.
+            latest = now + budget - self.first_token_s(state, ask, start, now)
+        future = asyncio.get_running_loop().create_future()
+        waiter = Waiter(ask, next(self._seq), now, future, latest_start=latest)
+        state.waiters.insert(pos, waiter)
         self._grant(state)  # it may be first in line for a slot that is already free
         timeout = self.config.max_queue_wait_s
-        budget = ask.budget_s(now)
-        if budget is not None:
-            # Past this, the first token would come too late even if the slot came now.
-            timeout = min(timeout, max(0.0, budget - state.ttft.estimate_s))
+        if latest is not None:
+            timeout = min(timeout, max(0.0, latest - now))
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.shield(waiter.granted)
+        except AdmissionRefused:
+            raise  # refused at its turn (see _grant), already out of the queue
         except TimeoutError:
-            if waiter.job is not None:  # granted in the same instant: keep the slot
-                return waiter.job
+            if waiter.granted.done():  # granted or refused in the same instant
+                if waiter.job is not None:
+                    return waiter.job
+                raise waiter.granted.exception() from None  # type: ignore[misc]
             state.waiters.remove(waiter)
             self._grant(state)
-            raise AdmissionRefused(
-                state.config.name,
-                max(1.0, math.ceil(self.wait_s(state, ask, time.perf_counter()))),
-                f"backend {state.config.name} is at capacity ({state.config.max_concurrent} in flight) "
-                f"and the request could not start in time",
-            ) from None
+            raise self._too_late(state, ask, time.perf_counter()) from None
         except BaseException:
             # Cancelled (the client left): give up the place, or the slot it was just given.
             if waiter.job is not None:
                 state.jobs.discard(waiter.job)
-            else:
+            elif waiter in state.waiters:
                 state.waiters.remove(waiter)
+            elif waiter.granted.done():
+                waiter.granted.exception()  # refused meanwhile: nobody else will read it
             self._grant(state)
             raise
         assert waiter.job is not None
         return waiter.job
 
     def _grant(self, state: BackendState) -> None:
-        """Give free slots to the best waiters; a granted waiter's job counts in flight at once."""
+        """Give free slots to the head of the queue; a granted waiter's job counts in flight at once."""
         now = time.perf_counter()
-        while state.waiters:
-            best = min(state.waiters, key=lambda w: self._order_key(w.ask, w.enqueued, w.seq, now))
-            if not self.has_room(state, best.ask, now):
-                return
-            state.waiters.remove(best)
-            best.job = Job(best.ask, now, queued_s=now - best.enqueued)
-            state.jobs.add(best.job)
-            best.granted.set_result(None)
+        while state.waiters and self.has_room(state, state.waiters[0].ask, now):
+            head = state.waiters.pop(0)
+            budget = head.ask.budget_s(now)
+            if budget is not None and self.first_token_s(state, head.ask, 0.0, now) > budget:
+                # The prompts prefilling ahead of it would make its first token late: refuse it now
+                # rather than admit a miss, and give the slot to the next.
+                head.granted.set_exception(self._too_late(state, head.ask, now))
+                continue
+            head.job = state.start_job(head.ask, now, queued_s=now - head.enqueued)
+            head.granted.set_result(None)
+
+    def _too_late(self, state: BackendState, ask: Ask, now: float) -> AdmissionRefused:
+        return AdmissionRefused(
+            state.config.name,
+            max(1.0, math.ceil(self.wait_s(state, ask, now))),
+            f"backend {state.config.name} is at capacity ({state.config.max_concurrent} in flight) "
+            f"and the request could not start in time",
+        )
 
     def _finish(self, state: BackendState, job: Job) -> None:
         state.jobs.discard(job)
         now = time.perf_counter()
         state.served += 1
         if job.first_token_at is not None:
-            state.ttft.add(job.first_token_at - job.started)
+            state.ttft.add(job.prefill_tokens, job.first_token_at - job.started)
         tokens = job.completion_tokens
         if not tokens:
             return
@@ -358,7 +479,7 @@ class Admission:
             if tokens > 1 and job.first_token_at < now:
                 state.tpot.add((now - job.first_token_at) / (tokens - 1))
         else:  # a whole answer at once: what is left after the usual first token, per token
-            decode = now - job.started - state.ttft.estimate_s
+            decode = now - job.started - state.ttft.estimate_s(job.prefill_tokens)
             if decode > 0:
                 state.tpot.add(decode / tokens)
 
@@ -378,8 +499,8 @@ class Admission:
                 "in_flight": s.in_flight,
                 "waiting": s.waiting,
                 "tokens_in_flight": s.tokens_in_flight(now),
-                "ttft_ms": s.ttft.estimate_s * 1000,
-                "ttft_p90_ms": s.ttft.p90_s * 1000,
+                "ttft_ms": s.ttft.mean.estimate_s * 1000,
+                "ttft_p90_ms": s.ttft.mean.p90_s * 1000,
                 "tpot_ms": s.tpot.estimate_s * 1000,
                 "tpot_p90_ms": s.tpot.p90_s * 1000,
                 "errors": s.errors,

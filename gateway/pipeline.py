@@ -143,11 +143,12 @@ def ask_for(ctx: RequestContext, policy: Policy) -> Ask:
     """What admission needs: sizes (the prompt estimate, the predicted output) and the class's objectives."""
     name, cls = policy.admission.priority_of(ctx.tenant.name)
     routed = ctx.decisions.get("route") or {}
-    predicted = (routed.get("predicted_tokens") or {}).get("p50") or 0
+    predicted = routed.get("predicted_tokens") or {}
     ctx.decisions["priority"] = {"class": name, "rank": cls.rank, "ttft_slo_ms": cls.ttft_slo_ms}
     return Ask(
         prompt_tokens=routed.get("prompt_tokens_est") or estimate_prompt_tokens(ctx.body),
-        output_tokens=int(predicted),
+        output_tokens=int(predicted.get("p50") or 0),
+        output_tokens_p90=int(predicted.get("p90") or 0),
         rank=cls.rank,
         ttft_slo_s=cls.ttft_slo_ms / 1000 if cls.ttft_slo_ms else None,
         tpot_slo_s=cls.tpot_slo_ms / 1000 if cls.tpot_slo_ms else None,

@@ -192,7 +192,10 @@ LiveState = Callable[[], Mapping[str, Mapping[str, float | int | None]]]
 
 
 class BackendStateCollector(Collector):
-    """Admission's live view of each backend, read at scrape time: `icgate_admission_backend_<field>{backend}`."""
+    """Admission's live view of each backend, read at scrape time.
+
+    Exported as `icgate_admission_backend_<field>{backend}`.
+    """
 
     def __init__(self, snapshot: LiveState) -> None:
         self.snapshot = snapshot
@@ -205,9 +208,9 @@ class BackendStateCollector(Collector):
                     continue
                 family = families.get(field)
                 if family is None:
+                    name = f"icgate_admission_backend_{field}"
                     description = f"Admission's live {field.replace('_', ' ')}."
-                    family = GaugeMetricFamily(f"icgate_admission_backend_{field}", description, labels=["backend"])
-                    families[field] = family
+                    family = families[field] = GaugeMetricFamily(name, description, labels=["backend"])
                 family.add_metric([backend], float(value))
         return list(families.values())
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.admission import Admission, AdmissionRefused, Ask, BackendSignals, Job, Waiter
+from gateway.admission import Admission, AdmissionRefused, Ask, BackendSignals, Job, TtftModel, Waiter
 from gateway.config import AdmissionConfig, BackendConfig
 
 
@@ -126,6 +126,100 @@ def test_wait_estimate_plays_in_flight_and_queue_forward_over_the_slots() -> Non
     assert adm.ttft_s(state, ask(output=10), now) == pytest.approx(0.7, abs=0.01)
 
 
+def test_a_waiter_is_not_overtaken_into_missing_its_objective() -> None:
+    a = backend("a", max_concurrent=1, expected_ttft_ms=1, expected_tpot_ms=10)
+    adm = admission(a, ageing_tokens_per_s=0)
+    state = adm.states["a"]
+    now = time.perf_counter()
+    state.jobs.add(_job(output=50, started=now))  # frees the slot at ~0.5 s
+    long = _waiter(adm, ask(output=100), now)
+    long.latest_start = now + 1.0  # told it could start by 1.0 s (it would at 0.5 s)
+    state.waiters.append(long)
+    # A shorter newcomer may go first while the long one still starts in time (0.8 s)...
+    pos, start = adm._plan(state, ask(output=30), now)
+    assert (pos, start) == (0, pytest.approx(0.5, abs=0.01))
+    state.waiters.insert(0, _waiter(adm, ask(output=30), now))
+    # ...but a second one would push it to 1.1 s: it queues behind the long one instead.
+    pos, start = adm._plan(state, ask(output=30), now)
+    assert (pos, start) == (2, pytest.approx(1.8, abs=0.01))
+    # Without an objective, the long one can be overtaken as far as shortest-first says.
+    long.latest_start = None
+    assert adm._plan(state, ask(output=30), now)[0] == 1
+
+
+def test_time_to_first_token_grows_with_the_prompt_tokens_to_prefill() -> None:
+    model = TtftModel(prior_s=0.5)
+    assert model.estimate_s(4000) == 0.5  # the prior until it has samples
+    for tokens in (100, 500, 1000, 2000, 4000, 300, 800, 1500):
+        model.add(tokens, 0.02 + 0.0001 * tokens)
+    assert model.estimate_s(1000) == pytest.approx(0.12, abs=0.005)
+    assert model.estimate_s(8000) == pytest.approx(0.82, abs=0.02)
+    flat = TtftModel(prior_s=0.5)
+    for tokens in (100, 500, 1000, 2000, 4000, 300, 800, 1500):
+        flat.add(tokens, 0.3 - 0.00001 * tokens)  # noise that slopes down: no negative cost per token
+    assert flat.estimate_s(100_000) == pytest.approx(0.3 - 0.00001 * 1275, abs=0.01)
+
+
+async def test_queued_request_waits_for_the_prompts_prefilling_ahead_of_it() -> None:
+    a = backend("a", max_concurrent=4, expected_ttft_ms=100)
+    adm = admission(a)
+    state = adm.states["a"]
+    for tokens in (100, 500, 1000, 2000, 4000, 300, 800, 1500):
+        state.ttft.add(tokens, 0.0001 * tokens)
+    async with adm.hold(a, ask(prompt=3000)) as first:
+        assert first.prefill_tokens == 3000
+        async with adm.hold(a, ask(prompt=1000)) as second:
+            assert second.prefill_tokens == 4000  # the first is still prefilling
+            now = time.perf_counter()
+            assert adm.ttft_s(state, ask(prompt=1000), now) == pytest.approx(0.5, abs=0.02)
+            first.first_token_at = second.first_token_at = time.perf_counter()
+            assert adm.ttft_s(state, ask(prompt=1000), now) == pytest.approx(0.1, abs=0.02)
+
+
+async def test_a_waiter_whose_first_token_would_be_late_is_refused_at_its_turn() -> None:
+    a = backend("a", max_concurrent=2)
+    adm = admission(a, max_queue_wait_s=30)
+    state = adm.states["a"]
+    for tokens in (100, 500, 1000, 2000, 4000, 300, 800, 1500):
+        state.ttft.add(tokens, 0.0001 * tokens)  # 0.1 ms a prompt token
+    release = asyncio.Event()
+
+    async def holder(prompt: int, first_token: bool) -> None:
+        async with adm.hold(a, ask(prompt=prompt)) as job:
+            if first_token:
+                job.first_token_at = time.perf_counter()
+            await release.wait()
+
+    decoding = asyncio.create_task(holder(10, first_token=True))
+    prefilling = asyncio.create_task(holder(20_000, first_token=False))  # ~2 s to its first token
+    await asyncio.sleep(0.01)
+    started = time.perf_counter()
+    waiter = asyncio.create_task(adm.hold(a, ask(prompt=1000, slo_ms=2000)).__aenter__())
+    await asyncio.sleep(0.05)
+    assert state.waiting == 1
+    # The decoding request ends: the slot is free, but behind 20k prompt tokens the waiter's first
+    # token would come after ~2.1 s, past its objective. Refused now, not admitted into a miss.
+    decoding.cancel()
+    with pytest.raises(AdmissionRefused):
+        await waiter
+    assert time.perf_counter() - started < 1.0
+    assert state.waiting == 0 and state.in_flight == 1
+    release.set()
+    await prefilling
+    assert state.in_flight == 0
+
+
+def test_an_overrunning_job_is_expected_to_run_on() -> None:
+    a = backend("a", max_concurrent=1, expected_ttft_ms=1, expected_tpot_ms=10)
+    adm = admission(a)
+    state = adm.states["a"]
+    now = time.perf_counter()
+    job = Job(Ask(10, 100, output_tokens_p90=200), started=now - 5.0)  # p50 end 1 s, p90 end 2 s ago
+    assert state.remaining_s(job, now) == pytest.approx(3.0, abs=0.01)  # overran its p90 by 3 s
+    fresh = Job(Ask(10, 100, output_tokens_p90=200), started=now - 1.5)  # past p50, not p90
+    assert state.remaining_s(fresh, now) == pytest.approx(0.5, abs=0.01)
+
+
 def test_place_refuses_when_no_candidate_can_meet_the_objective() -> None:
     a = backend("a", max_concurrent=1, expected_ttft_ms=100, expected_tpot_ms=10)
     adm = admission(a)
@@ -234,7 +328,7 @@ async def test_finished_requests_teach_time_to_first_token_and_per_token() -> No
         await asyncio.sleep(0.05)
         job.completion_tokens = 11
     state = adm.states["a"]
-    assert 0.04 <= state.ttft.estimate_s < 0.5
+    assert 0.04 <= state.ttft.estimate_s(10) < 0.5
     assert 0.004 <= state.tpot.estimate_s < 0.05  # ~0.05 s over 10 tokens
     snapshot = adm.snapshot()["a"]
     assert snapshot["served"] == 1 and snapshot["in_flight"] == 0
