@@ -646,6 +646,7 @@ def icgate_policy(
             "enabled": admission,
             "ttft_slo_ms": args.ttft_slo_ms,
             "tpot_slo_ms": args.tpot_slo_ms,
+            "ttft_margin": args.ttft_margin,
         },
     }
 
@@ -1049,7 +1050,8 @@ def write_report(
         f"- command: `{meta['command']}`",
         f"- objectives: TTFT <= {args.ttft_slo_ms:g} ms (from the client's send), "
         f"TPOT <= {args.tpot_slo_ms:g} ms; "
-        f"window {args.duration_s:g} s per run, then at most {args.straggle_s:g} s for stragglers",
+        f"window {args.duration_s:g} s per run, then at most {args.straggle_s:g} s for stragglers; "
+        f"(a) aims {args.ttft_margin:.0%} under the TTFT objective (`admission.ttft_margin`)",
         f"- per-request logs and configs: `{meta['work']}` (not kept)",
         "",
         "## Setup",
@@ -1156,6 +1158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, default=60.0, help="offered load per run")
     p.add_argument("--straggle-s", type=float, default=30.0, help="wait after the window before cancelling")
     p.add_argument("--ttft-slo-ms", type=float, default=1500.0)
+    p.add_argument(
+        "--ttft-margin",
+        type=float,
+        default=0.1,
+        help="icgate's admission.ttft_margin: the share of the TTFT objective it keeps in reserve",
+    )
     p.add_argument("--tpot-slo-ms", type=float, default=100.0)
     p.add_argument("--capacity-s", type=float, default=20.0)
     p.add_argument("--capacity-warmup-s", type=float, default=8.0)

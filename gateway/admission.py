@@ -62,9 +62,11 @@ class Ask:
     def tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens
 
-    def budget_s(self, now: float) -> float | None:
-        """Time left to the first-token objective, or None without one."""
-        return None if self.ttft_slo_s is None else self.ttft_slo_s - (now - self.arrived)
+    def budget_s(self, now: float, margin: float = 0.0) -> float | None:
+        """Time left to the first-token objective less `margin` of it, or None without one."""
+        if self.ttft_slo_s is None:
+            return None
+        return self.ttft_slo_s * (1.0 - margin) - (now - self.arrived)
 
 
 class Latency:
@@ -336,7 +338,7 @@ class Admission:
         states = [self.states[b.name] for b in candidates]
         if not self.config.enabled:
             return min(states, key=lambda s: s.in_flight).config, False
-        budget = ask.budget_s(now)
+        budget = ask.budget_s(now, self.config.ttft_margin)
         free = [
             s
             for s in states
@@ -406,7 +408,7 @@ class Admission:
                 f"backend {state.config.name} has {len(state.waiters)} requests queued (the limit)",
             )
         pos, start = self._plan(state, ask, now)
-        budget = ask.budget_s(now)
+        budget = ask.budget_s(now, self.config.ttft_margin)
         latest = None
         if budget is not None:
             # Past this, the first token would come too late even if the slot came then.
@@ -449,7 +451,7 @@ class Admission:
         now = time.perf_counter()
         while state.waiters and self.has_room(state, state.waiters[0].ask, now):
             head = state.waiters.pop(0)
-            budget = head.ask.budget_s(now)
+            budget = head.ask.budget_s(now, self.config.ttft_margin)
             if budget is not None and self.first_token_s(state, head.ask, 0.0, now) > budget:
                 # The prompts prefilling ahead of it would make its first token late: refuse it now
                 # rather than admit a miss, and give the slot to the next.

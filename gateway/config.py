@@ -221,6 +221,9 @@ class AdmissionConfig(Strict):
     enabled: bool = True
     ttft_slo_ms: float | None = Field(None, gt=0)
     tpot_slo_ms: float | None = Field(None, gt=0)
+    # Share of the objective kept in reserve: predictions are averages, the objective is met by (nearly)
+    # every request, so admission aims this much under it.
+    ttft_margin: float = Field(0.0, ge=0, lt=1)
     # How long a request may wait for a free slot on a saturated backend.
     max_queue_wait_s: float = Field(30.0, ge=0)
     max_queue: int = Field(256, ge=0)  # waiting requests per backend

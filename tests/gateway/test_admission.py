@@ -233,6 +233,17 @@ def test_place_refuses_when_no_candidate_can_meet_the_objective() -> None:
     assert "1500 ms" in refused.reason
 
 
+def test_margin_keeps_part_of_the_objective_in_reserve() -> None:
+    a = backend("a", max_concurrent=1, expected_ttft_ms=100, expected_tpot_ms=10)
+    job = _job(output=120)  # busy ~1.3 s: first token predicted at ~1.4 s
+    exact, careful = admission(a), admission(a, ttft_margin=0.1)
+    exact.states["a"].jobs.add(job)
+    careful.states["a"].jobs.add(job)
+    assert exact.place(ask(slo_ms=1500), [a]) == (a, False)
+    with pytest.raises(AdmissionRefused):
+        careful.place(ask(slo_ms=1500), [a])  # aims at 1350 ms
+
+
 def test_place_spills_a_routed_request_to_the_other_tier_only_when_that_meets_the_objective() -> None:
     small = backend("small", 1, expected_ttft_ms=50, expected_tpot_ms=5)
     large = backend("large", 1, tier="large", expected_ttft_ms=100, expected_tpot_ms=10)
