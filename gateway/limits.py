@@ -58,6 +58,10 @@ class TenantLimiter:
     def _limits(self, tenant: str) -> TenantLimits | None:
         return self.config.tenant(tenant) if self.config.enabled else None
 
+    def tracks(self, tenant: str) -> bool:
+        """Whether the tenant has any limit or budget to charge (most requests need no charge task)."""
+        return self._limits(tenant) is not None
+
     async def check(self, tenant: str, prompt_tokens: int) -> None:
         """Raise a 429 (OpenAI's codes and headers) if the tenant is over a limit or its budget."""
         limits = self._limits(tenant)

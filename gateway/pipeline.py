@@ -577,7 +577,7 @@ class Pipeline:
         self.telemetry.metrics.observe(record)
         if self.sink is not None and not self.sink.submit(record):
             self.telemetry.metrics.request_log_dropped()
-        if self.limiter is not None and ctx.backend is not None:
+        if self.limiter is not None and ctx.backend is not None and self.limiter.tracks(ctx.tenant.name):
             task = asyncio.get_running_loop().create_task(
                 self.limiter.charge(ctx.tenant.name, ctx.completion_tokens, ctx.cost_usd())
             )

@@ -52,23 +52,32 @@ def transport(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def standin_policy(standins: Standins, transport: str = "litellm", **overrides: Any) -> Policy:
-    """A policy over the two stand-ins; `overrides` replace top-level sections."""
+def two_tier_policy(
+    small_url: str,
+    large_url: str,
+    models: tuple[str, str],
+    common: dict[str, Any],
+    small: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Policy:
+    """Backends `small` and `large` at two loopback servers, cache off, the length rule routing;
+    `common` goes into both backends, `small` into the small one, `overrides` replace top-level sections."""
     raw: dict[str, Any] = {
         "backends": [
             {
                 "name": "small",
                 "tier": "small",
-                "model": "openai/small-model",
-                "api_base": standins.small_url + "/v1",
-                "client": transport,
+                "model": f"openai/{models[0]}",
+                "api_base": small_url + "/v1",
+                **common,
+                **(small or {}),
             },
             {
                 "name": "large",
                 "tier": "large",
-                "model": "openai/large-model",
-                "api_base": standins.large_url + "/v1",
-                "client": transport,
+                "model": f"openai/{models[1]}",
+                "api_base": large_url + "/v1",
+                **common,
             },
         ],
         "routed_models": ["auto"],
@@ -79,6 +88,17 @@ def standin_policy(standins: Standins, transport: str = "litellm", **overrides: 
     }
     raw.update(overrides)
     return Policy.model_validate(raw)
+
+
+def standin_policy(standins: Standins, transport: str = "litellm", **overrides: Any) -> Policy:
+    """A policy over the two stand-ins; `overrides` replace top-level sections."""
+    return two_tier_policy(
+        standins.small_url,
+        standins.large_url,
+        ("small-model", "large-model"),
+        {"client": transport},
+        **overrides,
+    )
 
 
 @dataclass

@@ -54,9 +54,9 @@ async def test_hold_never_exceeds_max_concurrent_and_reports_queue_time() -> Non
     assert adm.states["a"].in_flight == 0 and adm.states["a"].waiting == 0
 
 
-async def test_queue_serves_higher_class_then_shortest_predicted_output_first() -> None:
-    a = backend("a", max_concurrent=1)
-    adm = admission(a, max_queue_wait_s=5, ageing_tokens_per_s=0)
+async def served_order(adm: Admission, a: BackendConfig, arrivals: list[tuple[str, Ask, float]]) -> list[str]:
+    """Hold the backend's only slot, queue `arrivals` (name, request, seconds before the next), then
+    free the slot: the order in which they were served."""
     order: list[str] = []
     release = asyncio.Event()
 
@@ -70,42 +70,35 @@ async def test_queue_serves_higher_class_then_shortest_predicted_output_first() 
 
     first = asyncio.create_task(holder())
     await asyncio.sleep(0)
-    tasks = [
-        asyncio.create_task(waiter("batch-short", ask(output=10, rank=1))),
-        asyncio.create_task(waiter("long", ask(output=500))),
-        asyncio.create_task(waiter("short", ask(output=20))),
-        asyncio.create_task(waiter("medium", ask(output=100))),
-    ]
+    tasks = []
+    for name, request, pause in arrivals:
+        tasks.append(asyncio.create_task(waiter(name, request)))
+        await asyncio.sleep(pause)
     await asyncio.sleep(0.01)
-    assert adm.states["a"].waiting == 4
+    assert adm.states[a.name].waiting == len(arrivals)
     release.set()
     await asyncio.gather(first, *tasks)
-    assert order == ["short", "medium", "long", "batch-short"]
+    return order
+
+
+async def test_queue_serves_higher_class_then_shortest_predicted_output_first() -> None:
+    a = backend("a", max_concurrent=1)
+    adm = admission(a, max_queue_wait_s=5, ageing_tokens_per_s=0)
+    arrivals = [
+        ("batch-short", ask(output=10, rank=1), 0.0),
+        ("long", ask(output=500), 0.0),
+        ("short", ask(output=20), 0.0),
+        ("medium", ask(output=100), 0.0),
+    ]
+    assert await served_order(adm, a, arrivals) == ["short", "medium", "long", "batch-short"]
 
 
 async def test_ageing_lets_a_long_request_overtake_newer_short_ones() -> None:
     a = backend("a", max_concurrent=1)
     adm = admission(a, max_queue_wait_s=5, ageing_tokens_per_s=10_000)
-    order: list[str] = []
-    release = asyncio.Event()
-
-    async def holder() -> None:
-        async with adm.hold(a, ask()):
-            await release.wait()
-
-    async def waiter(name: str, request: Ask) -> None:
-        async with adm.hold(a, request):
-            order.append(name)
-
-    first = asyncio.create_task(holder())
-    await asyncio.sleep(0)
-    long = asyncio.create_task(waiter("long", ask(output=500)))
-    await asyncio.sleep(0.1)  # 0.1 s at 10k tokens/s ages it by 1000 tokens: now "shorter" than 20
-    short = asyncio.create_task(waiter("short", ask(output=20)))
-    await asyncio.sleep(0.01)
-    release.set()
-    await asyncio.gather(first, long, short)
-    assert order == ["long", "short"]
+    # 0.1 s at 10k tokens/s ages the long one by 1000 tokens: by then "shorter" than 20.
+    arrivals = [("long", ask(output=500), 0.1), ("short", ask(output=20), 0.0)]
+    assert await served_order(adm, a, arrivals) == ["long", "short"]
 
 
 def test_wait_estimate_plays_in_flight_and_queue_forward_over_the_slots() -> None:

@@ -20,7 +20,7 @@ from bench.simulator.engine import EngineConfig
 from bench.simulator.server import Simulator, running_simulator
 from gateway import keys
 from gateway.config import Policy
-from tests.gateway.conftest import RunningGateway
+from tests.gateway.conftest import RunningGateway, two_tier_policy
 
 StartGateway = Callable[[Policy], RunningGateway]
 STEADY = {
@@ -50,31 +50,9 @@ def sims() -> Iterator[Sims]:
 def sim_policy(sims: Sims, small: dict[str, Any] | None = None, **overrides: Any) -> Policy:
     """Two simulated tiers; the gateway's priors match their steady 20 ms per token."""
     common = {"client": "http", "expected_ttft_ms": 30, "expected_tpot_ms": 20}
-    raw: dict[str, Any] = {
-        "backends": [
-            {
-                "name": "small",
-                "tier": "small",
-                "model": "openai/sim-small",
-                "api_base": sims.small_url + "/v1",
-                **common,
-                **(small or {}),
-            },
-            {
-                "name": "large",
-                "tier": "large",
-                "model": "openai/sim-large",
-                "api_base": sims.large_url + "/v1",
-                **common,
-            },
-        ],
-        "routed_models": ["auto"],
-        "embedding": {"preload": False},
-        "cache": {"enabled": False},
-        "router": {"kind": "rule", "large_if_prompt_tokens_over": 200},
-    }
-    raw.update(overrides)
-    return Policy.model_validate(raw)
+    return two_tier_policy(
+        sims.small_url, sims.large_url, ("sim-small", "sim-large"), common, small, **overrides
+    )
 
 
 def chat(model: str, max_tokens: int, words: int = 5, stream: bool = False) -> dict[str, Any]:
