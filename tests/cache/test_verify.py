@@ -18,14 +18,15 @@ from cache.verify import (
     SCALAR_FEATURES,
     HitVerifier,
     LabelledPair,
+    apply_rules,
     cached_encode,
     calibrate,
     evaluate,
     evaluate_cosine_rule,
     load_pairs,
+    out_of_fold_probabilities,
     pair_bucket,
     pair_features,
-    split_fit_validation,
 )
 
 FEATURE = {name: i for i, name in enumerate(SCALAR_FEATURES)}
@@ -222,18 +223,62 @@ def calibrated(embedder: SentenceTransformerEmbedder) -> HitVerifier:
     return calibrate(synthetic_pairs(), embedder.encode, target_precision=0.9, seed=0, balance=False)
 
 
-def test_calibrate_meets_its_target_on_its_validation_split(
+def test_calibrate_meets_its_target_out_of_fold(
     calibrated: HitVerifier, embedder: SentenceTransformerEmbedder
 ) -> None:
+    pairs = synthetic_pairs()
     assert calibrated.metrics["precision"] >= 0.9
     assert calibrated.metrics["recall"] > 0.3
-    _, validation = split_fit_validation(synthetic_pairs(), seed=0)
-    result = evaluate(calibrated, validation, embedder.encode)
-    assert result["precision"] >= 0.9 and result["recall"] == pytest.approx(calibrated.metrics["recall"])
-    assert result["n"] == calibrated.metrics["n"] == len(validation)
+    assert calibrated.metrics["n"] == len(pairs) and "out-of-fold" in calibrated.metrics["measured_on"]
+    result = evaluate(calibrated, pairs, embedder.encode)
+    # the shipped classifier is refitted on every pair, so on them it does at least as well as out of fold
+    assert result["precision"] >= 0.9 and result["recall"] >= calibrated.metrics["recall"] - 0.05
     assert calibrated.version.startswith("v1-")
-    baseline = evaluate_cosine_rule(validation, embedder.encode, 0.8)
+    baseline = evaluate_cosine_rule(pairs, embedder.encode, 0.8)
     assert set(baseline) >= {"precision", "recall", "f1", "n", "accuracy", "positives"}
+
+
+def test_rules_match_twins_and_refuse_negations_and_other_numbers() -> None:
+    texts_a = [
+        "How do I reset my password?",
+        "Is it safe to run 5 km a day?",
+        "Is it safe to run 10 km a day?",
+        "What's the best phone under 10,000?",
+        "Why can't I sleep?",
+        "How can I lose weight?",
+        "How can I lose 5 kg in a month?",
+    ]
+    texts_b = [
+        "how do I reset my password",
+        "Is it not safe to run 5 km a day?",
+        "Is it safe to run 5 km a day?",
+        "What is the best phone under 10000?",
+        "Why am I unable to sleep?",
+        "How do I lose weight fast?",
+        "How can I lose weight quickly?",
+    ]
+    scores = apply_rules(texts_a, texts_b, np.full(7, 0.9))
+    # twins match; a flipped negation or other numbers with the same words never do; the rest is learnt
+    assert scores.tolist() == [1.0, 0.0, 0.0, 0.9, 0.9, 0.9, 0.9]
+
+
+def test_out_of_fold_scores_do_not_learn_noise() -> None:
+    """Labels that are pure noise: a model scored on pairs it was fitted on would separate them; scored
+    out of fold it cannot, so calibration on such labels finds no safe threshold."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(400, len(SCALAR_FEATURES) + 8))
+    labels = (rng.random(400) < 0.5).astype(np.int8)
+    probs = out_of_fold_probabilities(features, labels, seed=0)
+    gap = probs[labels == 1].mean() - probs[labels == 0].mean()
+    assert abs(gap) < 0.05
+    in_sample = calibrate_like_in_sample(features, labels)
+    assert in_sample[labels == 1].mean() - in_sample[labels == 0].mean() > 0.1  # what leaking would do
+
+
+def calibrate_like_in_sample(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from cache.verify import fit_classifier
+
+    return fit_classifier(features, labels, seed=0).predict_proba(features)[:, 1]
 
 
 def test_score_is_zero_below_the_cosine_prefilter(calibrated: HitVerifier) -> None:
@@ -292,12 +337,15 @@ def test_shipped_artifact_accepts_paraphrase_and_rejects_hard_negative(
     embedder: SentenceTransformerEmbedder,
 ) -> None:
     verifier = HitVerifier.load(DEFAULT_ARTIFACT)
-    assert DEFAULT_ARTIFACT.stat().st_size < 5_000_000
+    assert DEFAULT_ARTIFACT.stat().st_size < 25_000_000
+    assert verifier.cross_encoder is not None and verifier.cross_encoder.tuned_layers == 6
     assert verifier.metrics["precision"] >= 0.95
     texts = ["How do I reset my password?", "How can I reset my password?", "How do I reset my router?"]
     query, paraphrase, other = embedder.encode(texts)
     assert verifier.accept(texts[0], texts[1], query, paraphrase)
     assert not verifier.accept(texts[0], texts[2], query, other)
+    negated = ["Is it safe to run 5 km a day?", "Is it not safe to run 5 km a day?"]
+    assert not verifier.accept(negated[0], negated[1], *embedder.encode(negated))
     assert verifier.score(texts[0], texts[2], query, other) < verifier.score(
         texts[0], texts[1], query, paraphrase
     )

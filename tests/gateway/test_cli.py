@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cache.verify import HitVerifier
 from gateway import cli
 from gateway.config import DEFAULT_POLICY
 
@@ -118,6 +120,24 @@ def test_cache_calibrate_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture
     calibrated = json.loads(lines[-1])
     assert calibrated["artifact"] == str(out) and calibrated["cross_encoder"]["steps"] == 8
     assert "cross-encoder step 8/8" in err  # progress goes to stderr, the result alone to stdout
+    # a new operating point reuses the trained cross-encoder; pairs it was trained on are refused
+    again = tmp_path / "again.joblib"
+    code, lines, err = run(
+        capsys, "cache", "calibrate", "--pairs", str(pairs), "--precision", "0.8", "--out", str(again),
+        "--cross-encoder-from", str(out), "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    reused = json.loads(lines[-1])
+    assert reused["cross_encoder"]["reused_from"] == calibrated["version"] and "cross-encoder step" not in err
+    first, second = HitVerifier.load(out).cross_encoder, HitVerifier.load(again).cross_encoder
+    assert first is not None and second is not None
+    texts_a, texts_b = ["How do I cook rice?", "Is it safe?"], ["How can I cook rice?", "What is love?"]
+    np.testing.assert_array_equal(first.logits(texts_a, texts_b), second.logits(texts_a, texts_b))
+    code, _, err = run(
+        capsys, "cache", "calibrate", "--pairs", str(pairs), "--max-pairs", "40", "--out", str(again),
+        "--cross-encoder-from", str(out), "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code != 0 and "trained beside other calibration pairs" in err
     code, lines, err = run(
         capsys, "cache", "eval", "--pairs", str(pairs), "--verifier", str(out), "--data-dir", str(tmp_path)
     )
