@@ -271,11 +271,11 @@ def test_out_of_fold_scores_do_not_learn_noise() -> None:
     probs = out_of_fold_probabilities(features, labels, seed=0)
     gap = probs[labels == 1].mean() - probs[labels == 0].mean()
     assert abs(gap) < 0.05
-    in_sample = calibrate_like_in_sample(features, labels)
+    in_sample = in_sample_probabilities(features, labels)
     assert in_sample[labels == 1].mean() - in_sample[labels == 0].mean() > 0.1  # what leaking would do
 
 
-def calibrate_like_in_sample(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def in_sample_probabilities(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
     from cache.verify import fit_classifier
 
     return fit_classifier(features, labels, seed=0).predict_proba(features)[:, 1]
