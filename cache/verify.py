@@ -295,6 +295,7 @@ class _Parsed:
     first_word: str
     normalised: str
     trigrams: frozenset[str]
+    core_content: frozenset[str]  # content words but negations and numbers (see `apply_rules`)
 
 
 def _parse(text: str) -> _Parsed:
@@ -313,10 +314,11 @@ def _parse(text: str) -> _Parsed:
                 entities.add(token)
     entities.update(w.lower() for w in re.findall(r"\b[A-Z][A-Z0-9]+\b", text))  # acronyms, anywhere
     question = [w for w in bare if w in _QUESTION_WORDS]
+    content = frozenset(w for w in bare if w not in _STOPWORDS)
     return _Parsed(
         chars=len(text.strip()),
         words=words,
-        content=frozenset(w for w in bare if w not in _STOPWORDS),
+        content=content,
         bigrams=frozenset(itertools.pairwise(bare)),
         numbers=numbers,
         negated=negated,
@@ -326,6 +328,7 @@ def _parse(text: str) -> _Parsed:
         first_word=bare[0] if bare else "",
         normalised=" ".join(bare),
         trigrams=frozenset(" ".join(bare)[i : i + 3] for i in range(max(0, len(" ".join(bare)) - 2))),
+        core_content=frozenset(w for w in content if w not in _NEGATIONS and not any(c.isdigit() for c in w)),
     )
 
 
@@ -353,14 +356,6 @@ class Idf:
         return cls(weights, round(math.log((1 + n) / 2) + 1, 3))
 
 
-def _content_but_negations_and_numbers(parsed: _Parsed) -> frozenset[str]:
-    return frozenset(
-        w
-        for w in parsed.content
-        if w not in _NEGATIONS and not w.endswith("n't") and not any(ch.isdigit() for ch in w)
-    )
-
-
 def apply_rules(texts_a: Sequence[str], texts_b: Sequence[str], scores: np.ndarray) -> np.ndarray:
     """`scores` with two hard rules applied, pair by pair.
 
@@ -378,9 +373,7 @@ def apply_rules(texts_a: Sequence[str], texts_b: Sequence[str], scores: np.ndarr
         a, b = _parse(text_a), _parse(text_b)
         if a.normalised == b.normalised:
             out[i] = 1.0
-        elif (a.negated != b.negated or a.numbers != b.numbers) and (
-            _content_but_negations_and_numbers(a) == _content_but_negations_and_numbers(b)
-        ):
+        elif (a.negated != b.negated or a.numbers != b.numbers) and a.core_content == b.core_content:
             out[i] = 0.0
     return out
 
@@ -1032,6 +1025,8 @@ def calibrate_file(
             chosen, rest = chosen[: len(chosen) // 2], chosen[len(chosen) // 2 :]
     trained = None
     if cross_encoder_from is not None:
+        if cross_encoder is not None:
+            raise ValueError("train a cross-encoder or reuse one (cross_encoder_from), not both")
         source = HitVerifier.load(cross_encoder_from)
         made = source.metrics
         if source.cross_encoder is None or made.get("cross_encoder") is None:
@@ -1043,7 +1038,6 @@ def calibrate_file(
                 "out-of-sample here"
             )
         trained = (source.cross_encoder, {**made["cross_encoder"], "reused_from": source.version})
-        cross_encoder, rest = None, []
     verifier = calibrate(
         chosen,
         encode or default_encoder(),

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="fine-tune a MiniLM cross-encoder for this many steps (32 pairs each) on the pairs --max-pairs "
-        "leaves over, as one more feature; 0 (default): none. The shipped verifier used 3000 (18 min on 2 "
+        "leaves over, as one more feature; 0 (default): none. The shipped verifier used 3000 (~20 min on 2 "
         "cores): see cache/artifacts/README.md",
     )
     cal.add_argument("--tuned-layers", type=int, default=6, help="top MiniLM layers the cross-encoder tunes")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="reuse the cross-encoder of this artifact (made from the same file and --max-pairs) "
-        "instead of training one: a new operating point in minutes",
+        "instead of training one (not with --cross-encoder-steps): a new operating point in minutes",
     )
     cal.add_argument(
         "--out", type=Path, default=None, help="artifact path (default: <data-dir>/hit_verifier.joblib)"

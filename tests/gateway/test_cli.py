@@ -138,6 +138,11 @@ def test_cache_calibrate_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture
         "--cross-encoder-from", str(out), "--data-dir", str(tmp_path),
     )  # fmt: skip
     assert code != 0 and "trained beside other calibration pairs" in err
+    code, _, err = run(
+        capsys, "cache", "calibrate", "--pairs", str(pairs), "--out", str(again),
+        "--cross-encoder-from", str(out), "--cross-encoder-steps", "8", "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code != 0 and "not both" in err
     code, lines, err = run(
         capsys, "cache", "eval", "--pairs", str(pairs), "--verifier", str(out), "--data-dir", str(tmp_path)
     )
