@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+from gateway.api.server import build_server
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -23,8 +25,8 @@ class ServerThread:
     def __init__(self, app: Any, port: int | None = None, ready_path: str = "/healthz") -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        # A gateway app gets its policy's server limits and clean shutdown, as under `icgate serve`.
+        self.server: uvicorn.Server = build_server(app, "127.0.0.1", self.port, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.ready_path = ready_path
 

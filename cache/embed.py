@@ -10,6 +10,7 @@ import json
 import os
 import re
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,31 @@ from typing import Any, Protocol
 import numpy as np
 
 from cache.exact import normalise_text
+
+# Characters of one text that are worth embedding. MiniLM reads at most 256 word pieces and drops the
+# rest, but its tokenizer first reads the whole text (a 10 MB text takes seconds and gigabytes). English
+# word pieces average 4-5 characters; at 8 per piece a text cut here still fills the window, so the cut
+# changes no vector and bounds the cost of every embedding (and the size of every memo key).
+CHARS_PER_PIECE = 8
+EMBED_MAX_CHARS = 256 * CHARS_PER_PIECE
+
+
+class UnembeddableTextError(ValueError):
+    """This text cannot be embedded (a lone surrogate, or the encoder refused it alone): the caller's
+    request is at fault, and no other text in its batch suffers for it."""
+
+
+def check_embeddable(text: str) -> None:
+    """Raise UnembeddableTextError for a text the tokenizer cannot take: one that is not valid Unicode
+    (a lone surrogate such as "\\ud800" is legal in JSON, but no UTF-8 encoder accepts it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnembeddableTextError(f"the text is not valid Unicode ({exc.reason} at {exc.start})") from None
+
+
+MemoKey = str | tuple[str, str]  # a text, or (scope, text)
+_Key = tuple[str, str]  # (scope, text)
 
 
 class Embedder(Protocol):
@@ -49,17 +75,27 @@ class SentenceTransformerEmbedder:
 
         self._model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
         self.max_batch = max_batch
+        self.max_chars = int(self._model.max_seq_length or 256) * CHARS_PER_PIECE  # see EMBED_MAX_CHARS
         self.dim = int(self.encode(["dimension probe"]).shape[1])
 
     def encode(self, texts: list[str]) -> np.ndarray:
         vectors = self._model.encode(
-            texts,
+            [text[: self.max_chars] for text in texts],
             batch_size=self.max_batch,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
+
+    def decode_tokens(self, token_ids: list[int]) -> str:
+        """Token ids of this model's tokenizer back to text; ids outside its vocabulary are refused."""
+        tokenizer = self._model.tokenizer
+        size = len(tokenizer)
+        bad = next((t for t in token_ids if not 0 <= t < size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{size - 1})")
+        return str(tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         tokenizer = self._model.tokenizer
@@ -148,7 +184,7 @@ def conversation_text(messages: list[dict[str, Any]]) -> str:
 
     Form: ``"<last user turn>\\n\\ncontext: <earlier user turns, most recent first> | <first sentence of
     the assistant turn just before> | <system prompt>"`` (empty pieces are left out). A request without
-    context (one user message) is embedded as just that message's text.
+    context (one user message) is embedded as just that message's text, cut to EMBED_MAX_CHARS.
 
     Why this form:
 
@@ -191,7 +227,7 @@ def conversation_text(messages: list[dict[str, Any]]) -> str:
                 break
     user_text = " / ".join(users)
     if not (user_text or assistant or system):
-        return turn
+        return _clip(turn, EMBED_MAX_CHARS)  # what the encoder would read of it anyway
 
     turn = _head_and_tail(normalise_text(turn), LAST_TURN_MAX_CHARS)
     budget = int(min(CONTEXT_MAX_CHARS, max(CONTEXT_MIN_CHARS, CONTEXT_SHARE * len(turn))))
@@ -227,7 +263,8 @@ def context_fingerprint(messages: list[dict[str, Any]]) -> str:
     if not before and not after:
         return ""
     blob = json.dumps({"before": before, "after": after}, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:FINGERPRINT_HEX]
+    # surrogatepass: a lone surrogate (legal in JSON) must not turn a fingerprint into a crash
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,33 +282,35 @@ def _frozen(vector: np.ndarray) -> np.ndarray:
 
 
 class EmbeddingMemo:
-    """A small LRU memo text -> vector. Vectors come back read-only (shared, so callers cannot corrupt it)."""
+    """A small LRU memo key -> vector. Vectors come back read-only (shared, so callers cannot corrupt it).
+
+    A key is a text, or a (scope, text) pair when callers must not share entries (see MicroBatcher)."""
 
     def __init__(self, max_items: int) -> None:
         if max_items < 0:
             raise ValueError("max_items must be >= 0 (0 disables the memo)")
         self.max_items = max_items
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[MemoKey, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __contains__(self, text: object) -> bool:
-        return text in self._items
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
-    def get(self, text: str) -> np.ndarray | None:
-        vector = self._items.get(text)
+    def get(self, key: MemoKey) -> np.ndarray | None:
+        vector = self._items.get(key)
         if vector is not None:
-            self._items.move_to_end(text)
+            self._items.move_to_end(key)
         return vector
 
-    def put(self, text: str, vector: np.ndarray) -> np.ndarray:
+    def put(self, key: MemoKey, vector: np.ndarray) -> np.ndarray:
         """Store a read-only copy of `vector` (evicting the least recently used) and return that copy."""
         frozen = _frozen(vector)
         if self.max_items == 0:
             return frozen
-        self._items[text] = frozen
-        self._items.move_to_end(text)
+        self._items[key] = frozen
+        self._items.move_to_end(key)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
         return frozen
@@ -288,18 +327,29 @@ class BatcherClosedError(RuntimeError):
 class BatcherStats:
     calls: int = 0  # texts asked for (embed and embed_many count each text)
     memo_hits: int = 0  # answered from the memo, without queueing
-    joined: int = 0  # answered by a text already queued or being encoded
-    batches: int = 0  # encoder calls
-    encoded: int = 0  # texts passed to the encoder
-    failed_batches: int = 0  # encoder calls that raised
+    joined: int = 0  # answered by a text already queued or being encoded (same scope)
+    batches: int = 0  # batches taken from the queue
+    encoded: int = 0  # texts passed to the encoder (retries of a failed batch count again)
+    failed_batches: int = 0  # encoder calls that raised (a failed batch is retried in halves)
+    refused: int = 0  # texts that failed alone while others succeeded, or were not valid Unicode
     batch_sizes: Counter[int] = field(default_factory=Counter)
+
+
+@dataclass
+class _Encoded:
+    """What the worker thread made of one batch: a vector or an exception per text, and its calls."""
+
+    results: list[np.ndarray | Exception]
+    calls: int = 0
+    failures: int = 0
+    texts: int = 0
 
 
 class MicroBatcher:
     """An async front to an Embedder that encodes concurrent requests together, in one worker thread.
 
-    `await embed(text)` queues the text; if the previous batch had company (traffic is concurrent), the
-    first text of a batch waits at most `max_wait_ms` for more (or until `max_batch` texts are queued);
+    `await embed(text, scope)` queues the text; if the previous batch had company (traffic is concurrent),
+    the first text of a batch waits at most `max_wait_ms` for more (or until `max_batch` texts are queued);
     otherwise it goes at once, so a lone request pays no wait (texts queued in the same event-loop turn
     still go together). Then the whole batch is encoded by ONE call of
     `embedder.encode` in the batcher's own single worker thread, so the event loop never blocks and the
@@ -307,31 +357,46 @@ class MicroBatcher:
     cores). While a batch is being encoded new texts queue up and go, without further waiting, as the
     next batch as soon as the worker is free: under load batches grow by themselves.
 
-    A text found in the memo is answered at once; a text already queued or being encoded is not queued
-    twice (its callers share one result). Vectors are read-only float32 rows (shared with the memo).
-    If the encoder raises, every caller waiting on that batch gets the exception and the batcher goes
-    on with the next batch. `close()` fails all waiting callers with BatcherClosedError.
+    Texts are cut to `max_chars` (EMBED_MAX_CHARS: what the encoder reads anyway), so no caller makes the
+    tokenizer, the memo or the queue hold megabytes. A text found in the memo is answered at once; a text
+    already queued or being encoded is not queued twice (its callers share one result). Both hold only
+    within a `scope`: a tenant never gets another tenant's text faster because that tenant asked it first
+    (which would tell it what the other asked). Vectors are read-only float32 rows (shared with the memo).
+
+    One caller's text never fails another's: a text that is not valid Unicode is refused before queueing,
+    and when the encoder raises on a batch, the batch is encoded again in halves (down to single texts),
+    so only the texts that fail alone get an exception, UnembeddableTextError when others in the batch
+    went through (the text is at fault); if every text fails (the encoder is broken), every caller gets
+    the encoder's exception. `close()` fails all waiting callers with BatcherClosedError.
 
     The batcher binds to the running event loop on first use and must only be used from that loop.
     It holds no module-level state: create one per embedder (the gateway wires one at start-up).
     """
 
     def __init__(
-        self, embedder: Embedder, max_batch: int = 32, max_wait_ms: float = 2.0, memo_items: int = 4096
+        self,
+        embedder: Embedder,
+        max_batch: int = 32,
+        max_wait_ms: float = 2.0,
+        memo_items: int = 4096,
+        max_chars: int = EMBED_MAX_CHARS,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
+        if max_chars < 1:
+            raise ValueError("max_chars must be >= 1")
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_chars = max_chars
         self.memo = EmbeddingMemo(memo_items)
         self.stats = BatcherStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._queue: deque[tuple[str, float]] = deque()  # (text, arrival time), each text at most once
-        self._waiting: dict[str, asyncio.Future[np.ndarray]] = {}  # queued or being encoded
+        self._queue: deque[tuple[_Key, float]] = deque()  # ((scope, text), arrival), each key once
+        self._waiting: dict[_Key, asyncio.Future[np.ndarray]] = {}  # queued or being encoded
         self._full: asyncio.Event | None = None  # set when the queue holds max_batch texts
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
@@ -343,22 +408,23 @@ class MicroBatcher:
 
     @property
     def pending(self) -> int:
-        """Distinct texts queued or being encoded."""
+        """Distinct (scope, text) keys queued or being encoded."""
         return len(self._waiting)
 
-    async def embed(self, text: str) -> np.ndarray:
-        """The unit float32 vector of `text` (read-only, shape (dim,))."""
-        future = self._submit(text)
+    async def embed(self, text: str, scope: str = "") -> np.ndarray:
+        """The unit float32 vector of `text` (read-only, shape (dim,)); `scope` (a tenant's namespace)
+        keeps memo hits and shared in-flight results within it."""
+        future = self._submit(text, scope)
         if isinstance(future, np.ndarray):
             return future
         # shield: a caller that gives up must not cancel the result others are waiting for
         return await asyncio.shield(future)
 
-    async def embed_many(self, texts: list[str]) -> np.ndarray:
+    async def embed_many(self, texts: list[str], scope: str = "") -> np.ndarray:
         """Vectors of `texts` as one (len(texts), dim) float32 array (a fresh, writable array)."""
         if not texts:
             return np.zeros((0, int(self.embedder.dim)), dtype=np.float32)
-        results = [self._submit(text) for text in texts]
+        results = [self._submit(text, scope) for text in texts]
         vectors = await asyncio.gather(*(asyncio.shield(r) for r in results if not isinstance(r, np.ndarray)))
         found = iter(vectors)
         return np.stack([r if isinstance(r, np.ndarray) else next(found) for r in results])
@@ -401,22 +467,29 @@ class MicroBatcher:
             raise RuntimeError("a MicroBatcher must be used from the event loop it was first used in")
         return loop
 
-    def _submit(self, text: str) -> np.ndarray | asyncio.Future[np.ndarray]:
+    def _submit(self, text: str, scope: str) -> np.ndarray | asyncio.Future[np.ndarray]:
         if self._closed:
             raise BatcherClosedError("the embedding batcher is closed")
         loop = self._bind()
         self.stats.calls += 1
-        hit = self.memo.get(text)
+        text = text[: self.max_chars]
+        try:
+            check_embeddable(text)
+        except UnembeddableTextError:
+            self.stats.refused += 1
+            raise
+        key = (scope, text)
+        hit = self.memo.get(key)
         if hit is not None:
             self.stats.memo_hits += 1
             return hit
-        future = self._waiting.get(text)
+        future = self._waiting.get(key)
         if future is not None:
             self.stats.joined += 1
             return future
         future = loop.create_future()
-        self._waiting[text] = future
-        self._queue.append((text, loop.time()))
+        self._waiting[key] = future
+        self._queue.append((key, loop.time()))
         assert self._full is not None
         if len(self._queue) >= self.max_batch:
             self._full.set()
@@ -441,39 +514,67 @@ class MicroBatcher:
                 continue
             self._company = len(batch) > 1
             self.stats.batches += 1
-            self.stats.encoded += len(batch)
             self.stats.batch_sizes[len(batch)] += 1
+            texts = [text for _, text in batch]
             try:
-                vectors = await loop.run_in_executor(self._executor, self.embedder.encode, batch)
-                if len(vectors) != len(batch):
-                    raise RuntimeError(f"the encoder returned {len(vectors)} vectors for {len(batch)} texts")
+                encoded = await loop.run_in_executor(self._executor, self._encode_isolating, texts)
             except asyncio.CancelledError:
                 if (
                     not self._closed
                 ):  # cancelled from outside (loop shutting down): don't leave waiters hanging
-                    for text in batch:
-                        future = self._waiting.pop(text, None)
+                    for key in batch:
+                        future = self._waiting.pop(key, None)
                         if future is not None:
                             future.cancel()
                 raise
-            except BaseException as exc:
+            except BaseException as exc:  # not an Exception (those are per text): fail all, stop
                 self.stats.failed_batches += 1
-                self._resolve(batch, error=exc)
+                self._resolve(batch, [exc] * len(batch))
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            self._resolve(batch, vectors=vectors)
+            self.stats.encoded += encoded.texts
+            self.stats.failed_batches += encoded.failures
+            self.stats.refused += sum(isinstance(r, UnembeddableTextError) for r in encoded.results)
+            self._resolve(batch, encoded.results)
 
-    def _resolve(
-        self, batch: list[str], vectors: np.ndarray | None = None, error: BaseException | None = None
-    ) -> None:
-        for i, text in enumerate(batch):
-            future = self._waiting.pop(text, None)
+    def _encode_isolating(self, texts: list[str]) -> _Encoded:
+        """Encode `texts` (in the worker thread); if the encoder raises, again in halves, so that only
+        the texts that fail alone get an exception. One bad text among n costs about 2*log2(n) calls."""
+        encoded = _Encoded(results=[])
+
+        def encode(part: list[str]) -> list[np.ndarray | Exception]:
+            encoded.calls += 1
+            encoded.texts += len(part)
+            try:
+                vectors = self.embedder.encode(part)
+                if len(vectors) != len(part):
+                    raise RuntimeError(f"the encoder returned {len(vectors)} vectors for {len(part)} texts")
+                return list(vectors)
+            except Exception as exc:
+                encoded.failures += 1
+                if len(part) == 1:
+                    return [exc]
+                half = len(part) // 2
+                return encode(part[:half]) + encode(part[half:])
+
+        results = encode(texts)
+        some_went_through = any(isinstance(r, np.ndarray) for r in results)
+        for i, result in enumerate(results):
+            if isinstance(result, Exception) and (some_went_through or isinstance(result, UnicodeError)):
+                refused = UnembeddableTextError(f"the embedding model cannot read this text: {result}")
+                refused.__cause__ = result
+                results[i] = refused
+        encoded.results = results
+        return encoded
+
+    def _resolve(self, batch: list[_Key], results: Sequence[np.ndarray | BaseException]) -> None:
+        for key, result in zip(batch, results, strict=True):
+            future = self._waiting.pop(key, None)
             if future is None or future.done():
                 continue  # closed meanwhile
-            if error is not None:
-                future.set_exception(error)
+            if isinstance(result, BaseException):
+                future.set_exception(result)
                 future.exception()  # retrieved: callers that are still waiting get it anyway
             else:
-                assert vectors is not None
-                future.set_result(self.memo.put(text, vectors[i]))
+                future.set_result(self.memo.put(key, result))

@@ -34,6 +34,7 @@ import os
 import re
 import tarfile
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,18 @@ ARTIFACT_KIND = "icgate.hit_verifier"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "hit_verifier.joblib"
 DEFAULT_EMBEDDING_CACHE = REPO_ROOT / "data" / "embeddings" / "all-minilm-l6-v2"
+# The longest text the verifier reads. Quora questions (what it is calibrated on) are at most 1,173
+# characters, so calibration never meets the cap; `HitVerifier.score_batch` refuses longer texts outright
+# (a verdict on a beginning is no verdict on the whole), and `_parse` reads no further, so that no caller
+# makes it parse, hash and set-build megabytes. The gateway stops earlier: `cache.semantic_max_chars`.
+MAX_TEXT_CHARS = 8_000
+# Steps of difflib's inner loop one `sequence_match_ratio` may take (100-200 ns each: 10-20 ms). Its
+# recursion is cubic on texts of few distinct characters ("a a a ..." against "b b b ...": 256 characters
+# take 0.12 s, 2,000 take a minute), so the feature must be bounded even for short texts. The costliest
+# of the 71,812 Quora pairs takes 68,897 steps, so every Quora pair keeps its exact ratio; a pair over
+# budget gets 0.0, the value of texts with nothing in common: what the verifier cannot afford to compare
+# never looks alike to it.
+SEQUENCE_MATCH_BUDGET = 100_000
 
 # --------------------------------------------------------------------------------------------------------
 # Labelled pairs
@@ -296,9 +309,26 @@ class _Parsed:
     normalised: str
     trigrams: frozenset[str]
     core_content: frozenset[str]  # content words but negations and numbers (see `apply_rules`)
+    truncated: bool = False  # longer than MAX_TEXT_CHARS: only the beginning was read
+
+
+def _last_visible_char(text: str, end: int) -> str:
+    """The last non-space character of `text[:end]`, or "" (scans back over spaces only, never copies)."""
+    i = end - 1
+    while i >= 0 and text[i].isspace():
+        i -= 1
+    return text[i] if i >= 0 else ""
 
 
 def _parse(text: str) -> _Parsed:
+    """The words and signals of one text, in time and memory linear in its length.
+
+    Only the first MAX_TEXT_CHARS characters are read (see there); `truncated` says when that cut
+    something off, so that `apply_rules` never calls two texts twins because their beginnings are.
+    """
+    truncated = len(text) > MAX_TEXT_CHARS
+    if truncated:
+        text = text[:MAX_TEXT_CHARS]
     lowered = text.lower().replace("\u2019", "'")
     words = tuple(_WORD.findall(lowered))
     bare = [w.replace("'", "") for w in words]
@@ -307,14 +337,15 @@ def _parse(text: str) -> _Parsed:
     # capitalised words not at the start of a sentence (Quora capitalises only sentence starts and names)
     entities = set()
     for match in _ENTITY.finditer(text):
-        before = text[: match.start()].rstrip()
-        if before and before[-1] not in ".?!\"'(":
+        before = _last_visible_char(text, match.start())
+        if before and before not in ".?!\"'(":
             token = match.group(0).rstrip(".-").lower()
             if token and token not in _STOPWORDS:
                 entities.add(token)
     entities.update(w.lower() for w in re.findall(r"\b[A-Z][A-Z0-9]+\b", text))  # acronyms, anywhere
     question = [w for w in bare if w in _QUESTION_WORDS]
     content = frozenset(w for w in bare if w not in _STOPWORDS)
+    normalised = " ".join(bare)  # once: joining per trigram made parsing quadratic in the text's length
     return _Parsed(
         chars=len(text.strip()),
         words=words,
@@ -326,9 +357,10 @@ def _parse(text: str) -> _Parsed:
         question_words=frozenset(question),
         first_question_word=question[0] if question else "",
         first_word=bare[0] if bare else "",
-        normalised=" ".join(bare),
-        trigrams=frozenset(" ".join(bare)[i : i + 3] for i in range(max(0, len(" ".join(bare)) - 2))),
+        normalised=normalised,
+        trigrams=frozenset(normalised[i : i + 3] for i in range(max(0, len(normalised) - 2))),
         core_content=frozenset(w for w in content if w not in _NEGATIONS and not any(c.isdigit() for c in w)),
+        truncated=truncated,
     )
 
 
@@ -360,7 +392,8 @@ def apply_rules(texts_a: Sequence[str], texts_b: Sequence[str], scores: np.ndarr
     """`scores` with two hard rules applied, pair by pair.
 
     - Same words (case, punctuation and spacing aside): always a match, 1.0. Quora labels some of these
-      "not duplicate"; a verifier that learnt that would refuse a request its own twin.
+      "not duplicate"; a verifier that learnt that would refuse a request its own twin. A text longer than
+      MAX_TEXT_CHARS is a twin only of itself: equal beginnings say nothing about the rest.
     - The same content words but for a negation on one side ("Is it safe to run 5 km a day?" / "Is it not
       safe ...") or other numbers ("... 10 km a day?"): never a match, 0.0. The answer flips, yet the pair
       reads almost the same, and Quora has too few such pairs for the learnt verifier (its cross-encoder
@@ -371,7 +404,8 @@ def apply_rules(texts_a: Sequence[str], texts_b: Sequence[str], scores: np.ndarr
     out = np.asarray(scores, dtype=np.float64).copy()
     for i, (text_a, text_b) in enumerate(zip(texts_a, texts_b, strict=True)):
         a, b = _parse(text_a), _parse(text_b)
-        if a.normalised == b.normalised:
+        whole = not (a.truncated or b.truncated)
+        if (whole and a.normalised == b.normalised) or text_a == text_b:
             out[i] = 1.0
         elif (a.negated != b.negated or a.numbers != b.numbers) and a.core_content == b.core_content:
             out[i] = 0.0
@@ -385,6 +419,41 @@ def _jaccard(a: frozenset[Any] | set[Any], b: frozenset[Any] | set[Any]) -> floa
 
 def _ratio(x: int, y: int) -> float:
     return min(x, y) / max(x, y) if max(x, y) else 1.0
+
+
+class _OverBudgetError(Exception):
+    pass
+
+
+class _BudgetedMatcher(difflib.SequenceMatcher[str]):
+    """difflib's matcher, unchanged but for a count of its inner loop's steps: over `budget` it stops."""
+
+    def __init__(self, a: str, b: str, budget: int) -> None:
+        super().__init__(None, a, b, autojunk=False)
+        # Steps of `find_longest_match` over a[lo:hi] are at most steps[hi] - steps[lo]: for each
+        # character of a, one per place it occurs in b (no junk, so difflib's index holds them all).
+        in_b = Counter(b)
+        self._steps = [0, *itertools.accumulate(in_b[c] for c in a)]
+        self._len_a = len(a)
+        self._left = budget
+
+    def find_longest_match(
+        self, alo: int = 0, ahi: int | None = None, blo: int = 0, bhi: int | None = None
+    ) -> difflib.Match:
+        hi = self._len_a if ahi is None else ahi
+        self._left -= self._steps[hi] - self._steps[alo] + 1
+        if self._left < 0:
+            raise _OverBudgetError
+        return super().find_longest_match(alo, hi, blo, bhi)
+
+
+def sequence_match_ratio(a: str, b: str, budget: int = SEQUENCE_MATCH_BUDGET) -> float:
+    """difflib's ratio of the two texts (no junk heuristic), or 0.0 when it would take over `budget`
+    steps (see SEQUENCE_MATCH_BUDGET)."""
+    try:
+        return _BudgetedMatcher(a, b, budget).ratio()
+    except _OverBudgetError:
+        return 0.0
 
 
 def _scalar_features(a: _Parsed, b: _Parsed, cosine: float, idf: Idf) -> list[float]:
@@ -415,7 +484,7 @@ def _scalar_features(a: _Parsed, b: _Parsed, cosine: float, idf: Idf) -> list[fl
         min(sum(only_one), 50.0),
         max(only_one, default=0.0),
         _jaccard(a.trigrams, b.trigrams),
-        difflib.SequenceMatcher(None, a.normalised, b.normalised, autojunk=False).ratio(),
+        sequence_match_ratio(a.normalised, b.normalised),
         float(a.content == b.content),
     ]
 
@@ -507,13 +576,17 @@ class HitVerifier:
     def score_batch(
         self, texts_a: Sequence[str], texts_b: Sequence[str], vecs_a: np.ndarray, vecs_b: np.ndarray
     ) -> np.ndarray:
+        """`score` for n pairs. A pair with a text over MAX_TEXT_CHARS scores 0.0 (never a hit), so one
+        pair costs at most parsing MAX_TEXT_CHARS, SEQUENCE_MATCH_BUDGET steps and one cross-encoder
+        window, however long the texts."""
         vecs_a = np.asarray(vecs_a, dtype=np.float32)
         vecs_b = np.asarray(vecs_b, dtype=np.float32)
         if vecs_a.ndim != 2 or vecs_a.shape[1] != self.dim:
             raise ValueError(f"expected vectors of dimension {self.dim}, got shape {vecs_a.shape}")
         scores = np.zeros(len(texts_a), dtype=np.float64)
         cosines = np.einsum("ij,ij->i", vecs_a, vecs_b)
-        keep = np.flatnonzero(cosines >= self.cosine_threshold).tolist()
+        readable = [max(len(a), len(b)) <= MAX_TEXT_CHARS for a, b in zip(texts_a, texts_b, strict=True)]
+        keep = np.flatnonzero((cosines >= self.cosine_threshold) & np.array(readable, dtype=bool)).tolist()
         if len(keep):
             features = self.features(
                 [texts_a[i] for i in keep], [texts_b[i] for i in keep], vecs_a[keep], vecs_b[keep]

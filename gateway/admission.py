@@ -10,6 +10,9 @@ At arrival every request gets one of four answers (`Admission.place`, then `Admi
 - **refuse** at once (429 with `Retry-After`) when no candidate can give the first token in time,
   rather than holding a request that will miss its objective anyway.
 
+A backend whose circuit breaker is open (it kept failing) is no candidate at all: the request goes to
+the spill candidates, else the caller's fallback, else `BackendUnavailable` (503). See docs/backends.md.
+
 How long a request would wait is estimated from live state only: the predicted end of every request
 in flight (time to first token plus predicted output times time per output token, both moving
 averages measured on this backend) and the predicted service of every request queued ahead of it,
@@ -28,10 +31,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
-from gateway.config import AdmissionConfig, BackendConfig
+from gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
 
 
 class AdmissionRefused(Exception):
@@ -40,6 +44,86 @@ class AdmissionRefused(Exception):
         self.backend = backend
         self.retry_after_s = retry_after_s
         self.reason = reason
+
+
+class BackendUnavailable(Exception):
+    """Every candidate's circuit is open: nothing to queue for, the client should come back later."""
+
+    def __init__(self, backends: Sequence[str], retry_after_s: float) -> None:
+        names = ", ".join(f"'{b}'" for b in backends)
+        super().__init__(f"backend {names} is unavailable after repeated failures")
+        self.backends = list(backends)
+        self.retry_after_s = retry_after_s
+
+
+CircuitStatus = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """One backend's circuit: closed (calls go through), open (none, for the cool-down), half-open
+    (one probe call; its outcome closes or reopens the circuit).
+
+    Sees only the backend's own failures: a client's bad request says nothing about its health.
+    """
+
+    def __init__(self, config: CircuitBreakerConfig) -> None:
+        self.config = config
+        self.state: CircuitStatus = "closed"
+        self.consecutive = 0
+        self.outcomes: deque[bool] = deque(maxlen=config.window)  # True: the call failed
+        self.opened_at = 0.0
+        self.probe_at: float | None = None  # when the half-open probe went out
+        self.times_opened = 0
+
+    def status(self, now: float) -> CircuitStatus:
+        if self.state == "open" and now - self.opened_at >= self.config.cooldown_s:
+            return "half_open"
+        return self.state
+
+    def available(self, now: float) -> bool:
+        """May a call go to the backend now? Past the cool-down, one probe may (another only if the
+        last one was lost, e.g. its client left, for as long as a cool-down)."""
+        if not self.config.enabled or self.state == "closed":
+            return True
+        if self.state == "open":
+            return now - self.opened_at >= self.config.cooldown_s
+        return self.probe_at is None or now - self.probe_at >= self.config.cooldown_s
+
+    def begin(self, now: float) -> None:
+        """A call is going out: when the circuit is not closed, it is the probe."""
+        if self.config.enabled and self.state != "closed" and self.available(now):
+            self.state, self.probe_at = "half_open", now
+
+    def success(self) -> None:
+        self.consecutive = 0
+        self.outcomes.append(False)
+        if self.state == "half_open":  # the probe came back: trust it again, with a clean slate
+            self.state, self.probe_at = "closed", None
+            self.outcomes.clear()
+
+    def failure(self, now: float) -> None:
+        self.consecutive += 1
+        self.outcomes.append(True)
+        if not self.config.enabled or self.state == "open":
+            return  # already open: a call that was in flight before does not extend the cool-down
+        failed = sum(self.outcomes)
+        ratio_tripped = (
+            len(self.outcomes) >= self.config.min_calls
+            and failed / len(self.outcomes) >= self.config.failure_ratio
+        )
+        if self.state == "half_open" or self.consecutive >= self.config.failures or ratio_tripped:
+            self.state, self.opened_at, self.probe_at = "open", now, None
+            self.times_opened += 1
+
+    def neutral(self) -> None:
+        """The call ended without a verdict on the backend (a client error, a cancelled call)."""
+        if self.state == "half_open":
+            self.probe_at = None  # the next request may probe
+
+    def retry_after_s(self, now: float) -> float:
+        if self.state != "open":
+            return 1.0
+        return max(1.0, math.ceil(self.config.cooldown_s - (now - self.opened_at)))
 
 
 @dataclass(frozen=True)
@@ -163,8 +247,9 @@ class Waiter:
 class BackendState:
     """Live state of one backend as this gateway sees it, plus its queue."""
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, breaker: CircuitBreakerConfig | None = None) -> None:
         self.config = config
+        self.breaker = CircuitBreaker(breaker or CircuitBreakerConfig())
         self.jobs: set[Job] = set()
         self.waiters: list[Waiter] = []
         self.ttft = TtftModel(config.expected_ttft_ms / 1000)
@@ -231,9 +316,14 @@ class BackendState:
 class Admission:
     """Holds every backend's live state and queue; decides admit, queue, spill or refuse."""
 
-    def __init__(self, backends: list[BackendConfig], config: AdmissionConfig) -> None:
+    def __init__(
+        self,
+        backends: list[BackendConfig],
+        config: AdmissionConfig,
+        breaker: CircuitBreakerConfig | None = None,
+    ) -> None:
         self.config = config
-        self.states = {b.name: BackendState(b) for b in backends}
+        self.states = {b.name: BackendState(b, breaker) for b in backends}
         self._seq = itertools.count()
 
     # --- estimates ------------------------------------------------------------------------------
@@ -330,11 +420,28 @@ class Admission:
     ) -> tuple[BackendConfig, bool]:
         """The backend that should take the request and whether that is a spill; or AdmissionRefused.
 
-        Admit now where there is room; else the candidate with the earliest predicted first token, if it
-        meets the objective; else a spill candidate that does; else refuse. Without an objective,
-        the least utilised candidate, as before.
+        Backends whose circuit is open are skipped; when that leaves no candidate, the spill candidates
+        stand in (a spill), and with none of those either, BackendUnavailable. Then: admit now where
+        there is room; else the candidate with the earliest predicted first token, if it meets the
+        objective; else a spill candidate that does; else refuse. Without an objective, the least
+        utilised candidate, as before.
         """
         now = time.perf_counter()
+        live = [b for b in candidates if self.available(b, now)]
+        live_spill = [b for b in spill if self.available(b, now)]
+        forced = not live
+        if forced:
+            if not live_spill:
+                retry = min((self.states[b.name].breaker.retry_after_s(now) for b in candidates), default=1.0)
+                raise BackendUnavailable([b.name for b in candidates], retry)
+            live, live_spill = live_spill, []
+        backend, spilled = self._choose(ask, live, live_spill, now)
+        self.states[backend.name].breaker.begin(now)
+        return backend, spilled or forced
+
+    def _choose(
+        self, ask: Ask, candidates: Sequence[BackendConfig], spill: Sequence[BackendConfig], now: float
+    ) -> tuple[BackendConfig, bool]:
         states = [self.states[b.name] for b in candidates]
         if not self.config.enabled:
             return min(states, key=lambda s: s.in_flight).config, False
@@ -485,8 +592,42 @@ class Admission:
             if decode > 0:
                 state.tpot.add(decode / tokens)
 
+    # --- backend health (the circuit breaker) ---------------------------------------------------
+
+    def available(self, backend: BackendConfig, now: float | None = None) -> bool:
+        """Whether the backend's circuit lets a call through now."""
+        return self.states[backend.name].breaker.available(time.perf_counter() if now is None else now)
+
+    def claim(self, backend: BackendConfig) -> bool:
+        """For a call placed outside `place` (the fallback): True, and the probe taken if half-open."""
+        now = time.perf_counter()
+        breaker = self.states[backend.name].breaker
+        if not breaker.available(now):
+            return False
+        breaker.begin(now)
+        return True
+
     def backend_failed(self, backend: BackendConfig) -> None:
-        self.states[backend.name].errors += 1
+        """The backend itself failed (5xx, timeout, unreachable, rejected our key): counts to its circuit."""
+        state = self.states[backend.name]
+        state.errors += 1
+        state.breaker.failure(time.perf_counter())
+
+    def backend_succeeded(self, backend: BackendConfig) -> None:
+        self.states[backend.name].breaker.success()
+
+    def backend_neutral(self, backend: BackendConfig) -> None:
+        """The call ended saying nothing about the backend's health (a client's error, a cancellation)."""
+        self.states[backend.name].breaker.neutral()
+
+    def circuits(self) -> dict[str, CircuitStatus]:
+        now = time.perf_counter()
+        return {name: s.breaker.status(now) for name, s in self.states.items()}
+
+    def serving(self) -> bool:
+        """At least one backend would take a call now (readiness)."""
+        now = time.perf_counter()
+        return any(s.breaker.available(now) for s in self.states.values())
 
     def note_signals(self, backend: str, signals: BackendSignals) -> None:
         self.states[backend].signals = signals
@@ -507,6 +648,9 @@ class Admission:
                 "tpot_p90_ms": s.tpot.p90_s * 1000,
                 "errors": s.errors,
                 "served": s.served,
+                # 1 while the backend gets no calls or only a probe (icgate_admission_backend_circuit_open).
+                "circuit_open": int(s.breaker.status(now) != "closed"),
+                "circuit_opened": s.breaker.times_opened,
                 "backend_waiting": signals.waiting if signals else None,
                 "backend_running": signals.running if signals else None,
                 "backend_kv_usage": signals.kv_usage if signals else None,

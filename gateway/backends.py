@@ -4,16 +4,25 @@ Every backend is an OpenAI-compatible endpoint (vLLM, llama.cpp, OpenAI,
 Anthropic, ...). A backend in `completion` mode is a base model without a chat
 template: chat requests are rendered to a prompt with its Jinja2 template, sent
 to the text-completion route, and the answer is turned back into chat format.
+
+Whatever the path, answers leave in OpenAI's shape (`openai_response`,
+`openai_chunks`): its fields, nulls included, and none of litellm's own.
+Failures become `BackendError`s that say whose fault they were (see
+docs/backends.md for the mapping).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
+import time
 from collections.abc import AsyncGenerator
 from typing import Any, Literal, Protocol
 
 import aiohttp
+import openai
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gateway.config import BackendConfig
@@ -33,42 +42,131 @@ OPENAI_PARAMS = frozenset(
         "metadata", "modalities", "audio", "prediction", "reasoning_effort", "store", "service_tier",
     }
 )  # fmt: skip
-# Fields litellm adds to its objects that are not part of OpenAI's schema.
-_LITELLM_ONLY = ("provider_specific_fields",)
-_RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# Statuses that mean the request itself was wrong: the client's to fix, another backend would refuse too.
+_CLIENT_FAULT_STATUS = frozenset({400, 404, 413, 415, 422})
+# The backend refused the gateway's own key: the gateway is misconfigured, not the client.
+_AUTH_STATUS = frozenset({401, 403})
+_CONTEXT_WINDOW = re.compile(
+    r"context.length|context window|maximum context|too many tokens|prompt is too long", re.IGNORECASE
+)
 
 
 class BackendError(Exception):
-    """A backend failed. `retryable` says whether another backend might succeed."""
+    """A backend call failed; the message is fit for the client, `detail` is for the log only.
 
-    def __init__(self, backend: str, status_code: int, message: str, retryable: bool) -> None:
+    `retryable`: another backend might succeed. `client_fault`: the request itself was rejected, so
+    the client gets a 4xx, nothing is retried and the backend's health (its circuit) is not blamed.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        status_code: int,
+        message: str,
+        retryable: bool,
+        *,
+        client_fault: bool | None = None,
+        code: str | None = None,
+        kind: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.backend = backend
         self.status_code = status_code
         self.retryable = retryable
-        self.kind = "timeout" if status_code in (408, 504) else f"http_{status_code}"
+        self.client_fault = (
+            (not retryable and 400 <= status_code < 500) if client_fault is None else client_fault
+        )
+        self.code = code
+        self.kind = kind or ("timeout" if status_code in (408, 504) else f"http_{status_code}")
+        self.detail = detail or message
+
+
+def clean_reason(text: str, limit: int = 300) -> str:
+    """A backend's or litellm's error text without litellm's class names, provider labels and
+    wrapping: `litellm.NotFoundError: NotFoundError: OpenAIException - Error code: 404 - {'error':
+    {'message': 'no such model'}}` becomes `no such model`."""
+    text = text.split("LiteLLM Retried:")[0].split("Received Model Group=")[0].strip()
+    brace = text.find("{")
+    if brace != -1:
+        body = _parse_error_body(text[brace:])
+        if body:
+            text = body
+    text = re.sub(r"\blitellm\.\w+:?\s*", "", text)
+    text = re.sub(r"\bOpenAIException\b", "", text)
+    text = re.sub(r"\b\w*(?:Error|Exception)\s*(?::|\s-)\s*", "", text)
+    text = re.sub(r"Error code:\s*\d+\s*-?", "", text)
+    text = " ".join(text.split()).strip(" -:")
+    return text[:limit] or "no reason given"
+
+
+def _parse_error_body(raw: str) -> str | None:
+    """The message of an OpenAI-style error body, given as JSON or as a Python literal (litellm)."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            body = parse(raw)
+        except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+            continue
+        if isinstance(body, dict):
+            inner = body.get("error", body)
+            message = inner.get("message") if isinstance(inner, dict) else inner
+            if message is None and isinstance(body.get("detail"), str):
+                message = body["detail"]
+            if message is not None:
+                return str(message)
+    return None
+
+
+def _redact(text: str, backend: BackendConfig) -> str:
+    """Log text without the backend's key, should a library have echoed it."""
+    key = backend.api_key()
+    return text.replace(key, "<redacted>") if key else text
+
+
+def status_error(
+    backend: BackendConfig, status: int, reason: str, detail: str, context_window: bool = False
+) -> BackendError:
+    """What a backend's HTTP status means for the client, the fallback and the circuit breaker."""
+    name = backend.name
+    detail = _redact(detail, backend)
+    if status in (408, 504):
+        return BackendError(name, 504, f"The backend '{name}' timed out.", True, detail=detail)
+    if status in _AUTH_STATUS:
+        message = f"The backend '{name}' failed: backend authentication failed."
+        return BackendError(name, 502, message, True, kind="auth", detail=detail)
+    if status == 429:
+        message = f"The backend '{name}' is rate limiting requests; retry later."
+        return BackendError(name, 429, message, True, client_fault=False, detail=detail)
+    if status in _CLIENT_FAULT_STATUS:
+        too_long = context_window or (status == 400 and bool(_CONTEXT_WINDOW.search(reason)))
+        message = f"The backend '{name}' rejected the request ({status}): {clean_reason(reason)}"
+        if too_long:
+            return BackendError(name, 400, message, False, code="context_length_exceeded", detail=detail)
+        return BackendError(name, status, message, False, detail=detail)
+    # 5xx, and 4xx that are about the gateway's account or route (402, 405, 409, ...): the backend's.
+    return BackendError(name, 502, f"The backend '{name}' failed ({status}).", True, detail=detail)
 
 
 def _backend_error(backend: BackendConfig, exc: Exception) -> BackendError:
+    """A litellm exception as a BackendError (litellm maps every provider's errors to these classes)."""
+    detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, litellm.Timeout):
-        return BackendError(backend.name, 504, f"backend {backend.name} timed out", retryable=True)
+        return status_error(backend, 504, "", detail)
+    if isinstance(exc, litellm.APIConnectionError):
+        # Connection refused or reset, DNS, or litellm failing before the call: never the client's fault.
+        return BackendError(
+            backend.name,
+            502,
+            f"The backend '{backend.name}' is unreachable.",
+            True,
+            detail=_redact(detail, backend),
+        )
     status = getattr(exc, "status_code", None)
     if not isinstance(status, int):
         status = 502
-    message = str(getattr(exc, "message", "") or exc)
-    if status in _RETRYABLE_STATUS or status >= 500:
-        # The raw message may carry internals of the backend; keep it short.
-        return BackendError(backend.name, 502, f"backend {backend.name} failed: {message[:300]}", True)
-    return BackendError(backend.name, status, message[:1000], retryable=False)
-
-
-def _clean(obj: Any) -> Any:
-    """Drop litellm-only fields and nulls so the wire format is plain OpenAI."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items() if k not in _LITELLM_ONLY and v is not None}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
+    reason = str(getattr(exc, "message", "") or exc)
+    context_window = isinstance(exc, litellm.ContextWindowExceededError)
+    return status_error(backend, status, reason, detail, context_window)
 
 
 def split_params(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -132,6 +230,27 @@ class LitellmTransport:
 
     def __init__(self) -> None:
         litellm.suppress_debug_info = True
+        self._text_clients: dict[str, openai.AsyncOpenAI] = {}
+
+    def _text_client(self, backend: BackendConfig) -> openai.AsyncOpenAI | None:
+        """One pooled client per OpenAI-compatible backend for litellm's text-completion route.
+
+        Without one, litellm 1.106 builds a new AsyncOpenAI over a new aiohttp session for every text
+        completion and never closes it: each failed call left a connection in an abandoned session
+        ("Unclosed connector" in the log), and every call paid for a new connection. Created lazily:
+        a client belongs to the running event loop; closed in `aclose`.
+        """
+        if not backend.model.startswith("openai/"):
+            return None  # other providers' text route is litellm's chat route, whose clients it caches
+        client = self._text_clients.get(backend.name)
+        if client is None:
+            client = self._text_clients[backend.name] = openai.AsyncOpenAI(
+                api_key=backend.api_key() or "no-key",
+                base_url=backend.api_base,
+                timeout=backend.timeout_s,
+                max_retries=0,
+            )
+        return client
 
     def _args(self, backend: BackendConfig, payload: dict[str, Any], stream: bool) -> dict[str, Any]:
         known, extra = split_params(payload)
@@ -145,6 +264,14 @@ class LitellmTransport:
             "max_retries": 0,  # the pipeline decides about retries and fallbacks
             "stream": stream,
         }
+        if known.get("tools"):
+            # With tools, litellm 1.106 first checks for its own MCP gateway (tools of type "mcp" naming a
+            # server URL, which litellm would then call and run tools on itself); that check imports
+            # litellm's proxy and the `mcp` package. Installing `mcp` would make tools "work" but let a
+            # client make the gateway connect to MCP servers and execute tools: a gateway only relays
+            # tool calls. `_skip_mcp_handler` is litellm's own switch for this (its MCP and Responses
+            # bridges set it; `filter_internal_params` strips it before the provider call).
+            args["_skip_mcp_handler"] = True
         if extra:
             args["extra_body"] = extra
         return args
@@ -154,6 +281,9 @@ class LitellmTransport:
         try:
             if route == "chat":
                 return await litellm.acompletion(model=backend.model, messages=payload["messages"], **args)
+            client = self._text_client(backend)
+            if client is not None:
+                args["client"] = client
             return await litellm.atext_completion(
                 model=_text_model(backend.model), prompt=payload["prompt"], **args
             )
@@ -162,7 +292,7 @@ class LitellmTransport:
 
     async def send(self, backend: BackendConfig, route: Route, payload: dict[str, Any]) -> dict[str, Any]:
         resp = await self._call(backend, route, payload, stream=False)
-        return dict(_clean(resp.model_dump()))
+        return dict(resp.model_dump())
 
     async def open_stream(
         self, backend: BackendConfig, route: Route, payload: dict[str, Any]
@@ -173,7 +303,7 @@ class LitellmTransport:
     async def _relay(self, backend: BackendConfig, stream: Any) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for chunk in stream:
-                yield dict(_clean(chunk.model_dump()))
+                yield dict(chunk.model_dump())
         except Exception as exc:
             raise _backend_error(backend, exc) from exc
         finally:
@@ -185,6 +315,9 @@ class LitellmTransport:
         """Close litellm's cached HTTP sessions (process-wide: one gateway per process in production)."""
         from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
 
+        clients, self._text_clients = list(self._text_clients.values()), {}
+        for client in clients:
+            await client.close()
         await close_litellm_async_clients()
 
 
@@ -254,7 +387,9 @@ class HttpTransport:
         try:
             return dict(json.loads(raw))
         except ValueError as exc:
-            raise BackendError(backend.name, 502, f"backend {backend.name} sent invalid JSON", True) from exc
+            raise BackendError(
+                backend.name, 502, f"The backend '{backend.name}' sent invalid JSON.", True
+            ) from exc
 
     async def open_stream(
         self, backend: BackendConfig, route: Route, payload: dict[str, Any]
@@ -275,12 +410,20 @@ class HttpTransport:
                     break
                 event = json.loads(data)
                 if "error" in event and "choices" not in event:
-                    raise BackendError(backend.name, 502, f"backend {backend.name}: {event['error']}", False)
+                    raise BackendError(
+                        backend.name,
+                        502,
+                        f"The backend '{backend.name}' failed while streaming.",
+                        True,
+                        detail=_redact(str(event["error"])[:2000], backend),
+                    )
                 yield event
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _transport_error(backend, exc) from exc
         except ValueError as exc:
-            raise BackendError(backend.name, 502, f"backend {backend.name} sent invalid JSON", False) from exc
+            raise BackendError(
+                backend.name, 502, f"The backend '{backend.name}' sent invalid JSON.", True
+            ) from exc
         finally:
             resp.release()
 
@@ -290,19 +433,19 @@ class HttpTransport:
 
 
 def _transport_error(backend: BackendConfig, exc: BaseException) -> BackendError:
+    detail = _redact(f"{type(exc).__name__}: {exc}", backend)
     if isinstance(exc, TimeoutError):
-        return BackendError(backend.name, 504, f"backend {backend.name} timed out", retryable=True)
-    return BackendError(backend.name, 502, f"backend {backend.name} unreachable: {type(exc).__name__}", True)
+        return BackendError(
+            backend.name, 504, f"The backend '{backend.name}' timed out.", True, detail=detail
+        )
+    return BackendError(
+        backend.name, 502, f"The backend '{backend.name}' is unreachable.", True, detail=detail
+    )
 
 
 def _status_error(backend: BackendConfig, status: int, text: str) -> BackendError:
-    try:
-        message = str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = text
-    if status in _RETRYABLE_STATUS or status >= 500:
-        return BackendError(backend.name, 502, f"backend {backend.name} failed: {message[:300]}", True)
-    return BackendError(backend.name, status, message[:1000], retryable=False)
+    reason = _parse_error_body(text) or text
+    return status_error(backend, status, reason, f"HTTP {status}: {text[:2000]}")
 
 
 class BackendClient:
@@ -338,7 +481,9 @@ class BackendClient:
     ) -> dict[str, Any]:
         route, payload = self._prepare(backend, endpoint, body)
         out = await self.transports[backend.client].send(backend, route, payload)
-        return completion_to_chat(out) if endpoint == "chat" and route == "text" else out
+        if endpoint == "chat" and route == "text":
+            out = completion_to_chat(out)
+        return openai_response(out, served_model(backend.model), strict=backend.client == "litellm")
 
     async def stream(
         self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
@@ -346,13 +491,20 @@ class BackendClient:
         """Chunks in OpenAI format. Errors before the first chunk raise BackendError."""
         route, payload = self._prepare(backend, endpoint, body)
         chunks = await self.transports[backend.client].open_stream(backend, route, payload)
-        return self._convert(chunks, to_chat=endpoint == "chat" and route == "text")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return self._convert(chunks, endpoint == "chat" and route == "text", backend, include_usage)
 
     async def _convert(
-        self, chunks: AsyncGenerator[dict[str, Any], None], to_chat: bool
+        self,
+        chunks: AsyncGenerator[dict[str, Any], None],
+        to_chat: bool,
+        backend: BackendConfig,
+        include_usage: bool,
     ) -> AsyncGenerator[dict[str, Any], None]:
         started_text = False
         first = True
+        model = served_model(backend.model)
+        strict = backend.client == "litellm"
         try:
             async for data in chunks:
                 if to_chat:
@@ -361,7 +513,8 @@ class BackendClient:
                 elif data.get("object") == "text_completion":
                     data = tidy_completion_chunk(data)
                 first = False
-                yield data
+                for chunk in openai_chunks(data, model, strict, include_usage):
+                    yield chunk
         finally:
             await chunks.aclose()
 
@@ -371,7 +524,8 @@ def completion_to_chat(resp: dict[str, Any]) -> dict[str, Any]:
     choices = [
         {
             "index": c.get("index", i),
-            "message": {"role": "assistant", "content": (c.get("text") or "").strip()},
+            "message": {"role": "assistant", "content": (c.get("text") or "").strip(), "refusal": None},
+            "logprobs": None,
             "finish_reason": c.get("finish_reason") or "stop",
         }
         for i, c in enumerate(resp.get("choices", []))
@@ -407,5 +561,191 @@ def completion_chunk_to_chat(
             delta["content"] = text
         if first:
             delta["role"] = "assistant"
-        choices.append({"index": c.get("index", i), "delta": delta, "finish_reason": c.get("finish_reason")})
+        choices.append(
+            {
+                "index": c.get("index", i),
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": c.get("finish_reason"),
+            }
+        )
     return _drop_empty_usage({**chunk, "object": "chat.completion.chunk", "choices": choices})
+
+
+# --- OpenAI's shape -----------------------------------------------------------------------------------
+#
+# OpenAI always sends `choices[].logprobs`, `message.refusal` and a chunk's `finish_reason`, null or
+# not, and ends a stream's usage on a chunk of its own with `choices: []`. litellm's objects carry
+# fields of litellm's own (provider_specific_fields, a null function_call, ...). Every answer is
+# rebuilt here: OpenAI's fields, in OpenAI's places. `strict` (litellm) keeps nothing else; a direct
+# HTTP backend's extra fields (vLLM's `stop_reason`, ...) pass through, as its whole payload does.
+
+# Fields outside OpenAI's schema that are worth keeping: reasoning models' thoughts (vLLM, DeepSeek).
+_KNOWN_EXTENSIONS = ("reasoning_content",)
+_LITELLM_ONLY = frozenset({"provider_specific_fields", "_hidden_params", "_response_ms"})
+_USAGE_DETAILS = {
+    "prompt_tokens_details": ("audio_tokens", "cached_tokens"),
+    "completion_tokens_details": (
+        "accepted_prediction_tokens",
+        "audio_tokens",
+        "reasoning_tokens",
+        "rejected_prediction_tokens",
+    ),
+}
+
+
+def _extras(obj: dict[str, Any], known: tuple[str, ...] | frozenset[str], strict: bool) -> dict[str, Any]:
+    """Fields of `obj` outside `known`: none when strict, else those not litellm's (and not null)."""
+    if strict:
+        return {k: obj[k] for k in _KNOWN_EXTENSIONS if obj.get(k) is not None and k not in known}
+    return {k: v for k, v in obj.items() if k not in known and k not in _LITELLM_ONLY and v is not None}
+
+
+def _usage(usage: Any, strict: bool) -> dict[str, Any] | None:
+    if not isinstance(usage, dict):
+        return None
+    out: dict[str, Any] = {
+        k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    for key, fields in _USAGE_DETAILS.items():
+        details = usage.get(key)
+        if isinstance(details, dict):
+            kept = {f: details[f] for f in fields if details.get(f) is not None}
+            if kept:
+                out[key] = kept
+    if not strict:
+        out.update(
+            _extras(usage, ("prompt_tokens", "completion_tokens", "total_tokens", *_USAGE_DETAILS), False)
+        )
+    return out
+
+
+def _tool_calls(calls: Any, streamed: bool) -> list[dict[str, Any]] | None:
+    if not isinstance(calls, list) or not calls:
+        return None
+    out = []
+    for n, call in enumerate(calls):
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") or {}
+        if streamed:  # deltas: only what this piece carries
+            entry: dict[str, Any] = {"index": call.get("index", n)}
+            for key in ("id", "type"):
+                if call.get(key) is not None:
+                    entry[key] = call[key]
+            piece = {k: function[k] for k in ("name", "arguments") if function.get(k) is not None}
+            if piece:
+                entry["function"] = piece
+        else:
+            entry = {
+                "id": call.get("id"),
+                "type": call.get("type") or "function",
+                "function": {"name": function.get("name"), "arguments": function.get("arguments") or ""},
+            }
+        out.append(entry)
+    return out
+
+
+_MESSAGE_KEYS = ("role", "content", "refusal", "tool_calls", "function_call", "audio", "annotations")
+
+
+def _message(message: dict[str, Any], strict: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "role": message.get("role") or "assistant",
+        "content": message.get("content"),
+        "refusal": message.get("refusal"),
+    }
+    calls = _tool_calls(message.get("tool_calls"), streamed=False)
+    if calls:
+        out["tool_calls"] = calls
+    for key in ("function_call", "audio"):
+        if message.get(key) is not None:
+            out[key] = message[key]
+    if message.get("annotations"):
+        out["annotations"] = message["annotations"]
+    return {**out, **_extras(message, _MESSAGE_KEYS, strict)}
+
+
+def _delta(delta: dict[str, Any], strict: bool) -> dict[str, Any]:
+    out = {k: delta[k] for k in ("role", "content", "refusal", "function_call") if delta.get(k) is not None}
+    calls = _tool_calls(delta.get("tool_calls"), streamed=True)
+    if calls:
+        out["tool_calls"] = calls
+        if "role" in out:  # OpenAI's first tool-call chunk says so: no text
+            out.setdefault("content", None)
+    return {**out, **_extras(delta, _MESSAGE_KEYS, strict)}
+
+
+_CHOICE_KEYS = ("index", "message", "delta", "text", "logprobs", "finish_reason")
+
+
+def _choice(choice: dict[str, Any], i: int, kind: str, strict: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": choice.get("index", i)}
+    if kind == "chat":
+        out["message"] = _message(choice.get("message") or {}, strict)
+    elif kind == "chunk":
+        out["delta"] = _delta(choice.get("delta") or {}, strict)
+    else:
+        out["text"] = choice.get("text") or ""
+    out["logprobs"] = choice.get("logprobs")
+    out["finish_reason"] = choice.get("finish_reason")
+    return {**out, **_extras(choice, _CHOICE_KEYS, strict)}
+
+
+_TOP_KEYS = ("id", "object", "created", "model", "choices", "usage", "system_fingerprint", "service_tier")
+
+
+def _top(obj: dict[str, Any], model: str, kind: str, strict: bool) -> dict[str, Any]:
+    objects = {"chat": "chat.completion", "chunk": "chat.completion.chunk", "text": "text_completion"}
+    out: dict[str, Any] = {
+        "id": obj.get("id") or f"cmpl-{os.urandom(6).hex()}",
+        "object": objects[kind],
+        "created": int(obj.get("created") or time.time()),
+        # One name for one backend, streamed or not (litellm reports the requested name in chunks).
+        "model": model,
+        "system_fingerprint": obj.get("system_fingerprint"),
+        "choices": [_choice(c, i, kind, strict) for i, c in enumerate(obj.get("choices") or [])],
+    }
+    if obj.get("service_tier") is not None:
+        out["service_tier"] = obj["service_tier"]
+    return {**out, **_extras(obj, _TOP_KEYS, strict)}
+
+
+def _kind_of(obj: dict[str, Any]) -> str:
+    if obj.get("object") == "chat.completion.chunk":
+        return "chunk"
+    if obj.get("object") == "text_completion":
+        return "text"
+    return "chat"
+
+
+def openai_response(resp: dict[str, Any], model: str, strict: bool = True) -> dict[str, Any]:
+    """A whole chat or text completion in OpenAI's shape."""
+    out = _top(resp, model, _kind_of(resp), strict)
+    usage = _usage(resp.get("usage"), strict)
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def openai_chunks(
+    chunk: dict[str, Any], model: str, strict: bool = True, include_usage: bool = True
+) -> list[dict[str, Any]]:
+    """One streamed chunk in OpenAI's shape; usage rides a chunk of its own with `choices: []`
+    (litellm attaches it to a chunk with a choice), and only when the client asked for it."""
+    kind = "text" if chunk.get("object") == "text_completion" else "chunk"
+    out = _top(chunk, model, kind, strict)
+    usage = _usage(chunk.get("usage"), strict) if include_usage else None
+    if usage is not None and not usage.get("total_tokens"):
+        usage = None  # litellm's zero usage on ordinary chunks
+    if usage is None:
+        return [out]
+    if not any(_says_something(c, kind) for c in out["choices"]):
+        return [{**out, "choices": [], "usage": usage}]
+    return [out, {**out, "choices": [], "usage": usage}]
+
+
+def _says_something(choice: dict[str, Any], kind: str) -> bool:
+    if choice.get("finish_reason") is not None:
+        return True
+    return bool(choice.get("text")) if kind == "text" else bool(choice.get("delta"))

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from cache.examples import Example, augment_messages, choose_examples, estimate_tokens, example_budget
 from cache.index import VectorIndex, set_threads
 from cache.store import CacheEntry, CacheStore, initial_utility
-from cache.verify import DEFAULT_ARTIFACT, HitVerifier
+from cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier
 from gateway import models
 from gateway.config import CacheConfig, RequestLogConfig
 from gateway.context import Tenant
@@ -57,8 +57,11 @@ def load_verifier(spec: str | None, data_dir: Path) -> HitVerifier:
     return HitVerifier.load(verifier_path(spec, data_dir))
 
 
+# Every pattern runs in time linear in the text (prompts may be megabytes): an e-mail's local part starts
+# only where a run of its characters starts (or at a "+" right after an earlier address), because a bare
+# `[\w.+-]+@` tried at every position of a long run of letters is quadratic (20 KB took 2.7 s).
 _PII = (
-    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"), "[email]"),
+    (re.compile(r"(?:(?<![\w.+-])[\w.+-]+|(?<=[\w.-])\+[\w.-]*)@[\w-]+\.[\w.-]+"), "[email]"),
     (re.compile(r"\b(?:\d[ -]?){13,19}\b"), "[card]"),
     (re.compile(r"(?<!\w)\+?\d[\d ().-]{7,}\d(?!\w)"), "[phone]"),
 )
@@ -257,6 +260,12 @@ class CacheService:
 
     # --- hot path ---------------------------------------------------------------------------------
 
+    @property
+    def semantic_max_chars(self) -> int:
+        """The longest prompt a semantic hit is tried for: the policy's, never above what the verifier
+        reads."""
+        return min(self.config.semantic_max_chars, MAX_TEXT_CHARS)
+
     def allowed(self, entry: CacheEntry, min_tier: str | None) -> bool:
         """A request addressed to a backend is served only by answers of its tier or a better one."""
         if entry.expired(self.clock()):
@@ -291,11 +300,17 @@ class CacheService:
 
         Only the `VERIFIED_CANDIDATES` most similar usable candidates are scored: the verifier may run a
         cross-encoder (milliseconds per pair), in its own thread so the event loop never waits on it.
+        That thread serves every tenant, so nothing longer than `semantic_max_chars` (the request's text
+        or a candidate's) ever reaches it: a pair then costs a bounded few tens of milliseconds.
         """
+        limit = self.semantic_max_chars
+        if len(prompt_text) > limit:
+            return None
         usable = [
             c
             for c in candidates
-            if c.entry.context_fingerprint == fingerprint
+            if len(c.entry.prompt_text) <= limit
+            and c.entry.context_fingerprint == fingerprint
             and c.similarity >= self.verifier.cosine_threshold
             and self.allowed(c.entry, min_tier)
         ]
@@ -380,15 +395,20 @@ class CacheService:
                 if self.tier_rank(new.tier) <= self.tier_rank(existing.tier):
                     return
                 await self.delete([existing.id])  # a better tier's answer replaces it
+            # Scrubbing is linear but a prompt may be megabytes: off the event loop.
+            texts = (new.embed_text, new.prompt_text, new.response_text)
+            embed_text, prompt_text, response_text = await asyncio.to_thread(
+                lambda: [self.scrub(text) for text in texts]
+            )
             now = self.clock()
             entry = CacheEntry(
                 id=0,
                 namespace=new.namespace,
                 exact_key=new.exact_key,
                 context_fingerprint=new.context_fingerprint,
-                embed_text=self.scrub(new.embed_text),
-                prompt_text=self.scrub(new.prompt_text),
-                response_text=self.scrub(new.response_text),
+                embed_text=embed_text,
+                prompt_text=prompt_text,
+                response_text=response_text,
                 response=new.response,
                 backend=new.backend,
                 tier=new.tier,

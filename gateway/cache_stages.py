@@ -8,18 +8,33 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable
+from typing import Any, Protocol
 
 import numpy as np
 
-from cache.embed import context_fingerprint, conversation_text, message_text
-from cache.exact import cacheability, exact_key
+from cache.embed import UnembeddableTextError, context_fingerprint, conversation_text, message_text
+from cache.exact import cacheability, exact_key, fits_output_limit, output_constraints_key
+from gateway.backends import openai_response, served_model
 from gateway.cache_service import CacheLookup, CacheService, Hit, NewEntry, Usage, namespace_for
 from gateway.config import BackendConfig
 from gateway.context import RequestContext
+from gateway.errors import GatewayError
 
-Embed = Callable[[str], Awaitable[np.ndarray]]
+
+class Embed(Protocol):
+    """The request embedding (`MicroBatcher.embed`); `scope` is the tenant's cache namespace, so that
+    neither its memo nor a shared in-flight encode answers one tenant faster for another's text."""
+
+    def __call__(self, text: str, scope: str = "") -> Awaitable[np.ndarray]: ...
+
+
+async def embed_request(embed: Embed, text: str, scope: str) -> np.ndarray:
+    """`embed`, with a text the embedder cannot read reported to its sender as a bad request (400)."""
+    try:
+        return await embed(text, scope=scope)
+    except UnembeddableTextError as exc:
+        raise GatewayError(400, f"Invalid message content: {exc}", param="messages") from None
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -38,19 +53,30 @@ def plan_lookup(ctx: RequestContext, cache: CacheService, min_tier: str | None) 
         return None
     messages = ctx.body["messages"]
     allowed = cacheability(ctx.body, cache.config.allow_sampled)
+    embed_text = conversation_text(messages)
+    # No text, nothing to match on: an empty string would be "similar" to every other empty string.
+    readable = bool(embed_text.strip())
     return CacheLookup(
         namespace=namespace_for(ctx.tenant),
         exact_key=exact_key(ctx.endpoint, ctx.body),
-        servable=allowed.servable,
-        storable=allowed.storable,
-        embed_text=conversation_text(messages),
+        servable=allowed.servable and readable,
+        storable=allowed.storable and readable,
+        embed_text=embed_text,
         prompt_text=last_user_text(messages),
-        fingerprint=context_fingerprint(messages),
+        fingerprint=semantic_scope(messages, ctx.body),
         exact=bool(switches.exact),
         semantic=bool(switches.semantic),
         examples=bool(switches.examples),
         store=bool(switches.store),
     )
+
+
+def semantic_scope(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
+    """What a semantic hit must share with the request besides meaning: the same context (every message
+    but the last user turn) and the same output constraints (response_format, stop, seed, tools, ...)."""
+    context = context_fingerprint(messages)
+    constraints = output_constraints_key(body)
+    return f"{context}|{constraints}" if constraints else context
 
 
 def look_up_exact(lookup: CacheLookup, cache: CacheService, min_tier: str | None) -> Hit | None:
@@ -63,35 +89,45 @@ async def embed_and_retrieve(lookup: CacheLookup, cache: CacheService, embed: Em
     """One embedding per request, reused by the semantic hit, the examples, the router and the insert."""
     if not (lookup.semantic or lookup.examples or lookup.store):
         return
-    lookup.vector = await embed(lookup.embed_text)
+    lookup.vector = await embed_request(embed, lookup.embed_text, lookup.namespace)
     lookup.candidates = await cache.retrieve(lookup.namespace, lookup.vector, cache.config.top_k)
 
 
-async def look_up_semantic(lookup: CacheLookup, cache: CacheService, min_tier: str | None) -> Hit | None:
+async def look_up_semantic(
+    lookup: CacheLookup, cache: CacheService, min_tier: str | None, body: dict[str, Any]
+) -> Hit | None:
     if not (lookup.semantic and lookup.servable) or lookup.vector is None:
         return None
-    return await cache.semantic_hit(
-        lookup.prompt_text, lookup.fingerprint, lookup.vector, lookup.candidates, min_tier
-    )
+    # Only answers the request would have let finish (a 9-token answer never serves max_tokens 2).
+    fitting = [c for c in lookup.candidates if fits_output_limit(c.entry.completion_tokens, body)]
+    return await cache.semantic_hit(lookup.prompt_text, lookup.fingerprint, lookup.vector, fitting, min_tier)
 
 
 def hit_response(ctx: RequestContext, hit: Hit) -> dict[str, Any]:
-    """The cached answer as a fresh chat completion for this request."""
+    """The cached answer as a fresh chat completion for this request, in OpenAI's shape (entries
+    stored before the gateway kept OpenAI's null fields lack them; a streamed answer was stored
+    under the litellm model string)."""
     cached = hit.entry.response
-    return {
+    fresh = {
         **cached,
         "id": f"chatcmpl-{ctx.request_id}",
         "object": "chat.completion",
         "created": int(time.time()),
     }
+    return openai_response(fresh, served_model(str(cached.get("model") or "icgate-cache")))
 
 
 async def replay_as_stream(
     ctx: RequestContext, response: dict[str, Any]
 ) -> AsyncGenerator[dict[str, Any], None]:
     """A cached answer as server-sent chunks, the way a backend would stream it."""
-    base = {"id": response["id"], "object": "chat.completion.chunk", "created": response["created"]}
-    base["model"] = response.get("model", "icgate-cache")
+    base = {
+        "id": response["id"],
+        "object": "chat.completion.chunk",
+        "created": response["created"],
+        "model": response.get("model", "icgate-cache"),
+        "system_fingerprint": response.get("system_fingerprint"),
+    }
     text = ""
     choices = response.get("choices") or []
     if choices:
@@ -101,8 +137,8 @@ async def replay_as_stream(
         delta: dict[str, Any] = {"content": word if i == 0 else " " + word}
         if i == 0:
             delta["role"] = "assistant"
-        yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        yield {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}
     if (ctx.body.get("stream_options") or {}).get("include_usage") and response.get("usage"):
         yield {**base, "choices": [], "usage": response["usage"]}
 
@@ -149,6 +185,9 @@ def store_answer(ctx: RequestContext, cache: CacheService, response: dict[str, A
     text, finish = answer_of(ctx, response)
     # Never store truncated answers (finish_reason "length") or empty ones.
     if finish != "stop" or not text.strip():
+        return
+    # Entries live in memory on every replica: one tenant's megabyte prompts must not fill it.
+    if len(lookup.prompt_text) + len(text) > cache.config.max_entry_chars:
         return
     stored = (
         response

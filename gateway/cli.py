@@ -141,14 +141,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(policy: Policy, data_dir: Path, host: str, port: int, launch_local: bool) -> int:
-    import uvicorn
-
     from gateway.api.app import create_app
+    from gateway.api.server import build_server, raise_fd_limit
     from gateway.service import Gateway
 
+    # Idle sockets must not run the process out of descriptors before the connection cap refuses them.
+    soft, hard = raise_fd_limit()
+    logging.getLogger("icgate").info("file-descriptor limit %d (hard %d)", soft, hard)
     app = create_app(Gateway(policy, data_dir, launch_local=launch_local))
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
-    return 0
+    server = build_server(app, host, port, log_level="info")
+    server.run()
+    return 0 if server.started else 3  # uvicorn's exit status for a failed start
 
 
 def migrate(policy: Policy, data_dir: Path) -> int:

@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
+# Time to a stream's first chunk without a latency objective, and the slack added to one.
+DEFAULT_TTFB_TIMEOUT_S = 30.0
+TTFB_SLO_MARGIN_S = 1.0
 
 
 class Strict(BaseModel):
@@ -48,7 +51,12 @@ class BackendConfig(Strict):
     # Name of the environment variable holding the key; the key itself never
     # appears in a policy file or a log.
     api_key_env: str | None = None
+    # Non-streamed: the whole answer's time. Streamed: the longest wait between two chunks.
     timeout_s: float = Field(120.0, gt=0)
+    # Streamed: the wait for the first chunk, after which the fallback is tried (a hung backend must not
+    # hold a client for timeout_s). Default: the request's time-to-first-token objective plus 1 s when
+    # one is set, else 30 s; never more than timeout_s. See docs/backends.md.
+    ttfb_timeout_s: float | None = Field(None, gt=0)
     max_concurrent: int = Field(64, ge=1)
     cost_per_1k_input: float = Field(0.0, ge=0)
     cost_per_1k_output: float = Field(0.0, ge=0)
@@ -77,6 +85,16 @@ class BackendConfig(Strict):
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def first_byte_timeout_s(self, ttft_slo_s: float | None = None) -> float:
+        """How long a stream may take to its first chunk (see `ttfb_timeout_s`)."""
+        if self.ttfb_timeout_s is not None:
+            chosen = self.ttfb_timeout_s
+        elif ttft_slo_s is not None:
+            chosen = ttft_slo_s + TTFB_SLO_MARGIN_S
+        else:
+            chosen = DEFAULT_TTFB_TIMEOUT_S
+        return min(chosen, self.timeout_s)
 
 
 class RouterConfig(Strict):
@@ -171,6 +189,15 @@ class CacheConfig(Strict):
     hnsw_threshold: int = Field(50_000, ge=1)
     sync_interval_s: float = Field(5.0, gt=0)
     scrub_pii: bool = True
+    # Longest last user turn (characters) that may be answered by a semantic hit; longer prompts get
+    # exact hits only. The verifier is calibrated on questions under 1,200 characters, the embedding
+    # reads only the first ~1,000 of a prompt, and a long prompt that differs in one word is a different
+    # request: 4,000 leaves room for a question with a paragraph of context (docs/hardening-cache.md).
+    # The verifier itself never reads more than 8,000 (cache.verify.MAX_TEXT_CHARS).
+    semantic_max_chars: int = Field(4_000, ge=0)
+    # Largest prompt plus answer (characters) stored: entries are held in memory by every replica, so
+    # max_entries_per_tenant x this bounds one tenant's share. Longer exchanges are answered, not stored.
+    max_entry_chars: int = Field(32_000, ge=1)
     tenants: dict[str, CacheSwitches] = {}
     models: dict[str, CacheSwitches] = {}
 
@@ -280,6 +307,48 @@ class EmbeddingConfig(Strict):
     preload: bool = True
 
 
+class CircuitBreakerConfig(Strict):
+    """Stop calling a backend that keeps failing (per backend; see docs/backends.md).
+
+    Opens after `failures` failures in a row, or when at least `failure_ratio` of the last `window`
+    calls failed (once `min_calls` are in the window). Open, the backend is not a candidate for
+    `cooldown_s`; then one probe request goes through (half-open): success closes it, failure reopens.
+    Only the backend's own failures count (5xx, timeouts, refused connections, a rejected gateway key),
+    never a client's bad request.
+    """
+
+    enabled: bool = True
+    failures: int = Field(5, ge=1)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    window: int = Field(20, ge=1)
+    min_calls: int = Field(10, ge=1)
+    cooldown_s: float = Field(30.0, gt=0)
+
+
+class ServerConfig(Strict):
+    """What one connection or request may cost the HTTP server (docs/server-limits.md says why each).
+
+    Sizes are refused before parsing (413 body, 431 headers); the message, part and character bounds
+    are checked once the body is parsed (400 `request_too_large`).
+    """
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line plus every header
+    max_messages: int = Field(2048, ge=1)  # chat messages, or prompts of one completion request
+    max_content_parts: int = Field(256, ge=1)  # per message
+    max_text_chars: int = Field(2_000_000, ge=1)  # all text of one request
+    # From the first byte of a request to the end of its headers.
+    header_timeout_s: float = Field(10.0, gt=0)
+    # A connection with no request in progress: a new one that sends nothing, or keep-alive between requests.
+    idle_timeout_s: float = Field(5.0, gt=0)
+    # Open connections; beyond, new ones get 503 and are closed. None: the file-descriptor limit
+    # (RLIMIT_NOFILE, raised to its hard limit by `icgate serve`) minus `reserved_fds`.
+    max_connections: int | None = Field(None, ge=1)
+    reserved_fds: int = Field(256, ge=0)  # kept for backends, the database, model files, logs
+    # Draining on shutdown: past this, in-flight requests are cut with a 503 / an SSE error event.
+    graceful_shutdown_s: float = Field(30.0, ge=0)
+
+
 class Policy(Strict):
     backends: list[BackendConfig] = Field(min_length=1)
     routed_models: list[str] = ["auto"]
@@ -289,6 +358,13 @@ class Policy(Strict):
     # Retry target when a backend errors or times out; default: the first
     # backend of another tier.
     fallback_backend: str | None = None
+    # A request addressed to a backend by name falls back only to its own tier or a better one, unless
+    # this allows a lower tier (the answer then carries `x-icgate-downgraded: true`).
+    allow_downgrade: bool = False
+    # The request's whole budget for backend calls, from arrival: a fallback gets only what is left.
+    # Default: the longest backend `timeout_s`.
+    request_timeout_s: float | None = Field(None, gt=0)
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     router: RouterConfig = RouterConfig()
     auth: AuthConfig = AuthConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -297,6 +373,7 @@ class Policy(Strict):
     cache: CacheConfig = CacheConfig()
     admission: AdmissionConfig = AdmissionConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
+    server: ServerConfig = ServerConfig()
 
     @field_validator("backends")
     @classmethod
@@ -328,6 +405,10 @@ class Policy(Strict):
 
     def tier(self, tier: str) -> list[BackendConfig]:
         return [b for b in self.backends if b.tier == tier]
+
+    def request_budget_s(self) -> float:
+        """See `request_timeout_s`."""
+        return self.request_timeout_s or max(b.timeout_s for b in self.backends)
 
     def fallback_for(self, backend: BackendConfig) -> BackendConfig | None:
         """The backend to retry on once when `backend` fails."""

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway import cache_stages, routing
-from gateway.admission import Admission, AdmissionRefused, Ask, Job
+from gateway.admission import Admission, AdmissionRefused, Ask, BackendUnavailable, Job
 from gateway.backends import BackendClient, BackendError, message_text
-from gateway.cache_service import CacheService, Hit, scrub_pii
+from gateway.cache_service import CacheService, Hit, namespace_for, scrub_pii
 from gateway.config import AuthConfig, BackendConfig, Policy
 from gateway.context import ANONYMOUS, RequestContext, RequestRecord, Tenant
 from gateway.errors import GatewayError
@@ -35,6 +35,7 @@ from routers.base import RouteDecision, RouteFeatures, Router
 from routers.length import PromptLengthHeuristic
 
 log = logging.getLogger("icgate.pipeline")
+ROUTE_SAMPLE_MAX_CHARS = 8_000
 
 
 class Authenticator(Protocol):
@@ -100,19 +101,23 @@ def resolve_target(model: str, policy: Policy) -> Target:
     return Target(routed=False, backend=backend)
 
 
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+def chat_messages(ctx: RequestContext) -> list[dict[str, Any]]:
+    """The messages of a chat request; none for a completion (a pass-through `messages` is not its input)."""
+    return ctx.body["messages"] if ctx.endpoint == "chat" else []
+
+
+def estimate_prompt_tokens(ctx: RequestContext) -> int:
     """About four characters a token: good enough to route on, and free."""
-    if "messages" in body:
-        chars = sum(len(message_text(m.get("content"))) for m in body["messages"])
+    if ctx.endpoint == "chat":
+        chars = sum(len(message_text(m.get("content"))) for m in chat_messages(ctx))
     else:
-        chars = len(str(body.get("prompt", "")))
+        chars = len(str(ctx.body.get("prompt", "")))
     return max(1, chars // 4)
 
 
-def route_features(body: dict[str, Any]) -> RouteFeatures:
-    messages = body.get("messages") or []
-    depth = sum(1 for m in messages if m.get("role") == "user")
-    return RouteFeatures(prompt_tokens=estimate_prompt_tokens(body), conversation_depth=depth)
+def route_features(ctx: RequestContext) -> RouteFeatures:
+    depth = sum(1 for m in chat_messages(ctx) if m.get("role") == "user")
+    return RouteFeatures(prompt_tokens=estimate_prompt_tokens(ctx), conversation_depth=depth)
 
 
 def route(target: Target, features: RouteFeatures, router: Router) -> RouteDecision:
@@ -146,7 +151,7 @@ def ask_for(ctx: RequestContext, policy: Policy) -> Ask:
     predicted = routed.get("predicted_tokens") or {}
     ctx.decisions["priority"] = {"class": name, "rank": cls.rank, "ttft_slo_ms": cls.ttft_slo_ms}
     return Ask(
-        prompt_tokens=routed.get("prompt_tokens_est") or estimate_prompt_tokens(ctx.body),
+        prompt_tokens=routed.get("prompt_tokens_est") or estimate_prompt_tokens(ctx),
         output_tokens=int(predicted.get("p50") or 0),
         output_tokens_p90=int(predicted.get("p90") or 0),
         rank=cls.rank,
@@ -154,6 +159,16 @@ def ask_for(ctx: RequestContext, policy: Policy) -> Ask:
         tpot_slo_s=cls.tpot_slo_ms / 1000 if cls.tpot_slo_ms else None,
         arrived=ctx.arrived,
     )
+
+
+def backend_failure(err: BackendError) -> GatewayError:
+    """A backend failure the client is not to blame for, once nothing else is left to try."""
+    if err.status_code == 429:
+        return GatewayError(
+            429, str(err), type="rate_limit_error", code="backend_rate_limited", headers={"retry-after": "1"}
+        )
+    status = 504 if err.kind == "timeout" else 502
+    return GatewayError(status, str(err), type="server_error", code="backend_error")
 
 
 def refusal(refused: AdmissionRefused) -> GatewayError:
@@ -176,6 +191,8 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
     }
     if ctx.fallback_from:
         headers["x-icgate-fallback-from"] = ctx.fallback_from
+        if (ctx.decisions.get("fallback") or {}).get("downgraded"):
+            headers["x-icgate-downgraded"] = "true"
     cached = ctx.decisions.get("cache") or {}
     if cached.get("similarity") is not None:
         headers["x-icgate-similarity"] = f"{cached['similarity']:.4f}"
@@ -195,8 +212,7 @@ def route_sample_of(ctx: RequestContext) -> RouteSample | None:
         return None
     if ctx.route == "cache" or ctx.endpoint != "chat":
         return None
-    messages = ctx.body.get("messages") or []
-    users = [m for m in messages if m.get("role") == "user"]
+    users = [m for m in chat_messages(ctx) if m.get("role") == "user"]
     text = (
         ctx.cache.prompt_text
         if ctx.cache is not None
@@ -209,7 +225,9 @@ def route_sample_of(ctx: RequestContext) -> RouteSample | None:
     return RouteSample(
         request_id=ctx.request_id,
         tenant_id=ctx.tenant.id,
-        prompt_text=scrub_pii(text),
+        # Training data needs the question, not a megabyte of pasted context: bounded, so the scrub
+        # (on the event loop) stays cheap.
+        prompt_text=scrub_pii(text[:ROUTE_SAMPLE_MAX_CHARS]),
         tier=ctx.backend.tier,
         backend=ctx.backend.name,
         prompt_tokens=ctx.prompt_tokens,
@@ -257,16 +275,31 @@ class StreamRelay:
         return chunk
 
     async def _next_from_backend(self) -> dict[str, Any]:
+        """The next chunk; a backend that sends nothing for its `timeout_s` has failed (and counts so)."""
+        backend = self._ctx.backend
         try:
-            return await anext(self._rest)
+            async with asyncio.timeout(backend.timeout_s if backend is not None else None):
+                return await anext(self._rest)
         except StopAsyncIteration:
             await self.aclose()
             raise
-        except BackendError as err:
-            self._ctx.status_code, self._ctx.error_type = 502, "backend_error"
+        except (BackendError, TimeoutError) as exc:
+            name = backend.name if backend is not None else "none"
+            err = (
+                exc
+                if isinstance(exc, BackendError)
+                else BackendError(name, 504, f"The backend '{name}' stopped sending.", True)
+            )
+            log.warning(
+                "request %s: stream from %s failed (%s): %s", self._ctx.request_id, name, err.kind, err.detail
+            )
+            status = 504 if err.kind == "timeout" else 502
+            self._ctx.status_code, self._ctx.error_type = status, "backend_error"
             self._pipeline.telemetry.metrics.backend_error(err.backend, err.kind)
+            if backend is not None and not err.client_fault:
+                self._pipeline.admission.backend_failed(backend)
             await self.aclose()
-            raise GatewayError(502, str(err), type="server_error", code="backend_error") from None
+            raise GatewayError(status, str(err), type="server_error", code="backend_error") from None
 
     def _note(self, chunk: dict[str, Any]) -> None:
         """Usage and the answer's text, for the request log and the cache insert."""
@@ -277,6 +310,15 @@ class StreamRelay:
                 self._ctx.output_parts.append((choice.get("delta") or {}).get("content") or "")
                 self._ctx.finish_reason = choice.get("finish_reason") or self._ctx.finish_reason
 
+    def _bill_what_was_sent(self) -> None:
+        """A stream cut before its usage chunk (backend failure, client gone) is billed for what it
+        delivered: one token per content chunk, as OpenAI-compatible servers stream them."""
+        ctx = self._ctx
+        if ctx.completion_tokens == 0:
+            ctx.completion_tokens = sum(1 for part in ctx.output_parts if part)
+        if ctx.prompt_tokens == 0 and ctx.completion_tokens:
+            ctx.prompt_tokens = estimate_prompt_tokens(ctx)
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -284,6 +326,7 @@ class StreamRelay:
         try:
             await self._rest.aclose()
         finally:
+            self._bill_what_was_sent()
             await self._exits.aclose()
             self._pipeline.record(self._ctx)
 
@@ -336,7 +379,7 @@ class Pipeline:
                 await exits.aclose()
                 if isinstance(exc, GatewayError):
                     ctx.status_code, ctx.error_type = exc.status_code, exc.type
-                else:
+                elif ctx.error_type != "shutdown":  # a cut at the shutdown deadline is already noted
                     ctx.status_code, ctx.error_type = 500, type(exc).__name__
                 self.record(ctx)
                 raise
@@ -354,7 +397,7 @@ class Pipeline:
         if self.limiter is not None:
             with tracing.stage_span("limits"):
                 try:
-                    await self.limiter.check(ctx.tenant.name, estimate_prompt_tokens(ctx.body))
+                    await self.limiter.check(ctx.tenant.name, estimate_prompt_tokens(ctx))
                 except GatewayError:
                     self.telemetry.metrics.admission("none", "limited")
                     raise
@@ -382,11 +425,13 @@ class Pipeline:
         models = self.models
         needs_vector = target.routed and models.router_needs_embedding
         vector = ctx.cache.vector if ctx.cache is not None else None
-        text = routing.last_user_text(ctx.body)
+        text = routing.last_user_text(ctx.body, ctx.endpoint)
         if vector is None and needs_vector and self.embed is not None and text:
-            vector = await self.embed(text)  # the cache was off for this request: embed for the router
+            # the cache was off for this request: embed for the router (in the tenant's memo scope)
+            scope = namespace_for(ctx.tenant)
+            vector = await cache_stages.embed_request(self.embed, text, scope)
         example = routing.best_example(ctx.cache)
-        features = routing.with_cache_view(route_features(ctx.body), vector, example, text)
+        features = routing.with_cache_view(route_features(ctx), vector, example, text)
         max_tokens = ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")
         predicted = routing.predict_length(models, features, text, max_tokens)
         if not target.routed:
@@ -423,7 +468,7 @@ class Pipeline:
             with tracing.stage_span("embed_retrieve"):
                 await cache_stages.embed_and_retrieve(lookup, self.cache, self.embed)
             with tracing.stage_span("semantic_hit"):
-                hit = await cache_stages.look_up_semantic(lookup, self.cache, min_tier)
+                hit = await cache_stages.look_up_semantic(lookup, self.cache, min_tier, ctx.body)
         best = lookup.candidates[0].similarity if lookup.candidates else None
         ctx.decisions["cache"] = {
             "hit": hit.kind if hit else None,
@@ -455,7 +500,7 @@ class Pipeline:
             return ctx.body
         with self.telemetry.tracing.stage_span("augment"):
             return cache_stages.augment(
-                ctx, self.cache, backend, estimate_prompt_tokens(ctx.body), self.policy.tiers[0]
+                ctx, self.cache, backend, estimate_prompt_tokens(ctx), self.policy.tiers[0]
             )
 
     async def _attempts(
@@ -466,22 +511,42 @@ class Pipeline:
         exits: AsyncExitStack,
         call: Callable[[BackendConfig], Awaitable[Any]],
     ) -> Any:
-        """Admit and call the chosen backend; on a retryable failure, once more on the fallback."""
+        """Admit and call the chosen backend; on a retryable failure, once more on the fallback.
+
+        Each attempt is bounded: a stream by its time to first chunk, a whole answer by the backend's
+        `timeout_s`, both by what is left of the request's budget (two hung backends must not double
+        the wait). Backends whose circuit is open are skipped; a client's error is not retried and does
+        not count against the backend. See docs/backends.md.
+        """
         metrics = self.telemetry.metrics
         ask = ask_for(ctx, self.policy)
+        deadline = ctx.arrived + self.policy.request_budget_s()
+        tries = 2  # the first attempt and one fallback
         try:
             backend, spilled = self.admission.place(ask, candidates, spill)
         except AdmissionRefused as refused:
             metrics.admission(refused.backend, "refused")
             ctx.decisions["admit"] = {"refused": refused.reason}
             raise refusal(refused) from None
+        except BackendUnavailable as down:
+            fallback = self._fallback_for(ctx, candidates[0])
+            if fallback is None:
+                metrics.admission(candidates[0].name, "unavailable")
+                ctx.decisions["admit"] = {"unavailable": down.backends}
+                raise GatewayError(
+                    503,
+                    f"The {down}; retry later.",
+                    type="server_error",
+                    code="backend_unavailable",
+                    headers={"retry-after": str(int(down.retry_after_s))},
+                ) from None
+            self._fell_back(ctx, candidates[0], fallback, "circuit_open")
+            backend, spilled, tries = fallback, False, 1
         if spilled:
             ctx.decisions["spill"] = {"from": ctx.route, "to": backend.name}
             ctx.route = backend.tier
-        fallback = self.policy.fallback_for(backend)
-        attempt = 0
         while True:
-            attempt += 1
+            tries -= 1
             slot = AsyncExitStack()
             try:
                 with self.telemetry.tracing.stage_span("admit"):
@@ -493,12 +558,25 @@ class Pipeline:
                 ctx.backend = backend
                 ctx.decisions["admit"] = {"backend": backend.name, "queue_ms": round(ctx.queue_s * 1000, 2)}
                 metrics.admission(backend.name, "spilled" if spilled else "admitted")
+                own = backend.first_byte_timeout_s(ask.ttft_slo_s) if ctx.stream else backend.timeout_s
+                limit = max(0.0, min(own, deadline - time.perf_counter()))
                 started = time.perf_counter()
                 try:
                     with self.telemetry.tracing.stage_span("backend"):
-                        result = await call(backend)
+                        async with asyncio.timeout(limit):
+                            result = await call(backend)
+                except TimeoutError:
+                    waited = "no first chunk" if ctx.stream else "no answer"
+                    raise BackendError(
+                        backend.name,
+                        504,
+                        f"The backend '{backend.name}' did not answer in time.",
+                        True,
+                        detail=f"{waited} within {limit:.1f} s",
+                    ) from None
                 finally:
                     ctx.backend_s += time.perf_counter() - started
+                self.admission.backend_succeeded(backend)
                 if ctx.stream:
                     job.first_token_at = time.perf_counter()
                 # The slot stays held until the caller is done (a stream holds it to the end).
@@ -506,29 +584,66 @@ class Pipeline:
                 return result
             except AdmissionRefused as refused:
                 await slot.aclose()
+                self.admission.backend_neutral(backend)
                 metrics.admission(refused.backend, "refused")
                 ctx.decisions["admit"] = {"refused": refused.reason}
                 raise refusal(refused) from None
             except BackendError as err:
                 await slot.aclose()
+                # The full story (the backend's own words, litellm's) goes to the log, never to the client.
+                log.warning(
+                    "request %s: backend %s failed (%s): %s",
+                    ctx.request_id,
+                    backend.name,
+                    err.kind,
+                    err.detail,
+                )
+                if err.client_fault:
+                    self.admission.backend_neutral(backend)
+                    raise GatewayError(
+                        err.status_code, str(err), type="invalid_request_error", code=err.code
+                    ) from None
                 self.admission.backend_failed(backend)
-                self.telemetry.metrics.backend_error(backend.name, err.kind)
-                log.warning("request %s: backend %s failed (%s)", ctx.request_id, backend.name, err.kind)
-                if err.retryable and attempt == 1 and fallback is not None:
-                    self.telemetry.metrics.fallback(backend.name, fallback.name)
-                    ctx.fallback_from, backend = backend.name, fallback
-                    ctx.route = backend.tier
-                    ctx.decisions["fallback"] = {
-                        "from": ctx.fallback_from,
-                        "to": backend.name,
-                        "error": err.kind,
-                    }
+                metrics.backend_error(backend.name, err.kind)
+                # One fallback, and only while the request's budget lasts (else it could not even start).
+                retry = err.retryable and tries > 0 and deadline > time.perf_counter()
+                fallback = self._fallback_for(ctx, backend) if retry else None
+                if fallback is not None:
+                    self._fell_back(ctx, backend, fallback, err.kind)
+                    backend = fallback
                     continue
-                if not err.retryable:
-                    raise GatewayError(err.status_code, str(err), type="invalid_request_error") from None
-                raise GatewayError(
-                    504 if err.kind == "timeout" else 502, str(err), type="server_error", code="backend_error"
-                ) from None
+                raise backend_failure(err) from None
+            except BaseException:
+                # Cancelled (the client left) or a bug: the slot is given back, the backend not blamed.
+                await slot.aclose()
+                self.admission.backend_neutral(backend)
+                raise
+
+    def _fallback_for(self, ctx: RequestContext, backend: BackendConfig) -> BackendConfig | None:
+        """The one retry target: the policy's fallback, if its circuit lets a call through and, for a
+        request addressed by name, it is not of a lower tier (unless `allow_downgrade`)."""
+        fallback = self.policy.fallback_for(backend)
+        if fallback is None:
+            return None
+        named = not (ctx.decisions.get("target") or {}).get("routed", True)
+        lower = self.policy.tier_rank(fallback.tier) < self.policy.tier_rank(backend.tier)
+        if named and lower and not self.policy.allow_downgrade:
+            ctx.decisions["fallback_refused"] = {"to": fallback.name, "reason": "lower tier"}
+            return None
+        if not self.admission.claim(fallback):
+            ctx.decisions["fallback_refused"] = {"to": fallback.name, "reason": "circuit open"}
+            return None
+        return fallback
+
+    def _fell_back(
+        self, ctx: RequestContext, failed: BackendConfig, fallback: BackendConfig, kind: str
+    ) -> None:
+        self.telemetry.metrics.fallback(failed.name, fallback.name)
+        ctx.fallback_from = failed.name
+        ctx.route = fallback.tier
+        ctx.decisions["fallback"] = {"from": failed.name, "to": fallback.name, "error": kind}
+        if self.policy.tier_rank(fallback.tier) < self.policy.tier_rank(failed.tier):
+            ctx.decisions["fallback"]["downgraded"] = True
 
     @staticmethod
     def _note_output(ctx: RequestContext, job: Job) -> None:

@@ -137,8 +137,8 @@ def threshold_for(config: RouterConfig, models: Models) -> float | None:
     return models.threshold
 
 
-def last_user_text(body: dict[str, Any]) -> str:
-    if "messages" not in body:
+def last_user_text(body: dict[str, Any], endpoint: str = "chat") -> str:
+    if endpoint != "chat":
         return str(body.get("prompt", ""))
     users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
     return message_text(users[-1].get("content")) if users else ""

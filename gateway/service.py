@@ -62,6 +62,14 @@ class EmbeddingService:
         model_dir = resolve_model_dir(self.config.model)
         return SentenceTransformerEmbedder(model_dir, max_batch=self.config.max_batch)
 
+    async def decode(self, token_ids: list[int]) -> str:
+        """The text behind token ids of the served model's own tokenizer (OpenAI accepts token input)."""
+        embedder = await self.embedder()
+        decode = getattr(embedder, "decode_tokens", None)
+        if decode is None:
+            raise ValueError("this embedding model takes text only")
+        return str(decode(token_ids))
+
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors and the number of input tokens they cost."""
         embedder = await self.embedder()
@@ -94,7 +102,7 @@ class Gateway:
         self.sample_writer: RouteSampleWriter | None = None
         self.watchers: list[ModelWatcher[Any]] = []
         self.ready = False
-        self.admission = Admission(policy.backends, policy.admission)
+        self.admission = Admission(policy.backends, policy.admission, policy.circuit_breaker)
         self.signals = SignalPoller(policy.backends, self.admission, policy.admission.metrics_interval_s)
         self.telemetry.metrics.watch_backends(self.admission.snapshot)
         self._spend_task: asyncio.Task[None] | None = None

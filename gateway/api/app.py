@@ -6,9 +6,11 @@ made in `gateway.pipeline`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +22,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, FeedbackRequest
+from gateway.api.bounds import RequestLimits, check_request_bounds
+from gateway.api.drain import CUT_MARGIN_S, Drain, shutdown_error
+from gateway.api.openapi import install_schema
+from gateway.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    FeedbackRequest,
+    unpaired_surrogate_at,
+)
 from gateway.cache_service import namespace_for
 from gateway.context import Endpoint, RequestContext
 from gateway.errors import GatewayError, error_body
@@ -52,13 +63,21 @@ def create_app(gateway: Gateway) -> FastAPI:
         try:  # a start that fails half-way still stops what it started
             await gateway.start()
             yield
+            # Requests cut at the shutdown deadline record themselves first: then the log is flushed.
+            await drain.settle(CUT_MARGIN_S)
         finally:
             await gateway.stop()
 
+    drain = Drain()
     app = FastAPI(title="icgate", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
+    # Read by `gateway.api.server.build_server`: the protocol's limits and the shutdown deadline.
+    app.state.server_config = gateway.policy.server
+    app.state.drain = drain
     app.add_middleware(StampArrival)
+    app.add_middleware(RequestLimits, config=gateway.policy.server)
     install_error_handlers(app)
+    install_schema(app)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, gw: GatewayDep) -> Response:
@@ -66,7 +85,11 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, gw: GatewayDep) -> Response:
-        return await run_pipeline(gw, "completions", body.model_dump(exclude_unset=True), request)
+        fields = body.model_dump(exclude_unset=True)
+        if fields.get("prompt") is None:
+            # OpenAI's documented default: generate from the start of a document.
+            fields["prompt"] = ""
+        return await run_pipeline(gw, "completions", fields, request)
 
     @app.get("/v1/models")
     async def models(request: Request, gw: GatewayDep) -> dict[str, Any]:
@@ -93,9 +116,8 @@ def create_app(gateway: Gateway) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
-        texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        if any(not t for t in texts):
-            raise GatewayError(400, "input must not contain empty strings", param="input")
+        reject_invalid_text(body.model_dump(exclude_unset=True))
+        texts = await embedding_texts(gw, body.input)
         vectors, tokens = await gw.embeddings.embed(texts)
         if body.dimensions is not None:
             if body.dimensions > vectors.shape[1]:
@@ -106,7 +128,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             "object": "list",
             "model": body.model,
             "data": [
-                {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format)}
+                {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format or "float")}
                 for i, v in enumerate(vectors)
             ],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
@@ -136,9 +158,14 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz(gw: GatewayDep) -> Response:
-        if gw.ready:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "starting"}, status_code=503)
+        """Ready once started and while at least one backend's circuit lets calls through: with every
+        backend failing, a load balancer should send traffic to another replica (docs/backends.md)."""
+        if not gw.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        backends = gw.admission.circuits()
+        if not gw.admission.serving():
+            return JSONResponse({"status": "unavailable", "backends": backends}, status_code=503)
+        return JSONResponse({"status": "ready", "backends": backends})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(gw: GatewayDep) -> Response:
@@ -161,40 +188,128 @@ class StampArrival:
         await self.app(scope, receive, send)
 
 
+def reject_invalid_text(body: dict[str, Any]) -> None:
+    """A string that is not valid Unicode is the sender's mistake (400), found before any work."""
+    where = unpaired_surrogate_at(body)
+    if where is not None:
+        raise GatewayError(
+            400,
+            f"Invalid '{where}': the string holds an unpaired UTF-16 surrogate, which is not valid Unicode.",
+            param=where,
+            code="invalid_unicode",
+        )
+
+
+async def embedding_texts(gw: Gateway, value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    """The texts to embed: strings as given; token ids are read with the served model's own tokenizer."""
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif value and isinstance(value[0], int):
+        items = [value]
+    else:
+        items = list(value)
+    texts: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            continue
+        try:
+            texts.append(await gw.embeddings.decode(item))
+        except ValueError as exc:
+            raise GatewayError(400, f"Invalid 'input': {exc}", param="input") from None
+    if any(not t for t in texts):
+        raise GatewayError(400, "input must not contain empty strings", param="input")
+    return texts
+
+
 async def run_pipeline(gw: Gateway, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Response:
     arrived = getattr(request.state, "icgate_arrived", None) or time.perf_counter()
+    check_request_bounds(body, gw.policy.server)
+    reject_invalid_text(body)
     ctx = RequestContext(endpoint=endpoint, body=body, arrived=arrived)
+    drain: Drain = request.app.state.drain
+    if drain.expired:  # a late request on a kept-alive connection, past the shutdown deadline
+        drain.mark_cut(ctx)
+        gw.pipeline.record(ctx)
+        return shutdown_response(ctx)
+    drain.begin(ctx)
+    handed_over = False
     try:
-        result = await gw.pipeline.run(ctx, bearer_token(request))
+        drain.waiting(ctx)
+        try:
+            result = await gw.pipeline.run(ctx, bearer_token(request))
+        finally:
+            drain.done_waiting()
+        if result.chunks is None:
+            return JSONResponse(result.response, headers=result.headers())
+        handed_over = True
+        return RelayedStream(result.chunks, result.headers(), ctx, drain)
     except GatewayError as exc:
         headers = {**exc.headers, "x-icgate-request-id": ctx.request_id}
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
-    if result.chunks is None:
-        return JSONResponse(result.response, headers=result.headers())
-    return RelayedStream(result.chunks, headers=result.headers())
+    except asyncio.CancelledError:
+        if not drain.absorb_cut():
+            raise
+        return shutdown_response(ctx)  # the pipeline has recorded it as cut
+    finally:
+        if not handed_over:
+            drain.end(ctx)
+
+
+def shutdown_response(ctx: RequestContext) -> JSONResponse:
+    return JSONResponse(shutdown_error(), status_code=503, headers={"x-icgate-request-id": ctx.request_id})
 
 
 class RelayedStream(StreamingResponse):
     """SSE response that closes its relay however the response ends, even before the first byte."""
 
-    def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
-        super().__init__(sse(relay), media_type="text/event-stream", headers=headers)
+    def __init__(
+        self, relay: StreamRelay, headers: dict[str, str], ctx: RequestContext, drain: Drain
+    ) -> None:
+        super().__init__(sse(relay, ctx, drain), media_type="text/event-stream", headers=headers)
         self.relay = relay
+        self.ctx = ctx
+        self.drain = drain
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.relay.aclose()
+            try:
+                await self.relay.aclose()
+            finally:
+                self.drain.end(self.ctx)
 
 
-async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Server-sent events in OpenAI's framing; a mid-stream failure ends with an error event."""
-    try:
-        async for chunk in chunks:
-            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-    except GatewayError as exc:
-        yield b"data: " + json.dumps(exc.body()).encode() + b"\n\n"
+async def sse(
+    chunks: AsyncIterator[dict[str, Any]], ctx: RequestContext, drain: Drain
+) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's framing. A mid-stream failure ends with an error event, and so
+    does a shutdown past its grace period (the wait for the next chunk is what the drain cuts)."""
+    error: dict[str, Any] | None = None
+    while True:
+        if drain.expired:
+            drain.mark_cut(ctx)
+            error = shutdown_error()
+            break
+        drain.waiting(ctx)
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            break
+        except GatewayError as exc:
+            error = exc.body()
+            break
+        except asyncio.CancelledError:
+            if not drain.absorb_cut():
+                raise
+            error = shutdown_error()
+            break
+        finally:
+            drain.done_waiting()
+        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    if error is not None:
+        yield b"data: " + json.dumps(error).encode() + b"\n\n"
     yield b"data: [DONE]\n\n"
 
 
@@ -202,6 +317,15 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return [float(x) for x in vector]
+
+
+_UNION_TAG = re.compile(r"[\[(]|^(str|int|float|bool|list|dict|none)$")
+
+
+def field_path(loc: Any) -> list[str]:
+    """The request field a validation error is about: its location without `body` and without the
+    union members pydantic names on the way (`str`, `list[ContentPart]`, ...)."""
+    return [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _UNION_TAG.search(p))]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -214,9 +338,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        # A union (`content: str | list[part]`) fails once per member: the deepest error is the telling one.
+        first = max(errors, key=lambda e: len(field_path(e.get("loc", ())))) if errors else {}
+        param = ".".join(field_path(first.get("loc", ()))) or None
         if first.get("type") == "json_invalid":
             message = "We could not parse the JSON body of your request."
             param = None

@@ -1,65 +1,135 @@
-"""Request bodies of the OpenAI API, validated loosely enough for drop-in use.
+"""Request bodies of the OpenAI API, validated as OpenAI validates them.
 
-Known fields are checked (types and ranges); unknown fields are kept and pass
-through to the backend, as OpenAI-compatible servers grow new parameters faster
-than any gateway.
+Known fields are checked strictly where OpenAI is strict (`stream: "yes"` and
+`seed: false` are refused, not coerced); `null` is accepted wherever OpenAI
+accepts it. Unknown fields are kept and pass through to the backend, as
+OpenAI-compatible servers grow new parameters (`guided_json`, ...) faster than
+any gateway.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+# OpenAI's own limit on `n` (its error: "Expected a value <= 128").
+MAX_N = 128
+# Any UTF-16 surrogate left in a decoded str is unpaired: JSON's "\ud83d\ude00" decodes to one code point.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Passthrough(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class ContentPart(Passthrough):
+    """One part of a message's content. A `text` part must carry a string; other kinds
+    (image_url, input_audio, file, refusal, ...) pass through as they are."""
+
+    type: StrictStr
+
+    @model_validator(mode="after")
+    def _text_is_a_string(self) -> ContentPart:
+        if self.type == "text" and not isinstance((self.model_extra or {}).get("text"), str):
+            raise ValueError("a 'text' content part needs a string 'text'")
+        return self
+
+
 class ChatMessage(Passthrough):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    content: StrictStr | list[ContentPart] | None = None
 
 
 class StreamOptions(Passthrough):
-    include_usage: bool = False
+    include_usage: StrictBool | None = None
 
 
 class SamplingParams(Passthrough):
-    model: str = Field(min_length=1)
-    stream: bool = False
+    model: StrictStr = Field(min_length=1)
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    n: int | None = Field(None, ge=1, le=16)
-    max_tokens: int | None = Field(None, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, ge=0, le=1)
+    n: StrictInt | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    user: StrictStr | None = None
 
 
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+
+
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI documents `null` (its default prompt is the document separator); arrays must not be empty.
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+        | None
+    )
 
 
 class EmbeddingRequest(Passthrough):
-    model: str = Field(min_length=1)
-    input: str | list[str] = Field(min_length=1)
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
+    model: StrictStr = Field(min_length=1)
+    # Text, texts, token ids of the served model's tokenizer, or lists of those (as OpenAI accepts).
+    input: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: StrictInt | None = Field(None, ge=1)
+    user: StrictStr | None = None
 
 
 class FeedbackRequest(BaseModel):
     """Feedback on one answer: -1 (bad) to 1 (good)."""
 
     model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(min_length=1, max_length=64)
-    score: float = Field(ge=-1, le=1)
+    request_id: StrictStr = Field(min_length=1, max_length=64)
+    score: StrictFloat = Field(ge=-1, le=1)
+
+
+def unpaired_surrogate_at(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string holding an unpaired UTF-16 surrogate, else None.
+
+    JSON may spell one (`"\\ud800"`) and Python decodes it, but it is not Unicode: the embedder,
+    the database and most backends fail on it. Keys are checked as well as values.
+    """
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return where
+            found = unpaired_surrogate_at(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = unpaired_surrogate_at(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None

@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.cross_encoder import PairCrossEncoder, TrainingConfig, length_bucketed_batches
+from cache.cross_encoder import (
+    MAX_CHARS,
+    MAX_LENGTH,
+    PairCrossEncoder,
+    TrainingConfig,
+    length_bucketed_batches,
+)
 from cache.embed import SentenceTransformerEmbedder
 from cache.verify import (
     CROSS_ENCODER_FEATURE,
@@ -115,3 +121,26 @@ def test_verifier_with_a_cross_encoder_saves_and_loads(
         verifier.score_batch(texts_a, texts_b, va, vb),
         atol=0.02,
     )
+
+
+def test_long_texts_are_cut_before_the_tokenizer_reads_them(
+    tuned: PairCrossEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tokenizer reads a whole text before truncating it (a 1 MB text took seconds and gigabytes);
+    the cut at MAX_CHARS keeps every piece the model sees, so the encoding is unchanged."""
+    question = "Why is the sky blue on a clear summer day? " * 40  # 1,720 characters, past MAX_CHARS
+    short = "Why is the sky blue?"
+    huge = question + "and some filler words " * 50_000  # ~1.1 MB
+    expected = tuned.tokenizer([question], [short], truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    seen: list[int] = []
+    tokenizer = tuned.tokenizer
+
+    def spy(texts_a: list[str], texts_b: list[str], **kwargs: object) -> object:
+        seen.extend(len(t) for t in [*texts_a, *texts_b])
+        return tokenizer(texts_a, texts_b, **kwargs)
+
+    monkeypatch.setattr(tuned, "tokenizer", spy)
+    encoded = tuned._encode([huge], [short])
+    assert encoded["input_ids"].tolist() == expected
+    assert max(seen) <= MAX_CHARS
+    assert np.isfinite(tuned.logits([huge, short], [short, huge])).all()

@@ -7,15 +7,20 @@ import hashlib
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from cache.embed import (
+    EMBED_MAX_CHARS,
     BatcherClosedError,
     EmbeddingMemo,
     MicroBatcher,
     SentenceTransformerEmbedder,
+    UnembeddableTextError,
+    context_fingerprint,
+    conversation_text,
     resolve_model_dir,
 )
 
@@ -114,6 +119,8 @@ class FakeEmbedder:
         self.threads: set[str] = set()
         self.delay_s = delay_s
         self.fail_next = 0
+        self.fail_always = False
+        self.poison = "POISON"  # a batch holding a text with this word raises, as a tokenizer might
         self.release = threading.Event()
         self.release.set()
 
@@ -123,9 +130,11 @@ class FakeEmbedder:
         self.release.wait(10)
         if self.delay_s:
             time.sleep(self.delay_s)
-        if self.fail_next:
-            self.fail_next -= 1
+        if self.fail_next or self.fail_always:
+            self.fail_next = max(0, self.fail_next - 1)
             raise ValueError("encoder failed on purpose")
+        if any(self.poison in text for text in texts):
+            raise UnicodeEncodeError("utf-8", self.poison, 0, 1, "poisoned text")
         rows = []
         for text in texts:
             seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
@@ -210,15 +219,98 @@ async def test_duplicates_in_a_batch_are_encoded_once() -> None:
     batcher.close()
 
 
-async def test_encoder_exception_reaches_every_waiter_and_the_batcher_recovers() -> None:
+async def test_a_broken_encoder_fails_every_waiter_with_its_error_and_the_batcher_recovers() -> None:
+    fake = FakeEmbedder()
+    fake.fail_always = True
+    batcher = MicroBatcher(fake, max_wait_ms=20)
+    results = await asyncio.gather(*(batcher.embed(f"t{i}") for i in range(4)), return_exceptions=True)
+    # every text failed, alone too: the encoder is at fault, not a text (the gateway answers 500)
+    assert all(type(r) is ValueError for r in results)
+    assert fake.batches[0] == ["t0", "t1", "t2", "t3"] and len(fake.batches) == 7  # halves, then singles
+    assert batcher.pending == 0 and batcher.stats.failed_batches == 7 and batcher.stats.refused == 0
+    fake.fail_always = False
+    vector = await batcher.embed("t0")  # the failed text is not memoised; it is encoded again
+    assert vector.shape == (8,) and len(fake.batches) == 8
+    batcher.close()
+
+
+async def test_a_batch_that_fails_once_is_encoded_again_in_halves() -> None:
     fake = FakeEmbedder()
     fake.fail_next = 1
     batcher = MicroBatcher(fake, max_wait_ms=20)
-    results = await asyncio.gather(*(batcher.embed(f"t{i}") for i in range(4)), return_exceptions=True)
-    assert all(isinstance(r, ValueError) for r in results) and len(fake.batches) == 1
-    assert batcher.pending == 0 and batcher.stats.failed_batches == 1
-    vector = await batcher.embed("t0")  # the failed text is not memoised; it is encoded again
-    assert vector.shape == (8,) and len(fake.batches) == 2
+    texts = [f"t{i}" for i in range(4)]
+    vectors = await asyncio.gather(*(batcher.embed(t) for t in texts))
+    assert fake.batches == [texts, texts[:2], texts[2:]]
+    for text, vector in zip(texts, vectors, strict=True):
+        np.testing.assert_array_equal(vector, fake.encode([text])[0])
+    assert batcher.stats.failed_batches == 1 and batcher.stats.encoded == 8
+    batcher.close()
+
+
+async def test_a_text_the_encoder_refuses_fails_only_its_own_callers() -> None:
+    fake = FakeEmbedder()
+    batcher = MicroBatcher(fake, max_batch=16, max_wait_ms=50)
+    texts = [f"question {i}" for i in range(15)]
+    texts.insert(6, "a POISON text")
+    results = await asyncio.gather(
+        *(batcher.embed(t) for t in texts), batcher.embed("a POISON text"), return_exceptions=True
+    )
+    assert fake.batches[0] == texts  # they were in one batch
+    # bisection, not one call per text: 1 + 2 halves + 2 quarters + ... down to the single bad text
+    assert len(fake.batches) <= 1 + 2 * 4
+    bad = [r for r in results if isinstance(r, BaseException)]
+    assert len(bad) == 2 and all(isinstance(r, UnembeddableTextError) for r in bad)  # both its callers
+    assert isinstance(results[6], UnembeddableTextError)
+    assert isinstance(results[6].__cause__, UnicodeEncodeError)
+    for text, result in zip(texts, results, strict=False):
+        if text != "a POISON text":
+            np.testing.assert_array_equal(result, fake.encode([text])[0])
+    assert batcher.stats.refused == 1 and ("", "a POISON text") not in batcher.memo
+    assert batcher.pending == 0
+    batcher.close()
+
+
+async def test_a_lone_surrogate_is_refused_before_it_reaches_a_batch() -> None:
+    fake = FakeEmbedder()
+    batcher = MicroBatcher(fake, max_wait_ms=20)
+    results = await asyncio.gather(
+        batcher.embed("fine"), batcher.embed("bad \ud800 text"), batcher.embed("also fine"),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(results[1], UnembeddableTextError)
+    assert isinstance(results[0], np.ndarray) and isinstance(results[2], np.ndarray)
+    assert fake.batches == [["fine", "also fine"]] and batcher.stats.refused == 1
+    batcher.close()
+
+
+async def test_memo_and_shared_encodes_never_cross_scopes() -> None:
+    fake = FakeEmbedder()
+    batcher = MicroBatcher(fake, max_wait_ms=20)
+    alice = await batcher.embed("the same question", scope="tenant:1")
+    bob = await batcher.embed("the same question", scope="tenant:2")
+    assert batcher.stats.memo_hits == 0 and batcher.stats.encoded == 2  # bob's was encoded afresh
+    np.testing.assert_array_equal(alice, bob)
+    await batcher.embed("the same question", scope="tenant:1")
+    assert batcher.stats.memo_hits == 1 and batcher.stats.encoded == 2  # within a scope the memo serves
+    # in flight: a text being encoded for one tenant is not shared with another ...
+    await asyncio.gather(
+        batcher.embed("in flight", scope="tenant:1"), batcher.embed("in flight", scope="tenant:2")
+    )
+    assert batcher.stats.joined == 0 and fake.batches[-1] == ["in flight", "in flight"]
+    # ... but is within one
+    await asyncio.gather(batcher.embed("joined", scope="tenant:1"), batcher.embed("joined", scope="tenant:1"))
+    assert batcher.stats.joined == 1 and fake.batches[-1] == ["joined"]
+    batcher.close()
+
+
+async def test_texts_are_cut_to_what_the_encoder_reads() -> None:
+    fake = FakeEmbedder()
+    batcher = MicroBatcher(fake, max_wait_ms=0, max_chars=100)
+    await batcher.embed("x" * 100 + "y" * 1_000_000)
+    assert fake.batches == [["x" * 100]]
+    await batcher.embed("x" * 100 + "z" * 10)  # the same first 100 characters: the same vector
+    assert batcher.stats.memo_hits == 1 and len(fake.batches) == 1
+    assert all(isinstance(key, tuple) and len(key[1]) <= 100 for key in batcher.memo._items)
     batcher.close()
 
 
@@ -274,3 +366,44 @@ async def test_batched_vectors_match_unbatched_encode(embedder: SentenceTransfor
     np.testing.assert_allclose(np.stack(vectors), reference, atol=1e-5)
     np.testing.assert_allclose(many, reference, atol=1e-5)
     assert batcher.stats.batches <= 3  # the 15 concurrent calls went in one batch (5 distinct texts)
+
+
+def test_a_long_text_costs_only_what_the_encoder_reads(
+    embedder: SentenceTransformerEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model reads 256 word pieces; the cut at max_chars keeps them all, so the vector is the same."""
+    window = "the quick brown fox jumps over the lazy dog " * 60  # ~2,600 characters: past the window
+    huge = window + "and then something else entirely " * 30_000  # ~1 MB
+    seen: list[int] = []
+    model = embedder._model
+    original = model.preprocess
+
+    def spy(texts: list[str], *args: Any, **kwargs: Any) -> Any:  # the model's tokenizing step
+        seen.append(max(len(t) for t in texts))
+        return original(texts, *args, **kwargs)
+
+    monkeypatch.setattr(model, "preprocess", spy)
+    both = embedder.encode([huge, window])
+    assert seen and max(seen) <= embedder.max_chars == EMBED_MAX_CHARS
+    np.testing.assert_allclose(both[0], both[1], atol=1e-6)
+
+
+def test_conversation_text_is_bounded_with_or_without_context() -> None:
+    huge = "word " * 200_000
+    alone = conversation_text([{"role": "user", "content": huge}])
+    assert len(alone) <= EMBED_MAX_CHARS and alone.startswith("word word")
+    short = "How do I reset my password?"
+    assert conversation_text([{"role": "user", "content": short}]) == short  # unchanged below the cap
+    follow_up = conversation_text(
+        [
+            {"role": "user", "content": huge},
+            {"role": "assistant", "content": huge},
+            {"role": "user", "content": huge},
+        ]
+    )
+    assert len(follow_up) <= EMBED_MAX_CHARS
+
+
+def test_a_lone_surrogate_in_the_context_still_has_a_fingerprint() -> None:
+    messages = [{"role": "user", "content": "bad \ud800"}, {"role": "user", "content": "next"}]
+    assert len(context_fingerprint(messages)) == 16

@@ -15,7 +15,9 @@ import pytest
 from cache.embed import SentenceTransformerEmbedder
 from cache.verify import (
     DEFAULT_ARTIFACT,
+    MAX_TEXT_CHARS,
     SCALAR_FEATURES,
+    SEQUENCE_MATCH_BUDGET,
     HitVerifier,
     LabelledPair,
     apply_rules,
@@ -27,6 +29,7 @@ from cache.verify import (
     out_of_fold_probabilities,
     pair_bucket,
     pair_features,
+    sequence_match_ratio,
 )
 
 FEATURE = {name: i for i, name in enumerate(SCALAR_FEATURES)}
@@ -349,3 +352,73 @@ def test_shipped_artifact_accepts_paraphrase_and_rejects_hard_negative(
     assert verifier.score(texts[0], texts[2], query, other) < verifier.score(
         texts[0], texts[1], query, paraphrase
     )
+
+
+# ---- bounded cost on hostile texts ---------------------------------------------------------------------
+
+
+def test_parsing_reads_at_most_max_text_chars_and_is_linear() -> None:
+    from cache.verify import _parse
+
+    huge = _parse("Paris is the Capital of France, said Marie. " * 25_000)  # ~1.1 MB
+    assert huge.truncated and len(huge.normalised) <= MAX_TEXT_CHARS
+    assert len(huge.trigrams) <= MAX_TEXT_CHARS and "marie" in huge.entities
+    # a Quora-length question is read whole, exactly as before the cap
+    short = _parse("Is Paris the capital of France?")
+    assert not short.truncated and short.normalised == "is paris the capital of france"
+    assert "france" in short.entities and short.trigrams >= {"is ", "par", "nce"}
+
+
+def test_twins_are_only_texts_read_whole() -> None:
+    head = "please summarise this report " * 400  # 11,600 characters: past MAX_TEXT_CHARS
+    scores = apply_rules([head + "for Alice", head], [head + "for Bob", head], np.full(2, 0.5))
+    # the same first MAX_TEXT_CHARS characters are no proof of the same request; equal texts still are
+    assert scores.tolist() == [0.5, 1.0]
+
+
+def test_sequence_ratio_is_difflibs_within_budget_and_bounded_beyond(monkeypatch: pytest.MonkeyPatch) -> None:
+    import difflib
+
+    a, b = "how do i reset my password", "how can i reset my password"
+    assert sequence_match_ratio(a, b) == difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    calls: list[int] = []
+    original = difflib.SequenceMatcher.find_longest_match
+
+    def counting(self: difflib.SequenceMatcher[str], *args: int) -> difflib.Match:
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(difflib.SequenceMatcher, "find_longest_match", counting)
+    # few distinct characters make difflib cubic: "a a a ..." against "b b b ..." recurses once per space
+    x, y = "a " * 100, "b " * 100
+    exact = sequence_match_ratio(x, y, budget=10**9)
+    assert exact == 0.5 and len(calls) > 100
+    calls.clear()
+    # 8,000 characters like that would take difflib hours; the first scan alone is over budget
+    assert sequence_match_ratio("a " * 4_000, "b " * 4_000) == 0.0 and calls == []
+    calls.clear()
+    assert sequence_match_ratio("a " * 200, "b " * 200) == 0.0  # starts, then runs out of budget
+    assert 0 < len(calls) <= SEQUENCE_MATCH_BUDGET // (200 * 200)
+
+
+class _CountingModel:
+    """A classifier that says "same" and counts the rows it was asked about."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        self.rows += len(features)
+        return np.tile([0.0, 1.0], (len(features), 1))
+
+
+def test_the_verifier_refuses_texts_it_cannot_read_whole() -> None:
+    model = _CountingModel()
+    verifier = HitVerifier(cosine_threshold=0.5, probability_threshold=0.5, model=model, version="test")
+    long_a = "tell me about this document " * 400  # 11,200 characters
+    long_b = long_a.replace("document", "documents", 1)
+    short = "How do I reset my password?"
+    vectors = np.stack([unit(1)] * 3)
+    scores = verifier.score_batch([long_a, short, short], [long_b, short + " ", long_a], vectors, vectors)
+    assert scores.tolist() == [0.0, 1.0, 0.0]
+    assert model.rows == 1  # only the readable pair was featurised

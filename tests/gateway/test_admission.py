@@ -8,8 +8,17 @@ from typing import Any
 
 import pytest
 
-from gateway.admission import Admission, AdmissionRefused, Ask, BackendSignals, Job, TtftModel, Waiter
-from gateway.config import AdmissionConfig, BackendConfig
+from gateway.admission import (
+    Admission,
+    AdmissionRefused,
+    Ask,
+    BackendSignals,
+    BackendUnavailable,
+    Job,
+    TtftModel,
+    Waiter,
+)
+from gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
 
 
 def backend(name: str, max_concurrent: int = 4, tier: str = "small", **kw: Any) -> BackendConfig:
@@ -387,3 +396,72 @@ def _waiter(adm: Admission, request: Ask, now: float) -> Waiter:
         return Waiter(request, next(adm._seq), now, loop.create_future())
     finally:
         loop.close()
+
+
+# --- the circuit breaker ------------------------------------------------------------------------------
+
+
+def breaker_admission(*backends: BackendConfig, **breaker: Any) -> Admission:
+    return Admission(list(backends), AdmissionConfig(), CircuitBreakerConfig.model_validate(breaker))
+
+
+def test_circuit_opens_after_consecutive_failures_and_the_backend_is_skipped() -> None:
+    a, b = backend("a"), backend("b")
+    adm = breaker_admission(a, b, failures=3, cooldown_s=60)
+    for _ in range(2):
+        adm.backend_failed(a)
+    assert adm.place(ask(), [a, b])[0] == a  # still closed: two failures are not three
+    adm.backend_succeeded(a)  # a success resets the count
+    for _ in range(3):
+        adm.backend_failed(a)
+    assert adm.circuits() == {"a": "open", "b": "closed"}
+    assert adm.place(ask(), [a, b]) == (b, False)
+    assert adm.snapshot()["a"]["circuit_open"] == 1 and adm.snapshot()["b"]["circuit_open"] == 0
+    assert adm.serving()
+
+
+def test_circuit_opens_on_a_failure_ratio_over_its_window() -> None:
+    a = backend("a")
+    adm = breaker_admission(a, failures=100, failure_ratio=0.5, window=10, min_calls=10)
+    for n in range(10):
+        adm.backend_failed(a) if n % 2 else adm.backend_succeeded(a)
+    assert adm.circuits()["a"] == "open"
+
+
+def test_an_open_tier_spills_and_with_nothing_left_the_backend_is_unavailable() -> None:
+    a, b = backend("a"), backend("b", tier="large")
+    adm = breaker_admission(a, b, failures=1, cooldown_s=60)
+    adm.backend_failed(a)
+    assert adm.place(ask(), [a], spill=[b]) == (b, True)
+    with pytest.raises(BackendUnavailable) as info:
+        adm.place(ask(), [a])
+    assert info.value.backends == ["a"] and 1 <= info.value.retry_after_s <= 60
+    adm.backend_failed(b)
+    assert not adm.serving()
+
+
+def test_half_open_lets_one_probe_through_which_closes_or_reopens() -> None:
+    a = backend("a")
+    adm = breaker_admission(a, failures=1, cooldown_s=0.05)
+    adm.backend_failed(a)
+    assert not adm.available(a)
+    time.sleep(0.06)
+    assert adm.circuits()["a"] == "half_open" and adm.available(a)
+    assert adm.place(ask(), [a])[0] == a  # the probe
+    assert not adm.available(a) and not adm.claim(a)  # one probe at a time
+    adm.backend_failed(a)
+    assert adm.circuits()["a"] == "open"
+    time.sleep(0.06)
+    assert adm.claim(a)
+    adm.backend_neutral(a)  # a client's error says nothing: the next request may probe
+    assert adm.claim(a)
+    adm.backend_succeeded(a)
+    assert adm.circuits()["a"] == "closed" and adm.available(a)
+
+
+def test_a_disabled_breaker_never_opens() -> None:
+    a = backend("a")
+    adm = breaker_admission(a, enabled=False, failures=1)
+    for _ in range(5):
+        adm.backend_failed(a)
+    assert adm.available(a) and adm.place(ask(), [a])[0] == a

@@ -12,8 +12,11 @@ from gateway.backends import (
     BackendError,
     PromptRenderer,
     _backend_error,
+    clean_reason,
     completion_chunk_to_chat,
     completion_to_chat,
+    openai_chunks,
+    openai_response,
     split_params,
     tidy_completion_chunk,
 )
@@ -136,9 +139,15 @@ def test_completion_to_chat() -> None:
     chat = completion_to_chat(resp)
     assert chat["object"] == "chat.completion"
     assert chat["id"] == "cmpl-1" and chat["usage"] == resp["usage"] and chat["model"] == "gemma"
+    message = {"role": "assistant", "refusal": None}
     assert chat["choices"] == [
-        {"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "length"},
-        {"index": 1, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"},
+        {
+            "index": 0,
+            "message": {**message, "content": "Paris."},
+            "logprobs": None,
+            "finish_reason": "length",
+        },
+        {"index": 1, "message": {**message, "content": ""}, "logprobs": None, "finish_reason": "stop"},
     ]
 
 
@@ -203,44 +212,246 @@ class HTTPFailure(Exception):
         self.message = message
 
 
+def litellm_error(cls: Any, message: str, **extra: Any) -> Exception:
+    return cls(message, llm_provider="openai", model="m", **extra)
+
+
 def test_litellm_timeout_is_a_retryable_504() -> None:
     exc = backends.litellm.Timeout("read timed out", model="m", llm_provider="openai")
     err = _backend_error(BACKEND, exc)
     assert isinstance(err, BackendError)
     assert (err.backend, err.status_code, err.retryable, err.kind) == ("b1", 504, True, "timeout")
+    assert not err.client_fault
     assert "timed out" in str(err)
 
 
-@pytest.mark.parametrize("status", [500, 503, 429, 408])
-def test_server_side_failures_are_retryable(status: int) -> None:
-    err = _backend_error(BACKEND, HTTPFailure(status, "internal trouble"))
-    assert err.retryable is True
-    assert err.status_code == 502
-    assert "internal trouble" in str(err) and "b1" in str(err)
+@pytest.mark.parametrize("status", [500, 502, 503, 409, 402])
+def test_server_side_failures_are_retryable_502s_without_the_backends_words(status: int) -> None:
+    err = _backend_error(BACKEND, HTTPFailure(status, "internal trouble at 10.0.0.7"))
+    assert (err.status_code, err.retryable, err.client_fault) == (502, True, False)
+    assert str(err) == f"The backend 'b1' failed ({status})."
+    assert "internal trouble" in err.detail  # for the log
 
 
-def test_litellm_server_error_is_retryable() -> None:
-    exc = backends.litellm.InternalServerError("kaput", llm_provider="openai", model="m")
+@pytest.mark.parametrize(
+    ("cls", "extra"),
+    [
+        ("InternalServerError", {}),
+        ("ServiceUnavailableError", {}),
+        ("BadGatewayError", {}),
+        ("APIConnectionError", {}),
+    ],
+)
+def test_litellm_server_and_connection_errors_are_retryable(cls: str, extra: dict[str, Any]) -> None:
+    err = _backend_error(BACKEND, litellm_error(getattr(backends.litellm, cls), "kaput", **extra))
+    assert (err.status_code, err.retryable, err.client_fault) == (502, True, False)
+    assert "litellm" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("cls", "status"),
+    [("BadRequestError", 400), ("NotFoundError", 404), ("UnprocessableEntityError", 422)],
+)
+def test_litellm_client_errors_are_the_clients_with_a_clean_message(cls: str, status: int) -> None:
+    raw = (
+        f"OpenAIException - Error code: {status} - {{'error': {{'message': 'The model `x` does not exist', "
+        f"'type': 'invalid_request_error', 'param': None, 'code': None}}}}"
+    )
+    extra: dict[str, Any] = {}
+    if cls == "UnprocessableEntityError":
+        import httpx
+
+        extra["response"] = httpx.Response(422, request=httpx.Request("POST", "http://x"))
+    err = _backend_error(BACKEND, litellm_error(getattr(backends.litellm, cls), raw, **extra))
+    assert (err.status_code, err.retryable, err.client_fault) == (status, False, True)
+    assert str(err) == f"The backend 'b1' rejected the request ({status}): The model `x` does not exist"
+    assert "litellm." in err.detail or "OpenAIException" in err.detail
+
+
+def test_context_window_exceeded_is_a_400_with_openais_code() -> None:
+    exc = litellm_error(
+        backends.litellm.ContextWindowExceededError, "This model's maximum context length is 2048"
+    )
     err = _backend_error(BACKEND, exc)
-    assert err.retryable is True and err.status_code == 502
+    assert (err.status_code, err.code, err.client_fault, err.retryable) == (
+        400,
+        "context_length_exceeded",
+        True,
+        False,
+    )
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 422])
+@pytest.mark.parametrize("cls", ["AuthenticationError", "PermissionDeniedError"])
+def test_backend_refusing_the_gateways_key_is_a_retryable_server_error(cls: str) -> None:
+    import httpx
+
+    extra: dict[str, Any] = {}
+    if cls == "PermissionDeniedError":
+        extra["response"] = httpx.Response(403, request=httpx.Request("POST", "http://x"))
+    err = _backend_error(BACKEND, litellm_error(getattr(backends.litellm, cls), "Incorrect API key", **extra))
+    assert (err.status_code, err.retryable, err.client_fault, err.kind) == (502, True, False, "auth")
+    assert "backend authentication failed" in str(err)
+
+
+def test_rate_limit_is_retryable_and_stays_a_429() -> None:
+    import httpx
+
+    response = httpx.Response(429, request=httpx.Request("POST", "http://x"))
+    err = _backend_error(
+        BACKEND, litellm_error(backends.litellm.RateLimitError, "slow down", response=response)
+    )
+    assert (err.status_code, err.retryable, err.client_fault) == (429, True, False)
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
 def test_client_errors_are_not_retryable_and_keep_their_status(status: int) -> None:
     err = _backend_error(BACKEND, HTTPFailure(status, "bad field"))
-    assert (err.status_code, err.retryable, err.kind) == (status, False, f"http_{status}")
-    assert str(err) == "bad field"
+    assert (err.status_code, err.retryable, err.kind, err.client_fault) == (
+        status,
+        False,
+        f"http_{status}",
+        True,
+    )
+    assert str(err) == f"The backend 'b1' rejected the request ({status}): bad field"
 
 
 def test_exception_without_a_status_is_a_retryable_502() -> None:
     err = _backend_error(BACKEND, ConnectionError("connection refused"))
     assert (err.status_code, err.retryable, err.kind) == (502, True, "http_502")
-    assert "connection refused" in str(err)
+    assert "connection refused" in err.detail and "connection refused" not in str(err)
 
 
-def test_error_messages_are_truncated() -> None:
-    long = "x" * 5000
-    server = _backend_error(BACKEND, HTTPFailure(500, long))
-    client = _backend_error(BACKEND, HTTPFailure(400, long))
-    assert str(server).count("x") == 300
-    assert len(str(client)) == 1000
+def test_client_error_reasons_are_truncated() -> None:
+    err = _backend_error(BACKEND, HTTPFailure(400, "x" * 5000))
+    assert str(err).count("x") == 300
+
+
+def test_the_backends_key_never_reaches_the_log_detail(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("B1_KEY", "sk-secret-123")
+    backend = BackendConfig.model_validate({"name": "b1", "model": "openai/m", "api_key_env": "B1_KEY"})
+    err = _backend_error(backend, HTTPFailure(500, "bad key sk-secret-123 used"))
+    assert "sk-secret-123" not in err.detail and "sk-secret-123" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        (
+            "litellm.NotFoundError: NotFoundError: OpenAIException - Error code: 404 - "
+            "{'error': {'message': 'no such model', 'type': 'x'}}",
+            "no such model",
+        ),
+        ('{"error": {"message": "max_tokens is too large"}}', "max_tokens is too large"),
+        ('{"detail": "Not Found"}', "Not Found"),
+        ("litellm.BadRequestError: OpenAIException - stand-in failure 400", "stand-in failure 400"),
+        ("", "no reason given"),
+    ],
+)
+def test_clean_reason(raw: str, clean: str) -> None:
+    assert clean_reason(raw) == clean
+
+
+# --- OpenAI's shape ---------------------------------------------------------------------------------------
+
+
+def test_litellm_response_gets_openais_fields_and_loses_litellms() -> None:
+    raw = {
+        "id": "c1",
+        "created": 5,
+        "model": "openai/m",
+        "object": "chat.completion",
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "finish_reason": "stop",
+                "index": 0,
+                "message": {
+                    "content": "hi",
+                    "role": "assistant",
+                    "tool_calls": None,
+                    "function_call": None,
+                    "provider_specific_fields": {"refusal": None},
+                },
+                "provider_specific_fields": {},
+            }
+        ],
+        "usage": {
+            "completion_tokens": 1,
+            "prompt_tokens": 2,
+            "total_tokens": 3,
+            "prompt_tokens_details": None,
+        },
+        "moderation": None,
+        "service_tier": None,
+    }
+    out = openai_response(raw, "m")
+    assert out == {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 5,
+        "model": "m",
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+    }
+
+
+def test_direct_backends_extra_fields_pass_through() -> None:
+    raw = {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 5,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "stop_reason": 7}],
+        "prompt_logprobs": None,
+        "kv_transfer_params": {"a": 1},
+    }
+    out = openai_response(raw, "m", strict=False)
+    assert out["choices"][0]["stop_reason"] == 7 and out["kv_transfer_params"] == {"a": 1}
+    assert "prompt_logprobs" not in out
+    assert out["choices"][0]["logprobs"] is None and out["choices"][0]["finish_reason"] is None
+
+
+def test_usage_riding_a_chunk_with_a_choice_is_split_off() -> None:
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "choices": [{"index": 0, "delta": {"content": None, "role": None}, "finish_reason": None}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }
+    [only] = openai_chunks(chunk, "m")
+    assert only["choices"] == [] and only["usage"]["total_tokens"] == 3
+    final = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    first, usage = openai_chunks(final, "m")
+    assert first["choices"][0]["finish_reason"] == "stop" and "usage" not in first
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
+    assert openai_chunks(final, "m", include_usage=False) == [first]
+
+
+def test_streamed_tool_call_pieces_keep_only_what_they_carry() -> None:
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "role": None,
+                    "content": None,
+                    "tool_calls": [
+                        {"index": 0, "id": None, "type": None, "function": {"name": None, "arguments": "{}"}}
+                    ],
+                },
+            }
+        ],
+    }
+    [out] = openai_chunks(chunk, "m")
+    assert out["choices"][0]["delta"] == {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
+    assert out["choices"][0]["finish_reason"] is None and out["choices"][0]["logprobs"] is None

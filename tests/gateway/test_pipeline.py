@@ -243,7 +243,17 @@ def test_resolve_target_unknown_model_is_404_naming_the_param() -> None:
     ],
 )
 def test_estimate_prompt_tokens_is_about_four_chars_a_token(body: dict[str, Any], expected: int) -> None:
-    assert estimate_prompt_tokens(body) == expected
+    assert estimate_prompt_tokens(context_of(body)) == expected
+
+
+def context_of(body: dict[str, Any]) -> RequestContext:
+    return RequestContext(endpoint="chat" if "messages" in body else "completions", body=body)
+
+
+def test_a_pass_through_messages_field_is_not_a_completions_input() -> None:
+    ctx = RequestContext(endpoint="completions", body={"prompt": "z" * 40, "messages": 5})
+    assert estimate_prompt_tokens(ctx) == 10
+    assert route_features(ctx).conversation_depth == 0
 
 
 def test_route_features_depth_counts_user_turns() -> None:
@@ -256,10 +266,10 @@ def test_route_features_depth_counts_user_turns() -> None:
             {"role": "tool", "content": "d" * 20},
         ]
     }
-    features = route_features(body)
+    features = route_features(context_of(body))
     assert features.conversation_depth == 2
-    assert features.prompt_tokens == estimate_prompt_tokens(body)
-    assert route_features({"prompt": "hello"}).conversation_depth == 0
+    assert features.prompt_tokens == estimate_prompt_tokens(context_of(body))
+    assert route_features(context_of({"prompt": "hello"})).conversation_depth == 0
 
 
 class FixedRouter:
@@ -365,7 +375,7 @@ async def test_run_routes_calls_and_records_once() -> None:
     assert ctx.decisions["authenticate"] == {"tenant": "anonymous"}
     assert ctx.decisions["target"] == {"routed": True}
     assert ctx.decisions["route"]["tier"] == "small"
-    assert ctx.decisions["route"]["prompt_tokens_est"] == estimate_prompt_tokens(ctx.body)
+    assert ctx.decisions["route"]["prompt_tokens_est"] == estimate_prompt_tokens(ctx)
     assert ctx.decisions["admit"]["backend"] == "small"
     assert "fallback" not in ctx.decisions
 
