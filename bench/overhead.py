@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,12 +130,16 @@ class Proc:
             return "(no log)"
 
 
-def spawn(name: str, args: list[str], port: int, workdir: Path, env: dict[str, str] | None = None) -> Proc:
+def spawn(
+    name: str, args: list[str], port: int, workdir: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Proc:
+    """`python ARGS` in `cwd` (another checkout runs its own code: the working directory comes first on
+    the import path), logging to `workdir/NAME.log`."""
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:  # the child keeps its own descriptor; a file never fills up like a pipe
         popen = subprocess.Popen(
             [sys.executable, *args],
-            cwd=ROOT,
+            cwd=cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -308,13 +312,15 @@ async def run_round(
     max_s: float,
     cpu_pids: dict[str, int],
     standin_port: int | None = None,
+    payloads: Callable[[int], bytes] | None = None,
 ) -> Round:
     """Closed loop: `concurrency` workers send back-to-back requests until `n` are done or `max_s` passed.
 
     With `standin_port`, the gateways' TCP connections to the stand-in are counted before and after.
+    `payloads(i)` gives the i-th request body (default: `BODY` every time).
     """
     result = Round(target)
-    payload = json.dumps(BODY).encode()
+    fixed = json.dumps(BODY).encode()
     headers = {"content-type": "application/json"}
     issued = 0
     deadline = time.perf_counter() + max_s
@@ -327,6 +333,7 @@ async def run_round(
         nonlocal issued
         while issued < n and time.perf_counter() < deadline:
             issued += 1
+            payload = payloads(issued) if payloads is not None else fixed
             t0 = time.perf_counter()
             try:
                 async with session.post(url, data=payload, headers=headers) as resp:
@@ -556,7 +563,11 @@ PROFILE_KEYS = [
     ),
     ("- - of which litellm's response cost calculation", "litellm_logging.py", "response_cost_calculator"),
     ("- - of which httpx `AsyncClient.send` (the openai SDK's HTTP client)", "httpx/_client.py", "send"),
-    ("- gateway `_clean` of litellm's response", "gateway/backends.py", "_clean"),
+    (
+        "- gateway `openai_response`: litellm's answer in OpenAI's shape",
+        "gateway/backends.py",
+        "openai_response",
+    ),
     ("- gateway `HttpTransport._post` (body, headers, send, response head)", "gateway/backends.py", "_post"),
     (
         "- aiohttp `ClientSession._request` (`http`: the client; `litellm`: under httpx)",

@@ -105,8 +105,8 @@ async def look_up_semantic(
 
 def hit_response(ctx: RequestContext, hit: Hit) -> dict[str, Any]:
     """The cached answer as a fresh chat completion for this request, in OpenAI's shape (entries
-    stored before the gateway kept OpenAI's null fields lack them; a streamed answer was stored
-    under the litellm model string)."""
+    stored by earlier versions lack OpenAI's null fields, and a streamed one carries the litellm
+    model string)."""
     cached = hit.entry.response
     fresh = {
         **cached,
@@ -196,7 +196,7 @@ def store_answer(ctx: RequestContext, cache: CacheService, response: dict[str, A
             "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": ctx.backend.model,
+            "model": served_model(ctx.backend.model),
             "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             ],

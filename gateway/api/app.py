@@ -128,7 +128,11 @@ def create_app(gateway: Gateway) -> FastAPI:
             "object": "list",
             "model": body.model,
             "data": [
-                {"object": "embedding", "index": i, "embedding": encode_vector(v, body.encoding_format or "float")}
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": encode_vector(v, body.encoding_format or "float"),
+                }
                 for i, v in enumerate(vectors)
             ],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},

@@ -96,7 +96,8 @@ def raw_post(gw: RunningGateway, body: bytes, timeout: float = 60) -> httpx.Resp
 def test_huge_near_duplicates_never_reach_the_verifier_and_short_ones_still_hit(
     standins: Standins, start_gateway: StartGateway
 ) -> None:
-    gw = start_gateway(cache_policy(standins))
+    # stored even at 1 MB (the stand-in echoes the prompt), so that the verifier has huge candidates
+    gw = start_gateway(cache_policy(standins, max_entry_chars=3_000_000))
     assert gw.gateway.cache is not None
     limit = gw.gateway.cache.config.semantic_max_chars
     verifier, embedder = VerifierSpy(gw.gateway), spy_on_embedder(gw.gateway)
