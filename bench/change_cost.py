@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import subprocess
 import sys
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,6 +47,7 @@ from bench.overhead import (  # noqa: E402
     spawn,
     stop,
     wait_ready,
+    write_policy,
 )
 
 VERSIONS = ("before", "after")
@@ -62,8 +63,10 @@ def payloads(path: str) -> Callable[[int], bytes]:
         ).encode()
         return lambda i: body
     run = dt.datetime.now().strftime("%H%M%S")
+    numbers = itertools.count()  # across rounds: a question is never asked twice (the cache would answer)
 
-    def full(i: int) -> bytes:
+    def full(_: int) -> bytes:
+        i = next(numbers)
         topic = TOPICS[i % len(TOPICS)]
         question = f"In two sentences, what should a beginner know about {topic} (question {run}-{i})?"
         return json.dumps(
@@ -76,31 +79,6 @@ def payloads(path: str) -> Callable[[int], bytes]:
         ).encode()
 
     return full
-
-
-def write_policy(path: Path, standin_url: str, full: bool) -> None:
-    backends = [
-        {
-            "name": name,
-            "tier": name,
-            "model": "openai/standin",
-            "api_base": standin_url + "/v1",
-            "client": "http",
-            "max_concurrent": 256,
-            "timeout_s": 30,
-        }
-        for name in ("small", "large")
-    ]
-    policy = {
-        "backends": backends,
-        "routed_models": ["auto"],
-        "auth": {"required": False},
-        "embedding": {"preload": full},
-        "cache": {"enabled": full},
-        "router": {"kind": "learned" if full else "rule"},
-        "telemetry": {"traces_exporter": "none"},
-    }
-    path.write_text(yaml.safe_dump(policy, sort_keys=False))
 
 
 @contextlib.contextmanager
@@ -159,7 +137,15 @@ async def measure(
         for version in VERSIONS:
             port = free_port()
             policy = workdir / f"policy-{path}-{version}.yaml"
-            write_policy(policy, standin.url, full=path == "full")
+            full = path == "full"
+            write_policy(
+                policy,
+                standin.url,
+                "http",
+                embedding={"preload": full},
+                cache={"enabled": full},
+                router={"kind": "learned" if full else "rule"},
+            )
             cli = [
                 "-m",
                 "gateway.cli",

@@ -173,7 +173,8 @@ def stop(proc: Proc, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None
             proc.popen.wait(10)
 
 
-def write_policy(path: Path, standin_url: str, client: str) -> None:
+def write_policy(path: Path, standin_url: str, client: str, **sections: Any) -> None:
+    """Two backends on the stand-in, the pass-through path; `sections` replace top-level policy sections."""
     backends = [
         {
             "name": name,
@@ -194,6 +195,7 @@ def write_policy(path: Path, standin_url: str, client: str) -> None:
         # The pass-through path: a cache would answer the repeated request itself.
         "cache": {"enabled": False},
         "telemetry": {"traces_exporter": "none"},
+        **sections,
     }
     path.write_text(yaml.safe_dump(policy, sort_keys=False))
 

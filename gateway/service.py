@@ -73,10 +73,14 @@ class EmbeddingService:
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors and the number of input tokens they cost."""
         embedder = await self.embedder()
-        vectors = await asyncio.to_thread(embedder.encode, texts)
         count = getattr(embedder, "count_tokens", None)
-        tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
-        return vectors, tokens
+
+        def work() -> tuple[np.ndarray, int]:
+            # Both off the event loop: counting tokenizes the whole input, megabytes at worst.
+            tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
+            return embedder.encode(texts), tokens
+
+        return await asyncio.to_thread(work)
 
 
 class Gateway:
