@@ -179,10 +179,11 @@ async def measure(
                     sessions[t], urls[t], t, max(60, 4 * concurrency), concurrency, 30, pids, payloads=make
                 )
             orders = [TARGETS, TARGETS[::-1], ("before", "direct", "after"), ("after", "direct", "before")]
+            per_round = args.full_requests if path == "full" else args.requests
             for i in range(args.rounds):
                 for t in orders[i % len(orders)]:
                     r = await run_round(
-                        sessions[t], urls[t], t, args.requests, concurrency, 60, pids, payloads=make
+                        sessions[t], urls[t], t, per_round, concurrency, 60, pids, payloads=make
                     )
                     result.rounds[t].append(r)
                     cpu = f" cpu {1000 * r.cpu_s[t] / max(1, r.ok):.2f} ms/req" if t in VERSIONS else ""
@@ -206,7 +207,8 @@ def report(results: list[Result], rev: str, args: argparse.Namespace, took_s: fl
         f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} (run took {took_s:.0f} s)",
         *(f"- {k}: {v}" for k, v in info.items()),
         f"- command: `.venv/bin/python bench/change_cost.py --before {rev} --rounds {args.rounds} "
-        f"--requests {args.requests} --concurrency {' '.join(map(str, args.concurrency))}`",
+        f"--requests {args.requests} --full-requests {args.full_requests} "
+        f"--concurrency {' '.join(map(str, args.concurrency))}`",
         "- method: `bench/change_cost.py`'s docstring. *before* is the gateway at that revision, *after* the "
         "working tree; both `client: http` in front of one zero-latency stand-in, loaded in interleaved "
         "rounds. "
@@ -252,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=200, help="requests per round and target")
+    parser.add_argument(
+        "--requests", type=int, default=1000, help="pass-through requests per round and target"
+    )
+    parser.add_argument(
+        "--full-requests", type=int, default=100, help="full-path requests per round and target"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "change_cost.md")
     return asyncio.run(main_async(parser.parse_args(argv)))
 

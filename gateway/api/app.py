@@ -30,6 +30,7 @@ from gateway.api.schemas import (
     CompletionRequest,
     EmbeddingRequest,
     FeedbackRequest,
+    may_hold_surrogates,
     unpaired_surrogate_at,
 )
 from gateway.cache_service import namespace_for
@@ -229,7 +230,8 @@ async def embedding_texts(gw: Gateway, value: str | list[str] | list[int] | list
 async def run_pipeline(gw: Gateway, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Response:
     arrived = getattr(request.state, "icgate_arrived", None) or time.perf_counter()
     check_request_bounds(body, gw.policy.server)
-    reject_invalid_text(body)
+    if may_hold_surrogates(await request.body()):  # the body is cached: this reads nothing again
+        reject_invalid_text(body)
     ctx = RequestContext(endpoint=endpoint, body=body, arrived=arrived)
     drain: Drain = request.app.state.drain
     if drain.expired:  # a late request on a kept-alive connection, past the shutdown deadline

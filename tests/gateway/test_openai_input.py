@@ -66,6 +66,16 @@ def assert_openai_error(resp: httpx.Response, status: int, param: str | None) ->
             "guided_choice.0",
         ),
         ("/v1/embeddings", b'{"model": "all-MiniLM-L6-v2", "input": ["ok", "\\ud800"]}', "input.1"),
+        # raw UTF-8 bytes of a surrogate: json.loads of bytes lets them through
+        ("/v1/completions", b'{"model": "small", "prompt": "x \xed\xa0\x80"}', "prompt"),
+        # a large body takes another way in (parsed in a worker thread first)
+        (
+            "/v1/chat/completions",
+            b'{"model": "auto", "messages": [{"role": "user", "content": "'
+            + b"long " * 80_000
+            + b'\\udc00"}]}',
+            "messages.0.content",
+        ),
     ],
 )
 def test_unpaired_surrogates_are_the_senders_400(
