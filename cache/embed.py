@@ -337,10 +337,10 @@ class BatcherStats:
 
 @dataclass
 class _Encoded:
-    """What the worker thread made of one batch: a vector or an exception per text, and its calls."""
+    """What the worker thread made of one batch: a vector or an exception per text, and the encoder
+    calls that failed and texts encoded on the way (for the stats)."""
 
     results: list[np.ndarray | Exception]
-    calls: int = 0
     failures: int = 0
     texts: int = 0
 
@@ -544,7 +544,6 @@ class MicroBatcher:
         encoded = _Encoded(results=[])
 
         def encode(part: list[str]) -> list[np.ndarray | Exception]:
-            encoded.calls += 1
             encoded.texts += len(part)
             try:
                 vectors = self.embedder.encode(part)

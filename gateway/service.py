@@ -68,7 +68,8 @@ class EmbeddingService:
         decode = getattr(embedder, "decode_tokens", None)
         if decode is None:
             raise ValueError("this embedding model takes text only")
-        return str(decode(token_ids))
+        # Off the event loop, as `embed`: an input may hold a million ids.
+        return str(await asyncio.to_thread(decode, token_ids))
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors and the number of input tokens they cost."""

@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.bounds import RequestLimits, check_request_bounds
@@ -117,7 +118,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
-        reject_invalid_text(body.model_dump(exclude_unset=True))
+        await reject_invalid_text(request, body)
         texts = await embedding_texts(gw, body.input)
         vectors, tokens = await gw.embeddings.embed(texts)
         if body.dimensions is not None:
@@ -193,9 +194,14 @@ class StampArrival:
         await self.app(scope, receive, send)
 
 
-def reject_invalid_text(body: dict[str, Any]) -> None:
-    """A string that is not valid Unicode is the sender's mistake (400), found before any work."""
-    where = unpaired_surrogate_at(body)
+async def reject_invalid_text(request: Request, body: dict[str, Any] | BaseModel) -> None:
+    """A string that is not valid Unicode is the sender's mistake (400), found before any work. The
+    walk of the parsed body runs only when a scan of the raw one (cached: nothing is read again) finds
+    a surrogate could be in it."""
+    if not may_hold_surrogates(await request.body()):
+        return
+    fields = body if isinstance(body, dict) else body.model_dump(exclude_unset=True)
+    where = unpaired_surrogate_at(fields)
     if where is not None:
         raise GatewayError(
             400,
@@ -230,8 +236,7 @@ async def embedding_texts(gw: Gateway, value: str | list[str] | list[int] | list
 async def run_pipeline(gw: Gateway, endpoint: Endpoint, body: dict[str, Any], request: Request) -> Response:
     arrived = getattr(request.state, "icgate_arrived", None) or time.perf_counter()
     check_request_bounds(body, gw.policy.server)
-    if may_hold_surrogates(await request.body()):  # the body is cached: this reads nothing again
-        reject_invalid_text(body)
+    await reject_invalid_text(request, body)
     ctx = RequestContext(endpoint=endpoint, body=body, arrived=arrived)
     drain: Drain = request.app.state.drain
     if drain.expired:  # a late request on a kept-alive connection, past the shutdown deadline

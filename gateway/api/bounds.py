@@ -230,20 +230,15 @@ def check_request_bounds(body: dict[str, Any], config: ServerConfig) -> None:
     prompt = body.get("prompt")
     if prompt is not None:
         param = "prompt"
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-            if len(prompt) > config.max_messages:
+        if isinstance(prompt, list):
+            # A list of prompts (texts or token-id lists) is bounded like messages; a list of token ids
+            # is one prompt. Each text counts its characters, each token id one.
+            if prompt and isinstance(prompt[0], str | list) and len(prompt) > config.max_messages:
                 raise _too_large(
                     f"Too many prompts: {len(prompt)}, at most {config.max_messages} are accepted.",
                     "prompt",
                 )
-            chars += sum(len(p) if isinstance(p, list) else 1 for p in prompt)
-        elif isinstance(prompt, list):
-            if len(prompt) > config.max_messages and isinstance(prompt[0], str):
-                raise _too_large(
-                    f"Too many prompts: {len(prompt)}, at most {config.max_messages} are accepted.",
-                    "prompt",
-                )
-            chars += sum(len(p) if isinstance(p, str) else 1 for p in prompt)
+            chars += sum(len(p) if isinstance(p, str | list) else 1 for p in prompt)
         elif isinstance(prompt, str):
             chars += len(prompt)
     if chars > config.max_text_chars:

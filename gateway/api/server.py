@@ -80,18 +80,6 @@ def _json_response(status: int, body: dict[str, Any], extra: bytes = b"") -> byt
     )
 
 
-_refusals = {"count": 0, "logged_at": -1e9}
-
-
-def _note_refused_connection(cap: int) -> None:
-    """A warning at most every 10 s: a flood of refused connections must not flood the log too."""
-    _refusals["count"] += 1
-    now = time.monotonic()
-    if now - _refusals["logged_at"] >= 10.0:
-        log.warning("connection cap %d reached: %d connection(s) refused so far", cap, _refusals["count"])
-        _refusals["logged_at"] = now
-
-
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header size, header and idle timeouts and a connection cap.
 
@@ -102,6 +90,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ServerConfig] = ServerConfig()
     max_connections: ClassVar[int] = 1 << 20
+    # Connections refused over the cap, and when that was last logged: per server (see `protocol_for`).
+    refused: ClassVar[int] = 0
+    refused_logged_at: ClassVar[float] = -1e9
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -116,7 +107,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            _note_refused_connection(self.max_connections)
+            self._note_refused_connection()
             self._refuse(
                 503,
                 error_body(
@@ -129,6 +120,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         self._arm(self.limits.idle_timeout_s, self._idle_expired)
+
+    @classmethod
+    def _note_refused_connection(cls) -> None:
+        """A warning at most every 10 s: a flood of refused connections must not flood the log too."""
+        cls.refused += 1
+        now = time.monotonic()
+        if now - cls.refused_logged_at >= 10.0:
+            log.warning(
+                "connection cap %d reached: %d connection(s) refused so far", cls.max_connections, cls.refused
+            )
+            cls.refused_logged_at = now
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
