@@ -42,7 +42,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cache.index import VectorIndex, _HnswStore, set_threads
+from icgate.cache.index import VectorIndex, _HnswStore, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 384

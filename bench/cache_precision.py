@@ -4,11 +4,12 @@ Protocol:
 
 - Data: `../shared/data/cache/qqp_pairs.jsonl.gz` (Quora Question Pairs via GPTCache; 71,812 pairs, 36%
   duplicates, many hard negatives). Every pair has a bucket: sha1 of its two normalised texts (order-free)
-  mod 10 (`cache.verify.pair_bucket`). Buckets 0-7 are for calibration (the shipped artifact was fitted and
+  mod 10 (`cache.calibrate.pair_bucket`). Buckets 0-7 are for calibration (the shipped artifact was fitted and
   its thresholds chosen there only); buckets 8-9 are held out. The report uses the held-out buckets
   *balanced*: every duplicate there and as many non-duplicates drawn at random (seed 0). A hit = the rule
   says "duplicate"; precision = share of hits that are real duplicates.
-- Embeddings: the packaged all-MiniLM-L6-v2 (unit vectors), memoised on disk under `data/embeddings/`.
+- Embeddings: the packaged all-MiniLM-L6-v2 (unit vectors), memoised on disk under `bench/data/embeddings/`
+  (git-ignored; `--embeddings` names another folder).
 - Rules, on the same pairs and embeddings:
   - icgate: `cache.verify.HitVerifier` (cosine prefilter, then a classifier on pair features), the shipped
     artifact `cache/artifacts/hit_verifier.joblib`.
@@ -53,11 +54,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cache.verify import (  # noqa: E402
-    DEFAULT_ARTIFACT,
-    HELD_OUT_BUCKETS,
+from icgate.cache.calibrate import (  # noqa: E402
+    EMBEDDING_MODEL_NAME,
     Encode,
-    HitVerifier,
     calibration_pairs,
     cosine_threshold_for_precision,
     default_encoder,
@@ -67,8 +66,13 @@ from cache.verify import (  # noqa: E402
     load_pairs,
     select_buckets,
 )
+from icgate.cache.verify import DEFAULT_ARTIFACT, HitVerifier  # noqa: E402
+from icgate.text import HELD_OUT_BUCKETS  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cache"
+EMBEDDINGS = (
+    ROOT / "bench" / "data" / "embeddings" / EMBEDDING_MODEL_NAME
+)  # the benchmarks' memo (git-ignored)
 DEFAULT_PAIRS = DATA / "qqp_pairs.jsonl.gz"
 CONTEXTUAL_FILES = ("contextual_queries.json", "Synthetic_Dataset_Diverse.json")
 GPTCACHE_DEFAULT = 0.8
@@ -124,7 +128,7 @@ def precision_at_recall(verifier: HitVerifier, pairs: list[Any], encode: Encode)
 
 def _conversation_text() -> Callable[[list[dict[str, Any]]], str] | None:
     try:
-        module = importlib.import_module("cache.embed")
+        module = importlib.import_module("icgate.cache.embed")
     except ImportError:
         return None
     return getattr(module, "conversation_text", None)
@@ -216,7 +220,7 @@ def precision_report(
 ) -> list[str]:
     """The report's markdown lines."""
     data_path, verifier_path = Path(data_path), Path(verifier_path)
-    encode = encode or default_encoder()
+    encode = encode or default_encoder(EMBEDDINGS)
     verifier = HitVerifier.load(verifier_path)
     pairs = load_pairs(data_path, skip_blank_text=True)
     held = held_out_pairs(pairs)
@@ -304,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=DEFAULT_PAIRS)
     parser.add_argument("--verifier", type=Path, default=DEFAULT_ARTIFACT)
-    parser.add_argument("--embeddings", type=Path, default=None, help="embedding cache directory")
+    parser.add_argument("--embeddings", type=Path, default=EMBEDDINGS, help="embedding memo directory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cache_precision.md")
     args = parser.parse_args(argv)
     lines = precision_report(args.data, args.verifier, default_encoder(args.embeddings))

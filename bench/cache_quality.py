@@ -30,7 +30,7 @@ from bench.cache_lookup import lookup_report  # noqa: E402
 from bench.cache_precision import precision_report  # noqa: E402
 from bench.embed_throughput import throughput_report  # noqa: E402
 from bench.verifier_cost import report as verifier_cost_report  # noqa: E402
-from cache.verify import DEFAULT_ARTIFACT  # noqa: E402
+from icgate.cache.verify import DEFAULT_ARTIFACT  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cache" / "qqp_pairs.jsonl.gz"
 ONE_MILLION_NOTE = (

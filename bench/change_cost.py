@@ -122,6 +122,11 @@ class Result:
         return pct(self.latencies(version), q) - pct(self.latencies("direct"), q)
 
 
+def cli_module(tree: Path) -> str:
+    """The gateway's command line in `tree`: under `icgate` since the package was named, else the old path."""
+    return "icgate.gateway.cli.main" if (tree / "icgate").is_dir() else "gateway.cli"
+
+
 async def measure(
     path: str, concurrency: int, before_tree: Path, workdir: Path, args: argparse.Namespace
 ) -> Result:
@@ -146,9 +151,10 @@ async def measure(
                 cache={"enabled": full},
                 router={"kind": "learned" if full else "rule"},
             )
+            cwd = before_tree if version == "before" else ROOT
             cli = [
                 "-m",
-                "gateway.cli",
+                cli_module(cwd),
                 "serve",
                 "--policy",
                 str(policy),
@@ -158,7 +164,6 @@ async def measure(
                 str(workdir / f"data-{path}-{version}-c{concurrency}"),
                 "--no-launch",
             ]
-            cwd = before_tree if version == "before" else ROOT
             gateways[version] = spawn(f"gateway-{path}-{version}-c{concurrency}", cli, port, workdir, cwd=cwd)
             procs.append(gateways[version])
         await wait_ready(standin, "/healthz", 60)

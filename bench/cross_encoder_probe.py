@@ -1,4 +1,4 @@
-"""How well does a MiniLM cross-encoder (cache/cross_encoder.py) rank Quora pairs on its own?
+"""How well does a MiniLM cross-encoder (cache/cross_encoder_training.py) rank Quora pairs on its own?
 
 Fine-tunes the packaged all-MiniLM-L6-v2 as a cross-encoder on calibration pairs (buckets 0-7) and scores
 a balanced sample of the held-out pairs (buckets 8-9) with it alone, beside the shipped verifier's score
@@ -21,15 +21,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cache.cross_encoder import PairCrossEncoder, TrainingConfig  # noqa: E402
-from cache.verify import (  # noqa: E402
-    DEFAULT_ARTIFACT,
-    HitVerifier,
-    calibration_pairs,
-    default_encoder,
-    held_out_pairs,
-    load_pairs,
-)
+from bench.cache_precision import EMBEDDINGS  # noqa: E402
+from icgate.cache.calibrate import calibration_pairs, default_encoder, held_out_pairs, load_pairs  # noqa: E402
+from icgate.cache.cross_encoder import PairCrossEncoder  # noqa: E402
+from icgate.cache.cross_encoder_training import TrainingConfig, fine_tune  # noqa: E402
+from icgate.cache.verify import DEFAULT_ARTIFACT, HitVerifier  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cache" / "qqp_pairs.jsonl.gz"
 
@@ -58,13 +54,18 @@ def main() -> int:
     held = held_out_pairs(pairs, args.held_out)
     config = TrainingConfig(tuned_layers=args.tuned_layers, steps=args.steps)
     started = time.perf_counter()
-    encoder = PairCrossEncoder(tuned_layers=args.tuned_layers).fit(
-        [p.text_a for p in train], [p.text_b for p in train], [p.duplicate for p in train], config, print
+    encoder = fine_tune(
+        PairCrossEncoder(tuned_layers=args.tuned_layers),
+        [p.text_a for p in train],
+        [p.text_b for p in train],
+        [p.duplicate for p in train],
+        config,
+        print,
     )
     print(f"fine-tuned in {time.perf_counter() - started:.0f} s")
     texts_a, texts_b = [p.text_a for p in held], [p.text_b for p in held]
     labels = np.array([p.duplicate for p in held])
-    encode = default_encoder()
+    encode = default_encoder(EMBEDDINGS)
     verifier = HitVerifier.load(DEFAULT_ARTIFACT)
     va, vb = encode(texts_a), encode(texts_b)
     verifier_scores = verifier.model.predict_proba(verifier.features(texts_a, texts_b, va, vb))[:, 1]

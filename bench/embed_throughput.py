@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cache.embed import (  # noqa: E402
+from icgate.cache.embed import (  # noqa: E402
     MicroBatcher,
     SentenceTransformerEmbedder,
     conversation_text,

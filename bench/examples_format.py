@@ -54,14 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import free_port  # noqa: E402
-from cache.embed import SentenceTransformerEmbedder, resolve_model_dir  # noqa: E402
-from cache.examples import (  # noqa: E402
-    Example,
-    augment_messages,
-    choose_examples,
-    estimate_tokens,
-    example_budget,
-)
+from icgate.cache.embed import SentenceTransformerEmbedder, resolve_model_dir  # noqa: E402
+from icgate.cache.examples import Example, augment_messages, choose_examples, example_budget  # noqa: E402
+from icgate.text import estimate_tokens  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cache" / "contextual_queries.json"
 OUT = ROOT / "bench" / "results" / "examples_format.md"

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from gateway.api.server import build_server
+from icgate.gateway.api.server import build_server
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ Protocol:
 - Data: `../shared/data/length/arena_hard_lengths.jsonl` (250 real Chatbot Arena prompts from
   lm-sys/arena-hard-auto, with the true cl100k token length of the answers of gpt-3.5-turbo-0125,
   gpt-4-0314 and gpt-4-0613). The target is one model's lengths (`--model`, default gpt-4-0314).
-- Held-out split: sha1 of question_id mod 10, buckets 8-9 held out (`routers.length.length_bucket`). The
+- Held-out split: sha1 of question_id mod 10, buckets 8-9 held out (`lengths.training.question_bucket`). The
   shipped artifact is fitted on buckets 0-7 only. Because a tau on ~40 prompts is noisy (its standard
   error is about 0.1), the report also gives k-fold cross-validated tau over all prompts: out-of-fold
   predictions pooled over the folds (a prompt is never in its own training fold), repeated with several
@@ -16,7 +16,7 @@ Protocol:
     extra signal; evaluation is still against `--model`'s lengths).
   - ridge on the embedding alone (scikit-learn `Ridge(alpha=1)` on log tokens): the plain baseline.
   - prompt length alone (log completion tokens linear in log prompt tokens).
-  - `PromptLengthHeuristic` (untrained, the fallback).
+  - `OutputLengthHeuristic` (untrained, the fallback).
   - reference, not a predictor: the other models' *actual* answer lengths, a ceiling for what the prompt
     alone can tell about this model's length.
 - Metrics: Kendall's tau (tau-b, scipy) between predicted p50 and true tokens; MAE of p50 in tokens; p90
@@ -45,15 +45,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from routers.length import (  # noqa: E402
+from icgate.lengths.predict import (  # noqa: E402
     DEFAULT_ARTIFACT,
-    DEFAULT_MODEL,
     LengthEstimate,
     LengthPredictor,
+    OutputLengthHeuristic,
+)
+from icgate.lengths.training import (  # noqa: E402
+    DEFAULT_MODEL,
     LengthRow,
-    PromptLengthHeuristic,
     embed_rows,
     evaluate_length,
+    fit_rows,
     load_length_rows,
     split_rows,
     train_arena,
@@ -81,7 +84,7 @@ def _estimates(estimates: Sequence[LengthEstimate]) -> tuple[np.ndarray, np.ndar
 
 
 def fit_icgate(rows: Sequence[LengthRow]) -> Predict:
-    model = LengthPredictor.fit_rows(rows)
+    model = fit_rows(rows)
     return lambda test: _estimates(
         [model.predict(r.embedding, r.estimated_prompt_tokens, r.prompt) for r in test]
     )
@@ -89,7 +92,7 @@ def fit_icgate(rows: Sequence[LengthRow]) -> Predict:
 
 def fit_icgate_all_models(mean_tokens: dict[str, float]) -> Fit:
     def fit(rows: Sequence[LengthRow]) -> Predict:
-        model = LengthPredictor.fit_rows(
+        model = fit_rows(
             [LengthRow(r.question_id, r.prompt, round(mean_tokens[r.question_id]), r.embedding) for r in rows]
         )
         return lambda test: _estimates(
@@ -113,8 +116,8 @@ def fit_prompt_length(rows: Sequence[LengthRow]) -> Predict:
     return lambda test: (np.exp(intercept + slope * np.log([r.estimated_prompt_tokens for r in test])), None)
 
 
-def fit_heuristic(rows: Sequence[LengthRow]) -> Predict:
-    heuristic = PromptLengthHeuristic()
+def fit_heuristic(rows: Sequence[LengthRow]) -> Predict:  # noqa: ARG001 - a `Fit` that learns nothing
+    heuristic = OutputLengthHeuristic()
     return lambda test: _estimates(
         [heuristic.predict(None, r.estimated_prompt_tokens, r.prompt) for r in test]
     )
@@ -198,13 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"data not found: {args.data} (the shared data folder is absent)", file=sys.stderr)
         return 2
 
-    from cache.verify import default_encoder
+    from icgate.cache.calibrate import default_encoder
 
     encode = default_encoder()
     rows = embed_rows(load_length_rows(args.data, args.model), encode)
     train, test = split_rows(rows)
     if args.write_artifact:
-        train_arena(args.data, args.model, args.artifact, encode)
+        train_arena(args.data, encode, args.model, args.artifact)
     shipped = LengthPredictor.load(args.artifact)
 
     by_model = {m: {r.question_id: r.tokens for r in load_length_rows(args.data, m)} for m in OTHER_MODELS}
@@ -217,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("icgate LengthPredictor trained on all 3 models' mean length", fit_icgate_all_models(mean_tokens)),
         ("ridge on embedding (log tokens, alpha 1)", fit_ridge_embedding),
         ("prompt length only", fit_prompt_length),
-        ("PromptLengthHeuristic (untrained fallback)", fit_heuristic),
+        ("OutputLengthHeuristic (untrained fallback)", fit_heuristic),
     ]
     results = []
     for name, fit in predictors:
@@ -229,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     shipped_eval = evaluate_length(shipped, test)
     lat = latency_us(shipped, rows)
-    heur = latency_us(PromptLengthHeuristic(), rows)
+    heur = latency_us(OutputLengthHeuristic(), rows)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     truth_all = np.array([r.tokens for r in rows], float)
     truth_test = np.array([r.tokens for r in test], float)
@@ -309,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"prompt's median {lat['worst_prompt_median']:.0f} µs; the single slowest call {lat['max']:.0f} µs "
         f"(most likely the OS preempting the process: load average {load:.1f} on {os.cpu_count()} cores "
         "during the run). "
-        f"`PromptLengthHeuristic`: p50 {heur['p50']:.0f} µs, p99 {heur['p99']:.0f} µs. The cost is the text "
+        f"`OutputLengthHeuristic`: p50 {heur['p50']:.0f} µs, p99 {heur['p99']:.0f} µs. The cost is the text "
         "features (word-set, substring and two regex passes over at most the first 1,200 and last 600 "
         "characters); the model is one "
         "384+15 dot product in numpy, no scikit-learn call per request.",

@@ -233,7 +233,7 @@ def servers(
                 prof = str(profile_path(workdir, kind, delay_ms))
                 args = [str(Path(__file__).resolve()), PROFILED_FLAG, prof, *cli]
             else:
-                args = ["-m", "gateway.cli", *cli]
+                args = ["-m", "icgate.gateway.cli.main", *cli]
             gateways[kind] = spawn(f"gateway-{kind}{suffix}", args, gport, workdir)
             procs.append(gateways[kind])
         yield standin, gateways
@@ -261,7 +261,7 @@ def serve_profiled(out: str, cli_args: list[str]) -> int:
     """
     import cProfile
 
-    from gateway.cli import main as cli_main
+    from icgate.gateway.cli.main import main as cli_main
 
     prof = cProfile.Profile()
 

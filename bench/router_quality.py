@@ -45,18 +45,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from routers.data import LabelledPrompt, load_routing_csv, split_rows  # noqa: E402
-from routers.evaluation import RouterMetrics, evaluate_scores  # noqa: E402
-from routers.learned import (  # noqa: E402
-    DEFAULT_ARTIFACT,
+from icgate.routers.data import LabelledPrompt, load_routing_csv, split_rows  # noqa: E402
+from icgate.routers.evaluation import RouterMetrics, evaluate_scores  # noqa: E402
+from icgate.routers.learned import DEFAULT_ARTIFACT, LearnedRouter, unit_rows  # noqa: E402
+from icgate.routers.training import (  # noqa: E402
     Encode,
-    LearnedRouter,
     RandomRouter,
+    Scorer,
     features_for_prompt,
     out_of_fold_scores,
     remember_training,
+    score_rows,
     train_router,
-    unit_rows,
 )
 
 DATA_DIR = ROOT.parent / "shared" / "data" / "routing"
@@ -119,8 +119,8 @@ def bootstrap_apgr(
     return float(low), float(high)
 
 
-def score(router: Any, rows: Sequence[LabelledPrompt], encode: Encode) -> np.ndarray:
-    return np.asarray(router.score_rows(rows, encode))
+def score(router: Scorer, rows: Sequence[LabelledPrompt], encode: Encode) -> np.ndarray:
+    return np.asarray(score_rows(router, rows, encode))
 
 
 def decision_latency_us(router: LearnedRouter, rows: Sequence[LabelledPrompt], encode: Encode) -> float:
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args(argv)
 
-    from cache.verify import default_encoder
+    from icgate.cache.calibrate import default_encoder
 
     encode = default_encoder(args.embeddings)
     started = time.time()

@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cache.embed import SentenceTransformerEmbedder, resolve_model_dir  # noqa: E402
-from cache.verify import DEFAULT_ARTIFACT, HitVerifier, held_out_pairs, load_pairs  # noqa: E402
+from icgate.cache.calibrate import held_out_pairs, load_pairs  # noqa: E402
+from icgate.cache.embed import SentenceTransformerEmbedder, resolve_model_dir  # noqa: E402
+from icgate.cache.verify import DEFAULT_ARTIFACT, HitVerifier  # noqa: E402
 
 QQP = ROOT.parent / "shared" / "data" / "cache" / "qqp_pairs.jsonl.gz"
 RESULT = ROOT / "bench" / "results" / "verifier_cost.md"

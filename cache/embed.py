@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-from cache.exact import normalise_text
+from icgate.cache.exact import normalise_text
+from icgate.text import message_text
 
 # Characters of one text that are worth embedding. MiniLM reads at most 256 word pieces and drops the
 # rest, but its tokenizer first reads the whole text (a 10 MB text takes seconds and gigabytes). English
@@ -42,6 +44,7 @@ def check_embeddable(text: str) -> None:
         raise UnembeddableTextError(f"the text is not valid Unicode ({exc.reason} at {exc.start})") from None
 
 
+Vector = npt.NDArray[np.float32]  # a unit float32 vector, or (n, dim) rows of them
 MemoKey = str | tuple[str, str]  # a text, or (scope, text)
 _Key = tuple[str, str]  # (scope, text)
 
@@ -49,7 +52,7 @@ _Key = tuple[str, str]  # (scope, text)
 class Embedder(Protocol):
     dim: int
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str]) -> Vector:
         """Unit-normalised float32 vectors, one row per text."""
         ...
 
@@ -78,7 +81,7 @@ class SentenceTransformerEmbedder:
         self.max_chars = int(self._model.max_seq_length or 256) * CHARS_PER_PIECE  # see EMBED_MAX_CHARS
         self.dim = int(self.encode(["dimension probe"]).shape[1])
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str]) -> Vector:
         vectors = self._model.encode(
             [text[: self.max_chars] for text in texts],
             batch_size=self.max_batch,
@@ -121,18 +124,6 @@ _GETS_LEFTOVERS = ("users", "assistant")
 FINGERPRINT_HEX = 16
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
-
-
-def message_text(content: object) -> str:
-    """The text of a message's `content`: a string, or the text parts of a list of parts; else ""."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-        ]
-        return "\n".join(texts)
-    return ""
 
 
 def _last_turn_index(messages: list[dict[str, Any]]) -> int:
@@ -272,7 +263,7 @@ def context_fingerprint(messages: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _frozen(vector: np.ndarray) -> np.ndarray:
+def _frozen(vector: npt.ArrayLike) -> Vector:
     """A read-only view of a private float32 copy: neither it nor its base can be made writable again."""
     base = np.array(vector, dtype=np.float32, copy=True)
     base.flags.writeable = False
@@ -290,7 +281,7 @@ class EmbeddingMemo:
         if max_items < 0:
             raise ValueError("max_items must be >= 0 (0 disables the memo)")
         self.max_items = max_items
-        self._items: OrderedDict[MemoKey, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[MemoKey, Vector] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -298,13 +289,13 @@ class EmbeddingMemo:
     def __contains__(self, key: object) -> bool:
         return key in self._items
 
-    def get(self, key: MemoKey) -> np.ndarray | None:
+    def get(self, key: MemoKey) -> Vector | None:
         vector = self._items.get(key)
         if vector is not None:
             self._items.move_to_end(key)
         return vector
 
-    def put(self, key: MemoKey, vector: np.ndarray) -> np.ndarray:
+    def put(self, key: MemoKey, vector: npt.ArrayLike) -> Vector:
         """Store a read-only copy of `vector` (evicting the least recently used) and return that copy."""
         frozen = _frozen(vector)
         if self.max_items == 0:
@@ -340,7 +331,7 @@ class _Encoded:
     """What the worker thread made of one batch: a vector or an exception per text, and the encoder
     calls that failed and texts encoded on the way (for the stats)."""
 
-    results: list[np.ndarray | Exception]
+    results: list[Vector | Exception]
     failures: int = 0
     texts: int = 0
 
@@ -396,7 +387,7 @@ class MicroBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._queue: deque[tuple[_Key, float]] = deque()  # ((scope, text), arrival), each key once
-        self._waiting: dict[_Key, asyncio.Future[np.ndarray]] = {}  # queued or being encoded
+        self._waiting: dict[_Key, asyncio.Future[Vector]] = {}  # queued or being encoded
         self._full: asyncio.Event | None = None  # set when the queue holds max_batch texts
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
@@ -411,7 +402,7 @@ class MicroBatcher:
         """Distinct (scope, text) keys queued or being encoded."""
         return len(self._waiting)
 
-    async def embed(self, text: str, scope: str = "") -> np.ndarray:
+    async def embed(self, text: str, scope: str = "") -> Vector:
         """The unit float32 vector of `text` (read-only, shape (dim,)); `scope` (a tenant's namespace)
         keeps memo hits and shared in-flight results within it."""
         future = self._submit(text, scope)
@@ -420,7 +411,7 @@ class MicroBatcher:
         # shield: a caller that gives up must not cancel the result others are waiting for
         return await asyncio.shield(future)
 
-    async def embed_many(self, texts: list[str], scope: str = "") -> np.ndarray:
+    async def embed_many(self, texts: list[str], scope: str = "") -> Vector:
         """Vectors of `texts` as one (len(texts), dim) float32 array (a fresh, writable array)."""
         if not texts:
             return np.zeros((0, int(self.embedder.dim)), dtype=np.float32)
@@ -467,7 +458,7 @@ class MicroBatcher:
             raise RuntimeError("a MicroBatcher must be used from the event loop it was first used in")
         return loop
 
-    def _submit(self, text: str, scope: str) -> np.ndarray | asyncio.Future[np.ndarray]:
+    def _submit(self, text: str, scope: str) -> Vector | asyncio.Future[Vector]:
         if self._closed:
             raise BatcherClosedError("the embedding batcher is closed")
         loop = self._bind()
@@ -543,7 +534,7 @@ class MicroBatcher:
         the texts that fail alone get an exception. One bad text among n costs about 2*log2(n) calls."""
         encoded = _Encoded(results=[])
 
-        def encode(part: list[str]) -> list[np.ndarray | Exception]:
+        def encode(part: list[str]) -> list[Vector | Exception]:
             encoded.texts += len(part)
             try:
                 vectors = self.embedder.encode(part)
@@ -567,7 +558,7 @@ class MicroBatcher:
         encoded.results = results
         return encoded
 
-    def _resolve(self, batch: list[_Key], results: Sequence[np.ndarray | BaseException]) -> None:
+    def _resolve(self, batch: list[_Key], results: Sequence[Vector | BaseException]) -> None:
         for key, result in zip(batch, results, strict=True):
             future = self._waiting.pop(key, None)
             if future is None or future.done():

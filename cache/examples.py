@@ -12,14 +12,13 @@ here, both pure functions over plain records:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
-CHARS_PER_TOKEN = 4  # the usual estimate for English text with BPE tokenizers
 SYSTEM_BLOCK_HEADER = "Examples of good answers to similar questions:"
 DEFAULT_ANSWER_SHARE = 0.25  # of the context window, reserved for the answer when max_tokens is not given
 _LEADING_ROLES = ("system", "developer")  # instructions that stay before the examples
@@ -38,12 +37,7 @@ class Example:
     )
     tier: str  # the tier that produced the answer
     tokens: int  # prompt + response tokens, estimated
-    vector: np.ndarray | None = None  # the past request's embedding, for diversity
-
-
-def estimate_tokens(text: str) -> int:
-    """Tokens in `text`, estimated at about four characters a token (no tokenizer on the hot path)."""
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
+    vector: npt.NDArray[np.floating[Any]] | None = None  # the past request's embedding, for diversity
 
 
 def example_budget(
@@ -161,7 +155,7 @@ def _append_text(content: Any, block: str) -> Any:
     return f"{text}\n\n{block}" if text else block
 
 
-def _unit(vector: np.ndarray | None) -> np.ndarray | None:
+def _unit(vector: npt.ArrayLike | None) -> npt.NDArray[np.float64] | None:
     if vector is None:
         return None
     v = np.asarray(vector, dtype=np.float64).ravel()

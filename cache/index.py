@@ -48,10 +48,13 @@ from typing import Any, Protocol
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 
 TOMBSTONE_REBUILD_FRACTION = 0.2
 
 Hits = list[tuple[int, float]]
+Ids = npt.NDArray[np.int64]
+Vectors = npt.NDArray[np.float32]  # one unit vector a row; search scores come in the same type
 
 
 def set_threads(n: int) -> None:
@@ -105,17 +108,17 @@ class _Store(Protocol):
 
     kind: str
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+    def add(self, ids: Ids, vectors: Vectors) -> None: ...
 
-    def remove(self, ids: np.ndarray) -> int: ...
+    def remove(self, ids: Ids) -> int: ...
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search(self, queries: Vectors, k: int) -> tuple[Vectors, Ids]: ...
 
     def size(self) -> int: ...
 
-    def needs_rebuild(self, hnsw_threshold: int) -> bool: ...
+    def needs_rebuild(self, hnsw_threshold: int, /) -> bool: ...
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def snapshot(self) -> tuple[Ids, Vectors]: ...
 
 
 class _FlatStore:
@@ -127,12 +130,12 @@ class _FlatStore:
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._ids: set[int] = set()
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, ids: Ids, vectors: Vectors) -> None:
         self.remove(ids)
         self._index.add_with_ids(vectors, ids)
         self._ids.update(ids.tolist())
 
-    def remove(self, ids: np.ndarray) -> int:
+    def remove(self, ids: Ids) -> int:
         present = np.fromiter((i for i in ids.tolist() if i in self._ids), dtype=np.int64)
         if present.size == 0:
             return 0
@@ -140,16 +143,16 @@ class _FlatStore:
         self._ids.difference_update(present.tolist())
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Vectors, k: int) -> tuple[Vectors, Ids]:
         return self._index.search(queries, k)  # labels are ids already; -1 pads a short result
 
     def size(self) -> int:
         return len(self._ids)
 
-    def needs_rebuild(self, hnsw_threshold: int) -> bool:
+    def needs_rebuild(self, hnsw_threshold: int, /) -> bool:
         return len(self._ids) > hnsw_threshold
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+    def snapshot(self) -> tuple[Ids, Vectors]:
         n = self._index.ntotal
         ids = faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
         if n == 0:
@@ -172,7 +175,7 @@ class _HnswStore:
         self._dead = 0
         self._params = self._make_params()
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, ids: Ids, vectors: Vectors) -> None:
         self._kill(ids)
         start = self._index.ntotal
         end = start + len(ids)
@@ -184,13 +187,13 @@ class _HnswStore:
         self._id_slot.update(zip(ids.tolist(), slots.tolist(), strict=True))
         self._params = self._make_params()
 
-    def remove(self, ids: np.ndarray) -> int:
+    def remove(self, ids: Ids) -> int:
         removed = self._kill(ids)
         if removed:
             self._params = self._make_params()
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Vectors, k: int) -> tuple[Vectors, Ids]:
         scores, slots = self._index.search(queries, k, params=self._params)
         ids = np.where(slots >= 0, self._slot_ids[np.maximum(slots, 0)], -1)
         return scores, ids
@@ -198,17 +201,18 @@ class _HnswStore:
     def size(self) -> int:
         return len(self._id_slot)
 
-    def needs_rebuild(self, hnsw_threshold: int) -> bool:
+    def needs_rebuild(self, _hnsw_threshold: int, /) -> bool:
+        """Already HNSW: only tombstones make a rebuild worth it, whatever the threshold."""
         return self._dead > TOMBSTONE_REBUILD_FRACTION * self._index.ntotal
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+    def snapshot(self) -> tuple[Ids, Vectors]:
         slots = np.fromiter(self._id_slot.values(), dtype=np.int64, count=len(self._id_slot))
         slots.sort()
         if slots.size == 0:
             return slots, np.empty((0, self._index.d), np.float32)
         return self._slot_ids[slots].copy(), self._index.reconstruct_batch(slots)
 
-    def _kill(self, ids: np.ndarray) -> int:
+    def _kill(self, ids: Ids) -> int:
         slots = [s for s in (self._id_slot.pop(i, None) for i in ids.tolist()) if s is not None]
         if slots:
             dead = np.asarray(slots, dtype=np.int64)
@@ -244,7 +248,7 @@ class _Namespace:
     lock: _ReadWriteLock = field(default_factory=_ReadWriteLock)
     # Writes made while a rebuild is in flight, replayed onto the new index before it is swapped in. Set
     # (under `lock` shared plus `rebuild_claim`) by the rebuilding thread; appended to under `lock` exclusive.
-    pending: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None
+    pending: list[tuple[str, Ids, Vectors | None]] | None = None
     rebuild_claim: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -271,29 +275,29 @@ class VectorIndex:
 
     # -- writes -------------------------------------------------------------------------------------------
 
-    def add(self, namespace: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, namespace: str, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> None:
         """Insert entries; an id already in the namespace is replaced. May rebuild (see module doc)."""
-        ids, vectors = self._check_entries(ids, vectors)
-        if ids.size == 0:
+        checked_ids, checked_vectors = self._check_entries(ids, vectors)
+        if checked_ids.size == 0:
             return
         ns = self._namespace(namespace, create=True)
         assert ns is not None
         with ns.lock.write():
-            ns.store.add(ids, vectors)
-            if ns.pending is not None:
-                ns.pending.append(("add", ids.copy(), vectors.copy()))  # the caller may reuse its arrays
+            ns.store.add(checked_ids, checked_vectors)
+            if ns.pending is not None:  # the caller may reuse its arrays
+                ns.pending.append(("add", checked_ids.copy(), checked_vectors.copy()))
         self._rebuild_if_needed(ns)
 
-    def remove(self, namespace: str, ids: np.ndarray) -> int:
+    def remove(self, namespace: str, ids: npt.ArrayLike) -> int:
         """Remove entries by id; returns how many were present."""
-        ids = self._check_ids(ids)
+        checked = self._check_ids(ids)
         ns = self._namespace(namespace)
-        if ns is None or ids.size == 0:
+        if ns is None or checked.size == 0:
             return 0
         with ns.lock.write():
-            removed = ns.store.remove(ids)
+            removed = ns.store.remove(checked)
             if removed and ns.pending is not None:
-                ns.pending.append(("remove", ids.copy(), None))
+                ns.pending.append(("remove", checked.copy(), None))
         if removed:
             self._rebuild_if_needed(ns)
         return removed
@@ -305,7 +309,7 @@ class VectorIndex:
 
     # -- reads --------------------------------------------------------------------------------------------
 
-    def search(self, namespace: str, vectors: np.ndarray, k: int) -> list[Hits]:
+    def search(self, namespace: str, vectors: npt.ArrayLike, k: int) -> list[Hits]:
         """Top-k (id, score) per query row, best first; a 1-D vector is one query.
 
         An unknown or empty namespace gives an empty list for every query.
@@ -327,7 +331,7 @@ class VectorIndex:
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
 
-    def search_one(self, namespace: str, vector: np.ndarray, k: int) -> Hits:
+    def search_one(self, namespace: str, vector: npt.ArrayLike, k: int) -> Hits:
         """Top-k (id, score) for one query vector, best first; [] for an unknown namespace."""
         return self.search(namespace, np.asarray(vector).reshape(1, -1), k)[0]
 
@@ -396,21 +400,23 @@ class VectorIndex:
                 ns.store = fresh
                 ns.pending = None
 
-    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and ids.min() < 0:
+    def _check_ids(self, ids: npt.ArrayLike) -> Ids:
+        checked = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if checked.size and checked.min() < 0:
             raise ValueError("ids must be >= 0")
-        return ids
+        return checked
 
-    def _check_entries(self, ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ids = self._check_ids(ids)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim == 1:
-            vectors = vectors[None, :]
-        if vectors.shape != (len(ids), self.dim):
-            raise ValueError(f"vectors must have shape ({len(ids)}, {self.dim}), got {vectors.shape}")
-        if len(np.unique(ids)) != len(ids):  # the same id twice in one call: the last one wins
-            _, first_in_reversed = np.unique(ids[::-1], return_index=True)
-            keep = np.sort(len(ids) - 1 - first_in_reversed)
-            ids, vectors = ids[keep], np.ascontiguousarray(vectors[keep])
-        return ids, vectors
+    def _check_entries(self, ids: npt.ArrayLike, vectors: npt.ArrayLike) -> tuple[Ids, Vectors]:
+        checked_ids = self._check_ids(ids)
+        rows = np.ascontiguousarray(vectors, dtype=np.float32)
+        if rows.ndim == 1:
+            rows = rows[None, :]
+        if rows.shape != (len(checked_ids), self.dim):
+            raise ValueError(f"vectors must have shape ({len(checked_ids)}, {self.dim}), got {rows.shape}")
+        if len(np.unique(checked_ids)) != len(
+            checked_ids
+        ):  # the same id twice in one call: the last one wins
+            _, first_in_reversed = np.unique(checked_ids[::-1], return_index=True)
+            keep = np.sort(len(checked_ids) - 1 - first_in_reversed)
+            checked_ids, rows = checked_ids[keep], np.ascontiguousarray(rows[keep])
+        return checked_ids, rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cache.store import CacheEntry
+from icgate.cache.store import CacheEntry
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-# Starting utility by the tier that produced the answer: a large model's
-# answer is worth more as an example for the small one (IC-Cache).
-INITIAL_UTILITY = {"large": 0.8}
+# Starting utility by the tier that produced the answer: the best tier's answer is worth more as an
+# example for the smaller ones (IC-Cache).
+BEST_TIER_UTILITY = 0.8
 DEFAULT_UTILITY = 0.5
 
 
-def initial_utility(tier: str) -> float:
-    return INITIAL_UTILITY.get(tier, DEFAULT_UTILITY)
+def initial_utility(*, best_tier: bool) -> float:
+    """A new entry's utility. The caller knows its policy's tiers: it says whether the best one answered."""
+    return BEST_TIER_UTILITY if best_tier else DEFAULT_UTILITY
 
 
 @dataclass
@@ -36,7 +38,7 @@ class CacheEntry:
     tier: str
     prompt_tokens: int
     completion_tokens: int
-    vector: np.ndarray
+    vector: npt.NDArray[np.float32]
     utility: float = DEFAULT_UTILITY
     feedback_sum: float = 0.0
     feedback_count: int = 0

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Inside the installed package (`icgate/policies`): a wheel finds it from any working directory.
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 # Time to a stream's first chunk without a latency objective, and the slack added to one.
 DEFAULT_TTFB_TIMEOUT_S = 30.0
@@ -402,6 +403,16 @@ class Policy(Strict):
 
     def tier_rank(self, tier: str) -> int:
         return self.tiers.index(tier) if tier in self.tiers else -1
+
+    @property
+    def small_tier(self) -> str:
+        """The cheapest tier: the one that gets in-context examples. `tiers` is ordered cheapest first."""
+        return self.tiers[0]
+
+    @property
+    def best_tier(self) -> str:
+        """The best tier: its answers start with a higher prior utility and serve every request."""
+        return self.tiers[-1]
 
     def tier(self, tier: str) -> list[BackendConfig]:
         return [b for b in self.backends if b.tier == tier]

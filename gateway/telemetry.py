@@ -32,8 +32,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.config import TelemetryConfig
-from gateway.context import RequestRecord
+from icgate.gateway.config import TelemetryConfig
+from icgate.gateway.records import RequestRecord
 
 REQUEST_SPAN = "icgate.request"
 STAGE_PREFIX = "icgate."

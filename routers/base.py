@@ -1,4 +1,4 @@
-"""The one interface every router implements."""
+"""The one interface every router implements: what the gateway builds for a request, what a router says."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
+
+# An embedding (or a batch of them) as the embedder returns it: float32 in the gateway, any float offline.
+Vectors = npt.NDArray[np.floating[Any]]
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,7 @@ class RouteFeatures:
 
     prompt_tokens: int
     conversation_depth: int
-    embedding: np.ndarray | None = None
+    embedding: Vectors | None = None
     extra: dict[str, float] = field(default_factory=dict)
     text: str | None = None
 

@@ -12,15 +12,13 @@ every file and a report on the held-out buckets stays honest.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TRAIN_BUCKETS = frozenset(range(8))
-HELD_OUT_BUCKETS = frozenset({8, 9})
+from icgate.text import HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, normalise
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1", "1.0"})
 _FALSE = frozenset({"false", "f", "no", "n", "0", "0.0"})
@@ -98,6 +96,25 @@ def detect_label_columns(header: Sequence[str], records: Sequence[Sequence[str]]
     return candidates[0], candidates[1]
 
 
+def _label_columns(
+    header: Sequence[str], records: Sequence[Sequence[str]], weak: str | None, strong: str | None
+) -> tuple[str, str]:
+    """The (weak, strong) label columns: as named, the unnamed one (or both) detected."""
+    if weak is not None and strong is not None:
+        return weak, strong
+    try:
+        weak_guess, strong_guess = detect_label_columns(header, records)
+    except ValueError as exc:
+        if weak is None and strong is None:
+            raise
+        raise ValueError(f"name both weak_column and strong_column ({exc})") from exc
+    if strong is not None:  # only the weak column to pick
+        return (weak_guess if weak_guess != strong else strong_guess), strong
+    if weak is not None:  # only the strong column to pick
+        return weak, (strong_guess if strong_guess != weak else weak_guess)
+    return weak_guess, strong_guess
+
+
 def load_routing_csv(
     path: str | Path,
     *,
@@ -121,20 +138,12 @@ def load_routing_csv(
     for name in (weak_column, strong_column):
         if name is not None and name not in header:
             raise ValueError(f"{path}: no column {name!r} (columns: {', '.join(header)})")
-    if weak_column is None or strong_column is None:
-        try:
-            weak_guess, strong_guess = detect_label_columns(header, [fields for _, fields in records])
-        except ValueError as exc:
-            if weak_column is None and strong_column is None:
-                raise ValueError(f"{path}: {exc}") from exc
-            raise ValueError(f"{path}: name both weak_column and strong_column ({exc})") from exc
-        if weak_column is None and strong_column is None:
-            weak_column, strong_column = weak_guess, strong_guess
-        elif weak_column is None:
-            weak_column = weak_guess if weak_guess != strong_column else strong_guess
-        else:
-            strong_column = strong_guess if strong_guess != weak_column else weak_guess
-    assert weak_column is not None and strong_column is not None
+    try:
+        weak_column, strong_column = _label_columns(
+            header, [fields for _, fields in records], weak_column, strong_column
+        )
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     if weak_column == strong_column:
         raise ValueError(f"{path}: weak and strong label columns are both {weak_column!r}")
     p_i, w_i, s_i = (header.index(c) for c in (prompt_column, weak_column, strong_column))
@@ -179,10 +188,10 @@ def rows_from_records(
     return rows
 
 
-def prompt_bucket(prompt: str, buckets: int = 10) -> int:
-    """sha1 of the case- and whitespace-normalised prompt, mod `buckets` (as `cache.verify.pair_bucket`)."""
-    digest = hashlib.sha1(" ".join(prompt.lower().split()).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % buckets
+def prompt_bucket(prompt: str) -> int:
+    """The bucket of the case- and whitespace-normalised prompt: a prompt and its re-spaced copies land
+    together, in every file."""
+    return bucket_of(normalise(prompt))
 
 
 def select_buckets(rows: Iterable[LabelledPrompt], buckets: Iterable[int]) -> list[LabelledPrompt]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from routers.base import RouteDecision
+from icgate.routers.base import RouteDecision
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from numpy.typing import ArrayLike
 
-from routers.data import LabelledPrompt
+from icgate.routers.data import LabelledPrompt
 
 Labels = Sequence[LabelledPrompt] | tuple[ArrayLike, ArrayLike]
+Floats = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class RouterMetrics:
         }
 
 
-def label_arrays(labels: Labels) -> tuple[np.ndarray, np.ndarray]:
+def label_arrays(labels: Labels) -> tuple[Floats, Floats]:
     """(weak_ok, strong_ok) as float arrays from rows or from a pair of arrays."""
     if isinstance(labels, tuple) and len(labels) == 2 and not isinstance(labels[0], LabelledPrompt):
         weak = np.asarray(labels[0], dtype=float)
@@ -79,7 +81,7 @@ def label_arrays(labels: Labels) -> tuple[np.ndarray, np.ndarray]:
     return weak, strong
 
 
-def quality_curve(scores: ArrayLike, labels: Labels) -> tuple[np.ndarray, np.ndarray]:
+def quality_curve(scores: ArrayLike, labels: Labels) -> tuple[Floats, Floats]:
     """(strong shares, qualities) at share 0, at every cut between distinct scores, and at share 1."""
     s = np.asarray(scores, dtype=float)
     weak, strong = label_arrays(labels)
@@ -98,7 +100,7 @@ def quality_curve(scores: ArrayLike, labels: Labels) -> tuple[np.ndarray, np.nda
     return cuts / n, (weak.sum() + gain[cuts]) / n
 
 
-def _first_crossing(shares: np.ndarray, values: np.ndarray, target: float) -> float:
+def _first_crossing(shares: Floats, values: Floats, target: float) -> float:
     """Smallest share where the piecewise-linear curve reaches `target` (1.0 if it never does)."""
     if values[0] >= target:
         return float(shares[0])
@@ -140,7 +142,7 @@ def random_apgr(labels: Labels, seed: int = 0, repeats: int = 20) -> float:
     return float(np.mean([evaluate_scores(rng.random(weak.shape[0]), labels).apgr for _ in range(repeats)]))
 
 
-def oracle_scores(labels: Labels) -> np.ndarray:
+def oracle_scores(labels: Labels) -> Floats:
     """The best possible scores: rows only the strong model gets right go strong first, then ties,
     then rows only the weak model gets right."""
     weak, strong = label_arrays(labels)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway.db import make_engine, normalize_url, upgrade
+from icgate.gateway.store.db import make_engine, normalize_url, upgrade
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "ICGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -61,10 +61,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     policy = tmp / "policy.yaml"
     policy.write_text(yaml.safe_dump(raw))
     port = free_port()
-    log = tmp / "gateway.log"
+    log = tmp / "icgate.gateway.log"
     env = {k: v for k, v in os.environ.items() if k != "ICGATE_DATABASE_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
+        [sys.executable, "-m", "icgate.gateway.cli.main", "serve", "--policy", str(policy), "--port", str(port),
          "--data-dir", str(tmp / "data")],
         cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -176,7 +176,7 @@ def test_cache_replay_regenerates_a_small_answer_with_the_real_large_model(serve
     assert (tier, deleted) == ("small", None)
 
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "cache", "replay", "--budget", "1", "--policy",
+        [sys.executable, "-m", "icgate.gateway.cli.main", "cache", "replay", "--budget", "1", "--policy",
          str(served.policy), "--data-dir", str(served.data_dir), "--gateway", served.url],
         cwd=ROOT, capture_output=True, timeout=300, check=False,
     )  # fmt: skip

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_policy
+from icgate.gateway.config import load_policy
 
 POLICIES = sorted((Path(__file__).resolve().parent.parent / "policies").rglob("*.yaml"))
 

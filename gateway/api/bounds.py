@@ -12,8 +12,8 @@ import asyncio
 import json
 from typing import Any
 
-from gateway.config import ServerConfig
-from gateway.errors import GatewayError, error_body
+from icgate.gateway.config import ServerConfig
+from icgate.gateway.errors import GatewayError, error_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

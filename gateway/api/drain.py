@@ -16,8 +16,8 @@ import logging
 import time
 from typing import Any
 
-from gateway.context import RequestContext
-from gateway.errors import error_body
+from icgate.gateway.errors import error_body
+from icgate.gateway.records import RequestContext
 
 log = logging.getLogger("icgate.shutdown")
 

@@ -4,7 +4,8 @@ Known fields are checked strictly where OpenAI is strict (`stream: "yes"` and
 `seed: false` are refused, not coerced); `null` is accepted wherever OpenAI
 accepts it. Unknown fields are kept and pass through to the backend, as
 OpenAI-compatible servers grow new parameters (`guided_json`, ...) faster than
-any gateway.
+any gateway. Strings pydantic accepts but that are not Unicode (unpaired
+surrogates) are refused by `reject_invalid_text`, which handlers call.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
+from fastapi import Request
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,6 +24,8 @@ from pydantic import (
     StrictStr,
     model_validator,
 )
+
+from icgate.gateway.errors import GatewayError
 
 # OpenAI's own limit on `n` (its error: "Expected a value <= 128").
 MAX_N = 128
@@ -141,3 +145,20 @@ def unpaired_surrogate_at(value: Any, path: str = "") -> str | None:
             if found is not None:
                 return found
     return None
+
+
+async def reject_invalid_text(request: Request, body: dict[str, Any] | BaseModel) -> None:
+    """A string that is not valid Unicode is the sender's mistake (400), found before any work. The
+    walk of the parsed body runs only when a scan of the raw one (cached: nothing is read again) finds
+    a surrogate could be in it."""
+    if not may_hold_surrogates(await request.body()):
+        return
+    fields = body if isinstance(body, dict) else body.model_dump(exclude_unset=True)
+    where = unpaired_surrogate_at(fields)
+    if where is not None:
+        raise GatewayError(
+            400,
+            f"Invalid '{where}': the string holds an unpaired UTF-16 surrogate, which is not valid Unicode.",
+            param=where,
+            code="invalid_unicode",
+        )

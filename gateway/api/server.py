@@ -32,10 +32,10 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.api.bounds import body_too_large
-from gateway.api.drain import CUT_MARGIN_S, Drain
-from gateway.config import ServerConfig
-from gateway.errors import error_body
+from icgate.gateway.api.bounds import body_too_large
+from icgate.gateway.api.drain import CUT_MARGIN_S, Drain
+from icgate.gateway.config import ServerConfig
+from icgate.gateway.errors import error_body
 
 log = logging.getLogger("icgate.server")
 

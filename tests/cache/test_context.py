@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cache.embed import (
+from icgate.cache.embed import (
     SentenceTransformerEmbedder,
     context_fingerprint,
     conversation_text,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cache.embed import (
+from icgate.cache.embed import (
     EMBED_MAX_CHARS,
     BatcherClosedError,
     EmbeddingMemo,

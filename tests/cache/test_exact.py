@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cache.exact import cacheability, exact_key
+from icgate.cache.exact import cacheability, exact_key
 
 
 def chat(content: str, **extra: object) -> dict[str, object]:

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from cache.index import VectorIndex, _HnswStore, _Store, set_threads
+from icgate.cache.index import VectorIndex, _HnswStore, _Store, set_threads
 
 DIM = 32
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cache.replay import plan_replay
+from icgate.cache.replay import plan_replay
 from tests.cache.test_store import entry
 
 DAY = 86_400.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.store import CacheEntry, CacheStore, initial_utility, keep_score
+from icgate.cache.store import CacheEntry, CacheStore, initial_utility, keep_score
 
 
 def entry(i: int, namespace: str = "t1", key: str | None = None, **kw: object) -> CacheEntry:
@@ -50,8 +50,8 @@ def test_eviction_keeps_useful_entries_over_recent_useless_ones() -> None:
 
 
 def test_feedback_moves_utility_within_bounds() -> None:
-    e = entry(1, utility=initial_utility("large"))
-    assert e.utility == 0.8 and initial_utility("small") == 0.5
+    e = entry(1, utility=initial_utility(best_tier=True))
+    assert e.utility == 0.8 and initial_utility(best_tier=False) == 0.5
     e.apply_feedback(1.0)
     e.apply_feedback(1.0)
     assert e.utility == 1.0

@@ -1,130 +1,27 @@
-"""The semantic-hit verifier: loaders, pair features, calibration, artifacts (real MiniLM embedder)."""
+"""The semantic-hit verifier at request time: pair features, rules, scoring, artifacts (real MiniLM)."""
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
-import tarfile
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
 
-from cache.embed import SentenceTransformerEmbedder
-from cache.verify import (
+from icgate.cache.embed import SentenceTransformerEmbedder
+from icgate.cache.verify import (
     DEFAULT_ARTIFACT,
     MAX_TEXT_CHARS,
     SCALAR_FEATURES,
     SEQUENCE_MATCH_BUDGET,
     HitVerifier,
-    LabelledPair,
     apply_rules,
-    cached_encode,
-    calibrate,
-    evaluate,
-    evaluate_cosine_rule,
-    load_pairs,
-    out_of_fold_probabilities,
-    pair_bucket,
     pair_features,
     sequence_match_ratio,
 )
+from tests.cache.synthetic import synthetic_pairs, unit
 
 FEATURE = {name: i for i, name in enumerate(SCALAR_FEATURES)}
-
-
-def unit(seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).normal(size=384).astype(np.float32)
-    return v / np.linalg.norm(v)
-
-
-# ---- loaders --------------------------------------------------------------------------------------------
-
-
-def test_load_jsonl_gz_text_layout(tmp_path: Path) -> None:
-    path = tmp_path / "pairs.jsonl.gz"
-    rows = [
-        {"id": 0, "text_a": "How do I cook rice?", "text_b": "How to cook rice?", "duplicate": 1},
-        {"id": 1, "text_a": "What is AI?", "text_b": "Who is Alan Turing?", "duplicate": "false"},
-        {"id": 2, "text_a": "a?", "text_b": "b?", "duplicate": True},
-    ]
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    assert load_pairs(path) == [
-        LabelledPair("How do I cook rice?", "How to cook rice?", True),
-        LabelledPair("What is AI?", "Who is Alan Turing?", False),
-        LabelledPair("a?", "b?", True),
-    ]
-
-
-def test_load_quora_csv_layout(tmp_path: Path) -> None:
-    path = tmp_path / "quora.csv"
-    path.write_text(
-        "id,qid1,qid2,question1,question2,is_duplicate\n"
-        '0,1,2,"What is the step by step guide to invest in share market in india?",'
-        '"What is the step by step guide to invest in share market?",0\n'
-        '1,3,4,"How can I be a good geologist?","What should I do to be a great geologist?",1\n',
-        encoding="utf-8",
-    )
-    pairs = load_pairs(path)
-    assert [p.duplicate for p in pairs] == [False, True]
-    assert pairs[1].text_a == "How can I be a good geologist?"
-
-
-def test_load_text_layout_csv_and_tar_gz(tmp_path: Path) -> None:
-    content = b'text_a,text_b,duplicate\n"Is tea good?","Is tea healthy?",true\n'
-    (tmp_path / "p.csv").write_bytes(content)
-    assert load_pairs(tmp_path / "p.csv") == [LabelledPair("Is tea good?", "Is tea healthy?", True)]
-    archive = io.BytesIO()  # the upstream GPTCache file is a tar.gz despite its .json.gz name
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        info = tarfile.TarInfo("pairs.csv")
-        info.size = len(content)
-        tar.addfile(info, io.BytesIO(content))
-    (tmp_path / "p.json.gz").write_bytes(archive.getvalue())
-    assert load_pairs(tmp_path / "p.json.gz") == [LabelledPair("Is tea good?", "Is tea healthy?", True)]
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ('{"text_a": "x", "text_b": "y", "duplicate": 1}\n{"text_a": "x", "duplicate": 1}\n', "line 2"),
-        ('{"text_a": "x", "text_b": "y", "duplicate": 2}\n', "duplicate label"),
-        ('{"text_a": "x", "text_b": "y", "duplicate": 1}\nnot json\n', "line 2: invalid JSON"),
-        ("question1,question2,label\nx,y,1\n", "missing column"),
-        ("a,b,c\nx,y,1\n", "expected columns"),
-        ("text_a,text_b,duplicate\nx,,1\n", "empty text_b"),
-    ],
-)
-def test_bad_input_names_file_and_row(tmp_path: Path, content: str, message: str) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=message) as excinfo:
-        load_pairs(path)
-    assert "bad.jsonl" in str(excinfo.value)
-
-
-def test_blank_rows_can_be_skipped(tmp_path: Path) -> None:
-    path = tmp_path / "q.csv"
-    path.write_text("question1,question2,is_duplicate\nx,,0\nHi?,Hello?,1\n", encoding="utf-8")
-    assert load_pairs(path, skip_blank_text=True) == [LabelledPair("Hi?", "Hello?", True)]
-
-
-def test_shared_qqp_file_loads() -> None:
-    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "cache" / "qqp_pairs.jsonl.gz"
-    if not path.is_file():
-        pytest.skip(f"shared data not present: {path}")
-    pairs = load_pairs(path)
-    assert len(pairs) > 70_000
-    assert 0.3 < sum(p.duplicate for p in pairs) / len(pairs) < 0.4
-
-
-def test_bucket_is_deterministic_and_order_free() -> None:
-    a = LabelledPair("How do I cook rice?", "How to cook rice?", True)
-    b = LabelledPair("how to  cook rice?", "How do I cook rice?", False)
-    assert pair_bucket(a) == pair_bucket(b)
-    assert 0 <= pair_bucket(a) < 10
 
 
 # ---- features -------------------------------------------------------------------------------------------
@@ -159,86 +56,7 @@ def test_features_entities_question_words_and_embedding_parts() -> None:
     np.testing.assert_array_equal(f, swapped)
 
 
-# ---- calibration on real sentences ------------------------------------------------------------------------
-
-ACTIONS = [
-    ("reset my password", "reset my router"),
-    ("learn Python quickly", "learn Java quickly"),
-    ("lose weight fast", "gain weight fast"),
-    ("improve my English speaking", "improve my English writing"),
-    ("make money online", "make friends online"),
-    ("prepare for the GRE", "prepare for the GMAT"),
-    ("get a job at Google", "get a job at Amazon"),
-    ("cook brown rice", "cook fried rice"),
-    ("change the oil in my car", "change the tires on my car"),
-    ("stop snoring at night", "stop sweating at night"),
-    ("delete my Facebook account", "delete my Instagram account"),
-    ("become a data scientist", "become a data engineer"),
-    ("increase my height after 18", "increase my weight after 18"),
-    ("get rid of acne scars", "get rid of stretch marks"),
-    ("invest in the stock market in India", "invest in real estate in India"),
-    ("fall asleep quickly", "wake up early"),
-    ("write a good resume", "write a good cover letter"),
-    ("train my puppy to sit", "train my cat to sit"),
-    ("speed up my laptop", "charge my laptop"),
-    ("save money on groceries", "save money on rent"),
-    ("learn to play guitar", "learn to play piano"),
-    ("get a US visa from India", "get a UK visa from India"),
-    ("start a small business", "close a small business"),
-    ("recover a hacked Gmail account", "recover a deleted Gmail account"),
-    ("memorize things faster", "read books faster"),
-    ("become more confident", "become more creative"),
-    ("remove a virus from my phone", "remove a virus from my PC"),
-    ("calculate compound interest", "calculate simple interest"),
-    ("grow tomatoes indoors", "grow potatoes indoors"),
-    ("quit smoking", "quit drinking"),
-]
-TEMPLATES = [
-    ("How do I {}?", "How can I {}?"),
-    ("What is the best way to {}?", "What's the easiest way to {}?"),
-    ("How should I {}?", "What can I do to {}?"),
-]
-
-
-def synthetic_pairs() -> list[LabelledPair]:
-    """Paraphrases (same action, another wording) and hard negatives (same wording, a sibling action)."""
-    pairs = []
-    for i, (action, sibling) in enumerate(ACTIONS):
-        for j, (t1, t2) in enumerate(TEMPLATES):
-            pairs.append(LabelledPair(t1.format(action), t2.format(action), True))
-            pairs.append(LabelledPair(t1.format(action), t1.format(sibling), False))
-            pairs.append(
-                LabelledPair(t2.format(action), t1.format(ACTIONS[(i + j + 1) % len(ACTIONS)][0]), False)
-            )
-    pairs += [
-        LabelledPair(f"How can I lose {n} kg in a month?", f"How can I lose {n * 3} kg in a month?", False)
-        for n in range(2, 9)
-    ]
-    pairs += [
-        LabelledPair(f"Is it safe to run {n} km a day?", f"Is it not safe to run {n} km a day?", False)
-        for n in range(2, 9)
-    ]
-    return pairs
-
-
-@pytest.fixture(scope="module")
-def calibrated(embedder: SentenceTransformerEmbedder) -> HitVerifier:
-    return calibrate(synthetic_pairs(), embedder.encode, target_precision=0.9, seed=0, balance=False)
-
-
-def test_calibrate_meets_its_target_out_of_fold(
-    calibrated: HitVerifier, embedder: SentenceTransformerEmbedder
-) -> None:
-    pairs = synthetic_pairs()
-    assert calibrated.metrics["precision"] >= 0.9
-    assert calibrated.metrics["recall"] > 0.3
-    assert calibrated.metrics["n"] == len(pairs) and "out-of-fold" in calibrated.metrics["measured_on"]
-    result = evaluate(calibrated, pairs, embedder.encode)
-    # the shipped classifier is refitted on every pair, so on them it does at least as well as out of fold
-    assert result["precision"] >= 0.9 and result["recall"] >= calibrated.metrics["recall"] - 0.05
-    assert calibrated.version.startswith("v1-")
-    baseline = evaluate_cosine_rule(pairs, embedder.encode, 0.8)
-    assert set(baseline) >= {"precision", "recall", "f1", "n", "accuracy", "positives"}
+# ---- scoring and the artifact ------------------------------------------------------------------------
 
 
 def test_rules_match_twins_and_refuse_negations_and_other_numbers() -> None:
@@ -263,25 +81,6 @@ def test_rules_match_twins_and_refuse_negations_and_other_numbers() -> None:
     scores = apply_rules(texts_a, texts_b, np.full(7, 0.9))
     # twins match; a flipped negation or other numbers with the same words never do; the rest is learnt
     assert scores.tolist() == [1.0, 0.0, 0.0, 0.9, 0.9, 0.9, 0.9]
-
-
-def test_out_of_fold_scores_do_not_learn_noise() -> None:
-    """Labels that are pure noise: a model scored on pairs it was fitted on would separate them; scored
-    out of fold it cannot, so calibration on such labels finds no safe threshold."""
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(400, len(SCALAR_FEATURES) + 8))
-    labels = (rng.random(400) < 0.5).astype(np.int8)
-    probs = out_of_fold_probabilities(features, labels, seed=0)
-    gap = probs[labels == 1].mean() - probs[labels == 0].mean()
-    assert abs(gap) < 0.05
-    in_sample = in_sample_probabilities(features, labels)
-    assert in_sample[labels == 1].mean() - in_sample[labels == 0].mean() > 0.1  # what leaking would do
-
-
-def in_sample_probabilities(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    from cache.verify import fit_classifier
-
-    return fit_classifier(features, labels, seed=0).predict_proba(features)[:, 1]
 
 
 def test_score_is_zero_below_the_cosine_prefilter(calibrated: HitVerifier) -> None:
@@ -319,20 +118,6 @@ def test_newer_or_foreign_format_is_refused(calibrated: HitVerifier, tmp_path: P
         HitVerifier.load(tmp_path / "foreign.joblib")
 
 
-def test_cached_encode_reuses_disk(tmp_path: Path) -> None:
-    calls: list[list[str]] = []
-
-    def fake(texts: list[str]) -> np.ndarray:
-        calls.append(list(texts))
-        return np.stack([unit(len(t)) for t in texts])
-
-    first = cached_encode(fake, tmp_path / "emb", chunk=2)(["a", "bb", "ccc", "a"])
-    again = cached_encode(fake, tmp_path / "emb")(["ccc", "bb", "dddd"])
-    assert calls == [["a", "bb"], ["ccc"], ["dddd"]]
-    np.testing.assert_array_equal(first[2], again[0])
-    np.testing.assert_array_equal(first[0], first[3])
-
-
 # ---- the shipped artifact -------------------------------------------------------------------------------
 
 
@@ -358,7 +143,7 @@ def test_shipped_artifact_accepts_paraphrase_and_rejects_hard_negative(
 
 
 def test_parsing_reads_at_most_max_text_chars_and_is_linear() -> None:
-    from cache.verify import _parse
+    from icgate.cache.verify import _parse
 
     huge = _parse("Paris is the Capital of France, said Marie. " * 25_000)  # ~1.1 MB
     assert huge.truncated and len(huge.normalised) <= MAX_TEXT_CHARS

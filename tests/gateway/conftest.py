@@ -11,9 +11,9 @@ import pytest
 
 from bench.harness import ServerThread
 from bench.standin_backend import StandinBackend
-from gateway.api.app import create_app
-from gateway.config import EmbeddingConfig, Policy
-from gateway.service import EmbeddingService, Gateway
+from icgate.gateway.api.app import create_app
+from icgate.gateway.config import EmbeddingConfig, Policy
+from icgate.gateway.wiring import EmbeddingService, Gateway
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.admission import (
+from icgate.gateway.backends.admission import (
     Admission,
     AdmissionRefused,
     Ask,
@@ -18,7 +18,7 @@ from gateway.admission import (
     TtftModel,
     Waiter,
 )
-from gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
+from icgate.gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
 
 
 def backend(name: str, max_concurrent: int = 4, tier: str = "small", **kw: Any) -> BackendConfig:

@@ -18,8 +18,8 @@ import pytest
 
 from bench.simulator.engine import EngineConfig
 from bench.simulator.server import Simulator, running_simulator
-from gateway import keys
-from gateway.config import Policy
+from icgate.gateway.config import Policy
+from icgate.gateway.store import keys
 from tests.gateway.conftest import RunningGateway, two_tier_policy
 
 StartGateway = Callable[[Policy], RunningGateway]

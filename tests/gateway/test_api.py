@@ -11,9 +11,9 @@ import openai
 import pytest
 import sqlalchemy as sa
 
-from gateway import keys
-from gateway.config import Policy
-from gateway.db import make_engine
+from icgate.gateway.config import Policy
+from icgate.gateway.store import keys
+from icgate.gateway.store.db import make_engine
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]

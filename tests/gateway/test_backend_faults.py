@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.config import Policy
+from icgate.gateway.config import Policy
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from gateway import backends
-from gateway.backends import (
+from icgate.gateway.backends import client as backends
+from icgate.gateway.backends.client import (
     OPENAI_PARAMS,
     BackendError,
     PromptRenderer,
@@ -20,7 +20,7 @@ from gateway.backends import (
     split_params,
     tidy_completion_chunk,
 )
-from gateway.config import DEFAULT_POLICY, BackendConfig, load_policy
+from icgate.gateway.config import DEFAULT_POLICY, BackendConfig, load_policy
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import httpx
 import openai
 import sqlalchemy as sa
 
-from gateway import keys, models
-from gateway.config import Policy
+from icgate.gateway.config import Policy
+from icgate.gateway.store import keys, tables
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]
@@ -277,7 +277,7 @@ def test_replicas_sharing_a_database_converge(
 def tombstone(gw: RunningGateway, entry_id: int) -> None:
     """Mark an entry deleted in the database directly, as another replica's eviction would."""
     assert gw.gateway.engine is not None
-    table = models.CacheEntryRow
+    table = tables.CacheEntryRow
     with gw.gateway.engine.begin() as conn:
         conn.execute(sa.update(table).where(table.id == entry_id).values(deleted_at=datetime.now(UTC)))
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Policy
+from icgate.gateway.config import Policy
 from tests.gateway.conftest import RunningGateway, Standins
 from tests.gateway.test_cache_api import ask, cache_policy, settle
 

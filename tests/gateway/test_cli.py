@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache.verify import HitVerifier
-from gateway import cli
-from gateway.config import DEFAULT_POLICY
+from icgate.cache.verify import HitVerifier
+from icgate.gateway.cli import main as cli
+from icgate.gateway.config import DEFAULT_POLICY
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def test_data_dir_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_cache_calibrate_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.cache.test_verify import synthetic_pairs
+    from tests.cache.synthetic import synthetic_pairs
 
     pairs = tmp_path / "pairs.jsonl"
     rows = [
@@ -216,7 +216,7 @@ def test_length_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
         rows.append(
             {"question_id": f"q{i}", "prompt": prompt, "answers": {"m": {"text": "x", "tokens": tokens}}}
         )
-    data = tmp_path / "lengths.jsonl"
+    data = tmp_path / "icgate.lengths.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     data_dir = str(tmp_path / "data")
     code, lines, err = run(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy
+from icgate.gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy
 
 MINIMAL = """\
 backends:

@@ -7,8 +7,8 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from gateway.db import alembic_config, current_revision, make_engine, normalize_url, upgrade
-from gateway.models import Base
+from icgate.gateway.store.db import alembic_config, current_revision, make_engine, normalize_url, upgrade
+from icgate.gateway.store.tables import Base
 
 TABLES = {"tenants", "api_keys", "request_log", "cache_entries", "model_artifacts", "route_samples"}
 HEAD = "0003"

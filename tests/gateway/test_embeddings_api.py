@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import openai
 
-from gateway.config import Policy
+from icgate.gateway.config import Policy
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 

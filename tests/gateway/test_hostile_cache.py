@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from cache.embed import EMBED_MAX_CHARS, Embedder
-from gateway import keys
-from gateway.config import Policy
-from gateway.service import Gateway
+from icgate.cache.embed import EMBED_MAX_CHARS, Embedder
+from icgate.gateway.config import Policy
+from icgate.gateway.store import keys
+from icgate.gateway.wiring import Gateway
 from tests.gateway.conftest import RunningGateway, Standins
 from tests.gateway.test_cache_api import ask, cache_policy, settle
 

@@ -6,9 +6,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from gateway import models
-from gateway.context import Tenant
-from gateway.keys import KEY_PREFIX_LEN, KeyAuthenticator, create_key, hash_key, list_keys, revoke_key
+from icgate.gateway.records import Tenant
+from icgate.gateway.store import tables
+from icgate.gateway.store.keys import (
+    KEY_PREFIX_LEN,
+    KeyAuthenticator,
+    create_key,
+    hash_key,
+    list_keys,
+    revoke_key,
+)
 
 
 async def test_created_key_authenticates_to_its_tenant(engine: sa.Engine) -> None:
@@ -71,10 +78,10 @@ async def test_database_holds_no_plaintext_key(engine: sa.Engine, db_url: str) -
     with engine.connect() as conn:
         dumped = [
             repr(row)
-            for table in models.Base.metadata.sorted_tables
+            for table in tables.Base.metadata.sorted_tables
             for row in conn.execute(sa.select(table))
         ]
-        stored_hash = conn.execute(sa.select(models.ApiKey.key_hash)).scalar_one()
+        stored_hash = conn.execute(sa.select(tables.ApiKey.key_hash)).scalar_one()
     # The prefix is stored on purpose; nothing after it may be.
     secret_part = created.key[KEY_PREFIX_LEN:]
     assert dumped and not any(secret_part in text for text in dumped)

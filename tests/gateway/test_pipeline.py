@@ -8,26 +8,23 @@ from typing import Any
 
 import pytest
 
-from gateway.admission import Admission, Ask
-from gateway.backends import BackendError
-from gateway.config import AdmissionConfig, AuthConfig, BackendConfig, Policy, TelemetryConfig
-from gateway.context import ANONYMOUS, Endpoint, RequestContext, RequestRecord, Tenant
-from gateway.errors import GatewayError
-from gateway.pipeline import (
-    Pipeline,
-    Target,
-    authenticate,
-    candidates_for,
-    estimate_prompt_tokens,
-    resolve_target,
-    response_headers,
-    route,
-    route_features,
-    usage_of,
-)
-from gateway.telemetry import Telemetry
-from routers.base import RouteDecision, RouteFeatures
-from routers.rules import PromptLengthRule
+from icgate.gateway.backends.admission import Admission, Ask
+from icgate.gateway.backends.client import BackendError
+from icgate.gateway.config import AdmissionConfig, AuthConfig, BackendConfig, Policy, TelemetryConfig
+from icgate.gateway.errors import GatewayError
+from icgate.gateway.pipeline.admit import candidates_for
+from icgate.gateway.pipeline.authenticate import authenticate
+from icgate.gateway.pipeline.explain import response_headers
+from icgate.gateway.pipeline.route import RouteModels, route, route_features
+from icgate.gateway.pipeline.run import Pipeline
+from icgate.gateway.pipeline.stream import usage_of
+from icgate.gateway.pipeline.target import Target, resolve_target
+from icgate.gateway.records import ANONYMOUS, Endpoint, RequestContext, RequestRecord, Tenant
+from icgate.gateway.telemetry import Telemetry
+from icgate.lengths.predict import OutputLengthHeuristic
+from icgate.routers.base import RouteDecision, RouteFeatures
+from icgate.routers.rules import LongPromptRule
+from icgate.text import estimate_prompt_tokens as estimate_body_tokens
 
 THRESHOLD = 50  # estimated prompt tokens above which the rule router picks the large tier
 
@@ -157,14 +154,15 @@ class Harness:
         self.admission = Admission(self.policy.backends, AdmissionConfig(max_queue_wait_s=wait))
         self.client.admission = self.admission
         self.sink = ListSink(accept=kw.pop("accept", True))
-        self.telemetry = Telemetry.from_config(TelemetryConfig())
+        self.telemetry = kw.pop("telemetry", None) or Telemetry.from_config(TelemetryConfig())
         r = self.policy.router
+        rule = LongPromptRule(r.default_tier, r.large_tier, r.large_if_prompt_tokens_over)
         self.pipeline = Pipeline(
             self.policy,
             self.client,  # type: ignore[arg-type]
             self.admission,
-            PromptLengthRule(r.default_tier, r.large_tier, r.large_if_prompt_tokens_over),
             self.telemetry,
+            RouteModels(router=rule, length=OutputLengthHeuristic()),
             authenticator=kw.pop("authenticator", None),
             sink=self.sink,
         )
@@ -246,6 +244,10 @@ def test_estimate_prompt_tokens_is_about_four_chars_a_token(body: dict[str, Any]
     assert estimate_prompt_tokens(context_of(body)) == expected
 
 
+def estimate_prompt_tokens(ctx: RequestContext) -> int:
+    return estimate_body_tokens(ctx.body, ctx.endpoint)
+
+
 def context_of(body: dict[str, Any]) -> RequestContext:
     return RequestContext(endpoint="chat" if "messages" in body else "completions", body=body)
 
@@ -273,30 +275,37 @@ def test_route_features_depth_counts_user_turns() -> None:
 
 
 class FixedRouter:
+    """A rule-like router (no score): its decision stands as it gives it."""
+
     def __init__(self, tier: str) -> None:
         self.tier = tier
         self.seen: list[RouteFeatures] = []
 
     def route(self, features: RouteFeatures) -> RouteDecision:
         self.seen.append(features)
-        return RouteDecision(tier=self.tier, score=0.25, reasons=("fixed",))
+        return RouteDecision(tier=self.tier, score=None, reasons=("fixed",))
 
 
-def test_route_named_backend_keeps_its_tier_without_asking_the_router() -> None:
-    policy = make_policy()
+async def route_with(router: FixedRouter, target: Target, text: str = "hi") -> RouteDecision:
+    models = RouteModels(router=router, length=OutputLengthHeuristic())
+    ctx = RequestContext(endpoint="chat", body=chat(text))
+    outcome = await route(ctx, target, None, models, make_policy(), None)
+    return outcome.decision
+
+
+async def test_route_named_backend_keeps_its_tier_without_asking_the_router() -> None:
     router = FixedRouter("small")
-    decision = route(resolve_target("large", policy), RouteFeatures(10_000, 1), router)
+    decision = await route_with(router, resolve_target("large", make_policy()), "x" * 40_000)
     assert decision.tier == "large" and decision.score is None
     assert "large" in decision.reasons[0]
     assert router.seen == []
 
 
-def test_route_routed_target_asks_the_router() -> None:
+async def test_route_routed_target_asks_the_router() -> None:
     router = FixedRouter("large")
-    features = RouteFeatures(3, 1)
-    decision = route(Target(routed=True), features, router)
-    assert decision == RouteDecision(tier="large", score=0.25, reasons=("fixed",))
-    assert router.seen == [features]
+    decision = await route_with(router, Target(routed=True), "abcdefghijkl")
+    assert decision == RouteDecision(tier="large", score=None, reasons=("fixed",))
+    assert [(f.prompt_tokens, f.conversation_depth, f.text) for f in router.seen] == [(3, 1, "abcdefghijkl")]
 
 
 def test_candidates_for_tier_named_backend_and_empty_tier() -> None:
@@ -308,11 +317,11 @@ def test_candidates_for_tier_named_backend_and_empty_tier() -> None:
         ]
     )
     decision = RouteDecision(tier="small", score=None, reasons=())
-    assert [b.name for b in candidates_for(Target(routed=True), decision, policy)] == ["s1", "s2"]
+    assert [b.name for b in candidates_for(Target(routed=True), decision.tier, policy)] == ["s1", "s2"]
     named = Target(routed=False, backend=policy.backend("s2"))
-    assert candidates_for(named, RouteDecision("large", None, ()), policy) == [policy.backend("s2")]
+    assert candidates_for(named, "large", policy) == [policy.backend("s2")]
     with pytest.raises(GatewayError) as info:
-        candidates_for(Target(routed=True), RouteDecision("medium", None, ()), policy)
+        candidates_for(Target(routed=True), "medium", policy)
     assert info.value.status_code == 503 and "medium" in info.value.message
 
 
@@ -626,8 +635,7 @@ async def test_run_traces_one_span_per_stage_under_the_request_span() -> None:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
-    h = Harness()
-    h.telemetry = h.pipeline.telemetry = Telemetry.from_config(TelemetryConfig(), exporter=exporter)
+    h = Harness(telemetry=Telemetry.from_config(TelemetryConfig(), exporter=exporter))
     h.client.script["small"] = [retryable("small")]
     ctx = RequestContext(endpoint="chat", body=chat())
     await h.pipeline.run(ctx)

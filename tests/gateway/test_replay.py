@@ -13,11 +13,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from bench.harness import ServerThread
-from cache.store import CacheEntry
-from gateway import db, models
-from gateway.cache_service import row_of
-from gateway.cli import main
-from gateway.replay import run_replay
+from icgate.cache.store import CacheEntry
+from icgate.gateway.cli.main import main
+from icgate.gateway.cli.replay import run_replay
+from icgate.gateway.store import db, tables
+from icgate.gateway.store.cache_entries import row_of
 from tests.gateway.conftest import Standins, standin_policy
 
 DAY = 86_400.0
@@ -47,10 +47,10 @@ def seed(url: str, entries: list[CacheEntry]) -> list[int]:
     return ids
 
 
-def live_rows(url: str) -> dict[int, models.CacheEntryRow]:
+def live_rows(url: str) -> dict[int, tables.CacheEntryRow]:
     engine = db.make_engine(url)
     with sa.orm.Session(engine) as session:
-        table = models.CacheEntryRow
+        table = tables.CacheEntryRow
         rows = session.scalars(sa.select(table).where(table.deleted_at.is_(None))).all()
         session.expunge_all()
     engine.dispose()

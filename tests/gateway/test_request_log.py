@@ -10,10 +10,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from gateway import models
-from gateway.config import RequestLogConfig
-from gateway.context import RequestRecord
-from gateway.request_log import RequestLogWriter
+from icgate.gateway.config import RequestLogConfig
+from icgate.gateway.records import RequestRecord
+from icgate.gateway.store import tables
+from icgate.gateway.store.request_log import RequestLogWriter
 
 
 def record(i: int, **overrides: Any) -> RequestRecord:
@@ -44,7 +44,7 @@ def record(i: int, **overrides: Any) -> RequestRecord:
 
 def count_rows(engine: sa.Engine) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(models.RequestLog)).scalar_one())
+        return int(conn.execute(sa.select(sa.func.count()).select_from(tables.RequestLog)).scalar_one())
 
 
 @contextmanager
@@ -85,7 +85,7 @@ async def test_rows_round_trip(engine: sa.Engine) -> None:
     writer.submit(record(1, created_at=created, decisions=decisions, fallback_from="small-2", stream=True))
     await writer.flush()
     with engine.connect() as conn:
-        row = conn.execute(sa.select(models.RequestLog)).one()
+        row = conn.execute(sa.select(tables.RequestLog)).one()
     await writer.close()
     assert row.request_id == "req-000001" and row.created_at == created
     assert row.decisions == {"cache": {"similarity": None, "hit": False}, "ids": [1, 2]}

@@ -17,7 +17,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
-from gateway.config import Policy
+from icgate.gateway.config import Policy
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from gateway import models
-from gateway.config import Policy
+from icgate.gateway.config import Policy
+from icgate.gateway.store import tables
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]
@@ -23,13 +23,13 @@ def chat(gw: RunningGateway, content: str, model: str = "auto", **extra: Any) ->
     return resp
 
 
-def samples(gw: RunningGateway) -> list[models.RouteSampleRow]:
+def samples(gw: RunningGateway) -> list[tables.RouteSampleRow]:
     assert gw.gateway.engine is not None and gw.gateway.sample_writer is not None
     deadline = time.monotonic() + 10
     while gw.gateway.sample_writer.pending and time.monotonic() < deadline:
         time.sleep(0.02)
     with gw.gateway.engine.connect() as conn:
-        return list(conn.execute(sa.select(models.RouteSampleRow).order_by(models.RouteSampleRow.id)))
+        return list(conn.execute(sa.select(tables.RouteSampleRow).order_by(tables.RouteSampleRow.id)))
 
 
 def test_routed_answers_are_kept_as_scrubbed_samples_and_feedback_labels_them(

@@ -10,10 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from gateway import model_store
-from gateway.config import Policy
-from routers.base import RouteFeatures
-from routers.learned import DEFAULT_ARTIFACT, LearnedRouter
+from icgate.gateway.config import Policy
+from icgate.gateway.store import artifacts
+from icgate.routers.base import RouteFeatures
+from icgate.routers.learned import DEFAULT_ARTIFACT, LearnedRouter
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]
@@ -82,7 +82,7 @@ def test_strong_share_maps_to_a_threshold_on_the_training_scores(
     gw = start_gateway(learned_policy(standins, strong_share=0.3))
     models = gw.gateway.pipeline.models
     quantiles = np.asarray(shipped.metadata["score_quantiles"])
-    from gateway.routing import threshold_for
+    from icgate.gateway.pipeline.route import threshold_for
 
     assert threshold_for(gw.gateway.policy.router, models) == pytest.approx(np.quantile(quantiles, 0.3))
 
@@ -96,7 +96,7 @@ def test_a_published_router_is_swapped_in_without_a_restart(
     stricter.threshold = 1.0  # everything to the large tier
     stricter.metadata["version"] = "test-strict"
     assert gw.gateway.engine is not None
-    model_store.publish(gw.gateway.engine, "router", "test-strict", stricter.to_bytes(), {}, {})
+    artifacts.publish(gw.gateway.engine, "router", "test-strict", stricter.to_bytes(), {}, {})
     deadline = time.monotonic() + 10
     while gw.gateway.pipeline.models.router_version != "test-strict" and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -113,7 +113,7 @@ def test_a_broken_publication_keeps_the_router_in_force(
     gw = start_gateway(learned_policy(standins))
     version = gw.gateway.pipeline.models.router_version
     assert gw.gateway.engine is not None
-    model_store.publish(gw.gateway.engine, "router", "garbage", b"not a router", {}, {})
+    artifacts.publish(gw.gateway.engine, "router", "garbage", b"not a router", {}, {})
     time.sleep(0.6)
     assert gw.gateway.pipeline.models.router_version == version
     assert ask(gw, EASY).status_code == 200
@@ -133,7 +133,7 @@ def test_value_of_quality_knob_weighs_the_large_tiers_price(
 def test_a_broken_published_router_at_start_falls_back_to_the_shipped_one(
     standins: Standins, start_gateway: Callable[..., RunningGateway], shipped: LearnedRouter, tmp_path: Any
 ) -> None:
-    from gateway import db
+    from icgate.gateway.store import db
 
     data_dir = tmp_path / "broken"
     policy = learned_policy(standins)
@@ -141,7 +141,7 @@ def test_a_broken_published_router_at_start_falls_back_to_the_shipped_one(
     data_dir.mkdir()
     db.upgrade(url)
     engine = db.make_engine(url)
-    model_store.publish(engine, "router", "garbage", b"not a router", {}, {})
+    artifacts.publish(engine, "router", "garbage", b"not a router", {}, {})
     engine.dispose()
     gw = start_gateway(policy, data_dir)
     assert gw.gateway.pipeline.models.router_version == shipped.version

@@ -19,8 +19,8 @@ from schemathesis import APIOperation, GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from bench.harness import ServerThread
-from gateway.api.app import create_app
-from gateway.service import EmbeddingService, Gateway
+from icgate.gateway.api.app import create_app
+from icgate.gateway.wiring import EmbeddingService, Gateway
 from tests.gateway.conftest import Standins, standin_policy
 
 EXAMPLES = int(os.environ.get("ICGATE_FUZZ_EXAMPLES", "25"))

@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from gateway.api.bounds import PRECHECK_BYTES, check_request_bounds
-from gateway.api.server import connection_cap
-from gateway.config import Policy, PolicyError, ServerConfig, load_policy
-from gateway.errors import GatewayError
+from icgate.gateway.api.bounds import PRECHECK_BYTES, check_request_bounds
+from icgate.gateway.api.server import connection_cap
+from icgate.gateway.config import Policy, PolicyError, ServerConfig, load_policy
+from icgate.gateway.errors import GatewayError
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 CHAT = {"model": "small", "messages": [{"role": "user", "content": "hi"}]}

@@ -187,7 +187,7 @@ def test_requests_past_the_grace_period_are_cut_cleanly(
     slow: tuple[SlowBackend, str], start_gateway: Any, tmp_path: Path
 ) -> None:
     backend, url = slow
-    from gateway.config import Policy
+    from icgate.gateway.config import Policy
 
     gw: RunningGateway = start_gateway(Policy.model_validate(policy_raw(url, 1)), tmp_path / "gw")
     clients = Clients(gw.url)
@@ -204,7 +204,7 @@ def test_requests_within_the_grace_period_finish(
     slow: tuple[SlowBackend, str], start_gateway: Any, tmp_path: Path
 ) -> None:
     backend, url = slow
-    from gateway.config import Policy
+    from icgate.gateway.config import Policy
 
     gw: RunningGateway = start_gateway(Policy.model_validate(policy_raw(url, 10)), tmp_path / "gw")
     clients = Clients(gw.url, wait_s=1.0)
@@ -233,7 +233,7 @@ def test_icgate_serve_cuts_cleanly_on_sigterm(slow: tuple[SlowBackend, str], tmp
         [
             sys.executable,
             "-m",
-            "gateway.cli",
+            "icgate.gateway.cli.main",
             "serve",
             "--policy",
             str(policy_file),

@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import TelemetryConfig
-from gateway.context import RequestRecord
-from gateway.telemetry import Metrics, Telemetry, Tracing
+from icgate.gateway.config import TelemetryConfig
+from icgate.gateway.records import RequestRecord
+from icgate.gateway.telemetry import Metrics, Telemetry, Tracing
 
 
 def attrs(span: ReadableSpan) -> Mapping[str, Any]:

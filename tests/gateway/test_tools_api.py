@@ -9,7 +9,7 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletionChunk
 
-from gateway.config import Policy
+from icgate.gateway.config import Policy
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from routers.data import (
-    HELD_OUT_BUCKETS,
+from icgate.routers.data import (
     LabelledPrompt,
     label_summary,
     load_routing_csv,
@@ -16,6 +16,7 @@ from routers.data import (
     rows_from_records,
     split_rows,
 )
+from icgate.text import HELD_OUT_BUCKETS
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "routing"
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -151,3 +152,35 @@ def test_real_files_match_the_documented_rates() -> None:
     assert m["weak_ok_rate"] == pytest.approx(0.681, abs=0.01)
     assert m["strong_ok_rate"] == pytest.approx(0.806, abs=0.01)
     assert {r.group for r in gsm} == {"gsm8k_mixtral_gpt4"}
+
+
+# Buckets computed by the code before `prompt_bucket` hashed with `icgate.text.bucket_of`: the split of
+# every row must never move (a router's held-out report is only honest if it did not).
+PINNED_BUCKETS = [
+    ("How many  eggs?", 5),
+    ("how many eggs?", 5),
+    ("Janet has 16 eggs.", 0),
+    ("  Ünïcode prompt\twith TABS\n", 9),
+    ("x", 0),
+    ("A robe takes 2 bolts.\nHow many?", 3),
+    ("Find the index.\nA. 8\nB. 2\nC. 24\nD. 120\nAnswer:", 9),
+]
+
+
+@pytest.mark.parametrize(("prompt", "bucket"), PINNED_BUCKETS)
+def test_prompt_buckets_are_pinned(prompt: str, bucket: int) -> None:
+    assert prompt_bucket(prompt) == bucket
+
+
+@pytest.mark.skipif(
+    not SHARED.is_dir(), reason=f"routing data not found at {SHARED} (../shared/data/routing)"
+)
+@pytest.mark.parametrize(
+    ("name", "held", "digest"),
+    [("gsm8k_mixtral_gpt4", 184, "555777bb77918f12"), ("mmlu_mixtral_gpt4", 2241, "345709c43722ab9d")],
+)
+def test_real_files_split_as_before(name: str, held: int, digest: str) -> None:
+    rows = load_routing_csv(SHARED / f"{name}.csv")
+    buckets = "".join(str(prompt_bucket(r.prompt)) for r in rows)
+    assert len(split_rows(rows)[1]) == held
+    assert hashlib.sha1(buckets.encode()).hexdigest()[:16] == digest  # every row's bucket, in file order

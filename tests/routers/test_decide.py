@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routers.decide import DecisionKnob, ExampleSignal, TierPrice, decide, lifted
+from icgate.routers.decide import DecisionKnob, ExampleSignal, TierPrice, decide, lifted
 
 SMALL = TierPrice("small", 0.0, 0.0)
 LARGE = TierPrice("large", 0.01, 0.03)  # $ per 1k tokens

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from routers.data import LabelledPrompt
-from routers.evaluation import (
+from icgate.routers.data import LabelledPrompt
+from icgate.routers.evaluation import (
     calibrate_threshold,
     evaluate_scores,
     oracle_scores,

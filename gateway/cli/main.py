@@ -1,0 +1,254 @@
+"""`icgate`: serve, check a policy, migrate the database, manage API keys, the cache and the learned parts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from icgate.gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ICGATE_DATA_DIR", "data"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icgate", description="OpenAI-compatible LLM gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def policy_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (YAML)")
+        p.add_argument("--data-dir", type=Path, default=None, help="data directory (default: ./data)")
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    policy_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--no-launch", action="store_true", help="do not start local backends")
+
+    check = sub.add_parser("check-policy", help="validate a policy file")
+    check.add_argument("file", type=Path)
+
+    dbp = sub.add_parser("db", help="database schema")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True)
+    policy_args(dbsub.add_parser("upgrade", help="apply all migrations"))
+
+    keys = sub.add_parser("keys", help="API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="create a key; it is shown once, as the last line")
+    policy_args(create)
+    create.add_argument("--tenant", required=True)
+    revoke = ksub.add_parser("revoke", help="revoke a key by its id")
+    policy_args(revoke)
+    revoke.add_argument("key_id", type=int)
+    policy_args(ksub.add_parser("list", help="list keys (never their secrets)"))
+
+    cache = sub.add_parser("cache", help="semantic cache: calibrate, evaluate, replay")
+    csub = cache.add_subparsers(dest="cache_command", required=True)
+    cal = csub.add_parser("calibrate", help="fit the hit threshold and verifier for a target precision")
+    policy_args(cal)
+    cal.add_argument("--pairs", type=Path, required=True, help="labelled pairs (JSONL or CSV)")
+    cal.add_argument("--precision", type=float, default=0.95)
+    cal.add_argument(
+        "--max-pairs", type=int, default=None, help="pairs for the classifier and thresholds (default: all)"
+    )
+    cal.add_argument(
+        "--cross-encoder-steps",
+        type=int,
+        default=0,
+        help="fine-tune a MiniLM cross-encoder for this many steps (32 pairs each) on the pairs --max-pairs "
+        "leaves over, as one more feature; 0 (default): none. The shipped verifier used 3000 (~20 min on 2 "
+        "cores): see cache/artifacts/README.md",
+    )
+    cal.add_argument("--tuned-layers", type=int, default=6, help="top MiniLM layers the cross-encoder tunes")
+    cal.add_argument(
+        "--cross-encoder-from",
+        type=Path,
+        default=None,
+        help="reuse the cross-encoder of this artifact (made from the same file and --max-pairs) "
+        "instead of training one (not with --cross-encoder-steps): a new operating point in minutes",
+    )
+    cal.add_argument(
+        "--out", type=Path, default=None, help="artifact path (default: <data-dir>/hit_verifier.joblib)"
+    )
+    ev = csub.add_parser("eval", help="precision, recall and F1 of the hit decision on labelled pairs")
+    policy_args(ev)
+    ev.add_argument("--pairs", type=Path, required=True)
+    ev.add_argument(
+        "--verifier", type=Path, default=None, help="artifact (default: the one the gateway loads)"
+    )
+    ev.add_argument("--max-pairs", type=int, default=None)
+    rep = csub.add_parser("replay", help="regenerate valuable answers with the large model while it is idle")
+    policy_args(rep)
+    rep.add_argument("--budget", type=float, required=True, help="USD to spend at most")
+    rep.add_argument("--max-entries", type=int, default=100)
+    rep.add_argument("--gateway", default=None, help="a running gateway's URL, to replay only while idle")
+    rep.add_argument("--idle-wait-s", type=float, default=30.0)
+    rep.add_argument("--prune-after-days", type=float, default=7.0)
+    rep.add_argument("--dry-run", action="store_true")
+
+    from icgate.gateway.cli import training as cli_models
+
+    cli_models.add_parsers(sub, policy_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # litellm logs every call at INFO; the gateway's own request log says more, once.
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx", "sentence_transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        if args.command == "check-policy":
+            policy = load_policy(args.file)
+            routed = ", ".join(policy.routed_models)
+            print(f"{args.file}: ok ({len(policy.backends)} backends, routed: {routed})")
+            return 0
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    data_dir = args.data_dir or default_data_dir()
+    if args.command == "serve":
+        return serve(policy, data_dir, args.host, args.port, launch_local=not args.no_launch)
+    if args.command == "db":
+        return migrate(policy, data_dir)
+    if args.command == "cache":
+        try:
+            return manage_cache(args, policy, data_dir)
+        except (OSError, ValueError) as exc:
+            print(f"icgate cache {args.cache_command}: {exc}", file=sys.stderr)
+            return 2
+    if args.command in ("router", "length"):
+        from icgate.gateway.cli import training as cli_models
+
+        run = cli_models.run_router if args.command == "router" else cli_models.run_length
+        try:
+            return run(args, policy, data_dir)
+        except (OSError, ValueError) as exc:
+            sub = getattr(args, f"{args.command}_command")
+            print(f"icgate {args.command} {sub}: {exc}", file=sys.stderr)
+            return 2
+    return manage_keys(args, policy, data_dir)
+
+
+def serve(policy: Policy, data_dir: Path, host: str, port: int, launch_local: bool) -> int:
+    from icgate.gateway.api.app import create_app
+    from icgate.gateway.api.server import build_server, raise_fd_limit
+    from icgate.gateway.wiring import Gateway
+
+    # Idle sockets must not run the process out of descriptors before the connection cap refuses them.
+    soft, hard = raise_fd_limit()
+    logging.getLogger("icgate").info("file-descriptor limit %d (hard %d)", soft, hard)
+    app = create_app(Gateway(policy, data_dir, launch_local=launch_local))
+    server = build_server(app, host, port, log_level="info")
+    server.run()
+    return 0 if server.started else 3  # uvicorn's exit status for a failed start
+
+
+def migrate(policy: Policy, data_dir: Path) -> int:
+    from icgate.gateway.store import db
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = policy.database_url(data_dir)
+    db.upgrade(url)
+    print(f"database at revision {db.current_revision(url)}")
+    return 0
+
+
+def open_database(policy: Policy, data_dir: Path) -> Any:
+    """The policy's database, migrated to head (the data directory is created if needed)."""
+    from icgate.gateway.store import db
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = policy.database_url(data_dir)
+    db.upgrade(url)
+    return db.make_engine(url)
+
+
+def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    from icgate.gateway.store import keys
+
+    engine = open_database(policy, data_dir)
+    try:
+        if args.keys_command == "create":
+            created = keys.create_key(engine, args.tenant)
+            print(f"key id {created.key_id} for tenant {created.tenant_name}; it is shown only once:")
+            print(created.key)
+            return 0
+        if args.keys_command == "revoke":
+            if keys.revoke_key(engine, args.key_id):
+                print(f"key {args.key_id} revoked")
+                return 0
+            print(f"no key with id {args.key_id}", file=sys.stderr)
+            return 1
+        for info in keys.list_keys(engine):
+            state = "active" if info.active else "revoked"
+            print(f"{info.key_id}\t{info.tenant_name}\t{info.key_prefix}\t{state}")
+        return 0
+    finally:
+        engine.dispose()
+
+
+def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    import asyncio
+    import json
+
+    from icgate.cache import calibrate
+    from icgate.gateway.store.cache_entries import CALIBRATED_NAME, verifier_path
+
+    embeddings = data_dir / "embeddings" / calibrate.EMBEDDING_MODEL_NAME
+    if args.cache_command == "calibrate":
+        out = args.out or data_dir / CALIBRATED_NAME
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from icgate.cache.cross_encoder_training import TrainingConfig
+
+        training = None
+        if args.cross_encoder_steps > 0:
+            training = TrainingConfig(tuned_layers=args.tuned_layers, steps=args.cross_encoder_steps)
+        verifier = calibrate.calibrate_file(
+            args.pairs,
+            out,
+            embeddings,
+            args.precision,
+            max_pairs=args.max_pairs,
+            cross_encoder=calibrate.CrossEncoderSource(train=training, reuse=args.cross_encoder_from),
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        print(
+            json.dumps({"artifact": str(out), "version": verifier.version, **verifier.metrics}, default=str)
+        )
+        return 0
+    if args.cache_command == "eval":
+        path = args.verifier or verifier_path(policy.cache.verifier, data_dir)
+        result = calibrate.evaluate_file(args.pairs, path, embeddings, max_pairs=args.max_pairs)
+        print(json.dumps(result, default=str))
+        return 0
+    from icgate.gateway.cli.replay import run_replay
+
+    summary = asyncio.run(
+        run_replay(
+            policy,
+            data_dir,
+            args.budget,
+            max_entries=args.max_entries,
+            gateway_url=args.gateway,
+            idle_wait_s=args.idle_wait_s,
+            prune_after_days=args.prune_after_days,
+            dry_run=args.dry_run,
+        )
+    )
+    print(json.dumps(summary.as_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

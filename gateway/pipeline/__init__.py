@@ -1,0 +1,5 @@
+"""The request pipeline, one stage per module in request order; `run.Pipeline` wires them."""
+
+from icgate.gateway.pipeline.run import Pipeline, PipelineResult, StreamRelay
+
+__all__ = ["Pipeline", "PipelineResult", "StreamRelay"]

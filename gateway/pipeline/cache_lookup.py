@@ -1,0 +1,211 @@
+"""Stage 4, cache lookup: exact key, then embed and retrieve, then a verified semantic hit.
+
+One embedding per request is made here and reused downstream (the route stage's features, the
+examples, the stored entry), so the outcome, `CacheLookup`, travels on to those stages. A hit is
+answered right here (`hit_response`, `replay_as_stream`): no backend, no admission.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from icgate.cache.embed import UnembeddableTextError, context_fingerprint, conversation_text
+from icgate.cache.exact import cacheability, exact_key, fits_output_limit, output_constraints_key
+from icgate.gateway.backends.client import openai_response, served_model
+from icgate.gateway.errors import GatewayError
+from icgate.gateway.records import RequestContext, namespace_for
+from icgate.gateway.store.cache_entries import CacheEntries, Candidate, Hit
+from icgate.gateway.telemetry import Tracing
+from icgate.text import last_user_text
+
+Vector = npt.NDArray[np.float32]
+VERIFIED_CANDIDATES = 3  # the most similar candidates the verifier scores per request
+
+
+class Embed(Protocol):
+    """The request embedding (`MicroBatcher.embed`); `scope` is the tenant's cache namespace, so that
+    neither its memo nor a shared in-flight encode answers one tenant faster for another's text."""
+
+    def __call__(self, text: str, scope: str = "") -> Awaitable[Vector]: ...
+
+
+@dataclass
+class CacheLookup:
+    """What the cache stage learned about one request: the route stage, the examples and the insert
+    reuse its embedding and candidates."""
+
+    namespace: str
+    exact_key: str
+    servable: bool
+    storable: bool
+    embed_text: str
+    prompt_text: str
+    fingerprint: str
+    exact: bool
+    semantic: bool
+    examples: bool
+    store: bool
+    vector: Vector | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    hit: Hit | None = None
+
+    @property
+    def best_similarity(self) -> float | None:
+        return self.candidates[0].similarity if self.candidates else None
+
+
+async def embed_request(embed: Embed, text: str, scope: str) -> Vector:
+    """`embed`, with a text the embedder cannot read reported to its sender as a bad request (400)."""
+    try:
+        return await embed(text, scope=scope)
+    except UnembeddableTextError as exc:
+        raise GatewayError(400, f"Invalid message content: {exc}", param="messages") from None
+
+
+async def look_up(
+    ctx: RequestContext, min_tier: str | None, entries: CacheEntries, embed: Embed, tracing: Tracing
+) -> CacheLookup | None:
+    """The stage: None when the cache is off for this request, else the lookup (with `.hit` if any)."""
+    lookup = plan_lookup(ctx, entries)
+    if lookup is None:
+        return None
+    with tracing.stage_span("exact_cache"):
+        lookup.hit = look_up_exact(lookup, entries, min_tier)
+    if lookup.hit is None:
+        with tracing.stage_span("embed_retrieve"):
+            await embed_and_retrieve(lookup, entries, embed)
+        with tracing.stage_span("semantic_hit"):
+            lookup.hit = await look_up_semantic(lookup, entries, min_tier, ctx.body)
+    return lookup
+
+
+def plan_lookup(ctx: RequestContext, entries: CacheEntries) -> CacheLookup | None:
+    """What the cache may do for this request (policy switches, sampling, tools), before any work."""
+    if ctx.endpoint != "chat":
+        return None
+    switches = entries.config.switches(ctx.tenant.name, ctx.model)
+    if not switches.enabled:
+        return None
+    messages = ctx.body["messages"]
+    allowed = cacheability(ctx.body, entries.config.allow_sampled)
+    embed_text = conversation_text(messages)
+    # No text, nothing to match on: an empty string would be "similar" to every other empty string.
+    readable = bool(embed_text.strip())
+    return CacheLookup(
+        namespace=namespace_for(ctx.tenant),
+        exact_key=exact_key(ctx.endpoint, ctx.body),
+        servable=allowed.servable and readable,
+        storable=allowed.storable and readable,
+        embed_text=embed_text,
+        prompt_text=last_user_text(messages),
+        fingerprint=semantic_scope(messages, ctx.body),
+        exact=bool(switches.exact),
+        semantic=bool(switches.semantic),
+        examples=bool(switches.examples),
+        store=bool(switches.store),
+    )
+
+
+def semantic_scope(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
+    """What a semantic hit must share with the request besides meaning: the same context (every message
+    but the last user turn) and the same output constraints (response_format, stop, seed, tools, ...)."""
+    context = context_fingerprint(messages)
+    constraints = output_constraints_key(body)
+    return f"{context}|{constraints}" if constraints else context
+
+
+def look_up_exact(lookup: CacheLookup, entries: CacheEntries, min_tier: str | None) -> Hit | None:
+    if not (lookup.exact and lookup.servable):
+        return None
+    entry = entries.exact(lookup.namespace, lookup.exact_key)
+    if entry is None or not entries.allowed(entry, min_tier):
+        return None
+    return Hit(entry, 1.0, "exact", 1.0)
+
+
+async def embed_and_retrieve(lookup: CacheLookup, entries: CacheEntries, embed: Embed) -> None:
+    """One embedding per request, reused by the semantic hit, the examples, the router and the insert."""
+    if not (lookup.semantic or lookup.examples or lookup.store):
+        return
+    lookup.vector = await embed_request(embed, lookup.embed_text, lookup.namespace)
+    lookup.candidates = await entries.retrieve(lookup.namespace, lookup.vector, entries.config.top_k)
+
+
+async def look_up_semantic(
+    lookup: CacheLookup, entries: CacheEntries, min_tier: str | None, body: dict[str, Any]
+) -> Hit | None:
+    """The most similar candidate that asks the same thing in the same context, if the verifier agrees.
+
+    Only the `VERIFIED_CANDIDATES` most similar usable candidates are scored: the verifier may run a
+    cross-encoder (milliseconds per pair) on a thread every tenant shares, so nothing longer than
+    `semantic_max_chars` (the request's text or a candidate's) ever reaches it.
+    """
+    if not (lookup.semantic and lookup.servable) or lookup.vector is None:
+        return None
+    limit = entries.semantic_max_chars
+    if len(lookup.prompt_text) > limit:
+        return None
+    usable = [
+        c
+        for c in lookup.candidates
+        if len(c.entry.prompt_text) <= limit
+        and c.entry.context_fingerprint == lookup.fingerprint
+        and c.similarity >= entries.verifier.cosine_threshold
+        # Only answers the request would have let finish (a 9-token answer never serves max_tokens 2).
+        and fits_output_limit(c.entry.completion_tokens, body)
+        and entries.allowed(c.entry, min_tier)
+    ]
+    usable = sorted(usable, key=lambda c: -c.similarity)[:VERIFIED_CANDIDATES]
+    if not usable:
+        return None
+    scores = await entries.verify(lookup.prompt_text, lookup.vector, [c.entry for c in usable])
+    best = int(np.argmax(scores))
+    if scores[best] < entries.verifier.probability_threshold:
+        return None
+    return Hit(usable[best].entry, usable[best].similarity, "semantic", float(scores[best]))
+
+
+def hit_response(ctx: RequestContext, hit: Hit) -> dict[str, Any]:
+    """The cached answer as a fresh chat completion for this request, in OpenAI's shape (entries
+    stored by earlier versions lack OpenAI's null fields, and a streamed one carries the litellm
+    model string)."""
+    cached = hit.entry.response
+    fresh = {
+        **cached,
+        "id": f"chatcmpl-{ctx.request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+    }
+    return openai_response(fresh, served_model(str(cached.get("model") or "icgate-cache")))
+
+
+async def replay_as_stream(
+    ctx: RequestContext, response: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A cached answer as server-sent chunks, the way a backend would stream it."""
+    base = {
+        "id": response["id"],
+        "object": "chat.completion.chunk",
+        "created": response["created"],
+        "model": response.get("model", "icgate-cache"),
+        "system_fingerprint": response.get("system_fingerprint"),
+    }
+    text = ""
+    choices = response.get("choices") or []
+    if choices:
+        text = choices[0].get("message", {}).get("content") or ""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        delta: dict[str, Any] = {"content": word if i == 0 else " " + word}
+        if i == 0:
+            delta["role"] = "assistant"
+        yield {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}
+    if (ctx.body.get("stream_options") or {}).get("include_usage") and response.get("usage"):
+        yield {**base, "choices": [], "usage": response["usage"]}

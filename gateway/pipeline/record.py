@@ -1,0 +1,183 @@
+"""Stage 8, record: everything after the answer, off the request's critical path.
+
+Metrics now; the request-log row, the tenant's spend, the cache's usage counts and new entry, and a
+route sample (the router's training data) through their own queues. `Trail` carries the outcomes of
+the earlier stages that these need, so nothing here reads them back out of `ctx.decisions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from icgate.gateway.backends.client import served_model
+from icgate.gateway.config import Policy
+from icgate.gateway.pipeline.cache_lookup import CacheLookup
+from icgate.gateway.pipeline.quotas import TenantLimiter
+from icgate.gateway.pipeline.target import Target
+from icgate.gateway.records import RequestContext, RequestRecord
+from icgate.gateway.store.cache_entries import CacheEntries, NewEntry, Usage
+from icgate.gateway.store.route_samples import RouteSample
+from icgate.gateway.telemetry import Telemetry
+from icgate.text import last_user_text, scrub_pii
+
+ROUTE_SAMPLE_MAX_CHARS = 8_000
+
+
+class RecordSink(Protocol):
+    def submit(self, record: RequestRecord) -> bool: ...
+
+
+class SampleSink(Protocol):
+    def submit(self, sample: RouteSample) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Trail:
+    """The outcomes of earlier stages that the record stage needs (none for a request cut early)."""
+
+    target: Target | None = None
+    lookup: CacheLookup | None = None
+    examples: list[int] = field(default_factory=list)
+
+
+class Recorder:
+    """The record stage, with its sinks."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        telemetry: Telemetry,
+        sink: RecordSink | None = None,
+        samples: SampleSink | None = None,
+        limiter: TenantLimiter | None = None,
+        entries: CacheEntries | None = None,
+    ) -> None:
+        self.policy = policy
+        self.telemetry = telemetry
+        self.sink = sink
+        self.samples = samples
+        self.limiter = limiter
+        self.entries = entries
+        self._charges: set[asyncio.Task[None]] = set()
+
+    def record(self, ctx: RequestContext, trail: Trail, response: dict[str, Any] | None = None) -> None:
+        ctx.freeze_overhead()
+        record = RequestRecord.from_context(ctx)
+        self.telemetry.metrics.observe(record)
+        if self.sink is not None and not self.sink.submit(record):
+            self.telemetry.metrics.request_log_dropped()
+        if self.limiter is not None and ctx.backend is not None and self.limiter.tracks(ctx.tenant.name):
+            task = asyncio.get_running_loop().create_task(
+                self.limiter.charge(ctx.tenant.name, ctx.completion_tokens, ctx.cost_usd())
+            )
+            self._charges.add(task)
+            task.add_done_callback(self._charges.discard)
+        if self.entries is not None and trail.lookup is not None:
+            store_answer(ctx, trail, self.entries, response)
+        if self.samples is not None and sampled(self.policy.router.sample_share):
+            sample = route_sample_of(ctx, trail)
+            if sample is not None:
+                self.samples.submit(sample)
+
+
+def sampled(share: float) -> bool:
+    """Keep this routed request as a route sample? (`router.sample_share` of them are kept.)"""
+    return share >= 1.0 or random.random() < share
+
+
+def route_sample_of(ctx: RequestContext, trail: Trail) -> RouteSample | None:
+    """A routed request a backend answered: the prompt (PII scrubbed), who answered, how long."""
+    routed = trail.target is not None and trail.target.routed
+    if not routed or ctx.backend is None or ctx.status_code != 200:
+        return None
+    if ctx.route == "cache" or ctx.endpoint != "chat":
+        return None
+    text = trail.lookup.prompt_text if trail.lookup is not None else last_user_text(ctx.body["messages"])
+    if not text.strip():
+        return None
+    return RouteSample(
+        request_id=ctx.request_id,
+        tenant_id=ctx.tenant.id,
+        # Training data needs the question, not a megabyte of pasted context: bounded, so the scrub
+        # (on the event loop) stays cheap.
+        prompt_text=scrub_pii(text[:ROUTE_SAMPLE_MAX_CHARS]),
+        tier=ctx.backend.tier,
+        backend=ctx.backend.name,
+        prompt_tokens=ctx.prompt_tokens,
+        completion_tokens=ctx.completion_tokens,
+        finish_reason=ctx.finish_reason,
+    )
+
+
+def store_answer(
+    ctx: RequestContext, trail: Trail, entries: CacheEntries, response: dict[str, Any] | None
+) -> None:
+    """Count what served or helped the request, and store a good new answer."""
+    lookup = trail.lookup
+    assert lookup is not None
+    served = [lookup.hit.entry.id] if lookup.hit is not None else []
+    entries.note_usage(
+        ctx.request_id, Usage(namespace=lookup.namespace, served=served, helped=list(trail.examples))
+    )
+    if ctx.status_code != 200 or ctx.route == "cache" or ctx.backend is None:
+        return
+    if not (lookup.store and lookup.storable) or lookup.vector is None:
+        return
+    text, finish = answer_of(ctx, response)
+    # Never store truncated answers (finish_reason "length") or empty ones.
+    if finish != "stop" or not text.strip():
+        return
+    # Entries live in memory on every replica: one tenant's megabyte prompts must not fill it.
+    if len(lookup.prompt_text) + len(text) > entries.config.max_entry_chars:
+        return
+    entries.insert_later(
+        ctx.request_id,
+        NewEntry(
+            namespace=lookup.namespace,
+            exact_key=lookup.exact_key,
+            context_fingerprint=lookup.fingerprint,
+            embed_text=lookup.embed_text,
+            prompt_text=lookup.prompt_text,
+            response_text=text,
+            response=response if response is not None else streamed_response(ctx, text, finish),
+            backend=ctx.backend.name,
+            tier=ctx.backend.tier,
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=ctx.completion_tokens,
+            vector=lookup.vector,
+        ),
+    )
+
+
+def streamed_response(ctx: RequestContext, text: str, finish: str) -> dict[str, Any]:
+    """A streamed answer as the chat completion a cache hit will replay."""
+    assert ctx.backend is not None
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": served_model(ctx.backend.model),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": {
+            "prompt_tokens": ctx.prompt_tokens,
+            "completion_tokens": ctx.completion_tokens,
+            "total_tokens": ctx.prompt_tokens + ctx.completion_tokens,
+        },
+    }
+
+
+def answer_of(ctx: RequestContext, response: dict[str, Any] | None) -> tuple[str, str | None]:
+    if response is None:
+        return "".join(ctx.output_parts), ctx.finish_reason
+    choices = response.get("choices") or []
+    if len(choices) != 1:
+        return "", None
+    message = choices[0].get("message") or {}
+    if message.get("tool_calls"):
+        return "", None
+    return str(message.get("content") or ""), choices[0].get("finish_reason")

@@ -1,0 +1,181 @@
+"""Stage 5, route: which tier answers, and how long the answer will be.
+
+Features come from the request and from what the cache stage found (its embedding, the best example);
+the length predictor sizes the answer (admission reads it); a rule or the learned router decides,
+priced through the policy's knob. The learned parts are one immutable `RouteModels` record that is
+swapped whole when a newer artifact is published (`gateway.learned`), so a request never sees a router
+from one version and a threshold from another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from icgate.gateway.config import Policy, RouterConfig
+from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, embed_request
+from icgate.gateway.pipeline.target import Target
+from icgate.gateway.records import RequestContext, namespace_for
+from icgate.lengths.predict import LengthEstimate, LengthModel
+from icgate.routers.base import RouteDecision, RouteFeatures, Router
+from icgate.routers.decide import DecisionKnob, ExampleSignal, TierPrice, decide
+from icgate.text import conversation_depth, estimate_prompt_tokens, prompt_text
+
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class RouteModels:
+    """The router and length predictor in force, with what identifies and calibrates them."""
+
+    router: Router
+    length: LengthModel
+    # The router's calibrated threshold and its calibration scores (for `strong_share`), when learned.
+    threshold: float | None = None
+    calibration_scores: npt.NDArray[np.float64] | None = None
+    router_version: str = "rule"
+    length_version: str = "heuristic"
+    # model_artifacts rows in force (None: a file, not a published row)
+    router_row: int | None = None
+    length_row: int | None = None
+    router_needs_embedding: bool = False
+
+
+@dataclass(frozen=True)
+class RouteOutcome:
+    """The route stage's decision and the sizes admission needs."""
+
+    decision: RouteDecision
+    prompt_tokens: int  # the estimate the router saw (icgate.text.estimate_prompt_tokens)
+    predicted: LengthEstimate
+    router_version: str | None  # None for a request addressed to one backend
+    length_version: str
+
+    @property
+    def tier(self) -> str:
+        return self.decision.tier
+
+
+async def route(
+    ctx: RequestContext,
+    target: Target,
+    lookup: CacheLookup | None,
+    models: RouteModels,
+    policy: Policy,
+    embed: Embed | None,
+) -> RouteOutcome:
+    """Features (with the cache's embedding and best example), predicted length, then the decision."""
+    needs_vector = target.routed and models.router_needs_embedding
+    vector = lookup.vector if lookup is not None else None
+    text = prompt_text(ctx.body, ctx.endpoint)
+    if vector is None and needs_vector and embed is not None and text:
+        # the cache was off for this request: embed for the router (in the tenant's memo scope)
+        vector = await embed_request(embed, text, namespace_for(ctx.tenant))
+    example = best_example(lookup)
+    features = with_cache_view(route_features(ctx), vector, example, text)
+    predicted = predict_length(
+        models, features, text, ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")
+    )
+    if target.backend is not None:
+        reason = f"addressed as {target.backend.name}"
+        decision = RouteDecision(tier=target.backend.tier, score=None, reasons=(reason,))
+    elif needs_vector and vector is None:
+        reason = "no request embedding (embedder off): default tier"
+        decision = RouteDecision(policy.router.default_tier, None, (reason,))
+    else:
+        decision = choose_tier(policy, models, features, predicted, example)
+    return RouteOutcome(
+        decision=decision,
+        prompt_tokens=features.prompt_tokens,
+        predicted=predicted,
+        router_version=models.router_version if target.routed else None,
+        length_version=models.length_version,
+    )
+
+
+def route_features(ctx: RequestContext) -> RouteFeatures:
+    """The features a router is trained on, computed as training computes them (see the parity test)."""
+    messages = ctx.body["messages"] if ctx.endpoint == "chat" else []
+    return RouteFeatures(
+        prompt_tokens=estimate_prompt_tokens(ctx.body, ctx.endpoint),
+        conversation_depth=conversation_depth(messages),
+    )
+
+
+def best_example(lookup: CacheLookup | None) -> ExampleSignal | None:
+    """The closest retrieved pair (the one the small tier would see first), if any."""
+    if lookup is None or not lookup.candidates:
+        return None
+    best = max(lookup.candidates, key=lambda c: c.similarity)
+    return ExampleSignal(similarity=best.similarity, utility=min(1.0, max(0.0, best.entry.utility)))
+
+
+def with_cache_view(
+    features: RouteFeatures, vector: Vector | None, example: ExampleSignal | None, text: str
+) -> RouteFeatures:
+    """The request's features plus what the cache stage found: the embedding and the best example."""
+    extra = dict(features.extra)
+    if example is not None:
+        extra.update(example_similarity=example.similarity, example_utility=example.utility)
+    return replace(features, embedding=vector, extra=extra, text=text)
+
+
+def predict_length(
+    models: RouteModels, features: RouteFeatures, text: str, max_tokens: int | None
+) -> LengthEstimate:
+    """The predicted output length, capped by the request's own `max_tokens`."""
+    estimate = models.length.predict(features.embedding, features.prompt_tokens, text)
+    if max_tokens:
+        return LengthEstimate(p50=min(estimate.p50, max_tokens), p90=min(estimate.p90, max_tokens))
+    return estimate
+
+
+def threshold_for(config: RouterConfig, models: RouteModels) -> float | None:
+    """The knob as a threshold on P(small good enough); None when `quality_value_usd` decides."""
+    if config.quality_value_usd is not None:
+        return None
+    if config.threshold is not None:
+        return config.threshold
+    if config.strong_share is not None and models.calibration_scores is not None:
+        # share s of requests to large = the s-quantile of the scores: below it, large
+        return float(np.quantile(models.calibration_scores, config.strong_share))
+    return models.threshold
+
+
+def price(policy: Policy, tier: str) -> TierPrice:
+    backends = policy.tier(tier)
+    if not backends:
+        return TierPrice(tier, 0.0, 0.0)
+    first = backends[0]
+    return TierPrice(tier, first.cost_per_1k_input, first.cost_per_1k_output)
+
+
+def choose_tier(
+    policy: Policy,
+    models: RouteModels,
+    features: RouteFeatures,
+    predicted: LengthEstimate,
+    example: ExampleSignal | None,
+) -> RouteDecision:
+    """The routed decision: the rule as configured, or the learned score through the policy's knob."""
+    config = policy.router
+    scored = models.router.route(features)
+    if scored.score is None:  # a rule: its decision stands
+        return scored
+    knob = DecisionKnob(
+        threshold=threshold_for(config, models),
+        quality_value_usd=config.quality_value_usd,
+        example_lift=config.example_lift,
+        example_min_similarity=config.example_min_similarity,
+    )
+    return decide(
+        float(scored.score),
+        price(policy, config.default_tier),
+        price(policy, config.large_tier),
+        features.prompt_tokens,
+        predicted.p50,
+        knob,
+        example,
+    )

@@ -1,0 +1,209 @@
+"""The one request pipeline, shared by the HTTP API and the in-process middleware.
+
+`Pipeline.run` reads as the request's path; each stage is a module of this package:
+
+    authenticate -> quotas -> target -> cache_lookup (a hit is answered here)
+    -> route -> admit -> call (augment per attempt, fallback once) -> record
+
+Stages hand each other typed outcomes (`Target`, `CacheLookup`, `RouteOutcome`, `CallPlan`, `Trail`);
+`explain` turns them into `ctx.decisions`, which the headers, the request log, metrics and traces
+share. Everything the pipeline uses arrives through its constructor (built once by
+`gateway.wiring`); the router and length models are the one thing swapped while serving, through
+`swap_models`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from icgate.gateway.backends.admission import Admission
+from icgate.gateway.backends.client import BackendClient
+from icgate.gateway.config import Policy
+from icgate.gateway.errors import GatewayError
+from icgate.gateway.pipeline import explain
+from icgate.gateway.pipeline.admit import ask_for, candidates_for, priority_of, spill_candidates
+from icgate.gateway.pipeline.authenticate import Authenticator, authenticate
+from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, hit_response, look_up, replay_as_stream
+from icgate.gateway.pipeline.call import Caller, CallPlan
+from icgate.gateway.pipeline.quotas import TenantLimiter
+from icgate.gateway.pipeline.record import Recorder, RecordSink, SampleSink, Trail
+from icgate.gateway.pipeline.route import RouteModels, RouteOutcome, route
+from icgate.gateway.pipeline.stream import StreamRelay, usage_of
+from icgate.gateway.pipeline.target import Target, resolve_target
+from icgate.gateway.records import RequestContext, RequestRecord, Tenant
+from icgate.gateway.store.cache_entries import CacheEntries, Hit
+from icgate.gateway.telemetry import Telemetry
+from icgate.text import estimate_prompt_tokens
+
+
+@dataclass
+class PipelineResult:
+    ctx: RequestContext
+    response: dict[str, Any] | None = None
+    chunks: StreamRelay | None = None
+
+    def headers(self) -> dict[str, str]:
+        return explain.response_headers(self.ctx)
+
+
+class Pipeline:
+    def __init__(  # noqa: PLR0913 - the wiring point: every part a request may touch, named
+        self,
+        policy: Policy,
+        client: BackendClient,
+        admission: Admission,
+        telemetry: Telemetry,
+        models: RouteModels,
+        *,
+        authenticator: Authenticator | None = None,
+        limiter: TenantLimiter | None = None,
+        entries: CacheEntries | None = None,
+        embed: Embed | None = None,
+        sink: RecordSink | None = None,
+        samples: SampleSink | None = None,
+    ) -> None:
+        self.policy = policy
+        self.client = client
+        self.admission = admission
+        self.telemetry = telemetry
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.entries = entries
+        self.embed = embed
+        self._models = models
+        self.caller = Caller(policy, client, admission, telemetry, entries)
+        self.recorder = Recorder(policy, telemetry, sink, samples, limiter, entries)
+
+    @property
+    def models(self) -> RouteModels:
+        return self._models
+
+    def swap_models(self, models: RouteModels) -> None:
+        """The one hot swap: a newer router or length predictor, whole, between two requests."""
+        self._models = models
+
+    async def check_caller(self, api_key: str | None) -> Tenant:
+        """Authentication alone, for endpoints that do not run the whole pipeline."""
+        return await authenticate(api_key, self.policy.auth, self.authenticator)
+
+    def record(
+        self, ctx: RequestContext, trail: Trail | None = None, response: dict[str, Any] | None = None
+    ) -> None:
+        """The record stage (also for a request the HTTP layer cut before it reached the pipeline)."""
+        self.recorder.record(ctx, trail or Trail(), response)
+
+    async def run(self, ctx: RequestContext, api_key: str | None = None) -> PipelineResult:
+        """Decide and call. For a stream, returns once the first chunk is in hand."""
+        tracing, metrics = self.telemetry.tracing, self.telemetry.metrics
+        exits = AsyncExitStack()
+        exits.enter_context(metrics.inflight())
+        attributes = {"icgate.model": ctx.model, "icgate.stream": ctx.stream, "icgate.endpoint": ctx.endpoint}
+        with tracing.request_span(ctx.request_id, attributes) as span:
+            try:
+                result = await self._stages(ctx, api_key, exits)
+                ctx.freeze_overhead()
+            except BaseException as exc:
+                # Whatever went wrong, the slot and the in-flight count are given back. A failed request
+                # served and helped nothing: its record needs no trail.
+                await exits.aclose()
+                if isinstance(exc, GatewayError):
+                    ctx.status_code, ctx.error_type = exc.status_code, exc.type
+                elif ctx.error_type != "shutdown":  # a cut at the shutdown deadline is already noted
+                    ctx.status_code, ctx.error_type = 500, type(exc).__name__
+                self.record(ctx)
+                raise
+            finally:
+                tracing.record_outcome(span, RequestRecord.from_context(ctx))
+        return result
+
+    async def _stages(
+        self, ctx: RequestContext, api_key: str | None, exits: AsyncExitStack
+    ) -> PipelineResult:
+        tracing = self.telemetry.tracing
+        with tracing.stage_span("authenticate"):
+            ctx.tenant = await authenticate(api_key, self.policy.auth, self.authenticator)
+            explain.tenant(ctx)
+        if self.limiter is not None:
+            with tracing.stage_span("limits"):
+                await self._check_quota(ctx)
+        with tracing.stage_span("resolve_target"):
+            target = resolve_target(ctx.model, self.policy)
+            explain.target(ctx, target)
+        lookup = await self._look_up(ctx, target)
+        if lookup is not None and lookup.hit is not None:
+            return await self._serve_hit(ctx, Trail(target, lookup), lookup.hit, exits)
+        with tracing.stage_span("route"):
+            routed = await route(ctx, target, lookup, self.models, self.policy, self.embed)
+            ctx.route = routed.tier
+            explain.route(ctx, routed)
+        plan = self._plan(ctx, target, lookup, routed)
+        if ctx.stream:
+            opened = await self.caller.open_stream(ctx, plan, exits)
+            trail = Trail(target, lookup, opened.examples)
+            relay = StreamRelay(
+                ctx, opened.result, exits, self.admission, self.telemetry.metrics, self._finisher(trail)
+            )
+            return PipelineResult(ctx, chunks=relay)
+        called = await self.caller.complete(ctx, plan, exits)
+        response = called.result
+        ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+        await exits.aclose()
+        self.record(ctx, Trail(target, lookup, called.examples), response)
+        return PipelineResult(ctx, response=response)
+
+    async def _check_quota(self, ctx: RequestContext) -> None:
+        assert self.limiter is not None
+        try:
+            await self.limiter.check(ctx.tenant.name, estimate_prompt_tokens(ctx.body, ctx.endpoint))
+        except GatewayError:
+            self.telemetry.metrics.admission("none", "limited")
+            raise
+
+    async def _look_up(self, ctx: RequestContext, target: Target) -> CacheLookup | None:
+        if self.entries is None or self.embed is None:
+            return None
+        lookup = await look_up(ctx, target.min_tier, self.entries, self.embed, self.telemetry.tracing)
+        if lookup is not None:
+            explain.cache(ctx, lookup)
+        return lookup
+
+    def _plan(
+        self, ctx: RequestContext, target: Target, lookup: CacheLookup | None, routed: RouteOutcome
+    ) -> CallPlan:
+        name, cls = priority_of(ctx, self.policy)
+        explain.priority(ctx, name, cls)
+        return CallPlan(
+            target=target,
+            candidates=candidates_for(target, routed.tier, self.policy),
+            spill=spill_candidates(target, routed.tier, self.policy),
+            ask=ask_for(ctx, routed, cls),
+            lookup=lookup,
+        )
+
+    async def _serve_hit(
+        self, ctx: RequestContext, trail: Trail, hit: Hit, exits: AsyncExitStack
+    ) -> PipelineResult:
+        ctx.route = "cache"
+        response = hit_response(ctx, hit)
+        ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+        if ctx.stream:
+            chunks = replay_as_stream(ctx, response)
+            first = await anext(chunks)
+            relay = StreamRelay(
+                ctx, (first, chunks), exits, self.admission, self.telemetry.metrics, self._finisher(trail)
+            )
+            return PipelineResult(ctx, chunks=relay)
+        await exits.aclose()
+        self.record(ctx, trail, response)
+        return PipelineResult(ctx, response=response)
+
+    def _finisher(self, trail: Trail) -> Callable[[RequestContext], None]:
+        """What a stream does when it ends: the record stage, with this request's trail."""
+
+        def finish(ctx: RequestContext) -> None:
+            self.record(ctx, trail)
+
+        return finish

@@ -1,0 +1,142 @@
+"""The records that travel through the pipeline.
+
+`RequestContext` is the one object every stage reads and writes; each stage
+notes what it decided in `ctx.decisions[stage]` so that the response headers,
+the request log, the metrics and the trace all tell the same story.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from icgate.gateway.config import BackendConfig
+
+
+Endpoint = Literal["chat", "completions"]
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: int | None
+    name: str
+    api_key_id: int | None = None
+
+
+ANONYMOUS = Tenant(id=None, name="anonymous")
+
+
+def namespace_for(tenant: Tenant) -> str:
+    """One cache namespace per tenant: entries, scores and timing never cross it."""
+    return f"tenant:{tenant.id}" if tenant.id is not None else "anonymous"
+
+
+@dataclass
+class RequestContext:
+    endpoint: Endpoint
+    # The validated request body, unknown fields included (they pass through).
+    body: dict[str, Any]
+    tenant: Tenant = ANONYMOUS
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:24]}")
+    arrived: float = field(default_factory=time.perf_counter)
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    route: str | None = None  # cache | small | large | <tier>
+    backend: BackendConfig | None = None
+    fallback_from: str | None = None  # backend that failed before the fallback served
+    decisions: dict[str, Any] = field(default_factory=dict)
+    # Time spent waiting on backends (and in admission queues); the rest of the
+    # wall time is the gateway's own overhead.
+    backend_s: float = 0.0
+    queue_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status_code: int = 200
+    error_type: str | None = None
+    # The answer as it streamed by, for storing it once the stream ends.
+    output_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    overhead_frozen_ms: float | None = None
+
+    @property
+    def model(self) -> str:
+        return str(self.body.get("model", ""))
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream", False))
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.arrived
+
+    def overhead_ms(self) -> float:
+        """Wall time so far minus backend and queue time; fixed once the answer is decided."""
+        if self.overhead_frozen_ms is not None:
+            return self.overhead_frozen_ms
+        return max(0.0, (self.elapsed_s() - self.backend_s - self.queue_s) * 1000.0)
+
+    def freeze_overhead(self) -> None:
+        """Called when the answer (or a stream's first chunk) is in hand: what follows is delivery,
+        and the header, the log and the metrics must all show the same number."""
+        if self.overhead_frozen_ms is None:
+            self.overhead_frozen_ms = self.overhead_ms()
+
+    def cost_usd(self) -> float:
+        if self.backend is None:
+            return 0.0
+        b = self.backend
+        return (
+            self.prompt_tokens * b.cost_per_1k_input + self.completion_tokens * b.cost_per_1k_output
+        ) / 1000
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One row of the request log: what happened to one request."""
+
+    request_id: str
+    created_at: datetime
+    tenant_id: int | None
+    api_key_id: int | None
+    endpoint: str
+    model_requested: str
+    route: str | None
+    backend: str | None
+    fallback_from: str | None
+    stream: bool
+    status_code: int
+    error_type: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_ms: float
+    overhead_ms: float
+    queue_ms: float
+    decisions: dict[str, Any]
+
+    @classmethod
+    def from_context(cls, ctx: RequestContext) -> RequestRecord:
+        return cls(
+            request_id=ctx.request_id,
+            created_at=ctx.created_at,
+            tenant_id=ctx.tenant.id,
+            api_key_id=ctx.tenant.api_key_id,
+            endpoint=ctx.endpoint,
+            model_requested=ctx.model,
+            route=ctx.route,
+            backend=ctx.backend.name if ctx.backend else None,
+            fallback_from=ctx.fallback_from,
+            stream=ctx.stream,
+            status_code=ctx.status_code,
+            error_type=ctx.error_type,
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=ctx.completion_tokens,
+            cost_usd=ctx.cost_usd(),
+            latency_ms=ctx.elapsed_s() * 1000.0,
+            overhead_ms=ctx.overhead_ms(),
+            queue_ms=ctx.queue_s * 1000.0,
+            decisions=ctx.decisions,
+        )

@@ -1,0 +1,448 @@
+"""The gateway's cache: memory and faiss for the hot path, the database behind it.
+
+Reads on the hot path touch only the in-memory store and the vector index.
+Inserts happen after the response is sent; stats updates go through a
+write-behind queue. Every replica loads the table at start and then follows it
+by id watermark (new entries) and tombstones (deletions), so replicas sharing
+one PostgreSQL converge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from icgate.cache.index import VectorIndex, set_threads
+from icgate.cache.store import CacheEntry, CacheStore, initial_utility
+from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier
+from icgate.gateway.config import CacheConfig, RequestLogConfig
+from icgate.gateway.store import tables
+from icgate.gateway.store.write_behind import WriteBehindQueue
+from icgate.text import scrub_pii
+
+log = logging.getLogger("icgate.cache")
+
+Vector = npt.NDArray[np.float32]
+Floats = npt.NDArray[np.float64]
+
+CALIBRATED_NAME = "hit_verifier.joblib"  # where `icgate cache calibrate` puts its artifact in the data dir
+
+
+def verifier_path(spec: str | None, data_dir: Path) -> Path:
+    """The policy's artifact, else one calibrated into the data dir, else the shipped one."""
+    if spec:
+        return Path(spec)
+    calibrated = data_dir / CALIBRATED_NAME
+    return calibrated if calibrated.is_file() else DEFAULT_ARTIFACT
+
+
+def load_verifier(spec: str | None, data_dir: Path) -> HitVerifier:
+    return HitVerifier.load(verifier_path(spec, data_dir))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    entry: CacheEntry
+    similarity: float
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: CacheEntry
+    similarity: float
+    kind: str  # exact | semantic
+    verifier_score: float
+
+
+@dataclass
+class NewEntry:
+    """What the pipeline knows about an answer worth storing."""
+
+    namespace: str
+    exact_key: str
+    context_fingerprint: str
+    embed_text: str
+    prompt_text: str
+    response_text: str
+    response: dict[str, Any]
+    backend: str
+    tier: str
+    prompt_tokens: int
+    completion_tokens: int
+    vector: np.ndarray
+
+
+@dataclass
+class Usage:
+    """What served or helped one request, so feedback can find it."""
+
+    namespace: str = ""
+    served: list[int] = field(default_factory=list)
+    helped: list[int] = field(default_factory=list)
+    produced: list[int] = field(default_factory=list)
+
+
+# Fields with the same name and meaning in `CacheEntry` and the `cache_entries` row.
+_COPIED = (
+    "namespace", "exact_key", "context_fingerprint", "embed_text", "prompt_text", "response_text",
+    "response", "backend", "tier", "prompt_tokens", "completion_tokens", "utility", "feedback_sum",
+    "feedback_count", "hits", "helped",
+)  # fmt: skip
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _dt(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
+class CacheEntries:
+    """Every tenant's cache entries: in memory and in a vector index for the request path, in the
+    database behind them (inserts after the response, stats through a write-behind queue)."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        tier_rank: Callable[[str], int],
+        engine: sa.Engine,
+        verifier: HitVerifier,
+        dim: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.tier_rank = tier_rank
+        self.engine = engine
+        self.verifier = verifier
+        self.clock = clock
+        self.store = CacheStore()
+        self.index = VectorIndex(dim, hnsw_threshold=config.hnsw_threshold)
+        # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
+        # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
+        self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
+        self._verify_pool = ThreadPoolExecutor(1, "icgate-verify")
+        self.scrub: Callable[[str], str] = scrub_pii if config.scrub_pii else (lambda text: text)
+        self._watermark = 0
+        # Ids are handed out before commit: an entry committed late can carry an id below one
+        # already seen, so each sync looks back this many ids (known ones are skipped).
+        self._lookback = 1_000
+        self._deleted_since: datetime | None = None
+        self._usage: OrderedDict[str, Usage] = OrderedDict()
+        self._inserts: set[asyncio.Task[None]] = set()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._updates: WriteBehindQueue[tuple[int, dict[str, Any]]] = WriteBehindQueue(
+            self._write_updates, RequestLogConfig(), name="cache stats"
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loaded = await self.sync()
+        log.info("cache: %d entries loaded", loaded)
+        await self._updates.start()
+        self._sync_task = asyncio.create_task(self._follow(), name="cache sync")
+
+    async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        if self._inserts:
+            await asyncio.gather(*self._inserts, return_exceptions=True)
+        await self._updates.close()
+        self._search_pool.shutdown(wait=False)
+        self._verify_pool.shutdown(wait=False)
+
+    async def _follow(self) -> None:
+        """Sync every interval; expire and evict about once a minute (it walks every entry)."""
+        rounds_per_eviction = max(1, round(60.0 / self.config.sync_interval_s))
+        rounds = 0
+        while True:
+            await asyncio.sleep(self.config.sync_interval_s)
+            rounds += 1
+            try:
+                await self.sync()
+                if rounds % rounds_per_eviction == 0:
+                    await self.expire_and_evict()
+            except Exception:
+                log.exception("cache sync failed; retrying next interval")
+
+    async def sync(self) -> int:
+        """Apply entries added and deleted in the database since the last sync (by any replica)."""
+        rows, deleted, max_deleted = await asyncio.to_thread(self._read_changes)
+        for row in rows:
+            self._remember(entry_of(row))
+        for entry_id in deleted:
+            self._forget(entry_id)
+        if max_deleted is not None:
+            self._deleted_since = max_deleted
+        return len(rows)
+
+    def _read_changes(self) -> tuple[list[tables.CacheEntryRow], list[int], datetime | None]:
+        table = tables.CacheEntryRow
+        with Session(self.engine) as session:
+            since = max(0, self._watermark - self._lookback)
+            found = session.scalars(
+                sa.select(table).where(table.id > since, table.deleted_at.is_(None)).order_by(table.id)
+            ).all()
+            new = [row for row in found if self.store.get(row.id) is None]
+            if found:
+                self._watermark = max(self._watermark, found[-1].id)
+            query = sa.select(table.id, table.deleted_at).where(table.deleted_at.is_not(None))
+            if self._deleted_since is not None:
+                query = query.where(table.deleted_at >= self._deleted_since)
+            gone = session.execute(query).all()
+            session.expunge_all()
+        stamps = [d for _, d in gone if d is not None]
+        latest = max(stamps) if stamps else None
+        return list(new), [i for i, _ in gone], latest
+
+    def _remember(self, entry: CacheEntry) -> None:
+        self.store.add(entry)
+        self.index.add(entry.namespace, np.array([entry.id], dtype=np.int64), entry.vector[None, :])
+
+    def _forget(self, entry_id: int) -> None:
+        entry = self.store.remove(entry_id)
+        if entry is not None:
+            self.index.remove(entry.namespace, np.array([entry_id], dtype=np.int64))
+
+    # --- hot path ---------------------------------------------------------------------------------
+
+    @property
+    def semantic_max_chars(self) -> int:
+        """The longest prompt a semantic hit is tried for: the policy's, never above what the verifier
+        reads."""
+        return min(self.config.semantic_max_chars, MAX_TEXT_CHARS)
+
+    def allowed(self, entry: CacheEntry, min_tier: str | None) -> bool:
+        """A request addressed to a backend is served only by answers of its tier or a better one."""
+        if entry.expired(self.clock()):
+            return False
+        return min_tier is None or self.tier_rank(entry.tier) >= self.tier_rank(min_tier)
+
+    def exact(self, namespace: str, key: str) -> CacheEntry | None:
+        return self.store.exact(namespace, key)
+
+    async def retrieve(self, namespace: str, vector: np.ndarray, k: int) -> list[Candidate]:
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._search_pool, self.index.search_one, namespace, vector, k)
+        out = []
+        for entry_id, score in found:
+            entry = self.store.get(int(entry_id))
+            if entry is not None and entry.namespace == namespace:
+                out.append(Candidate(entry, float(score)))
+        return out
+
+    async def verify(self, prompt_text: str, vector: Vector, entries: list[CacheEntry]) -> Floats:
+        """The verifier's P(same question) for the request against each entry, on the verifier's own
+        thread: it may run a cross-encoder (milliseconds per pair) and the event loop must not wait."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._verify_pool,
+            self.verifier.score_batch,
+            [prompt_text] * len(entries),
+            [e.prompt_text for e in entries],
+            np.repeat(vector[None, :], len(entries), axis=0),
+            np.stack([e.vector for e in entries]),
+        )
+
+    # --- after the response -----------------------------------------------------------------------
+
+    def note_usage(self, request_id: str, usage: Usage) -> None:
+        """Remember what served or helped a request (bounded), and count it on the entries."""
+        self._usage[request_id] = usage
+        while len(self._usage) > 50_000:
+            self._usage.popitem(last=False)
+        now = self.clock()
+        for counter, entry_ids in (("hits", usage.served), ("helped", usage.helped)):
+            for entry_id in entry_ids:
+                entry = self.store.get(entry_id)
+                if entry is None:
+                    continue
+                setattr(entry, counter, getattr(entry, counter) + 1)
+                entry.last_used_at = now
+                self._updates.submit((entry_id, {counter: getattr(entry, counter), "last_used_at": _dt(now)}))
+
+    def insert_later(self, request_id: str, new: NewEntry) -> None:
+        """Store an answer off the hot path; the request has already been answered."""
+        if len(self._inserts) > 1_000:
+            return  # the database is behind: skip rather than pile up
+        task = asyncio.create_task(self._insert(request_id, new))
+        self._inserts.add(task)
+        task.add_done_callback(self._inserts.discard)
+
+    async def _insert(self, request_id: str, new: NewEntry) -> None:
+        try:
+            existing = self.store.exact(new.namespace, new.exact_key)
+            if existing is not None:
+                if self.tier_rank(new.tier) <= self.tier_rank(existing.tier):
+                    return
+                await self.delete([existing.id])  # a better tier's answer replaces it
+            # Scrubbing is linear but a prompt may be megabytes: off the event loop.
+            texts = (new.embed_text, new.prompt_text, new.response_text)
+            embed_text, prompt_text, response_text = await asyncio.to_thread(
+                lambda: [self.scrub(text) for text in texts]
+            )
+            now = self.clock()
+            entry = CacheEntry(
+                id=0,
+                namespace=new.namespace,
+                exact_key=new.exact_key,
+                context_fingerprint=new.context_fingerprint,
+                embed_text=embed_text,
+                prompt_text=prompt_text,
+                response_text=response_text,
+                response=new.response,
+                backend=new.backend,
+                tier=new.tier,
+                prompt_tokens=new.prompt_tokens,
+                completion_tokens=new.completion_tokens,
+                vector=np.asarray(new.vector, dtype=np.float32),
+                utility=initial_utility(best_tier=new.tier == "large"),
+                created_at=now,
+                last_used_at=now,
+                expires_at=now + self.config.ttl_s if self.config.ttl_s else None,
+            )
+            if entry.response_text != new.response_text:
+                entry.response = _with_content(new.response, entry.response_text)
+            entry.id = await asyncio.to_thread(self._insert_row, entry)
+            self._remember(entry)
+            usage = self._usage.setdefault(request_id, Usage(namespace=new.namespace))
+            usage.produced.append(entry.id)
+            if self.store.size(entry.namespace) > self.config.max_entries_per_tenant:
+                await self.expire_and_evict()
+        except Exception:
+            log.exception("cache insert failed for %s", request_id)
+
+    def _insert_row(self, entry: CacheEntry) -> int:
+        row = row_of(entry)
+        with Session(self.engine) as session, session.begin():
+            session.add(row)
+            session.flush()
+            return int(row.id)
+
+    def _write_updates(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        merged: dict[int, dict[str, Any]] = {}
+        for entry_id, values in batch:
+            merged.setdefault(entry_id, {}).update(values)
+        table = tables.CacheEntryRow
+        with self.engine.begin() as conn:
+            for entry_id, values in merged.items():
+                conn.execute(sa.update(table).where(table.id == entry_id).values(**values))
+
+    async def delete(self, entry_ids: list[int]) -> int:
+        """Tombstone entries so every replica drops them, and drop them here now."""
+        if not entry_ids:
+            return 0
+        await asyncio.to_thread(tombstone_rows, self.engine, entry_ids, _dt(self.clock()))
+        for entry_id in entry_ids:
+            self._forget(entry_id)
+        return len(entry_ids)
+
+    async def expire_and_evict(self) -> int:
+        """TTL first, then per-tenant capacity by worth (utility, recency, use), never plain LRU."""
+        now = self.clock()
+        doomed = set(self.store.expired(now))
+        for namespace in {e.namespace for e in self.store.entries.values()}:
+            doomed.update(self.store.over_capacity(namespace, self.config.max_entries_per_tenant, now))
+        return await self.delete(sorted(doomed))
+
+    async def feedback(
+        self,
+        request_id: str,
+        score: float,
+        namespace: str,
+        lookup: Callable[[str], Awaitable[Usage | None]],
+    ) -> int | None:
+        """Move the utility of every entry that served, helped or came from `request_id`.
+
+        None when the request is unknown to this tenant (another tenant's id looks the same).
+        """
+        usage = self._usage.get(request_id) or await lookup(request_id)
+        if usage is None or usage.namespace != namespace:
+            return None
+        touched = 0
+        for entry_id in {*usage.served, *usage.helped, *usage.produced}:
+            entry = self.store.get(entry_id)
+            if entry is None or entry.namespace != namespace:
+                continue
+            entry.apply_feedback(score)
+            touched += 1
+            self._updates.submit(
+                (
+                    entry_id,
+                    {
+                        "utility": entry.utility,
+                        "feedback_sum": entry.feedback_sum,
+                        "feedback_count": entry.feedback_count,
+                    },
+                )
+            )
+        return touched
+
+    async def flush(self) -> None:
+        """Wait for pending inserts and stats writes (tests, shutdown)."""
+        while self._inserts:
+            await asyncio.gather(*list(self._inserts), return_exceptions=True)
+        await self._updates.flush()
+
+
+def entry_of(row: tables.CacheEntryRow) -> CacheEntry:
+    """The in-memory entry for a database row."""
+    return CacheEntry(
+        id=row.id,
+        **{name: getattr(row, name) for name in _COPIED},
+        vector=np.frombuffer(row.vector, dtype=np.float32).copy(),
+        created_at=_epoch(row.created_at) or 0.0,
+        last_used_at=_epoch(row.last_used_at) or 0.0,
+        expires_at=_epoch(row.expires_at),
+    )
+
+
+def tombstone_rows(
+    target: sa.Engine | sa.Connection | Session, entry_ids: list[int], when: datetime | None = None
+) -> None:
+    """Mark entries deleted: every replica drops them on its next sync.
+
+    Given an engine, in a transaction of its own; given a connection or session, in the caller's.
+    """
+    if not entry_ids:
+        return
+    table = tables.CacheEntryRow
+    statement = sa.update(table).where(table.id.in_(entry_ids)).values(deleted_at=when or datetime.now(UTC))
+    if isinstance(target, sa.Engine):
+        with target.begin() as conn:
+            conn.execute(statement)
+    else:
+        target.execute(statement)
+
+
+def row_of(entry: CacheEntry) -> tables.CacheEntryRow:
+    """The database row for an entry (its id is assigned on insert)."""
+    return tables.CacheEntryRow(
+        **{name: getattr(entry, name) for name in _COPIED},
+        vector=np.asarray(entry.vector, dtype=np.float32).tobytes(),
+        created_at=_dt(entry.created_at),
+        last_used_at=_dt(entry.last_used_at),
+        expires_at=_dt(entry.expires_at),
+    )
+
+
+def _with_content(response: dict[str, Any], text: str) -> dict[str, Any]:
+    choices = [
+        {**c, "message": {**c.get("message", {}), "content": text}} if i == 0 else c
+        for i, c in enumerate(response.get("choices", []))
+    ]
+    return {**response, "choices": choices}

@@ -1,0 +1,231 @@
+"""API keys: issue, revoke, list, and authenticate.
+
+A key is `icg-` + 43 url-safe characters (256 random bits). Only its SHA-256
+is stored, so the database never holds a usable key; the plaintext exists once,
+in the value `create_key` returns. Nothing here logs a key or a key hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from icgate.gateway.records import Tenant
+from icgate.gateway.store import tables
+
+log = logging.getLogger(__name__)
+
+KEY_SCHEME = "icg-"
+KEY_PREFIX_LEN = 8  # "icg-" and 4 characters: enough to tell keys apart in a listing
+_MAX_KEY_LEN = 256
+# Writing last_used_at on every lookup would turn reads into writes; once a
+# minute per key is precise enough to spot unused keys.
+_LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key_id: int
+    tenant_id: int
+    tenant_name: str
+    key: str = field(repr=False)  # the plaintext, shown to the caller once
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as listed to an operator: everything but the secret."""
+
+    key_id: int
+    tenant_id: int
+    tenant_name: str
+    key_prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
+
+
+def _new_id(result: sa.CursorResult[Any]) -> int:
+    pk = result.inserted_primary_key
+    assert pk is not None
+    return int(pk[0])
+
+
+def _tenant_id(conn: sa.Connection, name: str) -> int | None:
+    return conn.execute(sa.select(tables.Tenant.id).where(tables.Tenant.name == name)).scalar_one_or_none()
+
+
+def _get_or_create_tenant(engine: sa.Engine, name: str) -> int:
+    with engine.begin() as conn:
+        existing = _tenant_id(conn, name)
+        if existing is not None:
+            return existing
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(sa.insert(tables.Tenant).values(name=name, created_at=tables.utcnow()))
+            return _new_id(result)
+    except IntegrityError:
+        # Another process created it between our read and our insert.
+        with engine.begin() as conn:
+            created = _tenant_id(conn, name)
+        if created is None:
+            raise
+        return created
+
+
+def create_key(engine: sa.Engine, tenant_name: str) -> CreatedKey:
+    """Issue a new key for `tenant_name`, creating the tenant if needed."""
+    name = tenant_name.strip()
+    if not name or len(name) > 128:
+        raise ValueError("tenant name must be 1-128 characters")
+    tenant_id = _get_or_create_tenant(engine, name)
+    plaintext = KEY_SCHEME + secrets.token_urlsafe(32)
+    with engine.begin() as conn:
+        result = conn.execute(
+            sa.insert(tables.ApiKey).values(
+                tenant_id=tenant_id,
+                key_prefix=plaintext[:KEY_PREFIX_LEN],
+                key_hash=hash_key(plaintext),
+                created_at=tables.utcnow(),
+            )
+        )
+    return CreatedKey(key_id=_new_id(result), tenant_id=tenant_id, tenant_name=name, key=plaintext)
+
+
+def revoke_key(engine: sa.Engine, key_id: int) -> bool:
+    """Revoke a key; False if no such key. Revoking twice keeps the first time."""
+    with engine.begin() as conn:
+        found = conn.execute(
+            sa.select(tables.ApiKey.revoked_at).where(tables.ApiKey.id == key_id)
+        ).one_or_none()
+        if found is None:
+            return False
+        if found.revoked_at is None:
+            conn.execute(
+                sa.update(tables.ApiKey).where(tables.ApiKey.id == key_id).values(revoked_at=tables.utcnow())
+            )
+    return True
+
+
+def list_keys(engine: sa.Engine) -> list[KeyInfo]:
+    query = (
+        sa.select(
+            tables.ApiKey.id,
+            tables.ApiKey.tenant_id,
+            tables.Tenant.name,
+            tables.ApiKey.key_prefix,
+            tables.ApiKey.created_at,
+            tables.ApiKey.revoked_at,
+            tables.ApiKey.last_used_at,
+        )
+        .join(tables.Tenant, tables.Tenant.id == tables.ApiKey.tenant_id)
+        .order_by(tables.ApiKey.id)
+    )
+    with engine.connect() as conn:
+        return [KeyInfo(*row) for row in conn.execute(query)]
+
+
+class KeyAuthenticator:
+    """Maps a presented key to its tenant without blocking the event loop.
+
+    Answers are cached for `ttl_s` seconds (positive) and `negative_ttl_s`
+    (unknown keys, so garbage keys cannot hammer the database), in a cache
+    bounded to `max_entries`. A revocation therefore takes effect within
+    `ttl_s`. The cache is keyed by the key's hash, never the plaintext.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        ttl_s: float = 5.0,
+        negative_ttl_s: float = 1.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self._engine = engine
+        self._ttl_s = ttl_s
+        self._negative_ttl_s = min(negative_ttl_s, ttl_s)
+        self._max_entries = max_entries
+        self._cache: dict[str, tuple[float, Tenant | None]] = {}
+
+    async def authenticate(self, plaintext: str) -> Tenant | None:
+        if not plaintext.startswith(KEY_SCHEME) or len(plaintext) > _MAX_KEY_LEN:
+            return None
+        digest = hash_key(plaintext)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            tenant = await asyncio.to_thread(self._lookup, digest)
+        except SQLAlchemyError as exc:
+            # Fail closed; the exception text carries no parameters (hide_parameters).
+            log.error("API key lookup failed: %s", type(exc).__name__)
+            return None
+        ttl = self._ttl_s if tenant is not None else self._negative_ttl_s
+        self._remember(digest, time.monotonic() + ttl, tenant)
+        return tenant
+
+    def forget(self) -> None:
+        """Drop every cached answer (e.g. right after revoking a key in-process)."""
+        self._cache.clear()
+
+    def _remember(self, digest: str, expires: float, tenant: Tenant | None) -> None:
+        if expires <= time.monotonic():
+            self._cache.pop(digest, None)
+            return
+        if len(self._cache) >= self._max_entries:
+            now = time.monotonic()
+            for k in [k for k, (exp, _) in self._cache.items() if exp <= now]:
+                del self._cache[k]
+            while len(self._cache) >= self._max_entries:
+                del self._cache[next(iter(self._cache))]  # oldest insertion first
+        self._cache[digest] = (expires, tenant)
+
+    def _lookup(self, digest: str) -> Tenant | None:
+        query = (
+            sa.select(
+                tables.ApiKey.id,
+                tables.ApiKey.key_hash,
+                tables.ApiKey.last_used_at,
+                tables.Tenant.id.label("tenant_id"),
+                tables.Tenant.name,
+            )
+            .join(tables.Tenant, tables.Tenant.id == tables.ApiKey.tenant_id)
+            .where(tables.ApiKey.key_hash == digest, tables.ApiKey.revoked_at.is_(None))
+        )
+        with self._engine.connect() as conn:
+            row = conn.execute(query).one_or_none()
+        if row is None or not hmac.compare_digest(row.key_hash, digest):
+            return None
+        self._touch(row.id, row.last_used_at)
+        return Tenant(id=row.tenant_id, name=row.name, api_key_id=row.id)
+
+    def _touch(self, key_id: int, last_used_at: datetime | None) -> None:
+        now = tables.utcnow()
+        if last_used_at is not None and now - last_used_at < _LAST_USED_RESOLUTION:
+            return
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    sa.update(tables.ApiKey).where(tables.ApiKey.id == key_id).values(last_used_at=now)
+                )
+        except SQLAlchemyError as exc:
+            # Bookkeeping only: a busy database must not turn a valid key away.
+            log.warning("could not record API key use: %s", type(exc).__name__)

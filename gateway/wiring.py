@@ -1,0 +1,282 @@
+"""Wiring: one `Gateway` holds every long-lived part, built once from a policy.
+
+`Gateway.start` builds each part (database, log writers, limits, local backends, embedder, models,
+cache) and then the `Pipeline`, once, through its constructor. The HTTP app and the in-process
+middleware both start a `Gateway` and call `gateway.pipeline.run(...)`; nothing here is global, so
+several gateways can live in one process (the tests do that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from icgate.cache.embed import Embedder, MicroBatcher, SentenceTransformerEmbedder, resolve_model_dir
+from icgate.gateway import learned
+from icgate.gateway.backends.admission import Admission
+from icgate.gateway.backends.client import BackendClient
+from icgate.gateway.backends.local import LocalBackends
+from icgate.gateway.backends.signals import SignalPoller
+from icgate.gateway.config import EmbeddingConfig, Policy
+from icgate.gateway.pipeline.quotas import TenantLimiter
+from icgate.gateway.pipeline.route import RouteModels
+from icgate.gateway.pipeline.run import Pipeline
+from icgate.gateway.records import Tenant, namespace_for
+from icgate.gateway.store import db, tables
+from icgate.gateway.store.artifacts import ModelWatcher, StoredModel
+from icgate.gateway.store.cache_entries import CacheEntries, Usage, load_verifier
+from icgate.gateway.store.keys import KeyAuthenticator
+from icgate.gateway.store.request_log import RequestLogWriter
+from icgate.gateway.store.route_samples import RouteSampleWriter, label_from_feedback, label_sample
+from icgate.gateway.telemetry import Telemetry
+from icgate.lengths.predict import LengthModel
+
+log = logging.getLogger("icgate")
+
+
+class EmbeddingService:
+    """The gateway's embedder, loaded once (in a worker thread) and run off the event loop."""
+
+    def __init__(self, config: EmbeddingConfig) -> None:
+        self.config = config
+        self._embedder: Embedder | None = None
+        self._loading: asyncio.Task[Embedder] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
+    async def embedder(self) -> Embedder:
+        if self._embedder is None:
+            if self._loading is None:
+                self._loading = asyncio.create_task(asyncio.to_thread(self._load))
+            self._embedder = await asyncio.shield(self._loading)
+        return self._embedder
+
+    def _load(self) -> Embedder:
+        model_dir = resolve_model_dir(self.config.model)
+        return SentenceTransformerEmbedder(model_dir, max_batch=self.config.max_batch)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        """The text behind token ids of the served model's own tokenizer (OpenAI accepts token input)."""
+        embedder = await self.embedder()
+        decode = getattr(embedder, "decode_tokens", None)
+        if decode is None:
+            raise ValueError("this embedding model takes text only")
+        # Off the event loop, as `embed`: an input may hold a million ids.
+        return str(await asyncio.to_thread(decode, token_ids))
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors and the number of input tokens they cost."""
+        embedder = await self.embedder()
+        count = getattr(embedder, "count_tokens", None)
+
+        def work() -> tuple[np.ndarray, int]:
+            # Both off the event loop: counting tokenizes the whole input, megabytes at worst.
+            tokens = sum(count(texts)) if count else sum(len(t.split()) for t in texts)
+            return embedder.encode(texts), tokens
+
+        return await asyncio.to_thread(work)
+
+
+class Gateway:
+    def __init__(
+        self,
+        policy: Policy,
+        data_dir: Path,
+        launch_local: bool = True,
+        embeddings: EmbeddingService | None = None,
+    ) -> None:
+        self.policy = policy
+        self.data_dir = data_dir
+        self.launch_local = launch_local
+        self.database_url = policy.database_url(data_dir)
+        self.telemetry = Telemetry.from_config(policy.telemetry)
+        # Injectable so that several gateways in one process (tests) share one loaded model.
+        self.embeddings = embeddings or EmbeddingService(policy.embedding)
+        self.local = LocalBackends()
+        self.client = BackendClient()
+        self.engine: Engine | None = None
+        self.cache: CacheEntries | None = None
+        self.batcher: MicroBatcher | None = None
+        self.log_writer: RequestLogWriter | None = None
+        self.sample_writer: RouteSampleWriter | None = None
+        self.watchers: list[ModelWatcher[Any]] = []
+        self.ready = False
+        self.admission = Admission(policy.backends, policy.admission, policy.circuit_breaker)
+        self.signals = SignalPoller(policy.backends, self.admission, policy.admission.metrics_interval_s)
+        self.telemetry.metrics.watch_backends(self.admission.snapshot)
+        self._spend_task: asyncio.Task[None] | None = None
+        self._pipeline: Pipeline | None = None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The request pipeline; it exists once `start` has built its parts."""
+        if self._pipeline is None:
+            raise RuntimeError("the gateway has not started")
+        return self._pipeline
+
+    async def start(self) -> None:
+        """Migrate the database, start the writers, limits and any local backends, load the models and
+        the cache; then build the pipeline from those parts, and be ready."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(db.upgrade, self.database_url)
+        self.engine = db.make_engine(self.database_url)
+        self.log_writer = RequestLogWriter(self.engine, self.policy.request_log)
+        await self.log_writer.start()
+        self.sample_writer = RouteSampleWriter(self.engine, self.policy.request_log)
+        await self.sample_writer.start()
+        limiter = await self._start_limits()
+        # Model servers and the embedder load side by side: start-up is bounded by the slower.
+        waits: list[Awaitable[object]] = []
+        local = [b for b in self.policy.backends if b.launch is not None]
+        if local and self.launch_local:
+            log.info("starting %d local backend(s): %s", len(local), ", ".join(b.name for b in local))
+            waits.append(self.local.start_all(local, self.data_dir))
+        if self.policy.embedding.preload:
+            waits.append(self.embeddings.embedder())
+        await asyncio.gather(*waits)
+        models = await self._start_models()
+        if self.policy.cache.enabled or self.policy.router.kind == "learned":
+            await self._start_batcher()
+        if self.policy.cache.enabled:
+            await self._start_cache()
+        self._pipeline = Pipeline(
+            self.policy,
+            self.client,
+            self.admission,
+            self.telemetry,
+            models,
+            authenticator=KeyAuthenticator(self.engine),
+            limiter=limiter,
+            entries=self.cache,
+            embed=self.batcher.embed if self.batcher is not None else None,
+            sink=self.log_writer,
+            samples=self.sample_writer,
+        )
+        for watcher in self.watchers:
+            watcher.start()
+        self.ready = True
+
+    async def _start_limits(self) -> TenantLimiter:
+        """Tenants' rate limits and budgets (spend read from the request log), backends' own signals."""
+        limiter = TenantLimiter(self.policy.admission, self.engine)
+        if limiter.budgeted_tenants():
+            await asyncio.to_thread(limiter.refresh_spend)
+            self._spend_task = asyncio.create_task(self._refresh_spend(limiter), name="icgate-spend")
+        self.signals.start()
+        return limiter
+
+    async def _refresh_spend(self, limiter: TenantLimiter) -> None:
+        while True:
+            await asyncio.sleep(self.policy.admission.spend_refresh_s)
+            try:
+                await asyncio.to_thread(limiter.refresh_spend)
+            except Exception as exc:  # the database may be briefly away: keep the last reading
+                log.warning("could not re-read tenants' spend: %s", type(exc).__name__)
+
+    async def _start_batcher(self) -> None:
+        """One embedding per request, shared by the cache stages and the router."""
+        embedder = await self.embeddings.embedder()
+        self.batcher = MicroBatcher(
+            embedder,
+            max_batch=self.policy.embedding.max_batch,
+            max_wait_ms=self.policy.embedding.max_wait_ms,
+        )
+
+    async def _start_cache(self) -> None:
+        """The cache needs the embedder (for vectors) and the verifier (for safe semantic hits)."""
+        assert self.engine is not None
+        verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
+        embedder = await self.embeddings.embedder()
+        self.cache = CacheEntries(
+            self.policy.cache, self.policy.tier_rank, self.engine, verifier, dim=embedder.dim
+        )
+        await self.cache.start()
+
+    async def _start_models(self) -> RouteModels:
+        """The router and the length predictor: the newest published, else the configured or shipped ones;
+        watchers (started with the pipeline) swap in whatever `icgate router train` / `icgate length
+        train` publish later."""
+        assert self.engine is not None
+        models = await asyncio.to_thread(learned.initial_models, self.policy, self.engine)
+        log.info("router %s, length predictor %s", models.router_version, models.length_version)
+        interval = self.policy.router.reload_interval_s
+        if self.policy.router.kind == "learned" and self.policy.router.artifact is None:
+            router_watcher = ModelWatcher(
+                self.engine, "router", learned.load_router, self._swap_router, interval
+            )
+            router_watcher.current_id = models.router_row
+            self.watchers.append(router_watcher)
+        length_watcher = ModelWatcher(self.engine, "length", learned.load_length, self._swap_length, interval)
+        length_watcher.current_id = models.length_row
+        self.watchers.append(length_watcher)
+        return models
+
+    def _swap_router(self, loaded: learned.LoadedRouter, stored: StoredModel) -> None:
+        self.pipeline.swap_models(learned.with_router(self.pipeline.models, loaded, stored, self.policy))
+
+    def _swap_length(self, loaded: LengthModel, stored: StoredModel) -> None:
+        self.pipeline.swap_models(learned.with_length(self.pipeline.models, loaded, stored))
+
+    async def label_route_sample(self, request_id: str, tenant: Tenant, score: float) -> bool:
+        """Feedback on a routed request labels its route sample (written off the hot path: flush first)."""
+        if self.engine is None or self.sample_writer is None:
+            return False
+        await self.sample_writer.flush()
+        label = label_from_feedback(score)
+        return await asyncio.to_thread(label_sample, self.engine, request_id, tenant.id, label, "feedback")
+
+    async def usage_of(self, request_id: str) -> Usage | None:
+        """What served or helped a past request, from its request-log row (after a restart)."""
+        if self.engine is None:
+            return None
+        engine = self.engine
+
+        def read() -> Usage | None:
+            table = tables.RequestLog
+            with engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(table.tenant_id, table.decisions).where(table.request_id == request_id)
+                ).first()
+            if row is None:
+                return None
+            decisions = row.decisions or {}
+            served = (decisions.get("cache") or {}).get("entry")
+            return Usage(
+                namespace=namespace_for(Tenant(id=row.tenant_id, name="")),
+                served=[int(served)] if served else [],
+                helped=[int(i) for i in decisions.get("examples") or []],
+            )
+
+        return await asyncio.to_thread(read)
+
+    async def stop(self) -> None:
+        """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
+        self.ready = False
+        await self.signals.stop()
+        if self._spend_task is not None:
+            self._spend_task.cancel()
+            await asyncio.gather(self._spend_task, return_exceptions=True)
+        for watcher in self.watchers:
+            await watcher.stop()
+        if self.cache is not None:
+            await self.cache.stop()
+        if self.batcher is not None:
+            self.batcher.close()
+        if self.log_writer is not None:
+            await self.log_writer.close()
+        if self.sample_writer is not None:
+            await self.sample_writer.close()
+        await self.client.aclose()
+        await self.local.stop_all()
+        if self.engine is not None:
+            self.engine.dispose()
+        self.telemetry.shutdown()

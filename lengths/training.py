@@ -1,0 +1,422 @@
+"""Training and evaluating the output-length predictor, offline (`icgate length ...`, the benchmark).
+
+Training data: Arena-Hard prompts with the true length of one model's answers (`load_length_rows`), split
+by the bucket of the question id (buckets 0-7 train, 8-9 held out), or the gateway's own request log
+(`refit_from_records`). What is fitted is a `lengths.predict.LengthPredictor`: plain arrays, read at
+request time without this module.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from icgate.lengths.predict import (
+    DEFAULT_ARTIFACT,
+    EMBEDDING_DIM,
+    FEATURE_NAMES,
+    FORMAT_VERSION,
+    Floats,
+    LengthModel,
+    LengthPredictor,
+    Vectors,
+    load_length_model,
+    prompt_features,
+)
+from icgate.text import HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, estimate_tokens
+
+Encode = Callable[[list[str]], Vectors]
+
+DEFAULT_MODEL = "gpt-4-0314"
+MIN_TRAINING_ROWS = 20
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LengthRow:
+    """One prompt and the true length of one model's answer to it."""
+
+    question_id: str
+    prompt: str
+    tokens: int
+    embedding: Vectors | None = field(default=None, compare=False, repr=False)
+    prompt_tokens: int | None = None
+
+    @property
+    def estimated_prompt_tokens(self) -> int:
+        """What the gateway would estimate for this prompt alone, when the true count is unknown."""
+        return self.prompt_tokens if self.prompt_tokens is not None else estimate_tokens(self.prompt)
+
+
+def question_bucket(row: LengthRow) -> int:
+    """The bucket of the question id (of the prompt, as written, when there is none): a split that never
+    depends on file order, and keeps every answer to one question on one side."""
+    return bucket_of(row.question_id or row.prompt)
+
+
+def split_rows(rows: Sequence[LengthRow]) -> tuple[list[LengthRow], list[LengthRow]]:
+    """(training rows: buckets 0-7, held-out rows: buckets 8-9) by `question_bucket`."""
+    train = [r for r in rows if question_bucket(r) in TRAIN_BUCKETS]
+    return train, [r for r in rows if question_bucket(r) in HELD_OUT_BUCKETS]
+
+
+def load_length_rows(path: str | Path, model: str = DEFAULT_MODEL) -> list[LengthRow]:
+    """Rows of an Arena-Hard-style JSONL file: `{question_id, prompt, answers: {model: {tokens, ...}}}`.
+
+    ValueError names the file and line of a malformed row, and lists the models present when `model` is
+    not among them.
+    """
+    path = Path(path)
+    rows: list[LengthRow] = []
+    seen_models: set[str] = set()
+    missing_at: int | None = None
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            prompt = record.get("prompt")
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+            answers = record.get("answers")
+            if not isinstance(answers, dict):
+                raise ValueError(f"{where}: 'answers' must be an object of model -> answer")
+            seen_models.update(str(k) for k in answers)
+            answer = answers.get(model)
+            if answer is None:
+                missing_at = missing_at or number
+                continue
+            tokens = answer.get("tokens") if isinstance(answer, dict) else None
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise ValueError(
+                    f"{where}: answers[{model!r}].tokens must be a non-negative integer, got {tokens!r}"
+                )
+            qid = record.get("question_id", "")
+            rows.append(
+                LengthRow(question_id=str(qid) if qid is not None else "", prompt=prompt, tokens=tokens)
+            )
+    if not rows:
+        if not seen_models:
+            raise ValueError(f"{path}: no rows")
+        raise ValueError(
+            f"{path}: no answers of model {model!r}; models present: {', '.join(sorted(seen_models))}"
+        )
+    if missing_at is not None:
+        raise ValueError(
+            f"{path}:{missing_at}: no answer of model {model!r}; models on that line: "
+            f"{', '.join(sorted(seen_models))}"
+        )
+    return rows
+
+
+def embed_rows(rows: Sequence[LengthRow], encode: Encode) -> list[LengthRow]:
+    """`rows` with their prompt embeddings filled in by `encode` (the gateway's: the packaged MiniLM)."""
+    todo = [r.prompt for r in rows if r.embedding is None]
+    if not todo:
+        return list(rows)
+    vectors = iter(np.asarray(encode(todo), dtype=np.float32))
+    return [r if r.embedding is not None else replace(r, embedding=next(vectors)) for r in rows]
+
+
+@dataclass(frozen=True)
+class LengthRecord:
+    """One request from the gateway's log: what was asked and how long the answer was."""
+
+    text: str
+    completion_tokens: int
+    embedding: Vectors | None = None
+    prompt_tokens: int | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------------------------------------
+
+
+def _ridge(x: Floats, y: Floats, alpha: float) -> tuple[Floats, float]:
+    """Ridge regression with an unpenalised intercept, in closed form (dual when rows < columns)."""
+    mean_x = x.mean(axis=0)
+    mean_y = float(y.mean())
+    xc = x - mean_x
+    yc = y - mean_y
+    if xc.shape[0] < xc.shape[1]:
+        coef: Floats = xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(xc.shape[0]), yc)
+    else:
+        coef = np.linalg.solve(xc.T @ xc + alpha * np.eye(xc.shape[1]), xc.T @ yc)
+    return coef, mean_y - float(mean_x @ coef)
+
+
+def _ecdf_target(tokens: Floats) -> Floats:
+    """Each length's rank as a share in (0, 1): the regression target. Ranks, not log tokens, because the
+    metric is rank agreement and a few 4,000-token answers should not pull the fit."""
+    from scipy.stats import rankdata
+
+    ranks = np.asarray(rankdata(tokens, method="average"), dtype=np.float64) - 1.0  # ties: their mean rank
+    return (ranks + 0.5) / len(tokens)
+
+
+def fit_predictor(  # noqa: PLR0913 - the data, then every fitting knob by keyword
+    embeddings: Vectors,
+    prompt_tokens: Sequence[int],
+    texts: Sequence[str | None],
+    tokens: Sequence[int],
+    *,
+    alpha: float = 3.0,
+    feature_weight: float = 0.15,
+    folds: int = 5,
+    seed: int = 0,
+    summary: Mapping[str, Any] | None = None,
+) -> LengthPredictor:
+    """Fit on (embedding, prompt tokens, text) -> true completion tokens.
+
+    `alpha` and `feature_weight` (the features' share of the penalty budget) were chosen by repeated
+    10-fold CV on Arena-Hard's training buckets (see bench/length_quality.py); the features barely
+    moved tau there, so their weight is small. Calibration and the p50/p90 offsets come from `folds`
+    out-of-fold predictions, so they describe unseen prompts, not the training fit.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    y_tokens = np.asarray(tokens, dtype=np.float64)
+    n = len(y_tokens)
+    if n < MIN_TRAINING_ROWS:
+        raise ValueError(f"need at least {MIN_TRAINING_ROWS} rows to fit a length predictor, got {n}")
+    if emb.shape != (n, EMBEDDING_DIM):
+        raise ValueError(f"expected embeddings of shape ({n}, {EMBEDDING_DIM}), got {emb.shape}")
+    if len(prompt_tokens) != n or len(texts) != n:
+        raise ValueError("embeddings, prompt_tokens, texts and tokens must have the same length")
+    raw = np.stack([prompt_features(p, t) for p, t in zip(prompt_tokens, texts, strict=True)])
+    feature_mean = raw.mean(axis=0)
+    std = raw.std(axis=0)
+    # A constant feature gets scale 1 (it is zero after centring anyway).
+    weight = feature_weight / math.sqrt(len(FEATURE_NAMES)) if feature_weight > 0 else 0.0
+    feature_scale = np.where(std > 0, std, 1.0) / weight if weight > 0 else np.full_like(std, np.inf)
+    x = np.hstack([emb, (raw - feature_mean) / feature_scale])
+    target = _ecdf_target(y_tokens)
+    log_tokens = np.log(np.maximum(y_tokens, 1.0))
+
+    oof = np.empty(n)
+    order = np.random.default_rng(seed).permutation(n)
+    for k in range(folds):
+        test = order[k::folds]
+        train = np.setdiff1d(order, test)
+        c, b = _ridge(x[train], _ecdf_target(y_tokens[train]), alpha)
+        oof[test] = x[test] @ c + b
+    coef, intercept = _ridge(x, target, alpha)
+    # Calibrate on out-of-fold scores: their spread is what unseen prompts will show.
+    calib_b, calib_a = np.polyfit(oof, log_tokens, 1) if np.ptp(oof) > 0 else (0.0, log_tokens.mean())
+    residuals = log_tokens - (calib_a + calib_b * oof)
+    q50, q90 = np.quantile(residuals, [0.5, 0.9])
+    info = {
+        "rows": n,
+        "alpha": alpha,
+        "feature_weight": feature_weight,
+        "features": list(FEATURE_NAMES),
+        "target": "rank share of completion tokens",
+        "tokens_p50": float(np.median(y_tokens)),
+        "tokens_p90": float(np.quantile(y_tokens, 0.9)),
+        "oof_kendall_tau": _kendall(oof, y_tokens),
+        **dict(summary or {}),
+    }
+    digest = hashlib.sha1(np.ascontiguousarray(coef).tobytes()).hexdigest()[:10]
+    return LengthPredictor(
+        coef=coef,
+        intercept=float(intercept),
+        embedding_mean=emb.mean(axis=0),
+        feature_mean=feature_mean,
+        feature_scale=feature_scale,
+        calib_a=float(calib_a),
+        calib_b=float(calib_b),
+        q50=float(q50),
+        q90=float(max(q90, q50)),
+        version=f"v{FORMAT_VERSION}-{dt.datetime.now(dt.UTC):%Y%m%d}-{digest}",
+        summary=info,
+    )
+
+
+def fit_rows(rows: Sequence[LengthRow], **kwargs: Any) -> LengthPredictor:
+    """`fit_predictor` on rows that carry embeddings (see `embed_rows`). The summary keeps a short digest
+    of every training prompt, so an evaluation can leave out what the predictor has seen."""
+    if any(r.embedding is None for r in rows):
+        raise ValueError("every row needs an embedding: call embed_rows first")
+    summary = {
+        **dict(kwargs.pop("summary", None) or {}),
+        "trained_prompts": sorted({prompt_digest(r.prompt) for r in rows}),
+    }
+    return fit_predictor(
+        np.stack([np.asarray(r.embedding) for r in rows]) if rows else np.zeros((0, EMBEDDING_DIM)),
+        [r.estimated_prompt_tokens for r in rows],
+        [r.prompt for r in rows],
+        [r.tokens for r in rows],
+        summary=summary,
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training entry points and evaluation
+# --------------------------------------------------------------------------------------------------------
+
+
+def _kendall(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    from scipy.stats import kendalltau
+
+    tau = kendalltau(a, b).statistic
+    return float(tau) if tau == tau else 0.0  # NaN (constant input) -> 0
+
+
+def evaluate_length(
+    predictor: LengthModel, rows: Sequence[LengthRow], encode: Encode | None = None
+) -> dict[str, Any]:
+    """Kendall's tau between predicted p50 and true tokens, MAE of p50 in tokens, p90 coverage, n.
+
+    A learned predictor needs embeddings: rows without one are embedded with `encode` first.
+    """
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    if isinstance(predictor, LengthPredictor) and any(r.embedding is None for r in rows):
+        if encode is None:
+            raise ValueError("rows without embeddings: a learned predictor needs an encoder to evaluate")
+        rows = embed_rows(rows, encode)
+    estimates = [predictor.predict(r.embedding, r.estimated_prompt_tokens, r.prompt) for r in rows]
+    p50 = np.array([e.p50 for e in estimates], dtype=np.float64)
+    p90 = np.array([e.p90 for e in estimates], dtype=np.float64)
+    truth = np.array([r.tokens for r in rows], dtype=np.float64)
+    return {
+        "kendall_tau": round(_kendall(p50, truth), 4),
+        "mae": round(float(np.abs(p50 - truth).mean()), 1),
+        "p90_coverage": round(float((truth <= p90).mean()), 4),
+        "n": len(rows),
+    }
+
+
+def train_arena(
+    path: str | Path,
+    encode: Encode,
+    model: str = DEFAULT_MODEL,
+    out_path: str | Path | None = DEFAULT_ARTIFACT,
+    *,
+    all_buckets: bool = False,
+    **fit_kwargs: Any,
+) -> LengthPredictor:
+    """Fit on an Arena-Hard-style file's training buckets (0-7) for `model`'s answers, record held-out
+    (8-9) metrics in the artifact, and save it to `out_path` (None: do not save).
+
+    `all_buckets` trains on everything (the held-out metrics are then omitted: they would not be honest).
+    """
+    path = Path(path)
+    rows = embed_rows(load_length_rows(path, model), encode)
+    train, held = split_rows(rows)
+    chosen = rows if all_buckets else train
+    predictor = fit_rows(
+        chosen,
+        summary={
+            "data": path.name,
+            "model": model,
+            "buckets": "all" if all_buckets else "0-7 of 10 (sha1 of question_id)",
+            "embedding": "all-MiniLM-L6-v2",
+        },
+        **fit_kwargs,
+    )
+    if not all_buckets and held:
+        predictor.metrics = {"held_out": evaluate_length(predictor, held), "held_out_buckets": "8-9"}
+    if out_path is not None:
+        predictor.save(out_path)
+    return predictor
+
+
+def prompt_digest(prompt: str) -> str:
+    """A short fingerprint of a training prompt, kept in the artifact so evaluations can skip it."""
+    return hashlib.sha1(prompt.strip().encode()).hexdigest()[:12]
+
+
+def evaluate_file(
+    path: str | Path,
+    model: str = DEFAULT_MODEL,
+    artifact: str | Path | LengthModel | None = None,
+    encode: Encode | None = None,
+) -> dict[str, Any]:
+    """`icgate length eval`: metrics of the shipped (or given) predictor on a file's rows, leaving out the
+    prompts it was trained on (on Arena-Hard itself that leaves the held-out buckets 8-9; a file it never
+    saw is scored whole). `skipped_trained` says how many were left out."""
+    rows = load_length_rows(path, model)
+    predictor = (
+        load_length_model(artifact) if artifact is None or isinstance(artifact, str | Path) else artifact
+    )
+    seen = set(getattr(predictor, "summary", {}).get("trained_prompts") or ())
+    unseen = [r for r in rows if prompt_digest(r.prompt) not in seen]
+    if not unseen:
+        raise ValueError(f"{path}: every row was used to train this predictor; nothing left to evaluate")
+    result = evaluate_length(predictor, unseen, encode)
+    result["predictor"] = getattr(predictor, "version", "heuristic")
+    result["skipped_trained"] = len(rows) - len(unseen)
+    return result
+
+
+def _coerce_record(record: LengthRecord | tuple[Any, ...]) -> LengthRecord:
+    if isinstance(record, LengthRecord):
+        return record
+    text, embedding, completion_tokens, *rest = record
+    return LengthRecord(
+        text=str(text),
+        completion_tokens=int(completion_tokens),
+        embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32),
+        prompt_tokens=int(rest[0]) if rest and rest[0] is not None else None,
+    )
+
+
+def refit_from_records(
+    records: Iterable[LengthRecord | tuple[Any, ...]],
+    encode: Encode | None = None,
+    *,
+    extra_rows: Sequence[LengthRow] = (),
+    **fit_kwargs: Any,
+) -> LengthPredictor:
+    """Refit from the gateway's request log: records of (prompt text, embedding or None, completion tokens
+    [, prompt tokens]). Records without an embedding are embedded with `encode` when given and dropped
+    otherwise; records with no completion tokens are dropped (an error or a cache hit says nothing about
+    length). `extra_rows` (embedded LengthRows, e.g. Arena-Hard's) are added to the log's rows.
+    """
+    kept: list[LengthRow] = []
+    need_vectors: list[LengthRow] = []
+    dropped = 0
+    for raw in records:
+        rec = _coerce_record(raw)
+        if rec.completion_tokens <= 0 or not rec.text.strip():
+            dropped += 1
+            continue
+        row = LengthRow("", rec.text, rec.completion_tokens, rec.embedding, rec.prompt_tokens)
+        (kept if rec.embedding is not None else need_vectors).append(row)
+    if need_vectors and encode is not None:
+        kept.extend(embed_rows(need_vectors, encode))
+    else:
+        dropped += len(need_vectors)
+    rows = [*kept, *extra_rows]
+    return fit_rows(
+        rows,
+        summary={
+            "data": "request log",
+            "log_rows": len(kept),
+            "extra_rows": len(extra_rows),
+            "dropped": dropped,
+            "embedding": "all-MiniLM-L6-v2",
+        },
+        **fit_kwargs,
+    )
