@@ -555,8 +555,8 @@ async def profile_gateways(
 PROFILE_KEYS = [
     ("uvicorn request cycle (everything below)", "httptools_impl.py", "run_asgi"),
     ("FastAPI app: routing, body validation, handler, response", "routing.py", "app"),
-    ("gateway `Pipeline.run`", "pipeline.py", "run"),
-    ("gateway `Transport.send` (the backend call, incl. the client library)", "gateway/backends.py", "send"),
+    ("gateway `Pipeline.run`", "pipeline/run.py", "run"),
+    ("gateway `Transport.send` (the backend call, incl. the client library)", "backends/client.py", "send"),
     ("- litellm `acompletion`", "utils.py", "wrapper_async"),
     (
         "- - of which the openai SDK request inside litellm",
@@ -567,10 +567,10 @@ PROFILE_KEYS = [
     ("- - of which httpx `AsyncClient.send` (the openai SDK's HTTP client)", "httpx/_client.py", "send"),
     (
         "- gateway `openai_response`: litellm's answer in OpenAI's shape",
-        "gateway/backends.py",
+        "backends/client.py",
         "openai_response",
     ),
-    ("- gateway `HttpTransport._post` (body, headers, send, response head)", "gateway/backends.py", "_post"),
+    ("- gateway `HttpTransport._post` (body, headers, send, response head)", "backends/client.py", "_post"),
     (
         "- aiohttp `ClientSession._request` (`http`: the client; `litellm`: under httpx)",
         "aiohttp/client.py",
@@ -579,7 +579,7 @@ PROFILE_KEYS = [
     ("- aiohttp `ClientResponse.read` (response body)", "aiohttp/client_reqrep.py", "read"),
     ("logging handlers (every log record: access log, app logs)", "__init__.py", "callHandlers"),
 ]
-BACKEND_CALL = ("gateway/backends.py", "send")
+BACKEND_CALL = ("backends/client.py", "send")
 
 
 @dataclass
@@ -920,7 +920,7 @@ def write_report(
         "## Method",
         "",
         "- A stand-in backend (`bench/standin_backend.py`, Starlette under uvicorn) and **two "
-        "gateways** (`python -m gateway.cli serve --no-launch`, as deployed: uvicorn with "
+        "gateways** (`icgate serve --no-launch`, as deployed: uvicorn with "
         "uvloop/httptools, its default INFO logging incl. access log, SQLite request log) run as "
         "**separate processes**. Each gateway has "
         "its own policy file and data directory; both policies have the same two backends on the one "

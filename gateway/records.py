@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from icgate.gateway.config import BackendConfig
 
-
 Endpoint = Literal["chat", "completions"]
 
 

@@ -104,7 +104,7 @@ class Gateway:
         self.local = LocalBackends()
         self.client = BackendClient()
         self.engine: Engine | None = None
-        self.cache: CacheEntries | None = None
+        self.cache_entries: CacheEntries | None = None
         self.batcher: MicroBatcher | None = None
         self.log_writer: RequestLogWriter | None = None
         self.sample_writer: RouteSampleWriter | None = None
@@ -156,7 +156,7 @@ class Gateway:
             models,
             authenticator=KeyAuthenticator(self.engine),
             limiter=limiter,
-            entries=self.cache,
+            entries=self.cache_entries,
             embed=self.batcher.embed if self.batcher is not None else None,
             sink=self.log_writer,
             samples=self.sample_writer,
@@ -196,10 +196,10 @@ class Gateway:
         assert self.engine is not None
         verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
         embedder = await self.embeddings.embedder()
-        self.cache = CacheEntries(
+        self.cache_entries = CacheEntries(
             self.policy.cache, self.policy.tier_rank, self.engine, verifier, dim=embedder.dim
         )
-        await self.cache.start()
+        await self.cache_entries.start()
 
     async def _start_models(self) -> RouteModels:
         """The router and the length predictor: the newest published, else the configured or shipped ones;
@@ -234,7 +234,7 @@ class Gateway:
         label = label_from_feedback(score)
         return await asyncio.to_thread(label_sample, self.engine, request_id, tenant.id, label, "feedback")
 
-    async def usage_of(self, request_id: str) -> Usage | None:
+    async def past_usage(self, request_id: str) -> Usage | None:
         """What served or helped a past request, from its request-log row (after a restart)."""
         if self.engine is None:
             return None
@@ -267,8 +267,8 @@ class Gateway:
             await asyncio.gather(self._spend_task, return_exceptions=True)
         for watcher in self.watchers:
             await watcher.stop()
-        if self.cache is not None:
-            await self.cache.stop()
+        if self.cache_entries is not None:
+            await self.cache_entries.stop()
         if self.batcher is not None:
             self.batcher.close()
         if self.log_writer is not None:

@@ -32,7 +32,7 @@ from icgate.lengths.predict import (
     load_length_model,
     prompt_features,
 )
-from icgate.text import HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, estimate_tokens
+from icgate.text import HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, estimate_prompt_tokens
 
 Encode = Callable[[list[str]], Vectors]
 
@@ -53,12 +53,12 @@ class LengthRow:
     prompt: str
     tokens: int
     embedding: Vectors | None = field(default=None, compare=False, repr=False)
-    prompt_tokens: int | None = None
 
     @property
     def estimated_prompt_tokens(self) -> int:
-        """What the gateway would estimate for this prompt alone, when the true count is unknown."""
-        return self.prompt_tokens if self.prompt_tokens is not None else estimate_tokens(self.prompt)
+        """The `prompt_tokens` feature exactly as the gateway serves it for a one-message chat request
+        (never a tokenizer's count: the predictor must be trained on what it is served)."""
+        return estimate_prompt_tokens({"messages": [{"role": "user", "content": self.prompt}]}, "chat")
 
 
 def question_bucket(row: LengthRow) -> int:
@@ -144,7 +144,6 @@ class LengthRecord:
     text: str
     completion_tokens: int
     embedding: Vectors | None = None
-    prompt_tokens: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -373,12 +372,11 @@ def evaluate_file(
 def _coerce_record(record: LengthRecord | tuple[Any, ...]) -> LengthRecord:
     if isinstance(record, LengthRecord):
         return record
-    text, embedding, completion_tokens, *rest = record
+    text, embedding, completion_tokens, *_ = record
     return LengthRecord(
         text=str(text),
         completion_tokens=int(completion_tokens),
         embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32),
-        prompt_tokens=int(rest[0]) if rest and rest[0] is not None else None,
     )
 
 
@@ -389,8 +387,8 @@ def refit_from_records(
     extra_rows: Sequence[LengthRow] = (),
     **fit_kwargs: Any,
 ) -> LengthPredictor:
-    """Refit from the gateway's request log: records of (prompt text, embedding or None, completion tokens
-    [, prompt tokens]). Records without an embedding are embedded with `encode` when given and dropped
+    """Refit from the gateway's request log: records of (prompt text, embedding or None, completion
+    tokens). Records without an embedding are embedded with `encode` when given and dropped
     otherwise; records with no completion tokens are dropped (an error or a cache hit says nothing about
     length). `extra_rows` (embedded LengthRows, e.g. Arena-Hard's) are added to the log's rows.
     """
@@ -402,7 +400,7 @@ def refit_from_records(
         if rec.completion_tokens <= 0 or not rec.text.strip():
             dropped += 1
             continue
-        row = LengthRow("", rec.text, rec.completion_tokens, rec.embedding, rec.prompt_tokens)
+        row = LengthRow("", rec.text, rec.completion_tokens, rec.embedding)
         (kept if rec.embedding is not None else need_vectors).append(row)
     if need_vectors and encode is not None:
         kept.extend(embed_rows(need_vectors, encode))

@@ -221,7 +221,7 @@ class Serving:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_until_up(self, timeout_s: float = 120) -> None:
+    def wait_until_up(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             assert self.proc.poll() is None, f"icgate serve exited:\n{self.output()}"

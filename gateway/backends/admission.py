@@ -28,7 +28,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -321,9 +321,17 @@ class Admission:
         backends: list[BackendConfig],
         config: AdmissionConfig,
         breaker: CircuitBreakerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        signals_clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` is what `Ask.arrived` and `Job.first_token_at` are measured on (by default, like
+        `RequestContext.arrived`, `time.perf_counter`); `signals_clock` is what `BackendSignals.read_at`
+        is stamped with. Fake clocks drive waits, deadlines and cool-downs in tests without sleeping."""
         self.config = config
         self.states = {b.name: BackendState(b, breaker) for b in backends}
+        self.clock = clock
+        self.signals_clock = signals_clock
         self._seq = itertools.count()
 
     # --- estimates ------------------------------------------------------------------------------
@@ -341,7 +349,7 @@ class Admission:
             return True
         if state.in_flight >= state.config.max_concurrent:
             return False
-        signals = state.fresh_signals(time.monotonic(), self.config.metrics_stale_s)
+        signals = state.fresh_signals(self.signals_clock(), self.config.metrics_stale_s)
         if signals is not None and signals.kv_usage is not None and signals.kv_usage >= 0.98:
             return False
         limit = state.config.max_tokens_in_flight
@@ -349,7 +357,7 @@ class Admission:
 
     def _external_s(self, state: BackendState, ask: Ask) -> float:
         """Requests the backend says it holds for other clients go first (fresh signals only)."""
-        signals = state.fresh_signals(time.monotonic(), self.config.metrics_stale_s)
+        signals = state.fresh_signals(self.signals_clock(), self.config.metrics_stale_s)
         if signals is None or signals.waiting <= 0:
             return 0.0
         return signals.waiting * state.service_s(ask) / state.config.max_concurrent
@@ -426,7 +434,7 @@ class Admission:
         objective; else a spill candidate that does; else refuse. Without an objective, the least
         utilised candidate, as before.
         """
-        now = time.perf_counter()
+        now = self.clock()
         live = [b for b in candidates if self.available(b, now)]
         live_spill = [b for b in spill if self.available(b, now)]
         forced = not live
@@ -490,13 +498,13 @@ class Admission:
         """
         state = self.states[backend.name]
         if not self.config.enabled:
-            job = state.start_job(ask, time.perf_counter())
+            job = state.start_job(ask, self.clock())
             try:
                 yield job
             finally:
                 self._finish(state, job)
             return
-        now = time.perf_counter()
+        now = self.clock()
         if state.waiters or not self.has_room(state, ask, now):
             job = await self._queue(state, ask, now)
         else:
@@ -539,7 +547,7 @@ class Admission:
                 raise waiter.granted.exception() from None  # type: ignore[misc]
             state.waiters.remove(waiter)
             self._grant(state)
-            raise self._too_late(state, ask, time.perf_counter()) from None
+            raise self._too_late(state, ask, self.clock()) from None
         except BaseException:
             # Cancelled (the client left): give up the place, or the slot it was just given.
             if waiter.job is not None:
@@ -555,7 +563,7 @@ class Admission:
 
     def _grant(self, state: BackendState) -> None:
         """Give free slots to the head of the queue; a granted waiter's job counts in flight at once."""
-        now = time.perf_counter()
+        now = self.clock()
         while state.waiters and self.has_room(state, state.waiters[0].ask, now):
             head = state.waiters.pop(0)
             budget = head.ask.budget_s(now, self.config.ttft_margin)
@@ -577,7 +585,7 @@ class Admission:
 
     def _finish(self, state: BackendState, job: Job) -> None:
         state.jobs.discard(job)
-        now = time.perf_counter()
+        now = self.clock()
         state.served += 1
         if job.first_token_at is not None:
             state.ttft.add(job.prefill_tokens, job.first_token_at - job.started)
@@ -596,11 +604,11 @@ class Admission:
 
     def available(self, backend: BackendConfig, now: float | None = None) -> bool:
         """Whether the backend's circuit lets a call through now."""
-        return self.states[backend.name].breaker.available(time.perf_counter() if now is None else now)
+        return self.states[backend.name].breaker.available(self.clock() if now is None else now)
 
     def claim(self, backend: BackendConfig) -> bool:
         """For a call placed outside `place` (the fallback): True, and the probe taken if half-open."""
-        now = time.perf_counter()
+        now = self.clock()
         breaker = self.states[backend.name].breaker
         if not breaker.available(now):
             return False
@@ -611,7 +619,7 @@ class Admission:
         """The backend itself failed (5xx, timeout, unreachable, rejected our key): counts to its circuit."""
         state = self.states[backend.name]
         state.errors += 1
-        state.breaker.failure(time.perf_counter())
+        state.breaker.failure(self.clock())
 
     def backend_succeeded(self, backend: BackendConfig) -> None:
         self.states[backend.name].breaker.success()
@@ -621,12 +629,12 @@ class Admission:
         self.states[backend.name].breaker.neutral()
 
     def circuits(self) -> dict[str, CircuitStatus]:
-        now = time.perf_counter()
+        now = self.clock()
         return {name: s.breaker.status(now) for name, s in self.states.items()}
 
     def serving(self) -> bool:
         """At least one backend would take a call now (readiness)."""
-        now = time.perf_counter()
+        now = self.clock()
         return any(s.breaker.available(now) for s in self.states.values())
 
     def note_signals(self, backend: str, signals: BackendSignals) -> None:
@@ -634,10 +642,10 @@ class Admission:
 
     def snapshot(self) -> dict[str, dict[str, float | int | None]]:
         """Every backend's live state, for /admin and the tests."""
-        now = time.perf_counter()
+        now = self.clock()
         out: dict[str, dict[str, float | int | None]] = {}
         for name, s in self.states.items():
-            signals = s.fresh_signals(time.monotonic(), self.config.metrics_stale_s)
+            signals = s.fresh_signals(self.signals_clock(), self.config.metrics_stale_s)
             out[name] = {
                 "in_flight": s.in_flight,
                 "waiting": s.waiting,

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 import aiohttp
@@ -27,11 +27,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from icgate.gateway.config import BackendConfig
 from icgate.gateway.records import Endpoint
+from icgate.text import message_text
 
 # litellm reads these at import time: never fetch the cost map, never reach a hub.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import litellm
+import litellm.exceptions as litellm_errors
 
 # Parameters litellm maps itself; everything else is passed through untouched in `extra_body`.
 OPENAI_PARAMS = frozenset(
@@ -150,9 +152,9 @@ def status_error(
 def _backend_error(backend: BackendConfig, exc: Exception) -> BackendError:
     """A litellm exception as a BackendError (litellm maps every provider's errors to these classes)."""
     detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, litellm.Timeout):
+    if isinstance(exc, litellm_errors.Timeout):
         return status_error(backend, 504, "", detail)
-    if isinstance(exc, litellm.APIConnectionError):
+    if isinstance(exc, litellm_errors.APIConnectionError):
         # Connection refused or reset, DNS, or litellm failing before the call: never the client's fault.
         return BackendError(
             backend.name,
@@ -165,7 +167,7 @@ def _backend_error(backend: BackendConfig, exc: Exception) -> BackendError:
     if not isinstance(status, int):
         status = 502
     reason = str(getattr(exc, "message", "") or exc)
-    context_window = isinstance(exc, litellm.ContextWindowExceededError)
+    context_window = isinstance(exc, litellm_errors.ContextWindowExceededError)
     return status_error(backend, status, reason, detail, context_window)
 
 
@@ -190,14 +192,6 @@ class PromptRenderer:
             compiled = self._cache[template] = self._env.from_string(template)
         plain = [{"role": m.get("role", "user"), "content": message_text(m.get("content"))} for m in messages]
         return str(compiled.render(messages=plain))
-
-
-def message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: keep the text ones
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
 
 
 Route = Literal["chat", "text"]
@@ -315,10 +309,12 @@ class LitellmTransport:
         """Close litellm's cached HTTP sessions (process-wide: one gateway per process in production)."""
         from litellm.llms.custom_httpx.async_client_cleanup import close_litellm_async_clients
 
+        # litellm leaves this one untyped.
+        close_all: Callable[[], Awaitable[None]] = close_litellm_async_clients
         clients, self._text_clients = list(self._text_clients.values()), {}
         for client in clients:
             await client.close()
-        await close_litellm_async_clients()
+        await close_all()
 
 
 class HttpTransport:

@@ -94,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--prune-after-days", type=float, default=7.0)
     rep.add_argument("--dry-run", action="store_true")
 
-    from icgate.gateway.cli import training as cli_models
+    from icgate.gateway.cli import training
 
-    cli_models.add_parsers(sub, policy_args)
+    training.add_parsers(sub, policy_args)
     return parser
 
 
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"icgate cache {args.cache_command}: {exc}", file=sys.stderr)
             return 2
     if args.command in ("router", "length"):
-        from icgate.gateway.cli import training as cli_models
+        from icgate.gateway.cli import training
 
-        run = cli_models.run_router if args.command == "router" else cli_models.run_length
+        run = training.run_router if args.command == "router" else training.run_length
         try:
             return run(args, policy, data_dir)
         except (OSError, ValueError) as exc:

@@ -90,7 +90,7 @@ def replace_entry(
         tier=backend.tier,
         prompt_tokens=int(usage.get("prompt_tokens") or old.prompt_tokens),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        utility=max(old.utility, initial_utility(best_tier=backend.tier == "large")),
+        utility=max(old.utility, initial_utility(best_tier=True)),
         feedback_sum=0.0,
         feedback_count=0,
         created_at=now,
@@ -104,10 +104,11 @@ def replace_entry(
         return int(row.id)
 
 
-async def run_replay(
+async def run_replay(  # noqa: PLR0913 - the command's options, one argument each
     policy: Policy,
     data_dir: Path,
     budget_usd: float,
+    *,
     max_entries: int = 100,
     gateway_url: str | None = None,
     idle_wait_s: float = 30.0,
@@ -119,7 +120,7 @@ async def run_replay(
     await asyncio.to_thread(db.upgrade, url)
     engine = db.make_engine(url)
     summary = ReplaySummary()
-    best_tier = policy.tiers[-1]
+    best_tier = policy.best_tier
     large = policy.tier(best_tier)
     if not large:
         raise ValueError(f"no backend serves the best tier '{best_tier}'")

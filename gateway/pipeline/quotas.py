@@ -1,4 +1,4 @@
-"""Per-tenant rate limits (requests and tokens per minute) and spend budgets.
+"""Stage 2, quotas: per-tenant rate limits (requests and tokens per minute) and spend budgets.
 
 Counters live in the `limits` library's storage: `memory://` counts per replica, `redis://...` is
 shared by every replica. Tokens are charged as they are known: the prompt's estimate at arrival,
@@ -147,8 +147,8 @@ class TenantLimiter:
                 since = window_start(limits.budget_window, datetime.now(UTC))
                 query = (
                     sa.select(sa.func.coalesce(sa.func.sum(tables.RequestLog.cost_usd), 0.0))
-                    .join(tables.Tenant, tables.Tenant.id == tables.RequestLog.tenant_id)
-                    .where(tables.Tenant.name == name, tables.RequestLog.created_at >= since)
+                    .join(tables.TenantRow, tables.TenantRow.id == tables.RequestLog.tenant_id)
+                    .where(tables.TenantRow.name == name, tables.RequestLog.created_at >= since)
                 )
                 totals[name] = float(conn.execute(query).scalar_one())
         for name, total in totals.items():

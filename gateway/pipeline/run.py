@@ -31,7 +31,7 @@ from icgate.gateway.pipeline.call import Caller, CallPlan
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.record import Recorder, RecordSink, SampleSink, Trail
 from icgate.gateway.pipeline.route import RouteModels, RouteOutcome, route
-from icgate.gateway.pipeline.stream import StreamRelay, usage_of
+from icgate.gateway.pipeline.stream import StreamRelay, token_usage
 from icgate.gateway.pipeline.target import Target, resolve_target
 from icgate.gateway.records import RequestContext, RequestRecord, Tenant
 from icgate.gateway.store.cache_entries import CacheEntries, Hit
@@ -149,7 +149,7 @@ class Pipeline:
             return PipelineResult(ctx, chunks=relay)
         called = await self.caller.complete(ctx, plan, exits)
         response = called.result
-        ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+        ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
         await exits.aclose()
         self.record(ctx, Trail(target, lookup, called.examples), response)
         return PipelineResult(ctx, response=response)
@@ -188,7 +188,7 @@ class Pipeline:
     ) -> PipelineResult:
         ctx.route = "cache"
         response = hit_response(ctx, hit)
-        ctx.prompt_tokens, ctx.completion_tokens = usage_of(response)
+        ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
         if ctx.stream:
             chunks = replay_as_stream(ctx, response)
             first = await anext(chunks)

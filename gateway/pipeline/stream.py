@@ -19,7 +19,7 @@ log = logging.getLogger("icgate.pipeline")
 Chunk = dict[str, Any]
 
 
-def usage_of(response: Chunk) -> tuple[int, int]:
+def token_usage(response: Chunk) -> tuple[int, int]:
     """(prompt, completion) tokens of an answer or a usage chunk; zeros when it has none."""
     usage = response.get("usage") or {}
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
@@ -92,7 +92,7 @@ class StreamRelay:
     def _note(self, chunk: Chunk) -> None:
         """Usage and the answer's text, for the request log and the cache insert."""
         if chunk.get("usage"):
-            self._ctx.prompt_tokens, self._ctx.completion_tokens = usage_of(chunk)
+            self._ctx.prompt_tokens, self._ctx.completion_tokens = token_usage(chunk)
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) == 0:
                 self._ctx.output_parts.append((choice.get("delta") or {}).get("content") or "")

@@ -1,4 +1,4 @@
-"""The gateway's cache: memory and faiss for the hot path, the database behind it.
+"""Every tenant's cache entries: memory and faiss for the request path, the database behind them.
 
 Reads on the hot path touch only the in-memory store and the vector index.
 Inserts happen after the response is sent; stats updates go through a

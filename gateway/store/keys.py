@@ -69,7 +69,9 @@ def _new_id(result: sa.CursorResult[Any]) -> int:
 
 
 def _tenant_id(conn: sa.Connection, name: str) -> int | None:
-    return conn.execute(sa.select(tables.Tenant.id).where(tables.Tenant.name == name)).scalar_one_or_none()
+    return conn.execute(
+        sa.select(tables.TenantRow.id).where(tables.TenantRow.name == name)
+    ).scalar_one_or_none()
 
 
 def _get_or_create_tenant(engine: sa.Engine, name: str) -> int:
@@ -79,7 +81,7 @@ def _get_or_create_tenant(engine: sa.Engine, name: str) -> int:
             return existing
     try:
         with engine.begin() as conn:
-            result = conn.execute(sa.insert(tables.Tenant).values(name=name, created_at=tables.utcnow()))
+            result = conn.execute(sa.insert(tables.TenantRow).values(name=name, created_at=tables.utcnow()))
             return _new_id(result)
     except IntegrityError:
         # Another process created it between our read and our insert.
@@ -129,13 +131,13 @@ def list_keys(engine: sa.Engine) -> list[KeyInfo]:
         sa.select(
             tables.ApiKey.id,
             tables.ApiKey.tenant_id,
-            tables.Tenant.name,
+            tables.TenantRow.name,
             tables.ApiKey.key_prefix,
             tables.ApiKey.created_at,
             tables.ApiKey.revoked_at,
             tables.ApiKey.last_used_at,
         )
-        .join(tables.Tenant, tables.Tenant.id == tables.ApiKey.tenant_id)
+        .join(tables.TenantRow, tables.TenantRow.id == tables.ApiKey.tenant_id)
         .order_by(tables.ApiKey.id)
     )
     with engine.connect() as conn:
@@ -204,10 +206,10 @@ class KeyAuthenticator:
                 tables.ApiKey.id,
                 tables.ApiKey.key_hash,
                 tables.ApiKey.last_used_at,
-                tables.Tenant.id.label("tenant_id"),
-                tables.Tenant.name,
+                tables.TenantRow.id.label("tenant_id"),
+                tables.TenantRow.name,
             )
-            .join(tables.Tenant, tables.Tenant.id == tables.ApiKey.tenant_id)
+            .join(tables.TenantRow, tables.TenantRow.id == tables.ApiKey.tenant_id)
             .where(tables.ApiKey.key_hash == digest, tables.ApiKey.revoked_at.is_(None))
         )
         with self._engine.connect() as conn:

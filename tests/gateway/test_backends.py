@@ -99,7 +99,8 @@ def test_template_takes_the_text_of_content_parts(large: BackendConfig) -> None:
         },
     ]
     prompt = PromptRenderer().render(large.prompt_template, messages)
-    assert conversation(prompt) == "Q: Describe this.\nA:"
+    # Text parts joined by newlines, as everywhere (icgate.text.message_text; vLLM joins them so too).
+    assert conversation(prompt) == "Q: Describe \nthis.\nA:"
 
 
 def test_template_treats_missing_role_as_user_and_missing_content_as_empty(large: BackendConfig) -> None:

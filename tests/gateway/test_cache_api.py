@@ -46,7 +46,7 @@ def ask(gw: RunningGateway, content: str | list[dict[str, Any]], model: str = "a
 def settle(gw: RunningGateway) -> None:
     """Wait until answers given so far are stored (inserts run after the response)."""
     deadline = time.monotonic() + 10
-    cache = gw.gateway.cache
+    cache = gw.gateway.cache_entries
     assert cache is not None
     while cache._inserts and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -220,7 +220,7 @@ def test_feedback_moves_utility_of_the_entries_used(standins: Standins, start_ga
     settle(gw)
     helped = ask(gw, "What is the capital city of Spain?", model="small")
     assert helped.headers["x-icgate-examples"] == "1"
-    cache = gw.gateway.cache
+    cache = gw.gateway.cache_entries
     assert cache is not None
     entry = next(e for e in cache.store.entries.values() if e.prompt_text == "What is the capital of Spain?")
     before = entry.utility
@@ -239,7 +239,7 @@ def test_pii_is_scrubbed_before_storing(standins: Standins, start_gateway: Start
     gw = start_gateway(cache_policy(standins))
     ask(gw, "My email is jane.doe@example.com, please confirm")
     settle(gw)
-    cache = gw.gateway.cache
+    cache = gw.gateway.cache_entries
     assert cache is not None
     stored = json.dumps([(e.prompt_text, e.response_text, e.response) for e in cache.store.entries.values()])
     assert "jane.doe@example.com" not in stored
@@ -265,13 +265,13 @@ def test_replicas_sharing_a_database_converge(
             break
         time.sleep(0.2)
     assert resp.headers["x-icgate-route"] == "cache"
-    assert b.gateway.cache is not None and a.gateway.cache is not None
-    entry_id = next(iter(a.gateway.cache.store.entries))
+    assert b.gateway.cache_entries is not None and a.gateway.cache_entries is not None
+    entry_id = next(iter(a.gateway.cache_entries.store.entries))
     tombstone(a, entry_id)
     deadline = time.monotonic() + 10
-    while b.gateway.cache.store.get(entry_id) is not None and time.monotonic() < deadline:
+    while b.gateway.cache_entries.store.get(entry_id) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert b.gateway.cache.store.get(entry_id) is None
+    assert b.gateway.cache_entries.store.get(entry_id) is None
 
 
 def tombstone(gw: RunningGateway, entry_id: int) -> None:
@@ -298,7 +298,7 @@ def test_policy_turns_the_cache_off_per_tenant(standins: Standins, start_gateway
     ask(gw, "What is two plus two?")
     time.sleep(0.3)
     assert ask(gw, "What is two plus two?").headers["x-icgate-route"] == "small"
-    assert gw.gateway.cache is not None and not gw.gateway.cache.store.entries
+    assert gw.gateway.cache_entries is not None and not gw.gateway.cache_entries.store.entries
 
 
 def test_policy_turns_semantic_hits_off_per_routed_model(
@@ -330,10 +330,10 @@ def test_feedback_after_a_restart_finds_the_request_in_the_log(
         second.url + "/v1/feedback", json={"request_id": helped.headers["x-icgate-request-id"], "score": 1}
     )
     assert resp.status_code == 200 and resp.json()["entries_updated"] == 1
-    assert second.gateway.cache is not None
+    assert second.gateway.cache_entries is not None
     entry = next(
         e
-        for e in second.gateway.cache.store.entries.values()
+        for e in second.gateway.cache_entries.store.entries.values()
         if e.prompt_text == "What is the capital of Italy?"
     )
     assert entry.utility == 1.0 and entry.feedback_count == 1

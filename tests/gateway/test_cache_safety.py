@@ -63,7 +63,7 @@ def test_content_the_gateway_cannot_read_is_never_served_from_the_cache(
     assert again.headers["x-icgate-route"] == "small"
     assert "x-icgate-similarity" not in again.headers
     assert len(standins.small.received) == 2
-    assert gw.gateway.cache is not None and gw.gateway.cache.store.size("anonymous") == 0
+    assert gw.gateway.cache_entries is not None and gw.gateway.cache_entries.store.size("anonymous") == 0
 
 
 def test_max_tokens_is_never_exceeded_by_a_cached_answer(
@@ -121,6 +121,6 @@ def test_exchanges_longer_than_the_entry_bound_are_answered_but_not_stored(
     long = ask(gw, "Summarise this report: " + "quarterly figures rose " * 10)  # 253 chars + its echo
     assert long.headers["x-icgate-route"] == "small"
     settle(gw)
-    cache = gw.gateway.cache
+    cache = gw.gateway.cache_entries
     assert cache is not None
     assert [e.prompt_text for e in cache.store.entries.values()] == [QUESTION]

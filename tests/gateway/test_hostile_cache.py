@@ -31,8 +31,8 @@ class VerifierSpy:
     """Wraps the gateway's `verifier.score_batch`: records the length of every text it is handed."""
 
     def __init__(self, gateway: Gateway) -> None:
-        assert gateway.cache is not None
-        self.verifier = gateway.cache.verifier
+        assert gateway.cache_entries is not None
+        self.verifier = gateway.cache_entries.verifier
         self.original = self.verifier.score_batch
         self.calls = 0
         self.longest = 0
@@ -98,8 +98,8 @@ def test_huge_near_duplicates_never_reach_the_verifier_and_short_ones_still_hit(
 ) -> None:
     # stored even at 1 MB (the stand-in echoes the prompt), so that the verifier has huge candidates
     gw = start_gateway(cache_policy(standins, max_entry_chars=3_000_000))
-    assert gw.gateway.cache is not None
-    limit = gw.gateway.cache.config.semantic_max_chars
+    assert gw.gateway.cache_entries is not None
+    limit = gw.gateway.cache_entries.config.semantic_max_chars
     verifier, embedder = VerifierSpy(gw.gateway), spy_on_embedder(gw.gateway)
     # two ~20 KB prompts and two ~1 MB prompts, each pair differing in one word
     for size in (20_000, 1_000_000):

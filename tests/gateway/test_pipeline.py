@@ -17,7 +17,7 @@ from icgate.gateway.pipeline.authenticate import authenticate
 from icgate.gateway.pipeline.explain import response_headers
 from icgate.gateway.pipeline.route import RouteModels, route, route_features
 from icgate.gateway.pipeline.run import Pipeline
-from icgate.gateway.pipeline.stream import usage_of
+from icgate.gateway.pipeline.stream import token_usage
 from icgate.gateway.pipeline.target import Target, resolve_target
 from icgate.gateway.records import ANONYMOUS, Endpoint, RequestContext, RequestRecord, Tenant
 from icgate.gateway.telemetry import Telemetry
@@ -325,7 +325,7 @@ def test_candidates_for_tier_named_backend_and_empty_tier() -> None:
     assert info.value.status_code == 503 and "medium" in info.value.message
 
 
-# --- response_headers, usage_of ---------------------------------------------------------------------
+# --- response_headers, token_usage ---------------------------------------------------------------------
 
 
 def test_response_headers_plain() -> None:
@@ -359,11 +359,11 @@ def test_response_headers_before_any_decision() -> None:
     assert headers["x-icgate-route"] == "none" and headers["x-icgate-backend"] == "none"
 
 
-def test_usage_of() -> None:
-    assert usage_of(reply("x", prompt_tokens=11, completion_tokens=4)) == (11, 4)
-    assert usage_of({"usage": None}) == (0, 0)
-    assert usage_of({}) == (0, 0)
-    assert usage_of({"usage": {"prompt_tokens": 2}}) == (2, 0)
+def test_token_usage() -> None:
+    assert token_usage(reply("x", prompt_tokens=11, completion_tokens=4)) == (11, 4)
+    assert token_usage({"usage": None}) == (0, 0)
+    assert token_usage({}) == (0, 0)
+    assert token_usage({"usage": {"prompt_tokens": 2}}) == (2, 0)
 
 
 # --- Pipeline.run: non-streaming --------------------------------------------------------------------

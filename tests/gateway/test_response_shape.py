@@ -150,7 +150,7 @@ def test_cache_hit_and_its_replayed_stream(
     body = chat_body("What is the tallest mountain on Earth?", temperature=0)
     first = post(gw, body)
     assert first.headers["x-icgate-route"] == "small"
-    cache = gw.gateway.cache
+    cache = gw.gateway.cache_entries
     assert cache is not None
     deadline = time.monotonic() + 10
     while cache._inserts and time.monotonic() < deadline:

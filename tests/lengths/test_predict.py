@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,3 +160,11 @@ def test_shipped_artifact_is_small_and_records_held_out_metrics() -> None:
     assert shipped.summary["buckets"].startswith("0-7")
     assert shipped.metrics["held_out"]["n"] > 0
     assert isinstance(load_length_model(), LengthPredictor)
+
+
+def test_request_time_code_loads_without_the_training_code() -> None:
+    """The gateway imports `lengths.predict`: it must not drag in training, scikit-learn or scipy."""
+    loaded = "import sys, icgate.lengths.predict; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, check=True)
+    forbidden = ("icgate.lengths.training", "sklearn", "scipy")
+    assert not [m for m in out.stdout.split() if m.startswith(forbidden)]

@@ -180,8 +180,8 @@ def test_evaluate_length_of_the_heuristic_needs_no_encoder() -> None:
 
 
 def test_evaluate_length_reports_tau_mae_n(fitted: LengthPredictor) -> None:
-    emb, pt, texts, tokens = synthetic(50, seed=10)
-    rows = [LengthRow(f"q{i}", texts[i], tokens[i], emb[i], pt[i]) for i in range(50)]
+    emb, _, texts, tokens = synthetic(50, seed=10)
+    rows = [LengthRow(f"q{i}", texts[i], tokens[i], emb[i]) for i in range(50)]
     result = evaluate_length(fitted, rows)
     assert result["n"] == 50 and result["kendall_tau"] > 0.5 and result["mae"] >= 0
     assert 0.0 <= result["p90_coverage"] <= 1.0

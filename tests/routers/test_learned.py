@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,3 +113,20 @@ def test_shipped_artifact_loads_and_met_its_target() -> None:
     vector = np.random.default_rng(0).normal(size=EMBEDDING_DIM)
     decision = router.route(features_for_prompt("Janet has 3 apples and buys 5 more. How many?", vector))
     assert decision.tier in {"small", "large"} and decision.score is not None
+
+
+def test_request_time_code_loads_without_the_training_code() -> None:
+    """The gateway imports `routers.learned`: it must not drag in training, scikit-learn or scipy."""
+    loaded = (
+        "import sys, icgate.routers.learned, icgate.routers.rules, icgate.routers.decide\n"
+        "print('\\n'.join(sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, check=True)
+    forbidden = (
+        "icgate.routers.training",
+        "icgate.routers.data",
+        "icgate.routers.evaluation",
+        "sklearn",
+        "scipy",
+    )
+    assert not [m for m in out.stdout.split() if m.startswith(forbidden)]

@@ -24,8 +24,10 @@ async def feedback(body: FeedbackRequest, tenant: CurrentTenant, gw: GatewayDep)
     the request's route sample (router training data)."""
     labelled = await gw.label_route_sample(body.request_id, tenant, body.score)
     touched = None
-    if gw.cache is not None:
-        touched = await gw.cache.feedback(body.request_id, body.score, namespace_for(tenant), gw.usage_of)
+    if gw.cache_entries is not None:
+        touched = await gw.cache_entries.feedback(
+            body.request_id, body.score, namespace_for(tenant), gw.past_usage
+        )
     if touched is None and not labelled:
         raise GatewayError(404, f"No request '{body.request_id}' is known.", param="request_id")
     return {

@@ -1,0 +1,1 @@
+from tests.gateway.pipeline.fakes import new_entries as new_entries

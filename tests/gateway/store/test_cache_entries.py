@@ -1,0 +1,182 @@
+"""`CacheEntries` on plain data: hand-made unit vectors, a fake verifier and clock, in-memory SQLite."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from icgate.cache.verify import MAX_TEXT_CHARS
+from icgate.gateway.records import Tenant
+from icgate.gateway.store.cache_entries import CacheEntries, NewEntry
+from tests.gateway.pipeline.fakes import (
+    FakeClock,
+    FakeVerifier,
+    NewEntries,
+    axis,
+    chat_ctx,
+    entry_for,
+    make_policy,
+    remember,
+    toward,
+)
+
+ALICE, BOB = Tenant(id=3, name="alice"), Tenant(id=4, name="bob")
+
+
+# --- retrieve ----------------------------------------------------------------------------------------
+
+
+async def test_retrieve_stays_in_the_tenants_namespace(new_entries: NewEntries) -> None:
+    entries = new_entries()
+    same = axis(0)
+    remember(
+        entries,
+        entry_for(entries, chat_ctx("q", ALICE), 1, same),
+        entry_for(entries, chat_ctx("q", BOB), 2, same),
+        entry_for(entries, chat_ctx("q"), 3, same),
+        entry_for(entries, chat_ctx("q2", ALICE), 4, toward(0, 0.6)),
+    )
+    alice = await entries.retrieve("tenant:3", same, 8)
+    assert [(c.entry.id, round(c.similarity, 4)) for c in alice] == [(1, 1.0), (4, 0.6)]  # best first
+    assert [c.entry.id for c in await entries.retrieve("tenant:4", same, 8)] == [2]
+    assert [c.entry.id for c in await entries.retrieve("anonymous", same, 8)] == [3]
+    assert await entries.retrieve("tenant:99", same, 8) == []
+    assert [c.entry.id for c in await entries.retrieve("tenant:3", same, 1)] == [1]
+
+
+async def test_retrieve_never_returns_an_entry_of_another_namespace_or_a_forgotten_one(
+    new_entries: NewEntries,
+) -> None:
+    entries = new_entries()
+    bobs = entry_for(entries, chat_ctx("q", BOB), 1, axis(0))
+    entries.store.add(bobs)
+    # The index says tenant 3 holds ids 1 (the store says it is Bob's) and 2 (no longer in the store).
+    entries.index.add("tenant:3", np.array([1, 2], dtype=np.int64), np.stack([axis(0), axis(0)]))
+    assert await entries.retrieve("tenant:3", axis(0), 8) == []
+
+
+# --- allowed: tier floor and expiry ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry_tier", "min_tier", "allowed"),
+    [
+        ("small", None, True),
+        ("large", None, True),
+        ("medium", None, True),
+        ("large", "small", True),
+        ("small", "small", True),
+        ("small", "large", False),
+        ("medium", "small", False),  # a tier the policy no longer lists ranks below every listed one
+    ],
+)
+def test_allowed_by_tier_rank(
+    new_entries: NewEntries, entry_tier: str, min_tier: str | None, allowed: bool
+) -> None:
+    entries = new_entries()
+    entry = entry_for(entries, chat_ctx("q"), 1, axis(0), tier=entry_tier)
+    assert entries.allowed(entry, min_tier) is allowed
+
+
+def test_allowed_until_the_entry_expires(new_entries: NewEntries) -> None:
+    clock = FakeClock()
+    entries = new_entries(clock=clock)
+    expiring = entry_for(entries, chat_ctx("q"), 1, axis(0), expires_at=clock.now + 10)
+    forever = entry_for(entries, chat_ctx("q"), 2, axis(0), expires_at=None)
+    assert entries.allowed(expiring, None) and entries.allowed(expiring, "small")
+    clock.advance(9.99)
+    assert entries.allowed(expiring, None)
+    clock.advance(0.01)
+    assert not entries.allowed(expiring, None) and not entries.allowed(expiring, "small")
+    clock.advance(1e9)
+    assert entries.allowed(forever, "large")
+
+
+def test_exact_is_per_namespace(new_entries: NewEntries) -> None:
+    entries = new_entries()
+    alices = entry_for(entries, chat_ctx("q", ALICE), 1, axis(0))
+    remember(entries, alices)
+    assert entries.exact("tenant:3", alices.exact_key) is alices
+    assert entries.exact("tenant:4", alices.exact_key) is None
+
+
+@pytest.mark.parametrize(("configured", "expected"), [(100, 100), (MAX_TEXT_CHARS * 2, MAX_TEXT_CHARS)])
+def test_semantic_max_chars_never_above_what_the_verifier_reads(
+    new_entries: NewEntries, configured: int, expected: int
+) -> None:
+    entries = new_entries(make_policy(cache={"semantic_max_chars": configured}))
+    assert entries.semantic_max_chars == expected
+
+
+# --- verify --------------------------------------------------------------------------------------------
+
+
+async def test_verify_scores_every_pair_on_the_verifiers_own_thread(new_entries: NewEntries) -> None:
+    verifier = FakeVerifier(scores={"a": 0.2, "b": 0.9, "c": 0.5})
+    entries = new_entries(verifier=verifier)
+    candidates = [entry_for(entries, chat_ctx(t), i, axis(i)) for i, t in enumerate("abc", start=1)]
+    scores = await entries.verify("the request", axis(0), candidates)
+    assert scores.tolist() == [0.2, 0.9, 0.5]
+    assert verifier.requests == [["the request"] * 3] and verifier.calls == [["a", "b", "c"]]
+    assert verifier.shapes == [((3, 8), (3, 8))]
+    [thread] = verifier.threads
+    assert thread.startswith("icgate-verify") and thread != threading.current_thread().name
+    await entries.verify("again", axis(0), candidates[:1])
+    assert verifier.threads[1] == thread  # one thread, shared by every request
+
+
+# --- inserts, on the in-memory database --------------------------------------------------------------
+
+
+def new_entry(text: str, tier: str, answer: str = "Rome.", **kw: Any) -> NewEntry:
+    return NewEntry(
+        namespace="anonymous",
+        exact_key=f"key:{text}",
+        context_fingerprint="",
+        embed_text=text,
+        prompt_text=text,
+        response_text=answer,
+        response={"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]},
+        backend=tier,
+        tier=tier,
+        prompt_tokens=3,
+        completion_tokens=2,
+        vector=kw.pop("vector", axis(0)),
+    )
+
+
+async def inserted(entries: CacheEntries, *new: NewEntry) -> None:
+    for i, item in enumerate(new):
+        entries.insert_later(f"req-{i}", item)
+        await entries.flush()
+
+
+async def test_insert_scrubs_personal_data_and_expires_by_the_clock(new_entries: NewEntries) -> None:
+    clock = FakeClock()
+    entries = new_entries(make_policy(cache={"ttl_s": 60}), clock=clock)
+    await entries.start()
+    await inserted(entries, new_entry("Write to bob@example.com", "large", "Mail bob@example.com."))
+    [entry] = entries.store.entries.values()
+    assert "bob@example.com" not in entry.prompt_text + entry.response_text
+    assert entry.response["choices"][0]["message"]["content"] == entry.response_text
+    assert (entry.created_at, entry.expires_at) == (clock.now, clock.now + 60)
+    assert entry.utility > 0.5  # the best tier's answer starts worth more
+    assert [c.entry.id for c in await entries.retrieve("anonymous", axis(0), 8)] == [entry.id]
+    clock.advance(60)
+    assert await entries.expire_and_evict() == 1
+    assert entries.store.entries == {} and await entries.retrieve("anonymous", axis(0), 8) == []
+
+
+async def test_a_better_tiers_answer_replaces_a_worse_one_never_the_reverse(new_entries: NewEntries) -> None:
+    entries = new_entries()
+    await entries.start()
+    await inserted(entries, new_entry("q", "small", "small answer"))
+    await inserted(entries, new_entry("q", "small", "another small answer"))
+    assert [e.response_text for e in entries.store.entries.values()] == ["small answer"]
+    await inserted(entries, new_entry("q", "large", "large answer"))
+    await inserted(entries, new_entry("q", "small", "late small answer"))
+    assert [e.response_text for e in entries.store.entries.values()] == ["large answer"]
+    assert entries.exact("anonymous", "key:q") is not None
