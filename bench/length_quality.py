@@ -116,7 +116,7 @@ def fit_prompt_length(rows: Sequence[LengthRow]) -> Predict:
     return lambda test: (np.exp(intercept + slope * np.log([r.estimated_prompt_tokens for r in test])), None)
 
 
-def fit_heuristic(rows: Sequence[LengthRow]) -> Predict:  # noqa: ARG001 - a `Fit` that learns nothing
+def fit_heuristic(rows: Sequence[LengthRow]) -> Predict:
     heuristic = OutputLengthHeuristic()
     return lambda test: _estimates(
         [heuristic.predict(None, r.estimated_prompt_tokens, r.prompt) for r in test]

@@ -1,8 +1,10 @@
-"""The records that travel through the pipeline.
+"""Per-request records: who asked (`Tenant`), the request as it goes (`RequestContext`), and what is
+logged of it (`RequestRecord`).
 
-`RequestContext` is the one object every stage reads and writes; each stage
-notes what it decided in `ctx.decisions[stage]` so that the response headers,
-the request log, the metrics and the trace all tell the same story.
+`RequestContext` carries what accumulates over a request (the backend that answered, timings, token
+counts, status). Stages pass their decisions to each other as typed outcomes, not through it;
+`ctx.decisions` is their explanation, written by `gateway.pipeline.explain`, which the response
+headers, the request log, the metrics and the trace all read.
 """
 
 from __future__ import annotations

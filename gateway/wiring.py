@@ -197,7 +197,12 @@ class Gateway:
         verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
         embedder = await self.embeddings.embedder()
         self.cache_entries = CacheEntries(
-            self.policy.cache, self.policy.tier_rank, self.engine, verifier, dim=embedder.dim
+            self.policy.cache,
+            self.policy.tier_rank,
+            self.policy.best_tier,
+            self.engine,
+            verifier,
+            dim=embedder.dim,
         )
         await self.cache_entries.start()
 

@@ -64,7 +64,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp / "icgate.gateway.log"
     env = {k: v for k, v in os.environ.items() if k != "ICGATE_DATABASE_URL"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "icgate.gateway.cli.main", "serve", "--policy", str(policy), "--port", str(port),
+        [sys.executable, "-m", "icgate.gateway.cli.main", "serve", "--policy", str(policy),
+         "--port", str(port),
          "--data-dir", str(tmp / "data")],
         cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -207,7 +207,7 @@ class Caller:
 
     def _augment(self, ctx: RequestContext, plan: CallPlan, backend: BackendConfig) -> Augmented:
         if plan.lookup is None or self.entries is None:
-            return augment(ctx, None, None, backend, self.policy.small_tier, plan.ask.prompt_tokens)
+            return Augmented(ctx.body)
         with self.telemetry.tracing.stage_span("augment"):
             augmented = augment(
                 ctx, plan.lookup, self.entries, backend, self.policy.small_tier, plan.ask.prompt_tokens

@@ -119,6 +119,7 @@ class CacheEntries:
         self,
         config: CacheConfig,
         tier_rank: Callable[[str], int],
+        best_tier: str,
         engine: sa.Engine,
         verifier: HitVerifier,
         dim: int,
@@ -126,6 +127,7 @@ class CacheEntries:
     ) -> None:
         self.config = config
         self.tier_rank = tier_rank
+        self.best_tier = best_tier  # its answers start with a higher utility
         self.engine = engine
         self.verifier = verifier
         self.clock = clock
@@ -310,7 +312,7 @@ class CacheEntries:
                 prompt_tokens=new.prompt_tokens,
                 completion_tokens=new.completion_tokens,
                 vector=np.asarray(new.vector, dtype=np.float32),
-                utility=initial_utility(best_tier=new.tier == "large"),
+                utility=initial_utility(best_tier=new.tier == self.best_tier),
                 created_at=now,
                 last_used_at=now,
                 expires_at=now + self.config.ttl_s if self.config.ttl_s else None,

@@ -128,6 +128,7 @@ def make_entries(
     return CacheEntries(
         policy.cache,
         policy.tier_rank,
+        policy.best_tier,
         engine,
         cast(HitVerifier, verifier or FakeVerifier()),
         DIM,
@@ -160,7 +161,10 @@ def entry_for(
     expires_at: float | None = None,
     utility: float = 0.5,
 ) -> CacheEntry:
-    """The entry the cache would hold had `ctx` been answered (its keys computed as the pipeline does)."""
+    """The entry the cache would hold had `ctx` been answered (its keys computed as the pipeline does).
+
+    In a test that also inserts answers, give hand-made entries ids the database will not hand out
+    (say 1000 and up): an insert with the same id replaces the entry in memory."""
     lookup = plan_lookup(ctx, entries)
     assert lookup is not None
     text = response_text if response_text is not None else f"answer {entry_id}"

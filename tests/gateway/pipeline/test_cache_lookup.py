@@ -311,7 +311,7 @@ async def test_semantic_hit_in_the_same_conversation_context(new_entries: NewEnt
     ],
 )
 async def test_semantic_hit_only_for_an_answer_the_request_would_have_let_finish(
-    new_entries: NewEntries, limit: dict[str, int], served: bool
+    new_entries: NewEntries, limit: dict[str, Any], served: bool
 ) -> None:
     entries = new_entries(verifier=FakeVerifier(default=1.0))
     store_similar(entries, completion_tokens=5)

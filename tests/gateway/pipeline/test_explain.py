@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from icgate.gateway.config import PriorityClass
+from icgate.gateway.config import BackendConfig, PriorityClass
 from icgate.gateway.pipeline import explain
 from icgate.gateway.pipeline.cache_lookup import CacheLookup
 from icgate.gateway.pipeline.route import RouteOutcome
@@ -15,9 +15,14 @@ from icgate.lengths.predict import LengthEstimate
 from icgate.routers.base import RouteDecision
 from tests.gateway.pipeline.fakes import NewEntries, axis, chat_ctx, entry_for, make_policy
 
-POLICY = make_policy()
-SMALL, LARGE = POLICY.backend("small"), POLICY.backend("large")
-assert SMALL is not None and LARGE is not None
+
+def backend(name: str) -> BackendConfig:
+    found = make_policy().backend(name)
+    assert found is not None
+    return found
+
+
+SMALL, LARGE = backend("small"), backend("large")
 
 
 def a_lookup(new_entries: NewEntries, hit: bool) -> CacheLookup:

@@ -214,7 +214,8 @@ def test_predict_length_is_capped_by_max_tokens(max_tokens: int | None, expected
 
 async def test_route_sizes_the_answer_by_max_tokens_or_max_completion_tokens() -> None:
     policy = priced_policy(threshold=0.5)
-    for cap in ({"max_tokens": 120}, {"max_completion_tokens": 120}):
+    caps: list[dict[str, Any]] = [{"max_tokens": 120}, {"max_completion_tokens": 120}]
+    for cap in caps:
         outcome = await route(
             chat_ctx(PROMPT, **cap), Target(routed=True), None, models_of(Scorer(0.9)), policy, None
         )

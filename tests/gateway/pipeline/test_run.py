@@ -10,6 +10,7 @@ from icgate.gateway.config import Policy
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.route import RouteModels
+from icgate.gateway.records import Tenant
 from icgate.gateway.store.cache_entries import CacheEntries
 from icgate.lengths.predict import OutputLengthHeuristic
 from icgate.routers.base import RouteDecision, RouteFeatures
@@ -38,12 +39,13 @@ async def with_cache(
     new_entries: NewEntries,
     policy: Policy | None = None,
     verifier: FakeVerifier | None = None,
+    embed: FakeEmbed | None = None,
     **parts: Any,
 ) -> tuple[Harness, CacheEntries, FakeEmbed]:
     policy = policy or make_policy()
     entries = new_entries(policy, verifier)
     await entries.start()
-    embed = FakeEmbed({QUESTION: axis(0), REWORDED: toward(0, 0.95)})
+    embed = embed or FakeEmbed({QUESTION: axis(0), REWORDED: toward(0, 0.95)})
     return harness(policy, entries=entries, embed=embed, **parts), entries, embed
 
 
@@ -141,9 +143,9 @@ async def test_a_small_tier_request_gets_examples_and_counts_them(new_entries: N
 
 
 async def test_a_large_tier_request_gets_no_examples(new_entries: NewEntries) -> None:
-    h, entries, _ = await with_cache(new_entries, verifier=FakeVerifier(default=0.1))
     long_question = "Explain " + "in detail " * 40 + "the capital of Italy."
-    h.pipeline.embed = FakeEmbed(default=axis(0))
+    embed = FakeEmbed({long_question: axis(0)})  # close to the stored pair: a candidate example
+    h, entries, _ = await with_cache(new_entries, verifier=FakeVerifier(default=0.1), embed=embed)
     remember(entries, entry_for(entries, chat_ctx("What is the capital of France?"), 1000, toward(0, 0.9)))
     ctx = chat_ctx(long_question)
     await h.pipeline.run(ctx)
@@ -218,6 +220,25 @@ async def test_a_stream_cut_before_its_usage_is_billed_for_what_was_sent() -> No
     await anext(result.chunks)
     await anext(result.chunks)
     await result.chunks.aclose()  # the client left
+    await result.chunks.aclose()  # and the server closes it again: harmless
     assert ctx.completion_tokens == 2  # one token per content chunk delivered
     assert ctx.prompt_tokens == estimate_prompt_tokens(ctx.body, "chat")
     assert h.in_flight() == IDLE and len(h.log.records) == 1
+
+
+class Keys:
+    def __init__(self, keys: dict[str, Tenant]) -> None:
+        self.keys = keys
+
+    async def authenticate(self, plaintext: str) -> Tenant | None:
+        return self.keys.get(plaintext)
+
+
+async def test_check_caller_authenticates_alone() -> None:
+    alice = Tenant(id=3, name="alice")
+    h = harness(make_policy(auth={"required": True}), authenticator=Keys({"icg-good": alice}))
+    assert await h.pipeline.check_caller("icg-good") == alice
+    with pytest.raises(GatewayError) as info:
+        await h.pipeline.check_caller("icg-bad")
+    assert info.value.status_code == 401
+    assert h.log.records == [] and h.client.calls == []

@@ -14,7 +14,7 @@ import pytest
 
 from icgate.gateway.config import Policy
 from tests.gateway.conftest import RunningGateway, Standins
-from tests.gateway.test_cache_api import ask, cache_policy, settle
+from tests.gateway.api.test_cache_api import ask, cache_policy, settle
 
 StartGateway = Callable[[Policy], RunningGateway]
 QUESTION = "What is the boiling point of water at sea level?"

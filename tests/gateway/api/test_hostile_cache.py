@@ -22,7 +22,7 @@ from icgate.gateway.config import Policy
 from icgate.gateway.store import keys
 from icgate.gateway.wiring import Gateway
 from tests.gateway.conftest import RunningGateway, Standins
-from tests.gateway.test_cache_api import ask, cache_policy, settle
+from tests.gateway.api.test_cache_api import ask, cache_policy, settle
 
 StartGateway = Callable[[Policy], RunningGateway]
 

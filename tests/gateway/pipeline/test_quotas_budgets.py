@@ -1,4 +1,4 @@
-"""Per-tenant rate limits and budgets (the HTTP path: test_admission_api.py)."""
+"""Per-tenant rate limits and budgets against the real database (the HTTP path: api/test_admission_api.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.quotas import TenantLimiter, window_start
 from icgate.gateway.store import keys
 from icgate.gateway.store.request_log import insert_records
-from tests.gateway.test_request_log import record
+from tests.gateway.store.test_request_log import record
 
 
 def limiter(tenants: dict[str, Any], engine: sa.Engine | None = None) -> TenantLimiter:

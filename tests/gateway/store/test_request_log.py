@@ -17,27 +17,27 @@ from icgate.gateway.store.request_log import RequestLogWriter
 
 
 def record(i: int, **overrides: Any) -> RequestRecord:
-    fields: dict[str, Any] = dict(
-        request_id=f"req-{i:06d}",
-        created_at=datetime.now(UTC),
-        tenant_id=1,
-        api_key_id=2,
-        endpoint="chat",
-        model_requested="auto",
-        route="small",
-        backend="small-1",
-        fallback_from=None,
-        stream=False,
-        status_code=200,
-        error_type=None,
-        prompt_tokens=10,
-        completion_tokens=20,
-        cost_usd=0.001,
-        latency_ms=12.5,
-        overhead_ms=1.5,
-        queue_ms=0.0,
-        decisions={"router": {"score": 0.25, "tier": "small"}},
-    )
+    fields: dict[str, Any] = {
+        "request_id": f"req-{i:06d}",
+        "created_at": datetime.now(UTC),
+        "tenant_id": 1,
+        "api_key_id": 2,
+        "endpoint": "chat",
+        "model_requested": "auto",
+        "route": "small",
+        "backend": "small-1",
+        "fallback_from": None,
+        "stream": False,
+        "status_code": 200,
+        "error_type": None,
+        "prompt_tokens": 10,
+        "completion_tokens": 20,
+        "cost_usd": 0.001,
+        "latency_ms": 12.5,
+        "overhead_ms": 1.5,
+        "queue_ms": 0.0,
+        "decisions": {"router": {"score": 0.25, "tier": "small"}},
+    }
     fields.update(overrides)
     return RequestRecord(**fields)
 

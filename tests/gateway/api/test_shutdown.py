@@ -27,7 +27,7 @@ from starlette.routing import Route
 from bench.harness import ServerThread, free_port
 from tests.gateway.conftest import RunningGateway, two_tier_policy
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class SlowBackend:
