@@ -19,16 +19,16 @@ import sqlalchemy as sa
 from sqlalchemy import Engine
 
 from icgate.cache.embed import Embedder, MicroBatcher, SentenceTransformerEmbedder, resolve_model_dir
-from icgate.gateway import learned
+from icgate.gateway import route_models
 from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendClient
 from icgate.gateway.backends.local import LocalBackends
 from icgate.gateway.backends.signals import SignalPoller
 from icgate.gateway.config import EmbeddingConfig, Policy
 from icgate.gateway.pipeline.quotas import TenantLimiter
-from icgate.gateway.pipeline.route import RouteModels
 from icgate.gateway.pipeline.run import Pipeline
 from icgate.gateway.records import Tenant, namespace_for
+from icgate.gateway.route_models import RouteModels
 from icgate.gateway.store import db, tables
 from icgate.gateway.store.artifacts import ModelWatcher, StoredModel
 from icgate.gateway.store.cache_entries import CacheEntries, Usage, load_verifier
@@ -211,25 +211,27 @@ class Gateway:
         watchers (started with the pipeline) swap in whatever `icgate router train` / `icgate length
         train` publish later."""
         assert self.engine is not None
-        models = await asyncio.to_thread(learned.initial_models, self.policy, self.engine)
+        models = await asyncio.to_thread(route_models.initial_models, self.policy, self.engine)
         log.info("router %s, length predictor %s", models.router_version, models.length_version)
         interval = self.policy.router.reload_interval_s
         if self.policy.router.kind == "learned" and self.policy.router.artifact is None:
             router_watcher = ModelWatcher(
-                self.engine, "router", learned.load_router, self._swap_router, interval
+                self.engine, "router", route_models.load_router, self._swap_router, interval
             )
             router_watcher.current_id = models.router_row
             self.watchers.append(router_watcher)
-        length_watcher = ModelWatcher(self.engine, "length", learned.load_length, self._swap_length, interval)
+        length_watcher = ModelWatcher(
+            self.engine, "length", route_models.load_length, self._swap_length, interval
+        )
         length_watcher.current_id = models.length_row
         self.watchers.append(length_watcher)
         return models
 
-    def _swap_router(self, loaded: learned.LoadedRouter, stored: StoredModel) -> None:
-        self.pipeline.swap_models(learned.with_router(self.pipeline.models, loaded, stored, self.policy))
+    def _swap_router(self, loaded: route_models.LoadedRouter, stored: StoredModel) -> None:
+        self.pipeline.swap_models(route_models.with_router(self.pipeline.models, loaded, stored, self.policy))
 
     def _swap_length(self, loaded: LengthModel, stored: StoredModel) -> None:
-        self.pipeline.swap_models(learned.with_length(self.pipeline.models, loaded, stored))
+        self.pipeline.swap_models(route_models.with_length(self.pipeline.models, loaded, stored))
 
     async def label_route_sample(self, request_id: str, tenant: Tenant, score: float) -> bool:
         """Feedback on a routed request labels its route sample (written off the hot path: flush first)."""

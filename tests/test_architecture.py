@@ -213,8 +213,20 @@ def test_backends_and_store_use_only_the_foundations_the_libraries_and_themselve
     report(offences, f"{package} may import only {', '.join(allowed)}")
 
 
-def test_the_pipeline_never_imports_the_api_cli_wiring_or_learned() -> None:
-    banned = ("icgate.gateway.api", "icgate.gateway.cli", "icgate.gateway.wiring", "icgate.gateway.learned")
+def test_telemetry_imports_only_config_and_records() -> None:
+    allowed = ("icgate.gateway.config", "icgate.gateway.records")
+    offences = (imp for imp in imports_of("icgate.gateway.telemetry") if not within(imp.target, *allowed))
+    report(offences, "icgate.gateway.telemetry may import only " + ", ".join(allowed))
+
+
+def test_the_models_in_force_use_only_the_store_and_below() -> None:
+    allowed = (*BACKEND_AND_STORE_MAY_USE, "icgate.gateway.store")
+    offences = (imp for imp in imports_of("icgate.gateway.route_models") if not within(imp.target, *allowed))
+    report(offences, "icgate.gateway.route_models may import only " + ", ".join(allowed))
+
+
+def test_the_pipeline_never_imports_the_api_cli_or_wiring() -> None:
+    banned = ("icgate.gateway.api", "icgate.gateway.cli", "icgate.gateway.wiring")
     offences = (imp for imp in imports_of("icgate.gateway.pipeline") if within(imp.target, *banned))
     report(offences, "icgate.gateway.pipeline must not import " + ", ".join(banned))
 

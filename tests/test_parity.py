@@ -11,9 +11,10 @@ import pytest
 
 from icgate.gateway.config import BackendConfig
 from icgate.gateway.pipeline.record import Trail, route_sample_of
-from icgate.gateway.pipeline.route import RouteModels, route, route_features, with_cache_view
+from icgate.gateway.pipeline.route import route, route_features, with_cache_view
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext
+from icgate.gateway.route_models import RouteModels
 from icgate.lengths.predict import LengthEstimate
 from icgate.lengths.training import LengthRow
 from icgate.routers.base import RouteDecision, RouteFeatures

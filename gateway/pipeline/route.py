@@ -2,9 +2,9 @@
 
 Features come from the request and from what the cache stage found (its embedding, the best example);
 the length predictor sizes the answer (admission reads it); a rule or the learned router decides,
-priced through the policy's knob. The learned parts are one immutable `RouteModels` record that is
-swapped whole when a newer artifact is published (`gateway.learned`), so a request never sees a router
-from one version and a threshold from another.
+priced through the policy's knob. The learned parts are one immutable `RouteModels` record
+(`gateway.route_models`) that is swapped whole when a newer artifact is published, so a request never
+sees a router from one version and a threshold from another.
 """
 
 from __future__ import annotations
@@ -18,29 +18,13 @@ from icgate.gateway.config import Policy, RouterConfig
 from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, embed_request
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, namespace_for
-from icgate.lengths.predict import LengthEstimate, LengthModel
-from icgate.routers.base import RouteDecision, RouteFeatures, Router
+from icgate.gateway.route_models import RouteModels
+from icgate.lengths.predict import LengthEstimate
+from icgate.routers.base import RouteDecision, RouteFeatures
 from icgate.routers.decide import DecisionKnob, ExampleSignal, TierPrice, decide
 from icgate.text import conversation_depth, estimate_prompt_tokens, prompt_text
 
 Vector = npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True)
-class RouteModels:
-    """The router and length predictor in force, with what identifies and calibrates them."""
-
-    router: Router
-    length: LengthModel
-    # The router's calibrated threshold and its calibration scores (for `strong_share`), when learned.
-    threshold: float | None = None
-    calibration_scores: npt.NDArray[np.float64] | None = None
-    router_version: str = "rule"
-    length_version: str = "heuristic"
-    # model_artifacts rows in force (None: a file, not a published row)
-    router_row: int | None = None
-    length_row: int | None = None
-    router_needs_embedding: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, hit_respons
 from icgate.gateway.pipeline.call import Caller, CallPlan
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.record import Recorder, RecordSink, SampleSink, Trail
-from icgate.gateway.pipeline.route import RouteModels, RouteOutcome, route
+from icgate.gateway.pipeline.route import RouteOutcome, route
 from icgate.gateway.pipeline.stream import StreamRelay, token_usage
 from icgate.gateway.pipeline.target import Target, resolve_target
 from icgate.gateway.records import RequestContext, RequestRecord, Tenant
+from icgate.gateway.route_models import RouteModels
 from icgate.gateway.store.cache_entries import CacheEntries, Hit
 from icgate.gateway.telemetry import Telemetry
 from icgate.text import estimate_prompt_tokens

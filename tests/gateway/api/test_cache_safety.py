@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from icgate.gateway.config import Policy
-from tests.gateway.conftest import RunningGateway, Standins
 from tests.gateway.api.test_cache_api import ask, cache_policy, settle
+from tests.gateway.conftest import RunningGateway, Standins
 
 StartGateway = Callable[[Policy], RunningGateway]
 QUESTION = "What is the boiling point of water at sea level?"

@@ -21,8 +21,8 @@ from icgate.cache.embed import EMBED_MAX_CHARS, Embedder
 from icgate.gateway.config import Policy
 from icgate.gateway.store import keys
 from icgate.gateway.wiring import Gateway
-from tests.gateway.conftest import RunningGateway, Standins
 from tests.gateway.api.test_cache_api import ask, cache_policy, settle
+from tests.gateway.conftest import RunningGateway, Standins
 
 StartGateway = Callable[[Policy], RunningGateway]
 

@@ -20,9 +20,9 @@ from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendClient
 from icgate.gateway.config import BackendConfig, Policy, TelemetryConfig
 from icgate.gateway.pipeline.cache_lookup import plan_lookup
-from icgate.gateway.pipeline.route import RouteModels
 from icgate.gateway.pipeline.run import Pipeline
 from icgate.gateway.records import ANONYMOUS, Endpoint, RequestContext, RequestRecord, Tenant
+from icgate.gateway.route_models import RouteModels
 from icgate.gateway.store import tables
 from icgate.gateway.store.cache_entries import CacheEntries
 from icgate.gateway.store.db import make_engine

@@ -15,11 +15,12 @@ from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.admit import candidates_for
 from icgate.gateway.pipeline.authenticate import authenticate
 from icgate.gateway.pipeline.explain import response_headers
-from icgate.gateway.pipeline.route import RouteModels, route, route_features
+from icgate.gateway.pipeline.route import route, route_features
 from icgate.gateway.pipeline.run import Pipeline
 from icgate.gateway.pipeline.stream import token_usage
 from icgate.gateway.pipeline.target import Target, resolve_target
 from icgate.gateway.records import ANONYMOUS, Endpoint, RequestContext, RequestRecord, Tenant
+from icgate.gateway.route_models import RouteModels
 from icgate.gateway.telemetry import Telemetry
 from icgate.lengths.predict import OutputLengthHeuristic
 from icgate.routers.base import RouteDecision, RouteFeatures

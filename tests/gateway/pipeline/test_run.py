@@ -9,8 +9,8 @@ import pytest
 from icgate.gateway.config import Policy
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.quotas import TenantLimiter
-from icgate.gateway.pipeline.route import RouteModels
 from icgate.gateway.records import Tenant
+from icgate.gateway.route_models import RouteModels
 from icgate.gateway.store.cache_entries import CacheEntries
 from icgate.lengths.predict import OutputLengthHeuristic
 from icgate.routers.base import RouteDecision, RouteFeatures

@@ -1,6 +1,7 @@
-"""The learned parts in force, the router and the length predictor: which ones the gateway starts
-with, and the records that replace them when `icgate router train` / `icgate length train` publish
-newer ones (the watchers in `gateway.store.artifacts` call `with_router` / `with_length`)."""
+"""The learned parts in force, the router and the length predictor, as one `RouteModels` record: which
+ones the gateway starts with, and the records that replace them when `icgate router train` / `icgate
+length train` publish newer ones (the watchers in `gateway.store.artifacts` call `with_router` /
+`with_length`, through `Pipeline.swap_models`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import numpy.typing as npt
 import sqlalchemy as sa
 
 from icgate.gateway.config import Policy
-from icgate.gateway.pipeline.route import RouteModels
 from icgate.gateway.store import artifacts
 from icgate.gateway.store.artifacts import StoredModel
 from icgate.lengths.predict import LengthModel, LengthPredictor, OutputLengthHeuristic, load_length_model
@@ -22,7 +22,24 @@ from icgate.routers.learned import DEFAULT_ARTIFACT, LearnedRouter
 from icgate.routers.rules import LongPromptRule
 
 SHIPPED_ROUTER = DEFAULT_ARTIFACT
-log = logging.getLogger("icgate.learned")
+log = logging.getLogger("icgate.route_models")
+
+
+@dataclass(frozen=True)
+class RouteModels:
+    """The router and length predictor in force, with what identifies and calibrates them."""
+
+    router: Router
+    length: LengthModel
+    # The router's calibrated threshold and its calibration scores (for `strong_share`), when learned.
+    threshold: float | None = None
+    calibration_scores: npt.NDArray[np.float64] | None = None
+    router_version: str = "rule"
+    length_version: str = "heuristic"
+    # model_artifacts rows in force (None: a file, not a published row)
+    router_row: int | None = None
+    length_row: int | None = None
+    router_needs_embedding: bool = False
 
 
 @dataclass(frozen=True)
