@@ -14,7 +14,11 @@ from icgate.gateway.records import Tenant
 from icgate.gateway.wiring import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
+# Dependencies are `async def`, though they never await: FastAPI runs a plain `def` dependency in its
+# thread pool, a thread hop per dependency on every request.
+
+
+async def get_gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 
@@ -22,7 +26,7 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def bearer_token(request: Request) -> str | None:
+async def bearer_token(request: Request) -> str | None:
     """The API key as OpenAI's clients send it (`Authorization: Bearer`), or as `x-api-key`."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

@@ -1,0 +1,1 @@
+"""Everything about backends: calling them, admitting work to them, their load signals, local servers."""

@@ -1,0 +1,1 @@
+"""The `icgate` command line (`main.py`); its training and replay commands live beside it."""
