@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -26,6 +27,18 @@ from pydantic import (
 )
 
 from icgate.gateway.errors import GatewayError
+
+
+def _integral(value: object) -> object:
+    """JSON has one number type: `2.0` is the integer 2 (JSON Schema says so, and the schema we publish
+    says `integer`). A fraction, a boolean or a string is still refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON spells it: 2 or 2.0, never true or "2".
+Integer = Annotated[StrictInt, BeforeValidator(_integral)]
 
 # OpenAI's own limit on `n` (its error: "Expected a value <= 128").
 MAX_N = 128
@@ -73,21 +86,21 @@ class SamplingParams(Passthrough):
     stream_options: StreamOptions | None = None
     temperature: StrictFloat | None = Field(None, ge=0, le=2)
     top_p: StrictFloat | None = Field(None, ge=0, le=1)
-    n: StrictInt | None = Field(None, ge=1, le=MAX_N)
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    n: Integer | None = Field(None, ge=1, le=MAX_N)
+    max_tokens: Integer | None = Field(None, ge=1)
     presence_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
     frequency_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Integer | None = None
     user: StrictStr | None = None
 
 
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: Integer | None = Field(None, ge=1)
 
 
-TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+TokenIds = Annotated[list[Integer], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingParams):
@@ -111,7 +124,7 @@ class EmbeddingRequest(Passthrough):
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: StrictInt | None = Field(None, ge=1)
+    dimensions: Integer | None = Field(None, ge=1)
     user: StrictStr | None = None
 
 

@@ -156,6 +156,20 @@ def test_n_up_to_openais_limit_passes_through(
     )
 
 
+def test_an_integer_may_be_spelled_with_a_zero_fraction(
+    standins: Standins, start_gateway: StartGateway
+) -> None:
+    """JSON has one number type, and the published schema says `integer`: 2.0 is 2 (schemathesis sends
+    such values as valid cases), passed on as an integer."""
+    gw = start_gateway(standin_policy(standins, "http"))
+    body = {"model": "small", "messages": USER, "n": 2.0, "max_completion_tokens": 7.0}
+    resp = post(gw, "/v1/chat/completions", body)
+    assert resp.status_code == 200, resp.text
+    sent = standins.small.received[-1]["body"]
+    assert (sent["n"], sent["max_completion_tokens"]) == (2, 7)
+    assert isinstance(sent["n"], int) and isinstance(sent["max_completion_tokens"], int)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -164,6 +178,7 @@ def test_n_up_to_openais_limit_passes_through(
         ("seed", False),
         ("seed", "7"),
         ("max_tokens", "5"),
+        ("max_tokens", 2.5),
         ("n", True),
         ("model", 5),
         ("stop", 3),
