@@ -13,7 +13,6 @@ from fastapi import Depends, Request
 from icgate.gateway.records import Tenant
 from icgate.gateway.wiring import Gateway
 
-
 # Dependencies are `async def`, though they never await: FastAPI runs a plain `def` dependency in its
 # thread pool, a thread hop per dependency on every request.
 
