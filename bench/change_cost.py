@@ -122,6 +122,12 @@ class Result:
         return pct(self.latencies(version), q) - pct(self.latencies("direct"), q)
 
 
+def client_said(client: str) -> str:
+    if client == "default":
+        return "with no `client:` in the policy (each version's own default)"
+    return f"`client: {client}`"
+
+
 def cli_module(tree: Path) -> str:
     """The gateway's command line in `tree`: under `icgate` since the package was named, else the old path."""
     return "icgate.gateway.cli.main" if (tree / "icgate").is_dir() else "gateway.cli"
@@ -146,7 +152,7 @@ async def measure(
             write_policy(
                 policy,
                 standin.url,
-                "http",
+                "" if args.client == "default" else args.client,
                 embedding={"preload": full},
                 cache={"enabled": full},
                 router={"kind": "learned" if full else "rule"},
@@ -213,10 +219,10 @@ def report(results: list[Result], rev: str, args: argparse.Namespace, took_s: fl
         *(f"- {k}: {v}" for k, v in info.items()),
         f"- command: `.venv/bin/python bench/change_cost.py --before {rev} --rounds {args.rounds} "
         f"--requests {args.requests} --full-requests {args.full_requests} "
-        f"--concurrency {' '.join(map(str, args.concurrency))}`",
+        f"--concurrency {' '.join(map(str, args.concurrency))} --client {args.client}`",
         "- method: `bench/change_cost.py`'s docstring. *before* is the gateway at that revision, *after* the "
-        "working tree; both `client: http` in front of one zero-latency stand-in, loaded in interleaved "
-        "rounds. "
+        f"working tree; both {client_said(args.client)} in front of one zero-latency stand-in, loaded in "
+        "interleaved rounds. "
         "CPU is the gateway process's own (from /proc), per answered request. *Added* is the gateway's "
         "latency percentile minus the stand-in's own (direct).",
         "",
@@ -258,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         "--paths", nargs="+", default=["pass-through", "full"], choices=["pass-through", "full"]
     )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
+    parser.add_argument(
+        "--client",
+        default="http",
+        choices=["http", "litellm", "default"],
+        help="the backends' client in both policies; `default`: none named, each version's own default",
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument(
         "--requests", type=int, default=1000, help="pass-through requests per round and target"

@@ -181,7 +181,7 @@ def write_policy(path: Path, standin_url: str, client: str, **sections: Any) -> 
             "tier": name,
             "model": "openai/standin",
             "api_base": standin_url + "/v1",
-            "client": client,
+            **({"client": client} if client else {}),  # none named: the gateway's default
             "max_concurrent": 256,  # far above the load: admission never queues
             "timeout_s": 30,
         }

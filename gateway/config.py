@@ -18,6 +18,9 @@ DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.
 # Time to a stream's first chunk without a latency objective, and the slack added to one.
 DEFAULT_TTFB_TIMEOUT_S = 30.0
 TTFB_SLO_MARGIN_S = 1.0
+# litellm's prefix for a server that speaks OpenAI's wire format (vLLM, llama.cpp, OpenAI itself).
+OPENAI_WIRE_PREFIX = "openai/"
+OPENAI_API_BASE = "https://api.openai.com/v1"
 
 
 class Strict(BaseModel):
@@ -46,9 +49,10 @@ class BackendConfig(Strict):
     # litellm model string: `openai/<served-name>` for vLLM and llama.cpp servers.
     model: str
     api_base: str | None = None
-    # `litellm`: any provider litellm knows. `http`: an OpenAI-compatible server
-    # (vLLM, llama.cpp, OpenAI) called directly, ~5x less gateway CPU per request.
-    client: Literal["litellm", "http"] = "litellm"
+    # `http`: an OpenAI-compatible server (vLLM, llama.cpp, OpenAI) called directly, ~5x less gateway
+    # CPU per request. `litellm`: any provider litellm knows, translated. `auto` (default): `http` for
+    # an `openai/` model (with OpenAI's own URL when there is no `api_base`), else `litellm`.
+    client: Literal["auto", "litellm", "http"] = "auto"
     # Name of the environment variable holding the key; the key itself never
     # appears in a policy file or a log.
     api_key_env: str | None = None
@@ -79,7 +83,13 @@ class BackendConfig(Strict):
     metrics_url: str | None = None
 
     @model_validator(mode="after")
-    def _http_needs_a_base(self) -> BackendConfig:
+    def _choose_client(self) -> BackendConfig:
+        """`auto` becomes the client the model's wire format calls for: never `auto` after validation."""
+        if self.client == "auto":
+            speaks_openai = self.model.startswith(OPENAI_WIRE_PREFIX)
+            if speaks_openai and self.api_base is None:
+                self.api_base = OPENAI_API_BASE
+            self.client = "http" if speaks_openai else "litellm"
         if self.client == "http" and not self.api_base:
             raise ValueError("client 'http' needs api_base (an OpenAI-compatible server's URL)")
         return self

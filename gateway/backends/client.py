@@ -27,7 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from icgate.gateway.config import BackendConfig
 from icgate.gateway.records import Endpoint
-from icgate.text import message_text
+from icgate.text import estimate_prompt_tokens, message_text
 
 # litellm reads these at import time: never fetch the cost map, never reach a hub.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -488,7 +488,9 @@ class BackendClient:
         route, payload = self._prepare(backend, endpoint, body)
         chunks = await self.transports[backend.client].open_stream(backend, route, payload)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return self._convert(chunks, endpoint == "chat" and route == "text", backend, include_usage)
+        prompt_tokens = estimate_prompt_tokens(body, endpoint) if include_usage else 0
+        to_chat = endpoint == "chat" and route == "text"
+        return self._convert(chunks, to_chat, backend, include_usage, prompt_tokens)
 
     async def _convert(
         self,
@@ -496,11 +498,15 @@ class BackendClient:
         to_chat: bool,
         backend: BackendConfig,
         include_usage: bool,
+        prompt_tokens: int,
     ) -> AsyncGenerator[dict[str, Any], None]:
         started_text = False
         first = True
         model = served_model(backend.model)
         strict = backend.client == "litellm"
+        last: dict[str, Any] | None = None
+        said = 0  # chunks that carried answer text
+        usage_sent = False
         try:
             async for data in chunks:
                 if to_chat:
@@ -510,9 +516,25 @@ class BackendClient:
                     data = tidy_completion_chunk(data)
                 first = False
                 for chunk in openai_chunks(data, model, strict, include_usage):
+                    said += any(_chunk_text(c) for c in chunk.get("choices") or ())
+                    usage_sent = usage_sent or chunk.get("usage") is not None
+                    last = chunk
                     yield chunk
         finally:
             await chunks.aclose()
+        if include_usage and not usage_sent and last is not None:
+            # Asked for and not sent (llama.cpp's server ignores `stream_options`): an estimate, billed the
+            # way a cut stream is, one token per chunk of text; the prompt at four characters a token.
+            yield {**last, "choices": [], "usage": _estimated_usage(prompt_tokens, said)}
+
+
+def _chunk_text(choice: dict[str, Any]) -> bool:
+    return bool((choice.get("delta") or {}).get("content") or choice.get("text"))
+
+
+def _estimated_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 def completion_to_chat(resp: dict[str, Any]) -> dict[str, Any]:

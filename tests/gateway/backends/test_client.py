@@ -456,3 +456,85 @@ def test_streamed_tool_call_pieces_keep_only_what_they_carry() -> None:
     [out] = openai_chunks(chunk, "m")
     assert out["choices"][0]["delta"] == {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}
     assert out["choices"][0]["finish_reason"] is None and out["choices"][0]["logprobs"] is None
+
+
+# --- the client follows the wire format; usage a stream was asked for -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "client", "api_base"),
+    [
+        ({"model": "openai/m", "api_base": "http://127.0.0.1:8101/v1"}, "http", "http://127.0.0.1:8101/v1"),
+        ({"model": "openai/gpt-4o-mini"}, "http", "https://api.openai.com/v1"),
+        ({"model": "anthropic/claude-3-5-haiku-latest"}, "litellm", None),
+        ({"model": "openai/m", "api_base": "http://h/v1", "client": "litellm"}, "litellm", "http://h/v1"),
+    ],
+)
+def test_auto_client_follows_the_wire_format(
+    backend: dict[str, Any], client: str, api_base: str | None
+) -> None:
+    chosen = BackendConfig.model_validate({"name": "b", **backend})
+    assert (chosen.client, chosen.api_base) == (client, api_base)
+
+
+def test_an_explicit_http_client_still_needs_an_api_base() -> None:
+    with pytest.raises(ValueError, match="api_base"):
+        BackendConfig.model_validate({"name": "b", "model": "anthropic/x", "client": "http"})
+
+
+class ScriptedTransport:
+    """Streams the chunks it is given, as an OpenAI-compatible server would."""
+
+    def __init__(self, chunks: list[dict[str, Any]]) -> None:
+        self.chunks = chunks
+
+    async def open_stream(self, backend: BackendConfig, route: str, payload: dict[str, Any]) -> Any:
+        async def gen() -> Any:
+            for chunk in self.chunks:
+                yield chunk
+
+        return gen()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def delta_chunk(text: str | None, finish: str | None = None) -> dict[str, Any]:
+    delta = {"content": text} if text is not None else {}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+async def streamed(chunks: list[dict[str, Any]], include_usage: bool) -> list[dict[str, Any]]:
+    client = backends.BackendClient()
+    client.transports["http"] = ScriptedTransport(chunks)  # type: ignore[assignment]
+    body: dict[str, Any] = {"model": "b1", "messages": [{"role": "user", "content": "x" * 40}]}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    backend = BackendConfig.model_validate({"name": "b1", "model": "openai/m", "api_base": "http://h/v1"})
+    return [c async for c in await client.stream(backend, "chat", body)]
+
+
+async def test_a_stream_asked_for_usage_gets_an_estimate_when_the_backend_sends_none() -> None:
+    out = await streamed([delta_chunk("Par"), delta_chunk("is"), delta_chunk(None, "stop")], True)
+    assert [c["choices"] for c in out[-1:]] == [[]]
+    # 40 characters of prompt at four a token; one token per chunk of text.
+    assert out[-1]["usage"] == {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
+    assert sum(1 for c in out if c.get("usage")) == 1
+
+
+async def test_a_backends_own_usage_is_passed_on_not_estimated() -> None:
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    own = {**delta_chunk(None), "choices": [], "usage": usage}
+    out = await streamed([delta_chunk("Paris"), delta_chunk(None, "stop"), own], True)
+    assert [c["usage"] for c in out if c.get("usage")] == [usage]
+
+
+async def test_no_usage_chunk_unless_asked() -> None:
+    out = await streamed([delta_chunk("Paris"), delta_chunk(None, "stop")], False)
+    assert not any(c.get("usage") for c in out)
