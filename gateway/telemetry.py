@@ -7,6 +7,8 @@ can then live in one process (tests do this) without sharing spans or counts.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -58,6 +60,7 @@ OVERHEAD_BUCKETS = (
     1.0,
 )
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 AttributeValue = str | bool | int | float
 
@@ -271,6 +274,13 @@ class Metrics:
         )
         self.tokens = Counter("icgate_tokens_total", "Tokens processed.", ["backend", "kind"], registry=r)
         self.cost = Counter("icgate_cost_usd_total", "Backend cost in US dollars.", ["backend"], registry=r)
+        self.loop_lag = Histogram(
+            "icgate_event_loop_lag_seconds",
+            "How late the event loop ran a timer: a wait every request on this process shares, and that "
+            "the overhead histogram books as backend time when it falls during a backend call.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self.log_dropped = Counter(
             "icgate_request_log_dropped_total",
             "Request log rows dropped because the write-behind queue was full.",
@@ -329,6 +339,40 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class LoopLagMonitor:
+    """Samples the event loop's lag: how late a timer set for `interval_s` runs.
+
+    A busy loop (CPU work on it, a blocking call) delays every request at once, and shows up in no
+    stage's span; this makes it visible (`icgate_event_loop_lag_seconds`). Ten wake-ups a second.
+    """
+
+    def __init__(
+        self,
+        observe: Callable[[float], None],
+        interval_s: float = 0.1,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.observe = observe
+        self.interval_s = interval_s
+        self.clock = clock
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample(), name="icgate-loop-lag")
+
+    async def _sample(self) -> None:
+        while True:
+            started = self.clock()
+            await asyncio.sleep(self.interval_s)
+            self.observe(max(0.0, self.clock() - started - self.interval_s))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
 class Telemetry:
     """The tracing and metrics of one gateway, built once at start-up."""
 
@@ -346,4 +390,4 @@ class Telemetry:
         self.tracing.shutdown()
 
 
-__all__ = ["REQUEST_SPAN", "Metrics", "Telemetry", "Tracing"]
+__all__ = ["REQUEST_SPAN", "LoopLagMonitor", "Metrics", "Telemetry", "Tracing"]

@@ -35,7 +35,7 @@ from icgate.gateway.store.cache_entries import CacheEntries, Usage, load_verifie
 from icgate.gateway.store.keys import KeyAuthenticator
 from icgate.gateway.store.request_log import RequestLogWriter
 from icgate.gateway.store.route_samples import RouteSampleWriter, label_from_feedback, label_sample
-from icgate.gateway.telemetry import Telemetry
+from icgate.gateway.telemetry import LoopLagMonitor, Telemetry
 from icgate.lengths.predict import LengthModel
 
 log = logging.getLogger("icgate")
@@ -113,6 +113,7 @@ class Gateway:
         self.admission = Admission(policy.backends, policy.admission, policy.circuit_breaker)
         self.signals = SignalPoller(policy.backends, self.admission, policy.admission.metrics_interval_s)
         self.telemetry.metrics.watch_backends(self.admission.snapshot)
+        self.loop_lag = LoopLagMonitor(self.telemetry.metrics.loop_lag.observe)
         self._spend_task: asyncio.Task[None] | None = None
         self._pipeline: Pipeline | None = None
 
@@ -127,6 +128,7 @@ class Gateway:
         """Migrate the database, start the writers, limits and any local backends, load the models and
         the cache; then build the pipeline from those parts, and be ready."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.loop_lag.start()
         await asyncio.to_thread(db.upgrade, self.database_url)
         self.engine = db.make_engine(self.database_url)
         self.log_writer = RequestLogWriter(self.engine, self.policy.request_log)
@@ -268,6 +270,7 @@ class Gateway:
     async def stop(self) -> None:
         """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
         self.ready = False
+        await self.loop_lag.stop()
         await self.signals.stop()
         if self._spend_task is not None:
             self._spend_task.cancel()

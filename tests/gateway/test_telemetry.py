@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from icgate.gateway.config import TelemetryConfig
 from icgate.gateway.records import RequestRecord
-from icgate.gateway.telemetry import Metrics, Telemetry, Tracing
+from icgate.gateway.telemetry import LoopLagMonitor, Metrics, Telemetry, Tracing
 
 
 def attrs(span: ReadableSpan) -> Mapping[str, Any]:
@@ -289,3 +289,16 @@ def test_otlp_exporter_builds_and_shuts_down_quickly() -> None:
 
 def test_tracing_without_exporter_is_disabled() -> None:
     assert not Tracing(TelemetryConfig()).enabled
+
+
+async def test_the_loop_lag_monitor_sees_a_blocked_event_loop() -> None:
+    seen: list[float] = []
+    monitor = LoopLagMonitor(seen.append, interval_s=0.02)
+    monitor.start()
+    await asyncio.sleep(0.1)  # an idle loop: a few samples
+    time.sleep(0.3)  # the loop blocked, as CPU work on it would block it
+    await asyncio.sleep(0.05)
+    await monitor.stop()
+    assert len(seen) >= 3
+    assert max(seen) >= 0.25  # the timer due 20 ms in ran at least 280 ms late
+    assert "icgate_event_loop_lag_seconds" in Metrics().render()[0].decode()
