@@ -408,7 +408,7 @@ class LengthPredictor:
             metrics=dict(payload.get("metrics") or {}),
         )
 
-    def save(self, path: str | Path = DEFAULT_ARTIFACT) -> Path:
+    def save(self, path: str | Path) -> Path:
         return _write_atomically(path, self.to_bytes())
 
     @classmethod

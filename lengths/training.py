@@ -21,7 +21,6 @@ import numpy as np
 import numpy.typing as npt
 
 from icgate.lengths.predict import (
-    DEFAULT_ARTIFACT,
     EMBEDDING_DIM,
     FEATURE_NAMES,
     FORMAT_VERSION,
@@ -310,7 +309,7 @@ def train_arena(
     path: str | Path,
     encode: Encode,
     model: str = DEFAULT_MODEL,
-    out_path: str | Path | None = DEFAULT_ARTIFACT,
+    out_path: str | Path | None = None,
     *,
     all_buckets: bool = False,
     **fit_kwargs: Any,
