@@ -42,7 +42,7 @@ from icgate.cache.verify import (
     content_words,
     verifier_features,
 )
-from icgate.text import BUCKETS, HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, normalise
+from icgate.text import BUCKETS, HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, normalise, parse_flag
 
 Vectors = npt.NDArray[np.float32]
 Encode = Callable[[list[str]], Vectors]
@@ -64,18 +64,6 @@ class LabelledPair:
 
 
 _LAYOUTS = (("text_a", "text_b", "duplicate"), ("question1", "question2", "is_duplicate"))
-_TRUE = {"1", "true", "yes", "y", "t", "1.0"}
-_FALSE = {"0", "false", "no", "n", "f", "0.0"}
-
-
-def _parse_label(value: object, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"{where}: duplicate label must be 0/1 or true/false, got {value!r}")
 
 
 def _pair_from_record(record: dict[str, Any], where: str, skip_blank_text: bool) -> LabelledPair | None:
@@ -95,7 +83,11 @@ def _pair_from_record(record: dict[str, Any], where: str, skip_blank_text: bool)
                 if skip_blank_text:
                     return None
                 raise ValueError(f"{where}: empty {a_key if not text_a.strip() else b_key}")
-            return LabelledPair(text_a, text_b, _parse_label(record[label_key], where))
+            return LabelledPair(
+                text_a,
+                text_b,
+                parse_flag(record[label_key], where, "duplicate label must be 0/1 or true/false"),
+            )
     raise ValueError(
         f"{where}: expected columns text_a,text_b,duplicate or question1,question2,is_duplicate; "
         f"got {', '.join(map(str, record)) or 'none'}"

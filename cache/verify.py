@@ -21,11 +21,10 @@ never imports. A plain library: no web framework, no module-level mutable state.
 from __future__ import annotations
 
 import difflib
+import io
 import itertools
 import math
-import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from icgate.cache.cross_encoder import PairCrossEncoder
+from icgate.files import write_atomically
 
 FORMAT_VERSION = 2  # 2: optional cross-encoder (format 1 artifacts still load)
 ARTIFACT_KIND = "icgate.hit_verifier"
@@ -447,8 +447,6 @@ class HitVerifier:
         import joblib
         import sklearn
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "kind": ARTIFACT_KIND,
             "format": FORMAT_VERSION,
@@ -463,10 +461,9 @@ class HitVerifier:
             "sklearn_version": sklearn.__version__,
             "model": self.model,
         }
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        joblib.dump(payload, tmp, compress=3)
-        os.replace(tmp, path)
-        return path
+        buffer = io.BytesIO()
+        joblib.dump(payload, buffer, compress=3)
+        return write_atomically(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> HitVerifier:

@@ -68,6 +68,27 @@ def conversation_depth(messages: Sequence[Message]) -> int:
     return sum(1 for m in messages if m.get("role") == "user")
 
 
+_TRUE = frozenset({"true", "t", "yes", "y", "1", "1.0"})
+_FALSE = frozenset({"false", "f", "no", "n", "0", "0.0"})
+
+
+def is_flag(text: str) -> bool:
+    """Whether a data file's cell reads as a True/False label (see `parse_flag`)."""
+    return text.strip().lower() in _TRUE | _FALSE
+
+
+def parse_flag(value: object, where: str, expected: str = "expected True/False") -> bool:
+    """A True/False-like label in a data file (bool, 0/1, true/false, yes/no) as a bool; anything else is
+    a ValueError saying `where` and what was `expected`."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and is_flag(value):
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{where}: {expected}, got {value!r}")
+
+
 def normalise(text: str) -> str:
     """Case and whitespace folded: texts that differ only there are the same text."""
     return " ".join(text.lower().split())

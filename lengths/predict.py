@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from icgate.files import write_atomically
 
 Floats = npt.NDArray[np.float64]
 # An embedding (or a batch of them) as the embedder returns it: float32 in the gateway, any float offline.
@@ -409,7 +409,7 @@ class LengthPredictor:
         )
 
     def save(self, path: str | Path) -> Path:
-        return _write_atomically(path, self.to_bytes())
+        return write_atomically(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_ARTIFACT) -> LengthPredictor:
@@ -425,13 +425,3 @@ def load_length_model(path: str | Path | None = None) -> LengthModel:
     if not target.is_file():
         return OutputLengthHeuristic()
     return LengthPredictor.load(target)
-
-
-def _write_atomically(path: str | Path, data: bytes) -> Path:
-    """A temporary file, then a rename: a gateway loading the artifact never reads half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path

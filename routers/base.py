@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,13 +38,3 @@ class RouteDecision:
 
 class Router(Protocol):
     def route(self, features: RouteFeatures) -> RouteDecision: ...
-
-
-def write_artifact(path: str | Path, data: bytes) -> Path:
-    """Write a trained artifact atomically (a temporary file, then rename): a reader never sees half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from icgate.text import HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, normalise
+from icgate.text import HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, is_flag, normalise, parse_flag
 
-_TRUE = frozenset({"true", "t", "yes", "y", "1", "1.0"})
-_FALSE = frozenset({"false", "f", "no", "n", "0", "0.0"})
 # Columns that are never labels even when their values happen to look boolean (e.g. a two-row file's idx).
 _NOT_LABELS = frozenset({"", "idx", "id", "index", "row", "unnamed: 0", "prompt", "subject"})
 
@@ -34,21 +32,6 @@ class LabelledPrompt:
     weak_ok: bool
     strong_ok: bool | None
     group: str = ""
-
-
-def parse_label(value: object, where: str) -> bool:
-    """A True/False-like value (bool, 0/1, true/false, yes/no) as a bool; ValueError naming `where`."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"{where}: expected True/False, got {value!r}")
-
-
-def _is_label(value: str) -> bool:
-    return value.strip().lower() in _TRUE | _FALSE
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -85,7 +68,7 @@ def detect_label_columns(header: Sequence[str], records: Sequence[Sequence[str]]
     candidates = [
         name
         for i, name in enumerate(header)
-        if name.lower() not in _NOT_LABELS and records and all(_is_label(r[i]) for r in records)
+        if name.lower() not in _NOT_LABELS and records and all(is_flag(r[i]) for r in records)
     ]
     if len(candidates) != 2:
         found = ", ".join(candidates) or "none"
@@ -154,8 +137,8 @@ def load_routing_csv(
         prompt = fields[p_i]
         if not prompt.strip():
             raise ValueError(f"{where}: empty prompt")
-        weak = parse_label(fields[w_i], f"{where}: column {weak_column!r}")
-        strong = parse_label(fields[s_i], f"{where}: column {strong_column!r}")
+        weak = parse_flag(fields[w_i], f"{where}: column {weak_column!r}")
+        strong = parse_flag(fields[s_i], f"{where}: column {strong_column!r}")
         rows.append(LabelledPrompt(prompt, weak, strong, name))
     return rows
 
@@ -181,9 +164,9 @@ def rows_from_records(
             raise ValueError(f"{where}: {prompt_key!r} must be a non-empty string, got {prompt!r}")
         if record.get(weak_key) is None:
             raise ValueError(f"{where}: missing {weak_key!r}")
-        weak = parse_label(record[weak_key], f"{where}: {weak_key!r}")
+        weak = parse_flag(record[weak_key], f"{where}: {weak_key!r}")
         raw_strong = record.get(strong_key)
-        strong = None if raw_strong is None else parse_label(raw_strong, f"{where}: {strong_key!r}")
+        strong = None if raw_strong is None else parse_flag(raw_strong, f"{where}: {strong_key!r}")
         rows.append(LabelledPrompt(prompt, weak, strong, str(record.get(group_key) or "")))
     return rows
 

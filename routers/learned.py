@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import numpy.typing as npt
 
-from icgate.routers.base import RouteDecision, RouteFeatures, Vectors, write_artifact
+from icgate.files import write_atomically
+from icgate.routers.base import RouteDecision, RouteFeatures, Vectors
 from icgate.text import estimate_tokens
 
 Floats = npt.NDArray[np.float64]
@@ -320,7 +321,7 @@ class LearnedRouter:
         return router
 
     def save(self, path: str | Path) -> Path:
-        return write_artifact(path, self.to_bytes())
+        return write_atomically(path, self.to_bytes())
 
     @staticmethod
     def load(

@@ -1,7 +1,7 @@
 """The import rules of `icgate`, read from the source with `ast` (docs/architecture.md says why).
 
 Every module under icgate/ is read through the real folders its links point to (gateway/, cache/,
-routers/, lengths/ and icgate/text.py), and every import counts: inside functions and under
+routers/, lengths/, icgate/text.py and icgate/files.py), and every import counts: inside functions and under
 `if TYPE_CHECKING:` as much as at the top. Only the cycle check is limited to what runs at import time.
 """
 
@@ -19,6 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "icgate"
 PARTS = ("gateway", "cache", "routers", "lengths")  # the linked folders whose code is Python modules
 OURS = ("icgate", *PARTS, "policies", "migrations")  # top-level names that are ours
 LIBRARIES = ("icgate.cache", "icgate.routers", "icgate.lengths")
+# The modules at the package root that everything may use; they import nothing of icgate's.
+FOUNDATIONS = ("icgate.text", "icgate.files")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Import:
 @cache
 def modules() -> dict[str, Path]:
     """Every module of the package by its dotted name, at its real path."""
-    found = {"icgate": PACKAGE / "__init__.py", "icgate.text": PACKAGE / "text.py"}
+    found = {"icgate": PACKAGE / "__init__.py", **{name: PACKAGE / f"{name[7:]}.py" for name in FOUNDATIONS}}
     for part in PARTS:
         real = (PACKAGE / part).resolve()
         for path in sorted(real.rglob("*.py")):
@@ -142,6 +144,7 @@ def test_the_tree_is_read() -> None:
     names = modules()
     for expected in (
         "icgate.text",
+        "icgate.files",
         "icgate.gateway.pipeline.run",
         "icgate.cache.index",
         "icgate.lengths.predict",
@@ -179,21 +182,24 @@ class Late:
     }
 
 
-@pytest.mark.parametrize("module", ["icgate.text", "icgate.gateway.config", "icgate.gateway.errors"])
+@pytest.mark.parametrize("module", [*FOUNDATIONS, "icgate.gateway.config", "icgate.gateway.errors"])
 def test_the_foundations_import_nothing_of_icgates(module: str) -> None:
     report(imports_of(module), f"{module} must import nothing of icgate's")
 
 
-def test_records_import_only_the_config() -> None:
-    allowed = ("icgate.gateway.config",)
+def test_records_import_only_the_config_and_the_foundations() -> None:
+    allowed = ("icgate.gateway.config", *FOUNDATIONS)
     offences = (imp for imp in imports_of("icgate.gateway.records") if not within(imp.target, *allowed))
-    report(offences, "icgate.gateway.records may import only icgate.gateway.config")
+    report(offences, "icgate.gateway.records may import only " + ", ".join(allowed))
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-def test_the_libraries_import_only_themselves_and_text(library: str) -> None:
-    offences = (imp for imp in imports_of(library) if not within(imp.target, library, "icgate.text"))
-    report(offences, f"{library} may import only itself and icgate.text (never gateway, never each other)")
+def test_the_libraries_import_only_themselves_and_the_foundations(library: str) -> None:
+    offences = (imp for imp in imports_of(library) if not within(imp.target, library, *FOUNDATIONS))
+    report(
+        offences,
+        f"{library} may import only itself and {', '.join(FOUNDATIONS)} (never gateway, never each other)",
+    )
 
 
 BACKEND_AND_STORE_MAY_USE = (
@@ -201,7 +207,7 @@ BACKEND_AND_STORE_MAY_USE = (
     "icgate.gateway.errors",
     "icgate.gateway.records",
     "icgate.gateway.telemetry",
-    "icgate.text",
+    *FOUNDATIONS,
     *LIBRARIES,
 )
 
