@@ -13,9 +13,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal
 
 from icgate.gateway.config import BackendConfig
+from icgate.text import estimate_prompt_tokens
 
 Endpoint = Literal["chat", "completions"]
 
@@ -69,6 +71,13 @@ class RequestContext:
     @property
     def stream(self) -> bool:
         return bool(self.body.get("stream", False))
+
+    @cached_property
+    def prompt_estimate(self) -> int:
+        """The prompt's tokens at four characters a token (`icgate.text.estimate_prompt_tokens`), once per
+        request: the quotas, the route stage and a cut stream's bill all read it. The body the client
+        sent never changes (examples go into a copy)."""
+        return estimate_prompt_tokens(self.body, self.endpoint)
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.arrived

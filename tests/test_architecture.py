@@ -151,7 +151,7 @@ def test_the_tree_is_read() -> None:
     ):
         assert expected in names
     assert any(
-        imp.module == "icgate.gateway.pipeline.run" and imp.target == "icgate.text" for imp in imports()
+        imp.module == "icgate.gateway.pipeline.route" and imp.target == "icgate.text" for imp in imports()
     )
 
 

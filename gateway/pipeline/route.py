@@ -22,7 +22,7 @@ from icgate.gateway.route_models import RouteModels
 from icgate.lengths.predict import LengthEstimate
 from icgate.routers.base import RouteDecision, RouteFeatures
 from icgate.routers.decide import DecisionKnob, ExampleSignal, TierPrice, decide
-from icgate.text import conversation_depth, estimate_prompt_tokens, prompt_text
+from icgate.text import conversation_depth, prompt_text
 
 Vector = npt.NDArray[np.float32]
 
@@ -83,7 +83,7 @@ def route_features(ctx: RequestContext) -> RouteFeatures:
     """The features a router is trained on, computed as training computes them (see the parity test)."""
     messages = ctx.body["messages"] if ctx.endpoint == "chat" else []
     return RouteFeatures(
-        prompt_tokens=estimate_prompt_tokens(ctx.body, ctx.endpoint),
+        prompt_tokens=ctx.prompt_estimate,
         conversation_depth=conversation_depth(messages),
     )
 

@@ -37,7 +37,6 @@ from icgate.gateway.records import RequestContext, RequestRecord, Tenant
 from icgate.gateway.route_models import RouteModels
 from icgate.gateway.store.cache_entries import CacheEntries, Hit
 from icgate.gateway.telemetry import Telemetry
-from icgate.text import estimate_prompt_tokens
 
 
 @dataclass
@@ -158,7 +157,7 @@ class Pipeline:
     async def _check_quota(self, ctx: RequestContext) -> None:
         assert self.limiter is not None
         try:
-            await self.limiter.check(ctx.tenant.name, estimate_prompt_tokens(ctx.body, ctx.endpoint))
+            await self.limiter.check(ctx.tenant.name, ctx.prompt_estimate)
         except GatewayError:
             self.telemetry.metrics.admission("none", "limited")
             raise

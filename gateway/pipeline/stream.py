@@ -13,7 +13,6 @@ from icgate.gateway.backends.client import BackendError
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.records import RequestContext
 from icgate.gateway.telemetry import Metrics
-from icgate.text import estimate_prompt_tokens
 
 log = logging.getLogger("icgate.pipeline")
 Chunk = dict[str, Any]
@@ -105,7 +104,7 @@ class StreamRelay:
         if ctx.completion_tokens == 0:
             ctx.completion_tokens = sum(1 for part in ctx.output_parts if part)
         if ctx.prompt_tokens == 0 and ctx.completion_tokens:
-            ctx.prompt_tokens = estimate_prompt_tokens(ctx.body, ctx.endpoint)
+            ctx.prompt_tokens = ctx.prompt_estimate
 
     async def aclose(self) -> None:
         if self._closed:
