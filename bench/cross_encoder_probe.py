@@ -22,9 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.cache_precision import EMBEDDINGS  # noqa: E402
-from icgate.cache.calibrate import calibration_pairs, default_encoder, held_out_pairs, load_pairs  # noqa: E402
-from icgate.cache.cross_encoder import PairCrossEncoder  # noqa: E402
-from icgate.cache.cross_encoder_training import TrainingConfig, fine_tune  # noqa: E402
+from icgate.cache.calibrate import (  # noqa: E402
+    calibration_pairs,
+    default_encoder,
+    held_out_pairs,
+    load_pairs,
+    train_cross_encoder,
+)
+from icgate.cache.cross_encoder_training import TrainingConfig  # noqa: E402
 from icgate.cache.verify import DEFAULT_ARTIFACT, HitVerifier  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cache" / "qqp_pairs.jsonl.gz"
@@ -54,14 +59,7 @@ def main() -> int:
     held = held_out_pairs(pairs, args.held_out)
     config = TrainingConfig(tuned_layers=args.tuned_layers, steps=args.steps)
     started = time.perf_counter()
-    encoder = fine_tune(
-        PairCrossEncoder(tuned_layers=args.tuned_layers),
-        [p.text_a for p in train],
-        [p.text_b for p in train],
-        [p.duplicate for p in train],
-        config,
-        print,
-    )
+    encoder = train_cross_encoder(train, config, print).encoder
     print(f"fine-tuned in {time.perf_counter() - started:.0f} s")
     texts_a, texts_b = [p.text_a for p in held], [p.text_b for p in held]
     labels = np.array([p.duplicate for p in held])
