@@ -14,9 +14,9 @@ share. Everything the pipeline uses arrives through its constructor (built once 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from icgate.gateway.backends.admission import Admission
@@ -27,7 +27,7 @@ from icgate.gateway.pipeline import explain
 from icgate.gateway.pipeline.admit import ask_for, candidates_for, priority_of, spill_candidates
 from icgate.gateway.pipeline.authenticate import Authenticator, authenticate
 from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, hit_response, look_up, replay_as_stream
-from icgate.gateway.pipeline.call import Caller, CallPlan
+from icgate.gateway.pipeline.call import Caller, CallPlan, OpenStream
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.record import Recorder, RecordSink, SampleSink, Trail
 from icgate.gateway.pipeline.route import RouteOutcome, route
@@ -142,11 +142,7 @@ class Pipeline:
         plan = self._plan(ctx, target, lookup, routed)
         if ctx.stream:
             opened = await self.caller.open_stream(ctx, plan, exits)
-            trail = Trail(target, lookup, opened.examples)
-            relay = StreamRelay(
-                ctx, opened.result, exits, self.admission, self.telemetry.metrics, self._finisher(trail)
-            )
-            return PipelineResult(ctx, chunks=relay)
+            return self._relay(ctx, opened.result, exits, Trail(target, lookup, opened.examples))
         called = await self.caller.complete(ctx, plan, exits)
         response = called.result
         ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
@@ -192,18 +188,16 @@ class Pipeline:
         if ctx.stream:
             chunks = replay_as_stream(ctx, response)
             first = await anext(chunks)
-            relay = StreamRelay(
-                ctx, (first, chunks), exits, self.admission, self.telemetry.metrics, self._finisher(trail)
-            )
-            return PipelineResult(ctx, chunks=relay)
+            return self._relay(ctx, (first, chunks), exits, trail)
         await exits.aclose()
         self.record(ctx, trail, response)
         return PipelineResult(ctx, response=response)
 
-    def _finisher(self, trail: Trail) -> Callable[[RequestContext], None]:
-        """What a stream does when it ends: the record stage, with this request's trail."""
-
-        def finish(ctx: RequestContext) -> None:
-            self.record(ctx, trail)
-
-        return finish
+    def _relay(
+        self, ctx: RequestContext, opened: OpenStream, exits: AsyncExitStack, trail: Trail
+    ) -> PipelineResult:
+        """A stream handed to the client; when it ends, the record stage runs with this request's trail."""
+        relay = StreamRelay(
+            ctx, opened, exits, self.admission, self.telemetry.metrics, partial(self.record, trail=trail)
+        )
+        return PipelineResult(ctx, chunks=relay)
