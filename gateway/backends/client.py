@@ -516,9 +516,10 @@ class BackendClient:
                     data = tidy_completion_chunk(data)
                 first = False
                 for chunk in openai_chunks(data, model, strict, include_usage):
-                    said += any(_chunk_text(c) for c in chunk.get("choices") or ())
-                    usage_sent = usage_sent or chunk.get("usage") is not None
-                    last = chunk
+                    if include_usage:  # what the estimate needs, should the backend send no usage
+                        said += any(_chunk_text(c) for c in chunk.get("choices") or ())
+                        usage_sent = usage_sent or chunk.get("usage") is not None
+                        last = chunk
                     yield chunk
         finally:
             await chunks.aclose()
