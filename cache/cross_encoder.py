@@ -63,6 +63,7 @@ class PairCrossEncoder:
 
         self.base = base
         self.tuned_layers = tuned_layers
+        self.both_orders = True  # average the logits of (a, b) and (b, a); off: read each pair once
         model_dir = str(resolve_model_dir(base))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         # The head is new (the packaged model has none): silence the "newly initialized" report.
@@ -95,6 +96,9 @@ class PairCrossEncoder:
             for start in range(0, len(texts_a), batch_size):
                 a = list(texts_a[start : start + batch_size])
                 b = list(texts_b[start : start + batch_size])
+                if not self.both_orders:
+                    out[start : start + len(a)] = self.model(**self.encode_pairs(a, b)).logits[:, 0].numpy()
+                    continue
                 encoded = self.encode_pairs(a + b, b + a)  # both orders in one pass
                 both = self.model(**encoded).logits[:, 0].double().numpy()
                 out[start : start + len(a)] = (both[: len(a)] + both[len(a) :]) / 2

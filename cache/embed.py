@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import re
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -314,6 +315,11 @@ class BatcherClosedError(RuntimeError):
     """The MicroBatcher was closed before (or while) this text was waiting to be embedded."""
 
 
+class EmbedderBusyError(RuntimeError):
+    """The embedder's queue would keep this text waiting longer than the batcher's `max_queue_ms`: the
+    caller should go on without the embedding (the gateway serves the request without the cache)."""
+
+
 @dataclass
 class BatcherStats:
     calls: int = 0  # texts asked for (embed and embed_many count each text)
@@ -323,6 +329,7 @@ class BatcherStats:
     encoded: int = 0  # texts passed to the encoder (retries of a failed batch count again)
     failed_batches: int = 0  # encoder calls that raised (a failed batch is retried in halves)
     refused: int = 0  # texts that failed alone while others succeeded, or were not valid Unicode
+    busy: int = 0  # texts turned away because the queue would have kept them over max_queue_ms
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
 
@@ -361,6 +368,11 @@ class MicroBatcher:
     the encoder's exception. `close()` fails all waiting callers with BatcherClosedError.
 
     The batcher binds to the running event loop on first use and must only be used from that loop.
+    The queue is bounded in time: with `max_queue_ms`, a text that would wait longer than that for its
+    vector (the texts queued or being encoded ahead of it, times the measured encode time per text) is
+    turned away at once with EmbedderBusyError, so that under a burst the caller can go on without the
+    embedding instead of queueing behind it (a memo hit or a text already queued is still answered).
+
     It holds no module-level state: create one per embedder (the gateway wires one at start-up).
     """
 
@@ -371,17 +383,21 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         memo_items: int = 4096,
         max_chars: int = EMBED_MAX_CHARS,
+        max_queue_ms: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
+        if max_queue_ms is not None and max_queue_ms < 0:
+            raise ValueError("max_queue_ms must be >= 0")
         if max_chars < 1:
             raise ValueError("max_chars must be >= 1")
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_chars = max_chars
+        self.max_queue_s = None if max_queue_ms is None else max_queue_ms / 1000.0
         self.memo = EmbeddingMemo(memo_items)
         self.stats = BatcherStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -392,6 +408,8 @@ class MicroBatcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
         self._company = False  # the last batch held more than one text: worth waiting for the next
+        self._encoding = 0  # texts in the batch the worker is encoding now
+        self._per_text_s = 0.0  # encode seconds per text, a moving average over recent batches
 
     @property
     def closed(self) -> bool:
@@ -401,6 +419,11 @@ class MicroBatcher:
     def pending(self) -> int:
         """Distinct (scope, text) keys queued or being encoded."""
         return len(self._waiting)
+
+    def expected_wait_s(self) -> float:
+        """How long a new text would wait for its vector: the texts ahead of it and itself, at the
+        measured encode time per text (0 until a batch has been timed)."""
+        return (len(self._queue) + self._encoding + 1) * self._per_text_s
 
     async def embed(self, text: str, scope: str = "") -> Vector:
         """The unit float32 vector of `text` (read-only, shape (dim,)); `scope` (a tenant's namespace)
@@ -478,6 +501,12 @@ class MicroBatcher:
         if future is not None:
             self.stats.joined += 1
             return future
+        if self._turned_away():
+            self.stats.busy += 1
+            raise EmbedderBusyError(
+                f"the embedder's queue is {self.expected_wait_s() * 1000:.0f} ms long "
+                f"(limit {(self.max_queue_s or 0.0) * 1000:.0f} ms)"
+            )
         future = loop.create_future()
         self._waiting[key] = future
         self._queue.append((key, loop.time()))
@@ -507,6 +536,8 @@ class MicroBatcher:
             self.stats.batches += 1
             self.stats.batch_sizes[len(batch)] += 1
             texts = [text for _, text in batch]
+            self._encoding = len(batch)
+            started = time.perf_counter()
             try:
                 encoded = await loop.run_in_executor(self._executor, self._encode_isolating, texts)
             except asyncio.CancelledError:
@@ -524,10 +555,26 @@ class MicroBatcher:
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            finally:
+                self._encoding = 0
+            self._timed(time.perf_counter() - started, len(batch))
             self.stats.encoded += encoded.texts
             self.stats.failed_batches += encoded.failures
             self.stats.refused += sum(isinstance(r, UnembeddableTextError) for r in encoded.results)
             self._resolve(batch, encoded.results)
+
+    def _turned_away(self) -> bool:
+        """Whether a new text would wait over `max_queue_s`. A text with nothing ahead of it is never
+        turned away: it goes at once, and its batch measures the encode time afresh (an estimate
+        inflated by one slow batch must not keep every later text out)."""
+        if self.max_queue_s is None or not (self._queue or self._encoding):
+            return False
+        return self.expected_wait_s() > self.max_queue_s
+
+    def _timed(self, seconds: float, texts: int) -> None:
+        """Fold one batch's encode time into the per-text average (new batches weigh a fifth)."""
+        per_text = seconds / texts
+        self._per_text_s = per_text if self._per_text_s == 0.0 else 0.8 * self._per_text_s + 0.2 * per_text
 
     def _encode_isolating(self, texts: list[str]) -> _Encoded:
         """Encode `texts` (in the worker thread); if the encoder raises, again in halves, so that only

@@ -20,13 +20,14 @@ never imports. A plain library: no web framework, no module-level mutable state.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import io
 import itertools
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -341,13 +342,46 @@ def pair_features_batch(
     return np.hstack([scalars, va * vb, np.abs(va - vb)]).astype(np.float32, copy=False)
 
 
+@dataclass(frozen=True)
+class CrossEncoderRuntime:
+    """How the cross-encoder's logits were computed when the verifier was calibrated; a request must
+    compute them the same way, or the thresholds no longer mean what calibration measured.
+
+    `runtime`: "torch" and "onnx" give the same logits (float32, to rounding), "onnx-int8" other ones
+    (int8 weights); `both_orders`: the mean of (a, b) and (b, a), or (request, cached entry) read once.
+    Artifacts made before this was recorded were calibrated on torch, both orders.
+    """
+
+    runtime: str = "torch"
+    both_orders: bool = True
+
+
+class PairScorer(Protocol):
+    """The cross-encoder as the verifier uses it: one logit per pair. `PairCrossEncoder` (torch, what
+    calibration trains and saves) and `cache.onnx_models.OnnxPairScorer` (what the gateway serves with)."""
+
+    def logits(self, texts_a: Sequence[str], texts_b: Sequence[str]) -> npt.NDArray[np.float64]: ...
+
+
+ScorerLoader = Callable[[dict[str, Any], CrossEncoderRuntime], PairScorer]
+
+
+def torch_scorer(state: dict[str, Any], runtime: CrossEncoderRuntime) -> PairScorer:
+    """The cross-encoder on torch, reading pairs as `runtime` says (int8 logits need `cache.runtime`)."""
+    if runtime.runtime == "onnx-int8":
+        raise ValueError("this verifier was calibrated on int8 logits: load it with cache.runtime")
+    encoder = PairCrossEncoder.from_state(state)
+    encoder.both_orders = runtime.both_orders
+    return encoder
+
+
 def verifier_features(
     texts_a: Sequence[str],
     texts_b: Sequence[str],
     vecs_a: npt.ArrayLike,
     vecs_b: npt.ArrayLike,
     idf: Idf,
-    cross_encoder: PairCrossEncoder | None,
+    cross_encoder: PairScorer | None,
 ) -> npt.NDArray[np.float32]:
     """The classifier's input rows: `pair_features_batch`, plus the cross-encoder's logit if any
     (right after the scalar features: `feature_names(True)`)."""
@@ -389,7 +423,11 @@ class HitVerifier:
     metrics: dict[str, Any] = field(default_factory=dict)
     dim: int = 384
     idf: Idf = field(default_factory=lambda: Idf({}, 1.0))
-    cross_encoder: PairCrossEncoder | None = None
+    cross_encoder: PairScorer | None = None
+    # The cross-encoder's weights as the artifact holds them: what `save` writes, and what a faster
+    # runtime is built from (`cache.onnx_models.cross_encoder_graph`).
+    cross_encoder_state: dict[str, Any] | None = None
+    cross_encoder_runtime: CrossEncoderRuntime = field(default_factory=CrossEncoderRuntime)
 
     def features(
         self, texts_a: Sequence[str], texts_b: Sequence[str], vecs_a: npt.ArrayLike, vecs_b: npt.ArrayLike
@@ -455,7 +493,8 @@ class HitVerifier:
             "probability_threshold": float(self.probability_threshold),
             "dim": int(self.dim),
             "features": feature_names(self.cross_encoder is not None),
-            "cross_encoder": None if self.cross_encoder is None else self.cross_encoder.state(),
+            "cross_encoder": self._cross_encoder_state(),
+            "cross_encoder_runtime": dataclasses.asdict(self.cross_encoder_runtime),
             "metrics": self.metrics,
             "idf": {"weights": self.idf.weights, "unseen": self.idf.unseen},
             "sklearn_version": sklearn.__version__,
@@ -465,8 +504,20 @@ class HitVerifier:
         joblib.dump(payload, buffer, compress=3)
         return write_atomically(path, buffer.getvalue())
 
+    def _cross_encoder_state(self) -> dict[str, Any] | None:
+        if self.cross_encoder is None:
+            return None
+        if isinstance(self.cross_encoder, PairCrossEncoder):
+            return self.cross_encoder.state()
+        if self.cross_encoder_state is None:
+            raise ValueError("this verifier's cross-encoder has no weights to save")
+        return self.cross_encoder_state
+
     @classmethod
-    def load(cls, path: str | Path) -> HitVerifier:
+    def load(cls, path: str | Path, cross_encoder: ScorerLoader | None = None) -> HitVerifier:
+        """The artifact at `path`. Its cross-encoder is built by `cross_encoder(state, runtime)` (default:
+        `torch_scorer`; the gateway passes `cache.runtime.pair_scorer_loader`), where `runtime` is how
+        calibration computed its logits."""
         import joblib
 
         path = Path(path)
@@ -482,6 +533,7 @@ class HitVerifier:
                 f"(supports 1..{FORMAT_VERSION}); upgrade icgate or recalibrate with `icgate cache calibrate`"
             )
         state = payload.get("cross_encoder")
+        runtime = CrossEncoderRuntime(**(payload.get("cross_encoder_runtime") or {}))
         if payload.get("features") != feature_names(state is not None):
             raise ValueError(f"{path}: artifact was built with other features; recalibrate")
         return cls(
@@ -492,7 +544,9 @@ class HitVerifier:
             metrics=dict(payload.get("metrics") or {}),
             dim=int(payload["dim"]),
             idf=Idf(dict(payload["idf"]["weights"]), float(payload["idf"]["unseen"])),
-            cross_encoder=None if state is None else PairCrossEncoder.from_state(state),
+            cross_encoder=None if state is None else (cross_encoder or torch_scorer)(state, runtime),
+            cross_encoder_state=state,
+            cross_encoder_runtime=runtime,
         )
 
 

@@ -314,8 +314,20 @@ class EmbeddingConfig(Strict):
     # How long the first text of a batch waits for company, once traffic is concurrent (the previous
     # batch had more than one text); a lone request never waits. See bench/results/cache.md.
     max_wait_ms: float = Field(2.0, ge=0, le=50)
+    # The longest a request waits for the embedder's queue. A request that would wait longer goes on
+    # without its embedding: served without the semantic cache, routed to the default tier, and says so
+    # in `x-icgate-cache-skipped: embedder-busy` (exact hits are still served). None: wait however long.
+    # 200 ms is a small share of an LLM call (what a hit saves) and holds about 50 questions in line.
+    max_queue_ms: float | None = Field(200.0, ge=0)
     # Load the model at start (readiness waits for it) rather than on first use.
     preload: bool = True
+    # The runtime of the embedder and of the verifier's cross-encoder (see cache/runtime.py and
+    # docs/performance.md): `onnx` (default; graphs exported once into <data dir>/models, outputs equal
+    # torch's), `onnx-int8` (cheaper, outputs move: calibrate the verifier on it), or `torch`.
+    runtime: Literal["onnx", "onnx-int8", "torch"] = "onnx"
+    # Inference threads per model (onnx runtimes); default: half the cores, at least one, so that the
+    # event loop keeps a core of its own.
+    threads: int | None = Field(None, ge=1, le=64)
 
 
 class CircuitBreakerConfig(Strict):

@@ -63,6 +63,7 @@ class RequestContext:
     output_parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     overhead_frozen_ms: float | None = None
+    total_frozen_ms: float | None = None
 
     @property
     def model(self) -> str:
@@ -83,16 +84,30 @@ class RequestContext:
         return time.perf_counter() - self.arrived
 
     def overhead_ms(self) -> float:
-        """Wall time so far minus backend and queue time; fixed once the answer is decided."""
+        """Wall time so far minus backend and queue time; fixed once the answer is decided.
+
+        The backend time is the wait for the backend's answer as the event loop saw it: when the loop
+        is busy, an answer that has arrived waits for it, and that wait counts as backend time. So under
+        load this is the gateway's own work, not all the time it added; `total_ms` is what it added
+        and the backend took together, as a client would measure it at the gateway's door.
+        """
         if self.overhead_frozen_ms is not None:
             return self.overhead_frozen_ms
         return max(0.0, (self.elapsed_s() - self.backend_s - self.queue_s) * 1000.0)
+
+    def total_ms(self) -> float:
+        """Wall time from arrival until the answer (or a stream's first chunk) was in hand."""
+        if self.total_frozen_ms is not None:
+            return self.total_frozen_ms
+        return self.elapsed_s() * 1000.0
 
     def freeze_overhead(self) -> None:
         """Called when the answer (or a stream's first chunk) is in hand: what follows is delivery,
         and the header, the log and the metrics must all show the same number."""
         if self.overhead_frozen_ms is None:
-            self.overhead_frozen_ms = self.overhead_ms()
+            total_s = self.elapsed_s()  # once: the two numbers add up exactly
+            self.total_frozen_ms = total_s * 1000.0
+            self.overhead_frozen_ms = max(0.0, (total_s - self.backend_s - self.queue_s) * 1000.0)
 
     def cost_usd(self) -> float:
         if self.backend is None:

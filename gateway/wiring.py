@@ -18,7 +18,10 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from icgate.cache.embed import Embedder, MicroBatcher, SentenceTransformerEmbedder, resolve_model_dir
+from icgate.cache.embed import Embedder, MicroBatcher, resolve_model_dir
+from icgate.cache.onnx_models import default_threads
+from icgate.cache.runtime import load_embedder, pair_scorer_loader
+from icgate.cache.verify import ScorerLoader
 from icgate.gateway import route_models
 from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendClient
@@ -42,10 +45,13 @@ log = logging.getLogger("icgate")
 
 
 class EmbeddingService:
-    """The gateway's embedder, loaded once (in a worker thread) and run off the event loop."""
+    """The gateway's models (the embedder and the verifier's cross-encoder) on the policy's runtime,
+    loaded once (in a worker thread) and run off the event loop. Exported graphs live in `graphs`."""
 
-    def __init__(self, config: EmbeddingConfig) -> None:
+    def __init__(self, config: EmbeddingConfig, graphs: Path) -> None:
         self.config = config
+        self.graphs = graphs
+        self.threads = config.threads or default_threads()
         self._embedder: Embedder | None = None
         self._loading: asyncio.Task[Embedder] | None = None
 
@@ -56,13 +62,18 @@ class EmbeddingService:
     async def embedder(self) -> Embedder:
         if self._embedder is None:
             if self._loading is None:
-                self._loading = asyncio.create_task(asyncio.to_thread(self._load))
+                self._loading = asyncio.create_task(asyncio.to_thread(self.load))
             self._embedder = await asyncio.shield(self._loading)
         return self._embedder
 
-    def _load(self) -> Embedder:
+    def load(self) -> Embedder:
+        """Build the embedder (exporting its graph first if needed); blocking, call off the loop."""
         model_dir = resolve_model_dir(self.config.model)
-        return SentenceTransformerEmbedder(model_dir, max_batch=self.config.max_batch)
+        return load_embedder(model_dir, self.config.runtime, self.graphs, self.threads, self.config.max_batch)
+
+    def cross_encoder_loader(self) -> ScorerLoader:
+        """What a verifier artifact's cross-encoder is built with: the same engine and graph folder."""
+        return pair_scorer_loader(self.config.runtime, self.graphs, self.threads)
 
     async def decode(self, token_ids: list[int]) -> str:
         """The text behind token ids of the served model's own tokenizer (OpenAI accepts token input)."""
@@ -100,7 +111,7 @@ class Gateway:
         self.database_url = policy.database_url(data_dir)
         self.telemetry = Telemetry.from_config(policy.telemetry)
         # Injectable so that several gateways in one process (tests) share one loaded model.
-        self.embeddings = embeddings or EmbeddingService(policy.embedding)
+        self.embeddings = embeddings or EmbeddingService(policy.embedding, data_dir / "models")
         self.local = LocalBackends()
         self.client = BackendClient()
         self.engine: Engine | None = None
@@ -191,12 +202,14 @@ class Gateway:
             embedder,
             max_batch=self.policy.embedding.max_batch,
             max_wait_ms=self.policy.embedding.max_wait_ms,
+            max_queue_ms=self.policy.embedding.max_queue_ms,
         )
 
     async def _start_cache(self) -> None:
         """The cache needs the embedder (for vectors) and the verifier (for safe semantic hits)."""
         assert self.engine is not None
-        verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir)
+        loader = self.embeddings.cross_encoder_loader()
+        verifier = await asyncio.to_thread(load_verifier, self.policy.cache.verifier, self.data_dir, loader)
         embedder = await self.embeddings.embedder()
         self.cache_entries = CacheEntries(
             self.policy.cache,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--no-launch", action="store_true", help="do not start local backends")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="gateway processes on the port (see docs/performance.md)"
+    )
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="export the policy's inference graphs into the data directory (serve does it if needed)",
+    )
+    policy_args(prepare)
 
     check = sub.add_parser("check-policy", help="validate a policy file")
     check.add_argument("file", type=Path)
@@ -76,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         "instead of training one (not with --cross-encoder-steps): a new operating point in minutes",
     )
     cal.add_argument(
+        "--cross-encoder-runtime",
+        choices=["torch", "onnx", "onnx-int8"],
+        default="torch",
+        help="with --cross-encoder-from: compute its logits on this runtime (onnx-int8: int8 weights, "
+        "cheaper; the artifact records it and the gateway serves it the same way)",
+    )
+    cal.add_argument(
+        "--one-order",
+        action="store_true",
+        help="with --cross-encoder-from: read each pair once, not both orders averaged (half the cost)",
+    )
+    cal.add_argument(
         "--out", type=Path, default=None, help="artifact path (default: <data-dir>/hit_verifier.joblib)"
     )
     ev = csub.add_parser("eval", help="precision, recall and F1 of the hit decision on labelled pairs")
@@ -118,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_dir = args.data_dir or default_data_dir()
     if args.command == "serve":
+        if args.workers > 1:
+            return serve_workers(policy, data_dir, args.host, args.port, args.workers, not args.no_launch)
         return serve(policy, data_dir, args.host, args.port, launch_local=not args.no_launch)
     if args.command == "db":
         return migrate(policy, data_dir)
+    if args.command == "prepare":
+        return prepare_models(policy, data_dir)
     if args.command == "cache":
         try:
             return manage_cache(args, policy, data_dir)
@@ -140,7 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     return manage_keys(args, policy, data_dir)
 
 
-def serve(policy: Policy, data_dir: Path, host: str, port: int, launch_local: bool) -> int:
+def serve(
+    policy: Policy,
+    data_dir: Path,
+    host: str,
+    port: int,
+    launch_local: bool,
+    sock: socket.socket | None = None,
+) -> int:
+    """One gateway process; on `sock` (a worker's shared listening socket) instead of host:port if given."""
     from icgate.gateway.api.app import create_app
     from icgate.gateway.api.server import build_server, raise_fd_limit
     from icgate.gateway.wiring import Gateway
@@ -150,8 +184,57 @@ def serve(policy: Policy, data_dir: Path, host: str, port: int, launch_local: bo
     logging.getLogger("icgate").info("file-descriptor limit %d (hard %d)", soft, hard)
     app = create_app(Gateway(policy, data_dir, launch_local=launch_local))
     server = build_server(app, host, port, log_level="info")
-    server.run()
+    server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else 3  # uvicorn's exit status for a failed start
+
+
+def serve_workers(
+    policy: Policy, data_dir: Path, host: str, port: int, workers: int, launch_local: bool
+) -> int:
+    """`serve` in several processes on one port (gateway/api/workers.py says what they share)."""
+    from icgate.gateway.api import workers as worker_processes
+
+    if launch_local and any(b.launch is not None for b in policy.backends):
+        print(
+            "icgate serve --workers: the policy launches local llama.cpp servers, which one gateway must "
+            "own; start them on their own (or use one worker) and pass --no-launch",
+            file=sys.stderr,
+        )
+        return 2
+    if policy.embedding.threads is None:  # share the cores: the workers' loops need them too
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // (2 * workers))
+        policy = policy.model_copy(
+            update={"embedding": policy.embedding.model_copy(update={"threads": threads})}
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(policy, data_dir)  # once, before the workers race to do it
+    try:
+        sock = worker_processes.listening_socket(host, port)
+    except OSError as exc:
+        print(f"icgate serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 3
+    return worker_processes.serve_workers(
+        workers, sock, lambda s: serve(policy, data_dir, host, port, launch_local=False, sock=s)
+    )
+
+
+def prepare_models(policy: Policy, data_dir: Path) -> int:
+    """Export what the policy's runtime needs (the embedder's and the verifier's graphs), so that the
+    first `serve` starts as fast as every later one. Already exported graphs are reused."""
+    import time
+
+    from icgate.gateway.store.cache_entries import load_verifier
+    from icgate.gateway.wiring import EmbeddingService
+
+    started = time.perf_counter()
+    service = EmbeddingService(policy.embedding, data_dir / "models")
+    embedder = service.load()
+    if policy.cache.enabled and policy.cache.semantic:
+        load_verifier(policy.cache.verifier, data_dir, service.cross_encoder_loader())
+    took = time.perf_counter() - started
+    print(f"{policy.embedding.runtime} models ready in {service.graphs} (dim {embedder.dim}, {took:.1f} s)")
+    return 0
 
 
 def migrate(policy: Policy, data_dir: Path) -> int:
@@ -210,6 +293,7 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
         out = args.out or data_dir / CALIBRATED_NAME
         out.parent.mkdir(parents=True, exist_ok=True)
         from icgate.cache.cross_encoder_training import TrainingConfig
+        from icgate.cache.verify import CrossEncoderRuntime
 
         training = None
         if args.cross_encoder_steps > 0:
@@ -220,7 +304,12 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
             embeddings,
             args.precision,
             max_pairs=args.max_pairs,
-            cross_encoder=calibrate.CrossEncoderSource(train=training, reuse=args.cross_encoder_from),
+            cross_encoder=calibrate.CrossEncoderSource(
+                train=training,
+                reuse=args.cross_encoder_from,
+                runtime=CrossEncoderRuntime(args.cross_encoder_runtime, both_orders=not args.one_order),
+                graphs=data_dir / "models",
+            ),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
         print(

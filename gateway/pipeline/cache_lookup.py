@@ -15,7 +15,12 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from icgate.cache.embed import UnembeddableTextError, context_fingerprint, conversation_text
+from icgate.cache.embed import (
+    EmbedderBusyError,
+    UnembeddableTextError,
+    context_fingerprint,
+    conversation_text,
+)
 from icgate.cache.exact import cacheability, exact_key, fits_output_limit, output_constraints_key
 from icgate.gateway.backends.client import openai_response, served_model
 from icgate.gateway.errors import GatewayError
@@ -26,6 +31,7 @@ from icgate.text import last_user_text
 
 Vector = npt.NDArray[np.float32]
 VERIFIED_CANDIDATES = 3  # the most similar candidates the verifier scores per request
+EMBEDDER_BUSY = "embedder-busy"  # why a request went without its embedding (`CacheLookup.skipped`)
 
 
 class Embed(Protocol):
@@ -54,6 +60,9 @@ class CacheLookup:
     vector: Vector | None = None
     candidates: list[Candidate] = field(default_factory=list)
     hit: Hit | None = None
+    # Set when the request went on without its embedding (the embedder's queue was too long): no
+    # semantic hit, no examples, nothing stored, and the router takes its default tier.
+    skipped: str | None = None
 
     @property
     def best_similarity(self) -> float | None:
@@ -133,7 +142,11 @@ async def embed_and_retrieve(lookup: CacheLookup, entries: CacheEntries, embed: 
     """One embedding per request, reused by the semantic hit, the examples, the router and the insert."""
     if not (lookup.semantic or lookup.examples or lookup.store):
         return
-    lookup.vector = await embed_request(embed, lookup.embed_text, lookup.namespace)
+    try:
+        lookup.vector = await embed_request(embed, lookup.embed_text, lookup.namespace)
+    except EmbedderBusyError:
+        lookup.skipped = EMBEDDER_BUSY  # served without the semantic cache rather than queued
+        return
     lookup.candidates = await entries.retrieve(lookup.namespace, lookup.vector, entries.config.top_k)
 
 

@@ -32,6 +32,8 @@ def cache(ctx: RequestContext, lookup: CacheLookup) -> None:
         "candidates": len(lookup.candidates),
         "servable": lookup.servable,
     }
+    if lookup.skipped:
+        ctx.decisions["cache"]["skipped"] = lookup.skipped
 
 
 def route(ctx: RequestContext, outcome: RouteOutcome) -> None:
@@ -91,12 +93,16 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
         "x-icgate-backend": ctx.backend.name if ctx.backend else "none",
         "x-icgate-overhead-ms": f"{ctx.overhead_ms():.2f}",
         "x-icgate-queue-ms": f"{ctx.queue_s * 1000:.2f}",
+        "x-icgate-backend-ms": f"{ctx.backend_s * 1000:.2f}",
+        "x-icgate-total-ms": f"{ctx.total_ms():.2f}",
     }
     if ctx.fallback_from:
         headers["x-icgate-fallback-from"] = ctx.fallback_from
         if (ctx.decisions.get("fallback") or {}).get("downgraded"):
             headers["x-icgate-downgraded"] = "true"
     cached = ctx.decisions.get("cache") or {}
+    if cached.get("skipped"):
+        headers["x-icgate-cache-skipped"] = cached["skipped"]
     if cached.get("similarity") is not None:
         headers["x-icgate-similarity"] = f"{cached['similarity']:.4f}"
     if "examples" in ctx.decisions:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
+from icgate.cache.embed import EmbedderBusyError
 from icgate.gateway.config import Policy, RouterConfig
-from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, embed_request
+from icgate.gateway.pipeline.cache_lookup import EMBEDDER_BUSY, CacheLookup, Embed, embed_request
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, namespace_for
 from icgate.gateway.route_models import RouteModels
@@ -53,10 +54,14 @@ async def route(
     """Features (with the cache's embedding and best example), predicted length, then the decision."""
     needs_vector = target.routed and models.router_needs_embedding
     vector = lookup.vector if lookup is not None else None
+    busy = lookup is not None and lookup.skipped == EMBEDDER_BUSY
     text = prompt_text(ctx.body, ctx.endpoint)
-    if vector is None and needs_vector and embed is not None and text:
+    if vector is None and needs_vector and embed is not None and text and not busy:
         # the cache was off for this request: embed for the router (in the tenant's memo scope)
-        vector = await embed_request(embed, text, namespace_for(ctx.tenant))
+        try:
+            vector = await embed_request(embed, text, namespace_for(ctx.tenant))
+        except EmbedderBusyError:
+            busy = True
     example = best_example(lookup)
     features = with_cache_view(route_features(ctx), vector, example, text)
     predicted = predict_length(
@@ -66,7 +71,8 @@ async def route(
         reason = f"addressed as {target.backend.name}"
         decision = RouteDecision(tier=target.backend.tier, score=None, reasons=(reason,))
     elif needs_vector and vector is None:
-        reason = "no request embedding (embedder off): default tier"
+        why = "embedder busy" if busy else "embedder off"
+        reason = f"no request embedding ({why}): default tier"
         decision = RouteDecision(policy.router.default_tier, None, (reason,))
     else:
         decision = choose_tier(policy, models, features, predicted, example)

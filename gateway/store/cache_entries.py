@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from icgate.cache.index import VectorIndex, set_threads
 from icgate.cache.store import CacheEntry, CacheStore, initial_utility
-from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier
+from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier, ScorerLoader
 from icgate.gateway.config import CacheConfig, RequestLogConfig
 from icgate.gateway.store import tables
 from icgate.gateway.store.write_behind import WriteBehindQueue
@@ -49,8 +49,9 @@ def verifier_path(spec: str | None, data_dir: Path) -> Path:
     return calibrated if calibrated.is_file() else DEFAULT_ARTIFACT
 
 
-def load_verifier(spec: str | None, data_dir: Path) -> HitVerifier:
-    return HitVerifier.load(verifier_path(spec, data_dir))
+def load_verifier(spec: str | None, data_dir: Path, cross_encoder: ScorerLoader | None = None) -> HitVerifier:
+    """The verifier (`verifier_path`), its cross-encoder built by `cross_encoder` (default: torch)."""
+    return HitVerifier.load(verifier_path(spec, data_dir), cross_encoder)
 
 
 @dataclass(frozen=True)

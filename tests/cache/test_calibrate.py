@@ -14,6 +14,7 @@ import pytest
 from icgate.cache.calibrate import (
     LabelledPair,
     cached_encode,
+    choose_operating_point,
     evaluate,
     evaluate_cosine_rule,
     fit_classifier,
@@ -181,3 +182,17 @@ def test_cached_encode_reuses_disk(tmp_path: Path) -> None:
     assert calls == [["a", "bb"], ["ccc"], ["dddd"]]
     np.testing.assert_array_equal(first[2], again[0])
     np.testing.assert_array_equal(first[0], first[3])
+
+
+def test_the_prefilter_is_the_highest_cosine_within_the_recall_tolerance() -> None:
+    # 100 duplicates, 100 non-duplicates; the classifier separates them perfectly, and every duplicate
+    # but two has cosine >= 0.8: the two below it are all the recall a lower prefilter would add.
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(100, bool), np.zeros(100, bool)]
+    cosines = np.r_[np.full(98, 0.9), [0.6, 0.6], rng.uniform(0.5, 0.95, 100)]
+    probs = np.r_[np.full(100, 0.9), np.full(100, 0.1)]
+    strict = choose_operating_point(cosines, probs, labels, 0.95, min_hits=10, recall_tolerance=0.0)
+    assert strict.cosine_threshold <= 0.6 and strict.recall == 1.0
+    cheap = choose_operating_point(cosines, probs, labels, 0.95, min_hits=10, recall_tolerance=0.02)
+    assert cheap.cosine_threshold == 0.9 and cheap.recall == pytest.approx(0.98)
+    assert cheap.precision == 1.0

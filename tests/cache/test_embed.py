@@ -15,6 +15,7 @@ import pytest
 from icgate.cache.embed import (
     EMBED_MAX_CHARS,
     BatcherClosedError,
+    EmbedderBusyError,
     EmbeddingMemo,
     MicroBatcher,
     SentenceTransformerEmbedder,
@@ -191,6 +192,38 @@ async def test_arrivals_during_an_encode_form_the_next_batch() -> None:
     await asyncio.gather(first, *rest)
     assert [len(b) for b in fake.batches] == [1, 5]
     batcher.close()
+
+
+async def test_a_text_that_would_wait_too_long_is_turned_away_but_memo_hits_and_joins_are_not() -> None:
+    fake = FakeEmbedder(delay_s=0.02)  # 20 ms a batch
+    batcher = MicroBatcher(fake, max_batch=1, max_wait_ms=0, max_queue_ms=1000)
+    remembered = await batcher.embed("remembered")  # times one batch: 20 ms a text
+    per_text = batcher.expected_wait_s()  # nothing ahead: one text's encode time
+    assert 0.015 < per_text < 0.2
+    batcher.max_queue_s = 3.5 * per_text  # room for three texts in line, not four
+    fake.release.clear()  # the encoder stalls: texts queue up behind it
+    first = asyncio.ensure_future(batcher.embed("first"))
+    while not fake.batches[1:]:
+        await asyncio.sleep(0.005)
+    queued = [asyncio.ensure_future(batcher.embed(f"queued {i}")) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(EmbedderBusyError):  # 1 encoding + 2 queued + itself: four texts in line
+        await batcher.embed("one too many")
+    assert batcher.stats.busy == 1
+    np.testing.assert_array_equal(await batcher.embed("remembered"), remembered)  # the memo still answers
+    joined = asyncio.ensure_future(batcher.embed("queued 0"))  # so does a text already queued
+    fake.release.set()
+    await asyncio.gather(first, *queued, joined)
+    assert batcher.stats.busy == 1 and batcher.stats.joined == 1
+    await batcher.embed("room again")  # the queue drained: texts are taken again
+    batcher.max_queue_s = 0.0  # even when one text's encode time is over the limit, a text with
+    await batcher.embed("nothing ahead")  # nothing ahead of it goes at once
+    batcher.close()
+
+
+def test_max_queue_ms_must_not_be_negative() -> None:
+    with pytest.raises(ValueError):
+        MicroBatcher(FakeEmbedder(), max_queue_ms=-1)
 
 
 async def test_memo_hit_does_not_call_the_encoder() -> None:

@@ -115,11 +115,12 @@ class RunningGateway:
 
 
 @pytest.fixture(scope="session")
-def shared_embeddings() -> EmbeddingService:
-    """One loaded MiniLM for every gateway of the session (loading takes seconds)."""
+def shared_embeddings(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingService:
+    """One loaded MiniLM for every gateway of the session (exporting and loading take seconds); its
+    graph folder is shared too, so the verifier's cross-encoder is exported once per session."""
     import asyncio
 
-    service = EmbeddingService(EmbeddingConfig())
+    service = EmbeddingService(EmbeddingConfig(), tmp_path_factory.mktemp("models"))
     asyncio.run(service.embedder())
     return service
 

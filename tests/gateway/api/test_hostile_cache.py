@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 
 from icgate.cache.embed import EMBED_MAX_CHARS, Embedder
-from icgate.gateway.config import Policy
+from icgate.gateway.config import EmbeddingConfig, Policy
 from icgate.gateway.store import keys
 from icgate.gateway.wiring import Gateway
 from tests.gateway.api.test_cache_api import ask, cache_policy, settle
@@ -139,8 +139,12 @@ def test_text_the_embedder_cannot_read_fails_only_its_own_request(
 ) -> None:
     """30 normal requests with 3 lone surrogates (legal JSON, invalid Unicode) and 3 texts the tokenizer
     fails on, all at once and held so that they share micro-batches: every normal request gets 200,
-    every bad one 400, none 500."""
-    gw = start_gateway(cache_policy(standins))
+    every bad one 400, none 500. (No bound on the embedder's queue here: the held batch would make
+    late arrivals skip the embedder, and a skipped poisoned text never reaches it.)"""
+    policy = cache_policy(standins)
+    gw = start_gateway(
+        policy.model_copy(update={"embedding": EmbeddingConfig(preload=False, max_queue_ms=None)})
+    )
     assert gw.gateway.batcher is not None
     spy = spy_on_embedder(gw.gateway, poison="POISON", hold_first=True)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icgate.cache.verify import HitVerifier
+from icgate.cache.onnx_models import OnnxPairScorer
+from icgate.cache.runtime import pair_scorer_loader
+from icgate.cache.verify import CrossEncoderRuntime, HitVerifier
 from icgate.gateway.cli import main as cli
 from icgate.gateway.config import DEFAULT_POLICY
 
@@ -96,6 +98,22 @@ def test_keys_revoke_unknown_id(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert code == 1 and "no key with id 999" in err
 
 
+def test_prepare_exports_the_graphs_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "backends:\n  - {name: small, tier: small, model: openai/m, api_base: 'http://127.0.0.1:9/v1'}\n"
+        "cache: {enabled: false}\n"
+    )
+    code, lines, err = run(capsys, "prepare", "--policy", str(policy), "--data-dir", str(tmp_path))
+    assert code == 0, err
+    assert "onnx models ready" in lines[-1] and "dim 384" in lines[-1]
+    [graph] = (tmp_path / "models").glob("embedder-*-fp32.onnx")
+    made = graph.stat().st_mtime_ns
+    code, _, err = run(capsys, "prepare", "--policy", str(policy), "--data-dir", str(tmp_path))
+    assert code == 0, err
+    assert [graph] == list((tmp_path / "models").iterdir()) and graph.stat().st_mtime_ns == made
+
+
 def test_data_dir_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ICGATE_DATA_DIR", str(tmp_path / "elsewhere"))
     assert cli.default_data_dir() == tmp_path / "elsewhere"
@@ -133,6 +151,22 @@ def test_cache_calibrate_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture
     assert first is not None and second is not None
     texts_a, texts_b = ["How do I cook rice?", "Is it safe?"], ["How can I cook rice?", "What is love?"]
     np.testing.assert_array_equal(first.logits(texts_a, texts_b), second.logits(texts_a, texts_b))
+    # ... and can be served on onnxruntime, one order: the artifact says so, the gateway obeys
+    onnx_one = tmp_path / "onnx-one.joblib"
+    code, lines, err = run(
+        capsys, "cache", "calibrate", "--pairs", str(pairs), "--precision", "0.8", "--out", str(onnx_one),
+        "--cross-encoder-from", str(out), "--cross-encoder-runtime", "onnx", "--one-order",
+        "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    served = HitVerifier.load(onnx_one, pair_scorer_loader("onnx", tmp_path / "models", threads=1))
+    assert served.cross_encoder_runtime == CrossEncoderRuntime("onnx", both_orders=False)
+    assert isinstance(served.cross_encoder, OnnxPairScorer) and not served.cross_encoder.both_orders
+    one_order = HitVerifier.load(onnx_one).cross_encoder  # torch, told to read one order as recorded
+    assert one_order is not None
+    np.testing.assert_allclose(
+        served.cross_encoder.logits(texts_a, texts_b), one_order.logits(texts_a, texts_b), atol=1e-3
+    )
     code, _, err = run(
         capsys, "cache", "calibrate", "--pairs", str(pairs), "--max-pairs", "40", "--out", str(again),
         "--cross-encoder-from", str(out), "--data-dir", str(tmp_path),

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from icgate.cache.embed import EmbedderBusyError
 from icgate.cache.store import CacheEntry
 from icgate.cache.verify import HitVerifier
 from icgate.gateway.backends.admission import Admission
@@ -65,13 +66,18 @@ class FakeClock:
 class FakeEmbed:
     """The `Embed` stage input: a vector per text (else `default`), every call noted as (text, scope)."""
 
-    def __init__(self, vectors: dict[str, Vector] | None = None, default: Vector | None = None) -> None:
+    def __init__(
+        self, vectors: dict[str, Vector] | None = None, default: Vector | None = None, busy: bool = False
+    ) -> None:
         self.vectors = vectors or {}
         self.default = axis(DIM - 1) if default is None else default
+        self.busy = busy  # turn every text away, as a MicroBatcher with a full queue does
         self.calls: list[tuple[str, str]] = []
 
     async def __call__(self, text: str, scope: str = "") -> Vector:
         self.calls.append((text, scope))
+        if self.busy:
+            raise EmbedderBusyError("the embedder's queue is full")
         return self.vectors.get(text, self.default)
 
 

@@ -362,6 +362,19 @@ async def test_semantic_switch_off_still_retrieves_for_examples_and_store(new_en
     assert lookup.vector is not None
 
 
+async def test_a_busy_embedder_skips_the_semantic_cache_but_not_an_exact_hit(new_entries: NewEntries) -> None:
+    verifier = FakeVerifier(default=1.0)
+    entries, embed = new_entries(verifier=verifier), FakeEmbed(busy=True)
+    store_similar(entries)
+    lookup = await lookup_of(entries, chat_ctx(REQUEST), embed=embed)
+    assert embed.calls  # it was asked, and turned the text away
+    assert lookup.skipped == "embedder-busy"
+    assert lookup.hit is None and lookup.vector is None and lookup.candidates == [] and verifier.calls == []
+    remember(entries, entry_for(entries, chat_ctx("What is 2+2?"), 7, axis(0)))
+    exact = await lookup_of(entries, chat_ctx("What is 2+2?"), embed=embed)
+    assert exact.hit is not None and exact.hit.kind == "exact" and exact.skipped is None
+
+
 async def test_nothing_is_embedded_when_no_switch_needs_a_vector(new_entries: NewEntries) -> None:
     entries = new_entries(make_policy(cache={"semantic": False, "examples": False, "store": False}))
     embed = FakeEmbed()

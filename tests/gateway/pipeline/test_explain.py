@@ -130,6 +130,7 @@ def test_spill_fallback_and_examples(lower: bool) -> None:
 def test_headers_tell_what_the_decisions_say(new_entries: NewEntries) -> None:
     ctx = chat_ctx("hi")
     ctx.route, ctx.backend, ctx.queue_s, ctx.fallback_from = "large", LARGE, 0.002, "small"
+    ctx.backend_s = 0.25
     explain.fell_back(ctx, SMALL, LARGE, "http_502", lower=True)
     explain.cache(ctx, a_lookup(new_entries, hit=False))
     explain.examples(ctx, [11, 12])
@@ -145,6 +146,8 @@ def test_headers_tell_what_the_decisions_say(new_entries: NewEntries) -> None:
         "x-icgate-backend": "large",
         "x-icgate-overhead-ms": f"{ctx.overhead_ms():.2f}",
         "x-icgate-queue-ms": "2.00",
+        "x-icgate-backend-ms": "250.00",
+        "x-icgate-total-ms": f"{ctx.total_ms():.2f}",
         "x-icgate-fallback-from": "small",
         "x-icgate-downgraded": "true",
         "x-icgate-similarity": "0.9600",
@@ -154,11 +157,31 @@ def test_headers_tell_what_the_decisions_say(new_entries: NewEntries) -> None:
     }
 
 
+def test_total_time_is_what_the_gateway_held_the_request_and_is_fixed_with_the_overhead() -> None:
+    ctx = chat_ctx("hi")
+    ctx.arrived -= 0.5  # arrived half a second ago, of which the backend took 0.3 s
+    ctx.backend_s = 0.3
+    ctx.freeze_overhead()
+    total, overhead = ctx.total_ms(), ctx.overhead_ms()
+    assert 500.0 <= total < 600.0 and abs(total - 300.0 - overhead) < 1e-6
+    ctx.arrived -= 10.0  # delivery after the answer was in hand changes neither
+    assert (ctx.total_ms(), ctx.overhead_ms()) == (total, overhead)
+
+
+def test_a_skipped_cache_is_explained_in_a_header(new_entries: NewEntries) -> None:
+    ctx = chat_ctx("hi")
+    lookup = a_lookup(new_entries, hit=False)
+    lookup.skipped = "embedder-busy"
+    explain.cache(ctx, lookup)
+    assert ctx.decisions["cache"]["skipped"] == "embedder-busy"
+    assert explain.response_headers(ctx)["x-icgate-cache-skipped"] == "embedder-busy"
+
+
 def test_headers_leave_out_what_was_not_decided() -> None:
     ctx = chat_ctx("hi")
     ctx.fallback_from = "small"
     explain.fell_back(ctx, SMALL, LARGE, "timeout", lower=False)
     headers = explain.response_headers(ctx)
     assert headers["x-icgate-fallback-from"] == "small" and "x-icgate-downgraded" not in headers
-    for absent in ("similarity", "examples", "router-score", "predicted-tokens"):
+    for absent in ("similarity", "examples", "router-score", "predicted-tokens", "cache-skipped"):
         assert f"x-icgate-{absent}" not in headers

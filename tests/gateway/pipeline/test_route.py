@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -255,6 +256,20 @@ async def test_route_without_an_embedder_falls_back_to_the_default_tier() -> Non
     assert "embedder off" in outcome.decision.reasons[0]
     assert scorer.seen == []
     assert outcome.predicted == LengthEstimate(190, 400)  # still sized for admission
+
+
+async def test_route_with_a_busy_embedder_takes_the_default_tier_and_says_why() -> None:
+    scorer, embed = Scorer(0.0), FakeEmbed(busy=True)
+    models = models_of(scorer, router_needs_embedding=True)
+    policy = priced_policy(default_tier="large")
+    outcome = await route(chat_ctx(PROMPT), Target(routed=True), None, models, policy, embed)
+    assert outcome.tier == "large" and "embedder busy" in outcome.decision.reasons[0]
+    assert scorer.seen == []
+    # the cache stage already found the embedder busy: the route stage does not ask again
+    embed.calls.clear()
+    skipped = replace(lookup_with([]), skipped="embedder-busy")
+    outcome = await route(chat_ctx(PROMPT), Target(routed=True), skipped, models, policy, embed)
+    assert embed.calls == [] and "embedder busy" in outcome.decision.reasons[0]
 
 
 async def test_route_a_router_without_embeddings_needs_no_embedder() -> None:
