@@ -2,9 +2,10 @@
 
 - `onnx` (the default): the models exported to ONNX graphs and run by onnxruntime, float32. Vectors and
   logits equal torch's to float rounding (cosine 1.00000), so every threshold calibrated on torch
-  outputs holds unchanged, at a third to a quarter of torch's CPU per text (bench/results/embed_runtime.md).
-- `onnx-int8`: the same graphs with int8 weights: cheaper again, but outputs move (vectors at cosine
-  ~0.994 of the float ones), so it is only safe for models calibrated on its outputs. The verifier
+  outputs holds unchanged; the embedder costs 0.4-0.6x torch's CPU per text
+  (bench/results/embed_runtime.md).
+- `onnx-int8`: the same graphs with int8 weights: cheaper again (0.15-0.25x), but outputs move (vectors
+  at cosine 0.995 of the float ones), so it is only safe for models calibrated on its outputs. The verifier
   records which logits it was calibrated on (`CrossEncoderRuntime`), and its cross-encoder is always
   served that way, whatever the embedder's runtime.
 - `torch`: sentence-transformers / transformers, as icgate served before; no export step.

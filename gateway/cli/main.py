@@ -20,6 +20,13 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("ICGATE_DATA_DIR", "data"))
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icgate", description="OpenAI-compatible LLM gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--no-launch", action="store_true", help="do not start local backends")
     serve.add_argument(
-        "--workers", type=int, default=1, help="gateway processes on the port (see docs/performance.md)"
+        "--workers", type=positive_int, default=1, help="gateway processes on the port (docs/performance.md)"
     )
 
     prepare = sub.add_parser(
@@ -318,7 +325,9 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
         return 0
     if args.cache_command == "eval":
         path = args.verifier or verifier_path(policy.cache.verifier, data_dir)
-        result = calibrate.evaluate_file(args.pairs, path, embeddings, max_pairs=args.max_pairs)
+        result = calibrate.evaluate_file(
+            args.pairs, path, embeddings, max_pairs=args.max_pairs, graphs=data_dir / "models"
+        )
         print(json.dumps(result, default=str))
         return 0
     from icgate.gateway.cli.replay import run_replay

@@ -107,3 +107,9 @@ def test_when_one_worker_dies_the_others_are_stopped_and_the_parent_fails(
 def test_workers_refuse_a_policy_that_launches_local_servers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--workers", "2"]) == 2  # the default policy launches two llama.cpp servers
     assert "--no-launch" in capsys.readouterr().err
+
+
+def test_workers_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--workers", "0", "--no-launch"])
+    assert exit_.value.code == 2 and "must be 1 or more" in capsys.readouterr().err
