@@ -236,9 +236,13 @@ def prepare_models(policy: Policy, data_dir: Path) -> int:
 
     started = time.perf_counter()
     service = EmbeddingService(policy.embedding, data_dir / "models")
-    embedder = service.load()
-    if policy.cache.enabled and policy.cache.semantic:
-        load_verifier(policy.cache.verifier, data_dir, service.cross_encoder_loader())
+    try:
+        embedder = service.load()
+        if policy.cache.enabled and policy.cache.semantic:
+            load_verifier(policy.cache.verifier, data_dir, service.cross_encoder_loader())
+    except (OSError, ValueError) as exc:  # a missing or foreign model or verifier file
+        print(f"icgate prepare: {exc}", file=sys.stderr)
+        return 2
     took = time.perf_counter() - started
     print(f"{policy.embedding.runtime} models ready in {service.graphs} (dim {embedder.dim}, {took:.1f} s)")
     return 0

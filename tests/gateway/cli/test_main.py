@@ -114,6 +114,16 @@ def test_prepare_exports_the_graphs_once(tmp_path: Path, capsys: pytest.CaptureF
     assert [graph] == list((tmp_path / "models").iterdir()) and graph.stat().st_mtime_ns == made
 
 
+def test_prepare_names_a_missing_verifier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "backends:\n  - {name: small, tier: small, model: openai/m, api_base: 'http://127.0.0.1:9/v1'}\n"
+        f"cache: {{verifier: {tmp_path / 'nowhere.joblib'}}}\n"
+    )
+    code, _, err = run(capsys, "prepare", "--policy", str(policy), "--data-dir", str(tmp_path))
+    assert code == 2 and "nowhere.joblib" in err and "Traceback" not in err
+
+
 def test_data_dir_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ICGATE_DATA_DIR", str(tmp_path / "elsewhere"))
     assert cli.default_data_dir() == tmp_path / "elsewhere"
