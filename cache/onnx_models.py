@@ -48,15 +48,16 @@ RECIPE_VERSION = "2"
 OPSET = 17
 
 
-def default_threads() -> int:
-    """Inference threads for one model: half the cores the process may use, at least one.
+def default_threads(processes: int = 1) -> int:
+    """Inference threads for one model: half the cores the process may use (shared by `processes`
+    gateway processes), at least one.
 
     The event loop needs a core of its own: a model that takes every core stalls the loop (measured: two
     torch threads on two cores took 33.7 ms of CPU per sentence against 21.6 ms on one, and doubled the
     loop's lag). Onnxruntime spins its worker threads while waiting, so more threads than cores is worse.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // 2)
+    return max(1, cores // (2 * processes))
 
 
 def _digest(*parts: bytes | str) -> str:

@@ -93,7 +93,10 @@ class RequestContext:
         """
         if self.overhead_frozen_ms is not None:
             return self.overhead_frozen_ms
-        return max(0.0, (self.elapsed_s() - self.backend_s - self.queue_s) * 1000.0)
+        return self._overhead_ms(self.elapsed_s())
+
+    def _overhead_ms(self, total_s: float) -> float:
+        return max(0.0, (total_s - self.backend_s - self.queue_s) * 1000.0)
 
     def total_ms(self) -> float:
         """Wall time from arrival until the answer (or a stream's first chunk) was in hand."""
@@ -107,7 +110,7 @@ class RequestContext:
         if self.overhead_frozen_ms is None:
             total_s = self.elapsed_s()  # once: the two numbers add up exactly
             self.total_frozen_ms = total_s * 1000.0
-            self.overhead_frozen_ms = max(0.0, (total_s - self.backend_s - self.queue_s) * 1000.0)
+            self.overhead_frozen_ms = self._overhead_ms(total_s)
 
     def cost_usd(self) -> float:
         if self.backend is None:

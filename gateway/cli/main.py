@@ -199,6 +199,7 @@ def serve_workers(
     policy: Policy, data_dir: Path, host: str, port: int, workers: int, launch_local: bool
 ) -> int:
     """`serve` in several processes on one port (gateway/api/workers.py says what they share)."""
+    from icgate.cache.onnx_models import default_threads
     from icgate.gateway.api import workers as worker_processes
 
     if launch_local and any(b.launch is not None for b in policy.backends):
@@ -209,8 +210,7 @@ def serve_workers(
         )
         return 2
     if policy.embedding.threads is None:  # share the cores: the workers' loops need them too
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // (2 * workers))
+        threads = default_threads(workers)
         policy = policy.model_copy(
             update={"embedding": policy.embedding.model_copy(update={"threads": threads})}
         )

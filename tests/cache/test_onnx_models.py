@@ -120,6 +120,7 @@ def test_the_verifier_loads_its_cross_encoder_on_the_runtime_it_is_given(graphs:
 def test_default_threads_leave_a_core_for_the_event_loop() -> None:
     cores = len(os.sched_getaffinity(0))
     assert default_threads() == max(1, cores // 2)
+    assert default_threads(processes=2) == max(1, cores // 4)  # `serve --workers 2` shares them
 
 
 def test_a_verifier_is_served_with_the_logits_it_was_calibrated_on(
