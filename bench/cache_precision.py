@@ -68,7 +68,7 @@ from icgate.cache.calibrate import (  # noqa: E402
     select_buckets,
 )
 from icgate.cache.onnx_models import default_threads  # noqa: E402
-from icgate.cache.runtime import pair_scorer_loader  # noqa: E402
+from icgate.cache.runtime import Runtime, pair_scorer_loader  # noqa: E402
 from icgate.cache.verify import DEFAULT_ARTIFACT, HitVerifier  # noqa: E402
 from icgate.text import HELD_OUT_BUCKETS  # noqa: E402
 
@@ -221,10 +221,11 @@ def precision_report(
     data_path: str | Path = DEFAULT_PAIRS,
     verifier_path: str | Path = DEFAULT_ARTIFACT,
     encode: Encode | None = None,
+    runtime: Runtime = "onnx",
 ) -> list[str]:
-    """The report's markdown lines."""
+    """The report's markdown lines (`runtime`: the embedder's, for the report; `encode` defaults to it)."""
     data_path, verifier_path = Path(data_path), Path(verifier_path)
-    encode = encode or default_encoder(EMBEDDINGS, GRAPHS)
+    encode = encode or default_encoder(EMBEDDINGS, GRAPHS, runtime)
     # the cross-encoder as the gateway serves it: on onnxruntime, computed as the artifact was calibrated
     verifier = HitVerifier.load(verifier_path, pair_scorer_loader("onnx", GRAPHS, default_threads()))
     pairs = load_pairs(data_path, skip_blank_text=True)
@@ -282,7 +283,8 @@ def precision_report(
         "",
         f"Held-out split: buckets 8-9 (sha1 of the pair's texts mod 10), balanced: {len(held):,} pairs, "
         f"{icgate['positives']:,} duplicates. Embeddings: packaged all-MiniLM-L6-v2 on onnxruntime "
-        "(float32, as the gateway serves it).",
+        f"({'int8' if runtime == 'onnx-int8' else 'float32'}, as the gateway serves it with "
+        f"`embedding.runtime: {runtime}`).",
         "",
         "| rule | precision | recall | F1 | hits | false hits | precision at natural rate |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -316,8 +318,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--verifier", type=Path, default=DEFAULT_ARTIFACT)
     parser.add_argument("--embeddings", type=Path, default=EMBEDDINGS, help="embedding memo directory")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cache_precision.md")
+    parser.add_argument(
+        "--runtime", choices=["onnx", "onnx-int8"], default="onnx-int8", help="the embedder's"
+    )
     args = parser.parse_args(argv)
-    lines = precision_report(args.data, args.verifier, default_encoder(args.embeddings, GRAPHS))
+    encode = default_encoder(args.embeddings, GRAPHS, args.runtime)
+    lines = precision_report(args.data, args.verifier, encode, args.runtime)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))

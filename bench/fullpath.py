@@ -29,7 +29,7 @@ that the embedder's bounded queue turns none away, so all are stored), so the se
 thousand entries and the verifier sees candidates; LiteLLM and the stand-in get a short warm-up too. None of
 it is counted. After the levels, two more paths at concurrency 1, side by side with the stand-in:
 `exact-hit` (every request repeats a question the gateway stored: an exact cache hit) and `named`
-(`model: small`, new questions: no routing decision; the default policy still looks the cache up).
+(`model: small`, new questions: no routing decision; by default exact hits only, no embedding on its path).
 
 Per target, level and workload the report gives req/s, added p50/p99 (the target's percentile minus the
 stand-in's at the same level and workload, as in overhead.py), the serving process tree's CPU per request
@@ -879,8 +879,9 @@ def report(run: Run) -> str:
         "## Concurrency 1: miss, exact hit and named backend",
         "",
         "`exact-hit`: every request repeats a question the target answered (for the gateway: an exact cache "
-        "hit). `named`: `model: small` with new questions, no routing decision; the default policy still "
-        'embeds and looks the cache up for it. "misses only" leaves out requests the cache answered.',
+        "hit). `named`: `model: small` with new questions, no routing decision; by default "
+        "(`cache.named_backends: exact`) exact hits only and no embedding on its path, the answer embedded "
+        'and stored after the response. "misses only" leaves out requests the cache answered.',
         "",
         *extras_table(run.measured.cells),
         "",

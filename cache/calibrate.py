@@ -33,7 +33,7 @@ import numpy.typing as npt
 from icgate.cache.cross_encoder import PairCrossEncoder
 from icgate.cache.cross_encoder_training import TrainingConfig, fine_tune
 from icgate.cache.onnx_models import default_threads
-from icgate.cache.runtime import load_embedder, pair_scorer_loader
+from icgate.cache.runtime import Runtime, load_embedder, pair_scorer_loader
 from icgate.cache.verify import (
     DEFAULT_ARTIFACT,
     SCALAR_FEATURES,
@@ -636,18 +636,26 @@ def cached_encode(encode: Encode, memo_dir: str | Path, chunk: int = 2048) -> En
     return _DiskMemo(encode, Path(memo_dir), chunk)
 
 
-def default_encoder(memo_dir: str | Path | None = None, graphs: Path | None = None) -> Encode:
+def default_encoder(
+    memo_dir: str | Path | None = None, graphs: Path | None = None, runtime: Runtime = "onnx"
+) -> Encode:
     """The packaged all-MiniLM-L6-v2 (EMBEDDING_MODEL), memoised on disk in `memo_dir` when one is given
-    (None: nothing is written, every text is encoded). With `graphs`, on onnxruntime (its graph exported
-    there once: the same vectors as torch's for about half the CPU, cache.runtime), else on torch."""
+    (None: nothing is written, every text is encoded). With `graphs`, on onnxruntime as `runtime` says (its
+    graph exported there once; float32 gives torch's vectors for about half the CPU, cache.runtime), else
+    on torch. int8 vectors differ, so they are memoised beside the float ones, in `<memo_dir>-int8`."""
     from icgate.cache.embed import resolve_model_dir
 
     model_dir = resolve_model_dir(EMBEDDING_MODEL)
-    if graphs is None:
+    if graphs is None or runtime == "torch":
         embedder = load_embedder(model_dir, "torch", Path("."), default_threads())
     else:
-        embedder = load_embedder(model_dir, "onnx", graphs, default_threads())
-    return embedder.encode if memo_dir is None else cached_encode(embedder.encode, memo_dir)
+        embedder = load_embedder(model_dir, runtime, graphs, default_threads())
+    if memo_dir is None:
+        return embedder.encode
+    memo = Path(memo_dir)
+    if runtime == "onnx-int8":
+        memo = memo.with_name(memo.name + "-int8")
+    return cached_encode(embedder.encode, memo)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -716,7 +724,7 @@ def _reused_cross_encoder(
     return TrainedCrossEncoder(source.cross_encoder, summary, source.cross_encoder_state, runtime)
 
 
-def calibrate_file(
+def calibrate_file(  # noqa: PLR0913 - `icgate cache calibrate`'s options, one keyword each
     pairs_path: str | Path,
     out_path: str | Path,
     memo_dir: str | Path | None,
@@ -726,6 +734,7 @@ def calibrate_file(
     seed: int = 0,
     cross_encoder: CrossEncoderSource | None = None,
     progress: Callable[[str], None] | None = None,
+    embedding_runtime: Runtime = "onnx",
 ) -> HitVerifier:
     """Calibrate on a labelled-pairs file and save the artifact to `out_path`.
 
@@ -752,7 +761,7 @@ def calibrate_file(
         trained = train_cross_encoder(rest, source.train, progress)
     verifier = calibrate(
         chosen,
-        default_encoder(memo_dir, source.graphs),
+        default_encoder(memo_dir, source.graphs, embedding_runtime),
         target_precision,
         seed,
         data_name=pairs_path.name,
@@ -760,6 +769,7 @@ def calibrate_file(
         progress=progress,
     )
     verifier.metrics["buckets"] = "0-7 of 10 (sha1 of the pair's texts)"
+    verifier.metrics["embedding_runtime"] = embedding_runtime if source.graphs is not None else "torch"
     verifier.save(out_path)
     return verifier
 
@@ -771,6 +781,7 @@ def evaluate_file(
     max_pairs: int | None = None,
     seed: int = 0,
     graphs: Path | None = None,
+    embedding_runtime: Runtime = "onnx",
 ) -> dict[str, Any]:
     """`evaluate` on every pair of a labelled-pairs file (subsampled to `max_pairs`, seeded), with the
     packaged MiniLM memoised in `memo_dir` (None: no memo); the verifier defaults to the shipped one.
@@ -780,5 +791,5 @@ def evaluate_file(
     loader = None if graphs is None else pair_scorer_loader("onnx", graphs, default_threads())
     verifier = HitVerifier.load(verifier_path or DEFAULT_ARTIFACT, loader)
     pairs = subsample(load_pairs(pairs_path, skip_blank_text=True), max_pairs, seed)
-    result = evaluate(verifier, pairs, default_encoder(memo_dir, graphs))
+    result = evaluate(verifier, pairs, default_encoder(memo_dir, graphs, embedding_runtime))
     return {**result, "data": pairs_path.name, "verifier": verifier.version}

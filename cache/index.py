@@ -413,7 +413,7 @@ class VectorIndex:
             rows = rows[None, :]
         if rows.shape != (len(checked_ids), self.dim):
             raise ValueError(f"vectors must have shape ({len(checked_ids)}, {self.dim}), got {rows.shape}")
-        if len(np.unique(checked_ids)) != len(
+        if len(checked_ids) > 1 and len(np.unique(checked_ids)) != len(
             checked_ids
         ):  # the same id twice in one call: the last one wins
             _, first_in_reversed = np.unique(checked_ids[::-1], return_index=True)

@@ -211,7 +211,8 @@ def embedder_graph(model_dir: Path, directory: Path, quantize: bool = True) -> P
 class OnnxEmbedder:
     """Unit sentence vectors from an ONNX graph of a sentence-transformers model (see `embedder_graph`)."""
 
-    def __init__(self, graph: Path, model_dir: Path, threads: int = 1) -> None:
+    def __init__(self, graph: Path, model_dir: Path, threads: int = 1, run: int = RUN) -> None:
+        self.run = run
         max_length = _max_seq_length(model_dir)
         self.max_chars = max_length * 8  # see cache.embed.CHARS_PER_PIECE
         self._tokenizer = _tokenizer(model_dir, max_length)
@@ -220,7 +221,7 @@ class OnnxEmbedder:
         self.dim = int(self.encode(["dimension probe"]).shape[1])
 
     def encode(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """Vectors in the order given, computed in runs of `RUN` texts of similar length.
+        """Vectors in the order given, computed in runs of `run` texts of similar length.
 
         A batch is padded to its longest text, and on a CPU a padded token costs as much as a real one
         (Quora questions have 15 word pieces on average, up to 55). Sorted by length and run four at a
@@ -229,8 +230,8 @@ class OnnxEmbedder:
         """
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         vectors: list[npt.NDArray[np.float32]] = [np.empty(0, np.float32)] * len(texts)
-        for start in range(0, len(order), RUN):
-            run = order[start : start + RUN]
+        for start in range(0, len(order), self.run):
+            run = order[start : start + self.run]
             for i, vector in zip(run, self._encode([texts[i] for i in run]), strict=True):
                 vectors[i] = vector
         return np.stack(vectors) if vectors else np.zeros((0, getattr(self, "dim", 0)), np.float32)

@@ -1,13 +1,13 @@
 """Which inference runtime serves the embedder and the verifier's cross-encoder.
 
-- `onnx` (the default): the models exported to ONNX graphs and run by onnxruntime, float32. Vectors and
-  logits equal torch's to float rounding (cosine 1.00000), so every threshold calibrated on torch
-  outputs holds unchanged; the embedder costs 0.4-0.6x torch's CPU per text
-  (bench/results/embed_runtime.md).
-- `onnx-int8`: the same graphs with int8 weights: cheaper again (0.15-0.25x), but outputs move (vectors
-  at cosine 0.995 of the float ones), so it is only safe for models calibrated on its outputs. The verifier
-  records which logits it was calibrated on (`CrossEncoderRuntime`), and its cross-encoder is always
-  served that way, whatever the embedder's runtime.
+- `onnx-int8` (the gateway's default embedder): the exported graphs with int8 weights, 0.15-0.25x torch's
+  CPU per text. Outputs move (vectors at cosine 0.995 of the float ones), so everything built on them was
+  measured again on them (docs/performance.md). The verifier records which logits it was calibrated on
+  (`CrossEncoderRuntime`), and its cross-encoder is always served that way (float32 for the shipped one),
+  whatever the embedder's runtime.
+- `onnx`: the models exported to ONNX graphs and run by onnxruntime, float32. Vectors and logits equal
+  torch's to float rounding (cosine 1.00000), so thresholds calibrated on torch outputs hold unchanged;
+  0.4-0.6x torch's CPU per text (bench/results/embed_runtime.md).
 - `torch`: sentence-transformers / transformers, as icgate served before; no export step.
 
 Graphs are exported once into `graphs` (the gateway passes `<data dir>/models`) and reused by every
@@ -32,10 +32,14 @@ def load_embedder(
     """The sentence embedder of `model_dir` on `runtime` (exporting its graph into `graphs` if needed)."""
     if runtime == "torch":
         return SentenceTransformerEmbedder(model_dir, max_batch=max_batch)  # torch sizes its own threads
-    from icgate.cache.onnx_models import OnnxEmbedder, embedder_graph
+    from icgate.cache.onnx_models import RUN, OnnxEmbedder, embedder_graph
 
-    graph = embedder_graph(model_dir, graphs, quantize=runtime == "onnx-int8")
-    return OnnxEmbedder(graph, model_dir, threads=threads)
+    quantized = runtime == "onnx-int8"
+    graph = embedder_graph(model_dir, graphs, quantize=quantized)
+    # int8 graphs quantise activations with a scale taken per call over the whole padded batch, so a
+    # text's vector would depend on the texts beside it: one text per call keeps it the same in every
+    # batch, for about the same CPU per text (bench/results/embed_runtime.md: 2.0 ms alone, 2.1 in runs).
+    return OnnxEmbedder(graph, model_dir, threads=threads, run=1 if quantized else RUN)
 
 
 def pair_scorer_loader(runtime: Runtime, graphs: Path, threads: int) -> ScorerLoader:

@@ -209,16 +209,24 @@ class CacheConfig(Strict):
     # Largest prompt plus answer (characters) stored: entries are held in memory by every replica, so
     # max_entries_per_tenant x this bounds one tenant's share. Longer exchanges are answered, not stored.
     max_entry_chars: int = Field(32_000, ge=1)
+    # What a request addressed to one backend by name (not a routed name) gets from the cache. `exact`:
+    # identical requests only, and its prompt reaches the backend unchanged, so naming a backend costs
+    # what a plain proxy costs (its answer is still stored, embedded after the response). `full`: the
+    # semantic hits and examples of routed requests. `models.<backend>` overrides it for one backend.
+    # Why `exact` is the default: docs/performance.md.
+    named_backends: Literal["exact", "full"] = "exact"
     tenants: dict[str, CacheSwitches] = {}
     models: dict[str, CacheSwitches] = {}
 
-    def switches(self, tenant: str, model: str) -> CacheSwitches:
-        """The effective switches for one request: tenant overrides win over model overrides."""
+    def switches(self, tenant: str, model: str, named: bool = False) -> CacheSwitches:
+        """The effective switches for one request (`named`: addressed to a backend by name): the section,
+        then `named_backends`, then the model's overrides, then the tenant's."""
+        pass_through = named and self.named_backends == "exact"
         merged = {
             "enabled": self.enabled,
             "exact": self.exact,
-            "semantic": self.semantic,
-            "examples": self.examples,
+            "semantic": self.semantic and not pass_through,
+            "examples": self.examples and not pass_through,
             "store": self.store,
         }
         for override in (self.models.get(model), self.tenants.get(tenant)):
@@ -321,10 +329,12 @@ class EmbeddingConfig(Strict):
     max_queue_ms: float | None = Field(200.0, ge=0)
     # Load the model at start (readiness waits for it) rather than on first use.
     preload: bool = True
-    # The runtime of the embedder and of the verifier's cross-encoder (see cache/runtime.py and
-    # docs/performance.md): `onnx` (default; graphs exported once into <data dir>/models, outputs equal
-    # torch's), `onnx-int8` (cheaper, outputs move: calibrate the verifier on it), or `torch`.
-    runtime: Literal["onnx", "onnx-int8", "torch"] = "onnx"
+    # The embedder's runtime (see cache/runtime.py and docs/performance.md); graphs are exported once
+    # into <data dir>/models. `onnx-int8` (default): int8 weights, vectors at cosine 0.995 of the float
+    # ones, on which the shipped verifier, router and length predictor were measured; `onnx`: float32,
+    # torch's vectors to rounding, 2.5x the CPU; `torch`: sentence-transformers. The verifier's
+    # cross-encoder runs as its artifact was calibrated (float32 for the shipped one), whatever this says.
+    runtime: Literal["onnx", "onnx-int8", "torch"] = "onnx-int8"
     # Inference threads per model (onnx runtimes); default: half the cores, at least one, so that the
     # event loop keeps a core of its own.
     threads: int | None = Field(None, ge=1, le=64)
@@ -355,6 +365,10 @@ class ServerConfig(Strict):
     are checked once the body is parsed (400 `request_too_large`).
     """
 
+    # uvicorn's line per request on stdout. Off: the request log (one row per request, with its route,
+    # cache outcome and timings) and the metrics say more, and the line costs the event loop about 0.1 ms
+    # per request (docs/performance.md).
+    access_log: bool = False
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line plus every header
     max_messages: int = Field(2048, ge=1)  # chat messages, or prompts of one completion request

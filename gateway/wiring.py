@@ -218,6 +218,7 @@ class Gateway:
             self.engine,
             verifier,
             dim=embedder.dim,
+            embed_later=self.batcher.embed if self.batcher is not None else None,
         )
         await self.cache_entries.start()
 

@@ -306,6 +306,7 @@ def build_server(app: Any, host: str, port: int, log_level: str = "info") -> uvi
         host=host,
         port=port,
         log_level=log_level,
+        access_log=limits.access_log,
         lifespan="on",
         http=protocol_for(limits, cap),
         timeout_keep_alive=limits.idle_timeout_s,  # type: ignore[arg-type]  # uvicorn takes any number

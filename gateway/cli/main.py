@@ -322,6 +322,7 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
                 graphs=data_dir / "models",
             ),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
+            embedding_runtime=policy.embedding.runtime,
         )
         print(
             json.dumps({"artifact": str(out), "version": verifier.version, **verifier.metrics}, default=str)
@@ -330,7 +331,12 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
     if args.cache_command == "eval":
         path = args.verifier or verifier_path(policy.cache.verifier, data_dir)
         result = calibrate.evaluate_file(
-            args.pairs, path, embeddings, max_pairs=args.max_pairs, graphs=data_dir / "models"
+            args.pairs,
+            path,
+            embeddings,
+            max_pairs=args.max_pairs,
+            graphs=data_dir / "models",
+            embedding_runtime=policy.embedding.runtime,
         )
         print(json.dumps(result, default=str))
         return 0

@@ -67,7 +67,7 @@ def add_parsers(sub: Any, policy_args: PolicyArgs) -> None:
 def run_router(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
     from icgate.routers import data, learned, training
 
-    encode = default_encode()
+    encode = default_encode(policy, data_dir)
     if args.router_command == "eval":
         trained = (
             learned.LearnedRouter.load(args.artifact)
@@ -157,7 +157,7 @@ def log_rows(policy: Policy, data_dir: Path) -> list[Any]:
 def run_length(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
     from icgate.lengths import training as length
 
-    encode = default_encode()
+    encode = default_encode(policy, data_dir)
     if args.length_command == "eval":
         predictor = args.artifact if args.artifact is not None else current_length_model(policy, data_dir)
         print(json.dumps(length.evaluate_file(args.data, args.model, predictor, encode)))
@@ -194,10 +194,12 @@ def run_length(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
 # -- shared helpers --------------------------------------------------------------------------------------
 
 
-def default_encode() -> Any:
+def default_encode(policy: Policy, data_dir: Path) -> Any:
+    """The embedder as the gateway runs it (the policy's runtime, graphs in `<data dir>/models`): a model
+    trained here sees at training the vectors it will see at every request."""
     from icgate.cache.calibrate import default_encoder
 
-    return default_encoder()
+    return default_encoder(None, data_dir / "models", policy.embedding.runtime)
 
 
 def publish(

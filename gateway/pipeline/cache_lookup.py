@@ -24,6 +24,7 @@ from icgate.cache.embed import (
 from icgate.cache.exact import cacheability, exact_key, fits_output_limit, output_constraints_key
 from icgate.gateway.backends.client import openai_response, served_model
 from icgate.gateway.errors import GatewayError
+from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, namespace_for
 from icgate.gateway.store.cache_entries import CacheEntries, Candidate, Hit
 from icgate.gateway.telemetry import Tracing
@@ -57,6 +58,9 @@ class CacheLookup:
     semantic: bool
     examples: bool
     store: bool
+    # The vector is wanted only by the stored entry (a named request with exact hits only): it is made
+    # after the response (`CacheEntries.insert_later`), not on the request's path.
+    embed_after: bool = False
     vector: Vector | None = None
     candidates: list[Candidate] = field(default_factory=list)
     hit: Hit | None = None
@@ -78,12 +82,13 @@ async def embed_request(embed: Embed, text: str, scope: str) -> Vector:
 
 
 async def look_up(
-    ctx: RequestContext, min_tier: str | None, entries: CacheEntries, embed: Embed, tracing: Tracing
+    ctx: RequestContext, target: Target, entries: CacheEntries, embed: Embed, tracing: Tracing
 ) -> CacheLookup | None:
     """The stage: None when the cache is off for this request, else the lookup (with `.hit` if any)."""
-    lookup = plan_lookup(ctx, entries)
+    lookup = plan_lookup(ctx, entries, named=not target.routed)
     if lookup is None:
         return None
+    min_tier = target.min_tier
     with tracing.stage_span("exact_cache"):
         lookup.hit = look_up_exact(lookup, entries, min_tier)
     if lookup.hit is None:
@@ -94,11 +99,12 @@ async def look_up(
     return lookup
 
 
-def plan_lookup(ctx: RequestContext, entries: CacheEntries) -> CacheLookup | None:
-    """What the cache may do for this request (policy switches, sampling, tools), before any work."""
+def plan_lookup(ctx: RequestContext, entries: CacheEntries, named: bool = False) -> CacheLookup | None:
+    """What the cache may do for this request (policy switches, sampling, tools), before any work.
+    `named`: addressed to a backend by name, so no router needs the embedding."""
     if ctx.endpoint != "chat":
         return None
-    switches = entries.config.switches(ctx.tenant.name, ctx.model)
+    switches = entries.config.switches(ctx.tenant.name, ctx.model, named=named)
     if not switches.enabled:
         return None
     messages = ctx.body["messages"]
@@ -118,6 +124,7 @@ def plan_lookup(ctx: RequestContext, entries: CacheEntries) -> CacheLookup | Non
         semantic=bool(switches.semantic),
         examples=bool(switches.examples),
         store=bool(switches.store),
+        embed_after=named and not (switches.semantic or switches.examples),
     )
 
 
@@ -140,7 +147,7 @@ def look_up_exact(lookup: CacheLookup, entries: CacheEntries, min_tier: str | No
 
 async def embed_and_retrieve(lookup: CacheLookup, entries: CacheEntries, embed: Embed) -> None:
     """One embedding per request, reused by the semantic hit, the examples, the router and the insert."""
-    if not (lookup.semantic or lookup.examples or lookup.store):
+    if lookup.embed_after or not (lookup.semantic or lookup.examples or lookup.store):
         return
     try:
         lookup.vector = await embed_request(embed, lookup.embed_text, lookup.namespace)

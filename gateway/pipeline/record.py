@@ -126,8 +126,10 @@ def store_answer(
     )
     if ctx.status_code != 200 or ctx.route == "cache" or ctx.backend is None:
         return
-    if not (lookup.store and lookup.storable) or lookup.vector is None:
+    if not (lookup.store and lookup.storable):
         return
+    if lookup.vector is None and not lookup.embed_after:
+        return  # it went without its embedding (a busy embedder): not stored
     text, finish = answer_of(ctx, response)
     # Never store truncated answers (finish_reason "length") or empty ones.
     if finish != "stop" or not text.strip():

@@ -161,7 +161,7 @@ class Pipeline:
     async def _look_up(self, ctx: RequestContext, target: Target) -> CacheLookup | None:
         if self.entries is None or self.embed is None:
             return None
-        lookup = await look_up(ctx, target.min_tier, self.entries, self.embed, self.telemetry.tracing)
+        lookup = await look_up(ctx, target, self.entries, self.embed, self.telemetry.tracing)
         if lookup is not None:
             explain.cache(ctx, lookup)
         return lookup

@@ -25,6 +25,7 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from icgate.cache.embed import EmbedderBusyError, UnembeddableTextError
 from icgate.cache.index import VectorIndex, set_threads
 from icgate.cache.store import CacheEntry, CacheStore, initial_utility
 from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier, ScorerLoader
@@ -37,6 +38,8 @@ log = logging.getLogger("icgate.cache")
 
 Vector = npt.NDArray[np.float32]
 Floats = npt.NDArray[np.float64]
+# The embedder (`MicroBatcher.embed(text, scope)`), for entries whose vector is made after the response.
+EmbedLater = Callable[[str, str], Awaitable[Vector]]
 
 CALIBRATED_NAME = "hit_verifier.joblib"  # where `icgate cache calibrate` puts its artifact in the data dir
 
@@ -83,7 +86,7 @@ class NewEntry:
     tier: str
     prompt_tokens: int
     completion_tokens: int
-    vector: np.ndarray
+    vector: np.ndarray | None  # None: embed `embed_text` when inserting (`CacheEntries.embed_later`)
 
 
 @dataclass
@@ -125,8 +128,10 @@ class CacheEntries:
         verifier: HitVerifier,
         dim: int,
         clock: Callable[[], float] = time.time,
+        embed_later: EmbedLater | None = None,
     ) -> None:
         self.config = config
+        self.embed_later = embed_later
         self.tier_rank = tier_rank
         self.best_tier = best_tier  # its answers start with a higher utility
         self.engine = engine
@@ -198,12 +203,19 @@ class CacheEntries:
         table = tables.CacheEntryRow
         with Session(self.engine) as session:
             since = max(0, self._watermark - self._lookback)
-            found = session.scalars(
-                sa.select(table).where(table.id > since, table.deleted_at.is_(None)).order_by(table.id)
-            ).all()
-            new = [row for row in found if self.store.get(row.id) is None]
-            if found:
-                self._watermark = max(self._watermark, found[-1].id)
+            # Ids first: the look-back window is mostly entries already held (this replica's own), and
+            # whole rows (answers, vectors) cost the GIL to build. Rows from the first unknown id on.
+            live = table.deleted_at.is_(None)
+            ids = session.scalars(sa.select(table.id).where(table.id > since, live).order_by(table.id)).all()
+            unknown = [i for i in ids if self.store.get(i) is None]
+            new: list[tables.CacheEntryRow] = []
+            if unknown:
+                found = session.scalars(
+                    sa.select(table).where(table.id >= unknown[0], live).order_by(table.id)
+                ).all()
+                new = [row for row in found if self.store.get(row.id) is None]
+            if ids:
+                self._watermark = max(self._watermark, ids[-1])
             query = sa.select(table.id, table.deleted_at).where(table.deleted_at.is_not(None))
             if self._deleted_since is not None:
                 query = query.where(table.deleted_at >= self._deleted_since)
@@ -289,38 +301,16 @@ class CacheEntries:
     async def _insert(self, request_id: str, new: NewEntry) -> None:
         try:
             existing = self.store.exact(new.namespace, new.exact_key)
+            if existing is not None and self.tier_rank(new.tier) <= self.tier_rank(existing.tier):
+                return
+            vector = new.vector if new.vector is not None else await self._embed(new)
+            if vector is None:
+                return
             if existing is not None:
-                if self.tier_rank(new.tier) <= self.tier_rank(existing.tier):
-                    return
                 await self.delete([existing.id])  # a better tier's answer replaces it
-            # Scrubbing is linear but a prompt may be megabytes: off the event loop.
-            texts = (new.embed_text, new.prompt_text, new.response_text)
-            embed_text, prompt_text, response_text = await asyncio.to_thread(
-                lambda: [self.scrub(text) for text in texts]
-            )
-            now = self.clock()
-            entry = CacheEntry(
-                id=0,
-                namespace=new.namespace,
-                exact_key=new.exact_key,
-                context_fingerprint=new.context_fingerprint,
-                embed_text=embed_text,
-                prompt_text=prompt_text,
-                response_text=response_text,
-                response=new.response,
-                backend=new.backend,
-                tier=new.tier,
-                prompt_tokens=new.prompt_tokens,
-                completion_tokens=new.completion_tokens,
-                vector=np.asarray(new.vector, dtype=np.float32),
-                utility=initial_utility(best_tier=new.tier == self.best_tier),
-                created_at=now,
-                last_used_at=now,
-                expires_at=now + self.config.ttl_s if self.config.ttl_s else None,
-            )
-            if entry.response_text != new.response_text:
-                entry.response = _with_content(new.response, entry.response_text)
-            entry.id = await asyncio.to_thread(self._insert_row, entry)
+            # Scrubbing is linear but a prompt may be megabytes: off the event loop, with the write, in
+            # one hand-off to a worker thread.
+            entry = await asyncio.to_thread(self._write_entry, new, vector)
             self._remember(entry)
             usage = self._usage.setdefault(request_id, Usage(namespace=new.namespace))
             usage.produced.append(entry.id)
@@ -329,12 +319,48 @@ class CacheEntries:
         except Exception:
             log.exception("cache insert failed for %s", request_id)
 
-    def _insert_row(self, entry: CacheEntry) -> int:
-        row = row_of(entry)
-        with Session(self.engine) as session, session.begin():
-            session.add(row)
-            session.flush()
-            return int(row.id)
+    async def _embed(self, new: NewEntry) -> Vector | None:
+        """The vector of an entry that was not embedded on the request's path; None (nothing stored)
+        when the embedder is busy or cannot read the text: a store is the first thing to shed."""
+        if self.embed_later is None:
+            return None
+        try:
+            return await self.embed_later(new.embed_text, new.namespace)
+        except (EmbedderBusyError, UnembeddableTextError) as exc:
+            log.debug("cache insert skipped: %s", type(exc).__name__)
+            return None
+
+    def _write_entry(self, new: NewEntry, vector: Vector) -> CacheEntry:
+        """The entry for `new`, scrubbed, written to the database (a Core insert: the ORM's unit of work
+        cost several times as much per row, all of it holding the GIL the event loop needs)."""
+        now = self.clock()
+        entry = CacheEntry(
+            id=0,
+            namespace=new.namespace,
+            exact_key=new.exact_key,
+            context_fingerprint=new.context_fingerprint,
+            embed_text=self.scrub(new.embed_text),
+            prompt_text=self.scrub(new.prompt_text),
+            response_text=self.scrub(new.response_text),
+            response=new.response,
+            backend=new.backend,
+            tier=new.tier,
+            prompt_tokens=new.prompt_tokens,
+            completion_tokens=new.completion_tokens,
+            vector=np.asarray(vector, dtype=np.float32),
+            utility=initial_utility(best_tier=new.tier == self.best_tier),
+            created_at=now,
+            last_used_at=now,
+            expires_at=now + self.config.ttl_s if self.config.ttl_s else None,
+        )
+        if entry.response_text != new.response_text:
+            entry.response = _with_content(new.response, entry.response_text)
+        with self.engine.begin() as conn:
+            inserted = conn.execute(sa.insert(tables.CacheEntryRow).values(row_values(entry)))
+            key = inserted.inserted_primary_key
+            assert key is not None  # a single-row insert always has one
+            entry.id = int(key[0])
+        return entry
 
     def _write_updates(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
         merged: dict[int, dict[str, Any]] = {}
@@ -432,15 +458,20 @@ def tombstone_rows(
         target.execute(statement)
 
 
+def row_values(entry: CacheEntry) -> dict[str, Any]:
+    """The database row's columns for an entry (but its id, assigned on insert)."""
+    return {
+        **{name: getattr(entry, name) for name in _COPIED},
+        "vector": np.asarray(entry.vector, dtype=np.float32).tobytes(),
+        "created_at": _dt(entry.created_at),
+        "last_used_at": _dt(entry.last_used_at),
+        "expires_at": _dt(entry.expires_at),
+    }
+
+
 def row_of(entry: CacheEntry) -> tables.CacheEntryRow:
     """The database row for an entry (its id is assigned on insert)."""
-    return tables.CacheEntryRow(
-        **{name: getattr(entry, name) for name in _COPIED},
-        vector=np.asarray(entry.vector, dtype=np.float32).tobytes(),
-        created_at=_dt(entry.created_at),
-        last_used_at=_dt(entry.last_used_at),
-        expires_at=_dt(entry.expires_at),
-    )
+    return tables.CacheEntryRow(**row_values(entry))
 
 
 def _with_content(response: dict[str, Any], text: str) -> dict[str, Any]:

@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
+import pytest
 import sqlalchemy as sa
 
 from icgate.gateway.config import Policy
@@ -197,7 +199,7 @@ def test_truncated_answers_are_not_stored(standins: Standins, start_gateway: Sta
 
 
 def test_examples_are_prepended_for_the_small_tier(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(cache_policy(standins, semantic=False))
+    gw = start_gateway(cache_policy(standins, semantic=False, named_backends="full"))
     ask(gw, "What is the capital of France?", model="large")
     settle(gw)
     resp = ask(gw, "What is the capital city of France?", model="small")
@@ -215,7 +217,7 @@ def test_examples_are_prepended_for_the_small_tier(standins: Standins, start_gat
 
 
 def test_feedback_moves_utility_of_the_entries_used(standins: Standins, start_gateway: StartGateway) -> None:
-    gw = start_gateway(cache_policy(standins, semantic=False))
+    gw = start_gateway(cache_policy(standins, semantic=False, named_backends="full"))
     ask(gw, "What is the capital of Spain?", model="large")
     settle(gw)
     helped = ask(gw, "What is the capital city of Spain?", model="small")
@@ -304,28 +306,52 @@ def test_policy_turns_the_cache_off_per_tenant(standins: Standins, start_gateway
 def test_policy_turns_semantic_hits_off_per_routed_model(
     standins: Standins, start_gateway: StartGateway
 ) -> None:
-    gw = start_gateway(cache_policy(standins, models={"auto": {"semantic": False}}))
+    policy = cache_policy(standins, models={"auto": {"semantic": False}, "small": {"semantic": True}})
+    gw = start_gateway(policy)
     ask(gw, "How do I reset my password?")
     settle(gw)
     assert ask(gw, "How do I reset my password?").headers["x-icgate-route"] == "cache"
     assert ask(gw, "How can I reset my password?").headers["x-icgate-route"] == "small"
-    # addressed by name, the same tenant still gets semantic hits
+    # addressed by name to a backend whose own switch is on, the same tenant still gets semantic hits
     named = ask(gw, "How can I reset my password??", model="small")
     assert named.headers["x-icgate-route"] == "cache"
     assert float(named.headers["x-icgate-similarity"]) < 1.0
+
+
+def test_a_named_request_gets_exact_hits_only_and_its_answer_is_stored(
+    standins: Standins, start_gateway: StartGateway
+) -> None:
+    """The default `cache.named_backends: exact`: a near-duplicate named request reaches its backend as
+    sent (no semantic hit, no examples); its answer is embedded after the response and stored, so an
+    identical request is an exact hit and a routed near-duplicate finds it."""
+    gw = start_gateway(cache_policy(standins))
+    ask(gw, "How do I reset my password?")
+    settle(gw)
+    named = ask(gw, "How can I reset my password?", model="small")
+    assert (named.headers["x-icgate-route"], named.headers["x-icgate-examples"]) == ("small", "0")
+    assert standins.small.received[-1]["body"]["messages"] == [
+        {"role": "user", "content": "How can I reset my password?"}
+    ]
+    settle(gw)
+    again = ask(gw, "How can I reset my password?", model="small")
+    assert again.headers["x-icgate-route"] == "cache" and again.headers["x-icgate-similarity"] == "1.0000"
+    cache = gw.gateway.cache_entries
+    assert cache is not None
+    stored = next(e for e in cache.store.entries.values() if e.prompt_text == "How can I reset my password?")
+    assert float(np.linalg.norm(stored.vector)) == pytest.approx(1.0, abs=1e-3)  # embedded, not a placeholder
 
 
 def test_feedback_after_a_restart_finds_the_request_in_the_log(
     standins: Standins, start_gateway: StartGateway, tmp_path: Any
 ) -> None:
     data_dir = tmp_path / "feedback"
-    first = start_gateway(cache_policy(standins, semantic=False), data_dir)
+    first = start_gateway(cache_policy(standins, semantic=False, named_backends="full"), data_dir)
     ask(first, "What is the capital of Italy?", model="large")
     settle(first)
     helped = ask(first, "What is the capital city of Italy?", model="small")
     assert helped.headers["x-icgate-examples"] == "1"
     first.stop()
-    second = start_gateway(cache_policy(standins, semantic=False), data_dir)
+    second = start_gateway(cache_policy(standins, semantic=False, named_backends="full"), data_dir)
     resp = httpx.post(
         second.url + "/v1/feedback", json={"request_id": helped.headers["x-icgate-request-id"], "score": 1}
     )

@@ -374,3 +374,15 @@ def test_server_section_is_strict(tmp_path: Any, standins: Standins) -> None:
     with pytest.raises(PolicyError, match=r"server\.max_body_byte: unknown key"):
         load_policy(path)
     assert isinstance(Policy.model_validate({**raw, "server": {"graceful_shutdown_s": 1}}), Policy)
+
+
+def test_uvicorns_access_log_is_off_unless_the_policy_asks(tmp_path: Any) -> None:
+    from icgate.gateway.api.app import create_app
+    from icgate.gateway.api.server import build_server
+    from icgate.gateway.wiring import Gateway
+
+    backend = {"name": "small", "tier": "small", "model": "openai/s", "api_base": "http://127.0.0.1:9/v1"}
+    for server, expected in (({}, False), ({"access_log": True}, True)):
+        policy = Policy.model_validate({"backends": [backend], "server": server})
+        app = create_app(Gateway(policy, tmp_path))
+        assert build_server(app, "127.0.0.1", 0).config.access_log is expected

@@ -106,8 +106,8 @@ def test_prepare_exports_the_graphs_once(tmp_path: Path, capsys: pytest.CaptureF
     )
     code, lines, err = run(capsys, "prepare", "--policy", str(policy), "--data-dir", str(tmp_path))
     assert code == 0, err
-    assert "onnx models ready" in lines[-1] and "dim 384" in lines[-1]
-    [graph] = (tmp_path / "models").glob("embedder-*-fp32.onnx")
+    assert "onnx-int8 models ready" in lines[-1] and "dim 384" in lines[-1]  # the default runtime
+    [graph] = (tmp_path / "models").glob("embedder-*-int8.onnx")
     made = graph.stat().st_mtime_ns
     code, _, err = run(capsys, "prepare", "--policy", str(policy), "--data-dir", str(tmp_path))
     assert code == 0, err

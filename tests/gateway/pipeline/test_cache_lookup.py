@@ -18,6 +18,7 @@ from icgate.gateway.pipeline.cache_lookup import (
     plan_lookup,
     replay_as_stream,
 )
+from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, Tenant
 from icgate.gateway.store.cache_entries import CacheEntries, Hit
 from icgate.gateway.telemetry import Telemetry
@@ -48,9 +49,16 @@ async def lookup_of(
     min_tier: str | None = None,
     embed: FakeEmbed | None = None,
 ) -> CacheLookup:
-    lookup = await look_up(ctx, min_tier, entries, embed or FakeEmbed({REQUEST: axis(0)}), TRACING)
+    lookup = await look_up(ctx, target_of(min_tier), entries, embed or FakeEmbed({REQUEST: axis(0)}), TRACING)
     assert lookup is not None
     return lookup
+
+
+def target_of(min_tier: str | None) -> Target:
+    """A routed request (no tier floor), or one addressed to the backend of that tier by name."""
+    if min_tier is None:
+        return Target(routed=True)
+    return Target(routed=False, backend=make_policy().backend(min_tier))
 
 
 def store_similar(
@@ -93,8 +101,27 @@ def test_plan_lookup_applies_model_then_tenant_switches(new_entries: NewEntries)
     )
     alice = plan_lookup(chat_ctx("hi", ALICE), entries)
     assert alice is not None and (alice.semantic, alice.examples) == (True, False)
-    named = plan_lookup(chat_ctx("hi", model="small"), entries)  # the model override is for `auto` only
-    assert named is not None and named.examples is True
+    named = plan_lookup(chat_ctx("hi", model="small"), entries, named=True)  # the override is for `auto`
+    assert named is not None and (named.semantic, named.examples) == (False, False)  # `named_backends`
+
+
+def test_plan_lookup_named_backends_exact_by_default_full_on_request(new_entries: NewEntries) -> None:
+    """A request naming a backend gets exact hits only and an unchanged prompt, its vector made after the
+    response; `named_backends: full` or the backend's own switches give it the routed path."""
+    ctx = chat_ctx("hi", model="small")
+    default = plan_lookup(ctx, new_entries(), named=True)
+    assert default is not None
+    assert (default.exact, default.semantic, default.examples, default.store) == (True, False, False, True)
+    assert default.embed_after is True
+    routed = plan_lookup(chat_ctx("hi"), new_entries())
+    assert routed is not None and (routed.semantic, routed.examples, routed.embed_after) == (
+        True,
+        True,
+        False,
+    )
+    for cache in ({"named_backends": "full"}, {"models": {"small": {"semantic": True}}}):
+        full = plan_lookup(ctx, new_entries(make_policy(cache=cache)), named=True)
+        assert full is not None and (full.semantic, full.embed_after) == (True, False)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +255,7 @@ async def test_semantic_hit_for_a_named_backend_only_from_its_tier_or_better(
     new_entries: NewEntries, entry_tier: str, min_tier: str | None, served: bool
 ) -> None:
     verifier = FakeVerifier(default=1.0)
-    entries = new_entries(verifier=verifier)
+    entries = new_entries(make_policy(cache={"named_backends": "full"}), verifier=verifier)
     store_similar(entries, tier=entry_tier)
     lookup = await lookup_of(entries, chat_ctx(REQUEST), min_tier)
     assert (lookup.hit is not None) is served
@@ -407,7 +434,7 @@ async def test_unembeddable_text_is_the_senders_400(new_entries: NewEntries) -> 
 
 async def test_look_up_is_none_when_the_cache_is_off(new_entries: NewEntries) -> None:
     entries, embed = new_entries(make_policy(cache={"enabled": False})), FakeEmbed()
-    assert await look_up(chat_ctx(REQUEST), None, entries, embed, TRACING) is None
+    assert await look_up(chat_ctx(REQUEST), target_of(None), entries, embed, TRACING) is None
     assert embed.calls == []
 
 
@@ -446,3 +473,18 @@ async def test_replay_as_stream_sends_words_then_stop_then_usage_when_asked(new_
         assert len(usage) == expected_tail
         if usage:
             assert usage[0]["completion_tokens"] == 5
+
+
+async def test_a_named_request_is_not_embedded_on_its_path_but_gets_exact_hits(
+    new_entries: NewEntries,
+) -> None:
+    verifier = FakeVerifier(default=1.0)
+    entries, embed = new_entries(verifier=verifier), FakeEmbed({REQUEST: axis(0)})
+    store_similar(entries, tier="large")  # a near-duplicate a routed request would be served
+    named = chat_ctx(REQUEST, model="small")
+    lookup = await lookup_of(entries, named, "small", embed=embed)
+    assert lookup.hit is None and lookup.vector is None and lookup.embed_after
+    assert embed.calls == [] and verifier.calls == []
+    remember(entries, entry_for(entries, chat_ctx("What is 2+2?", model="small"), 7, axis(0)))
+    exact = await lookup_of(entries, chat_ctx("What is 2+2?", model="small"), "small", embed=embed)
+    assert exact.hit is not None and exact.hit.kind == "exact" and embed.calls == []

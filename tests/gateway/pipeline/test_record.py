@@ -27,6 +27,7 @@ from icgate.gateway.store.route_samples import RouteSample
 from icgate.gateway.telemetry import Telemetry
 from tests.gateway.pipeline.fakes import (
     FakeClock,
+    FakeEmbed,
     NewEntries,
     axis,
     chat_ctx,
@@ -162,6 +163,29 @@ async def test_nothing_is_stored_when_the_lookup_forbids_it(new_entries: NewEntr
     lookup.vector = None
     assert await stored_after(entries, unembedded, answered(unembedded), lookup) is None
     assert entries.store.entries == {}
+
+
+async def test_a_named_answer_is_embedded_after_the_response_and_stored(new_entries: NewEntries) -> None:
+    """A request naming a backend was not embedded on its path (exact hits only): the insert embeds it,
+    in the tenant's scope, and a busy embedder means nothing is stored rather than a wait."""
+    entries = await started(new_entries())
+    embed = FakeEmbed({QUESTION: axis(2)})
+    entries.embed_later = embed
+    ctx = chat_ctx(QUESTION, ALICE, model="small")
+    lookup = plan_lookup(ctx, entries, named=True)
+    assert lookup is not None and lookup.embed_after and lookup.vector is None
+    entry = await stored_after(entries, ctx, answered(ctx), lookup)
+    assert entry is not None and entry.vector.tolist() == axis(2).tolist()
+    assert embed.calls == [(QUESTION, "tenant:3")]
+    assert [c.entry.id for c in await entries.retrieve("tenant:3", axis(2), 1)] == [entry.id]
+
+    busy = await started(new_entries())
+    busy.embed_later = FakeEmbed(busy=True)
+    ctx = chat_ctx(QUESTION, model="small")
+    lookup = plan_lookup(ctx, busy, named=True)
+    assert lookup is not None
+    assert await stored_after(busy, ctx, answered(ctx), lookup) is None
+    assert busy.store.entries == {}
 
 
 async def test_an_exchange_over_max_entry_chars_is_answered_not_stored(new_entries: NewEntries) -> None:

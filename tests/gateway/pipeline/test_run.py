@@ -46,6 +46,7 @@ async def with_cache(
     entries = new_entries(policy, verifier)
     await entries.start()
     embed = embed or FakeEmbed({QUESTION: axis(0), REWORDED: toward(0, 0.95)})
+    entries.embed_later = embed  # as the gateway wires it: a named request's answer is embedded on insert
     return harness(policy, entries=entries, embed=embed, **parts), entries, embed
 
 
@@ -113,13 +114,35 @@ async def test_a_named_backend_is_not_served_a_lower_tiers_answer(new_entries: N
     await h.pipeline.run(named)
     assert (named.route, h.client.backends) == ("large", ["small", "large"])
     await entries.flush()
-    # The better tier's answer replaced the small one's: now routed requests get it.
+    # The better tier's answer replaced the small one's (embedded after the response, as a named request's
+    # is): now routed requests get it.
     [entry] = entries.store.entries.values()
-    assert entry.tier == "large"
+    assert entry.tier == "large" and entry.vector.tolist() == axis(0).tolist()
     again = chat_ctx(QUESTION, model="large")
     result = await h.pipeline.run(again)
     assert again.route == "cache" and result.response is not None
     assert result.response["choices"][0]["message"]["content"] == "large says hi"
+
+
+async def test_a_named_request_goes_through_unchanged_and_is_embedded_only_after_it(
+    new_entries: NewEntries,
+) -> None:
+    """The default `cache.named_backends: exact`: no embedding, semantic hit or examples on the request's
+    path; the answer is stored (embedded afterwards), and an identical request is an exact hit."""
+    h, entries, embed = await with_cache(
+        new_entries, verifier=FakeVerifier(cosine_threshold=0.8, default=1.0)
+    )
+    await answer_once(h, entries)  # a near-duplicate a routed request would be served
+    embed.calls.clear()
+    named = chat_ctx(REWORDED, model="small")
+    await h.pipeline.run(named)
+    assert named.route == "small" and embed.calls == []
+    assert h.client.calls[-1][2]["messages"] == [{"role": "user", "content": REWORDED}]  # no examples
+    await entries.flush()
+    assert embed.calls == [(REWORDED, "anonymous")]
+    again = chat_ctx(REWORDED, model="small")
+    await h.pipeline.run(again)
+    assert again.route == "cache" and again.decisions["cache"]["hit"] == "exact"
 
 
 async def test_a_small_tier_request_gets_examples_and_counts_them(new_entries: NewEntries) -> None:

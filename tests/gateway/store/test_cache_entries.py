@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
-from icgate.cache.verify import MAX_TEXT_CHARS
+from icgate.cache.verify import MAX_TEXT_CHARS, HitVerifier
 from icgate.gateway.records import Tenant
 from icgate.gateway.store.cache_entries import CacheEntries, NewEntry
 from tests.gateway.pipeline.fakes import (
+    DIM,
     FakeClock,
     FakeVerifier,
     NewEntries,
@@ -180,3 +181,30 @@ async def test_a_better_tiers_answer_replaces_a_worse_one_never_the_reverse(new_
     await inserted(entries, new_entry("q", "small", "late small answer"))
     assert [e.response_text for e in entries.store.entries.values()] == ["large answer"]
     assert entries.exact("anonymous", "key:q") is not None
+
+
+# --- sync: replicas sharing one database -----------------------------------------------------------------
+
+
+async def test_a_replica_syncs_what_another_wrote_and_tombstones_it_deletes(new_entries: NewEntries) -> None:
+    policy = make_policy(cache={"sync_interval_s": 3600})  # syncs only when the test says
+    first = new_entries(policy)
+    await first.start()
+    second = CacheEntries(
+        policy.cache, policy.tier_rank, policy.best_tier, first.engine, cast(HitVerifier, FakeVerifier()), DIM
+    )
+    await second.start()
+    try:
+        await inserted(first, new_entry("q1", "small"), new_entry("q2", "large"))
+        assert await second.sync() == 2
+        assert sorted(e.prompt_text for e in second.store.entries.values()) == ["q1", "q2"]
+        await inserted(second, new_entry("q3", "small", vector=axis(1)))
+        assert await second.sync() == 0  # its own entry, and those it holds, are not read back
+        assert await first.sync() == 1
+        [q3] = [e for e in first.store.entries.values() if e.prompt_text == "q3"]
+        assert [c.entry.id for c in await first.retrieve("anonymous", axis(1), 1)] == [q3.id]
+        await first.delete([q3.id])
+        await second.sync()
+        assert "q3" not in [e.prompt_text for e in second.store.entries.values()]
+    finally:
+        await second.stop()
