@@ -34,12 +34,13 @@ it is counted. After the levels, two more paths at concurrency 1, side by side w
 Per target, level and workload the report gives req/s, added p50/p99 (the target's percentile minus the
 stand-in's at the same level and workload, as in overhead.py), the serving process tree's CPU per request
 (/proc, between a round's start and end), errors, cache hits (`x-icgate-route: cache`; exact when
-`x-icgate-similarity` is 1.0000), requests that went without the embedding (`x-icgate-cache-skipped`: the
-embedder's queue was too long; nothing is stored for them) and the gateway's event-loop lag (the
+`x-icgate-similarity` is 1.0000), requests that skipped part of the cache (`x-icgate-cache-skipped`:
+`embedder-busy`, the embedder's queue was too long, so no embedding and nothing stored; `verifier-busy`, the
+verifier's queue was too long, so no semantic hit) and the gateway's event-loop lag (the
 `icgate_event_loop_lag_seconds` histogram scraped from /metrics before and after each round, so only the
 round's samples count; not for a gateway with `--workers`, whose scrapes reach one worker or another).
 It checks the issue's targets from the measured numbers; a run where more than 5% of the concurrency-16
-requests skipped the embedder does not count as the full path.
+requests skipped the embedder or the verifier does not count as the full path.
 
 Run:  .venv/bin/python bench/fullpath.py                     (full: about 6-10 minutes on 2 cores)
       .venv/bin/python bench/fullpath.py --quick --out /tmp/fullpath-quick.md     (smoke run, under 2 minutes)
@@ -409,7 +410,7 @@ class Round:
     routes: list[str] = field(default_factory=list)  # per ok request: `x-icgate-route` ("" if none)
     exact_hits: int = 0  # `x-icgate-route: cache` with `x-icgate-similarity: 1.0000`
     examples: int = 0  # answers whose request carried in-context examples (`x-icgate-examples` > 0)
-    skipped: int = 0  # answers that went without the embedding (`x-icgate-cache-skipped`): nothing stored
+    skipped: int = 0  # answers that skipped the embedder or the verifier (`x-icgate-cache-skipped`)
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -461,7 +462,10 @@ async def send(session: aiohttp.ClientSession, target: Target, feed: Feed, resul
         result.error(f"HTTP {status}", raw.decode(errors="replace"))
         return
     result.answered((time.perf_counter() - t0) * 1000.0, headers)
-    stored = headers.get("x-icgate-route") != "cache" and not headers.get("x-icgate-cache-skipped")
+    # Without its embedding an answer is not stored; without verification it is.
+    stored = (
+        headers.get("x-icgate-route") != "cache" and headers.get("x-icgate-cache-skipped") != "embedder-busy"
+    )
     if stored and feed.workload.model == "auto":
         target.history.append(question)
 
@@ -691,11 +695,11 @@ def throughput_checks(cells: list[Cell], g: str) -> list[Check]:
         return [Check(f"(1) `{g}`, concurrency 16, distinct: not measured (16 not in --levels)", None)]
     ratio = c16.rps(g) / c16.rps(LITELLM)
     skipped = c16.skipped(g)
-    # A request that skipped the embedder did not take the full path: the targets count only when
-    # nearly all of them did.
+    # A request that skipped the embedder or the verifier did not take the full path: the targets count
+    # only when nearly all of them did.
     full_path = skipped <= MAX_SKIPPED_SHARE * max(1, c16.ok(g))
     note = (
-        f"; {skipped} of {c16.ok(g)} requests went without the embedding (cache skipped)"
+        f"; {skipped} of {c16.ok(g)} requests skipped the embedder or the verifier (cache skipped)"
         + ("" if full_path else f": over {MAX_SKIPPED_SHARE:.0%}, so not the full path")
         if skipped
         else ""

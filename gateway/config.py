@@ -209,6 +209,11 @@ class CacheConfig(Strict):
     # Largest prompt plus answer (characters) stored: entries are held in memory by every replica, so
     # max_entries_per_tenant x this bounds one tenant's share. Longer exchanges are answered, not stored.
     max_entry_chars: int = Field(32_000, ge=1)
+    # The longest a request waits for the verifier's queue (one thread scores every tenant's candidate
+    # pairs, ~10 ms each on the shipped float cross-encoder). A request that would wait longer goes on
+    # without a semantic hit, says so in `x-icgate-cache-skipped: verifier-busy`, and keeps its examples,
+    # route and stored answer. None: wait however long. Why 100 ms: docs/performance.md.
+    verify_max_queue_ms: float | None = Field(100.0, ge=0)
     # What a request addressed to one backend by name (not a routed name) gets from the cache. `exact`:
     # identical requests only, and its prompt reaches the backend unchanged, so naming a backend costs
     # what a plain proxy costs (its answer is still stored, embedded after the response). `full`: the

@@ -189,7 +189,7 @@ def serve(
     # Idle sockets must not run the process out of descriptors before the connection cap refuses them.
     soft, hard = raise_fd_limit()
     logging.getLogger("icgate").info("file-descriptor limit %d (hard %d)", soft, hard)
-    app = create_app(Gateway(policy, data_dir, launch_local=launch_local))
+    app = create_app(Gateway(policy, data_dir, launch_local=launch_local), freeze_heap=True)
     server = build_server(app, host, port, log_level="info")
     server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else 3  # uvicorn's exit status for a failed start

@@ -26,13 +26,14 @@ from icgate.gateway.backends.client import openai_response, served_model
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, namespace_for
-from icgate.gateway.store.cache_entries import CacheEntries, Candidate, Hit
+from icgate.gateway.store.cache_entries import CacheEntries, Candidate, Hit, VerifierBusyError
 from icgate.gateway.telemetry import Tracing
 from icgate.text import last_user_text
 
 Vector = npt.NDArray[np.float32]
 VERIFIED_CANDIDATES = 3  # the most similar candidates the verifier scores per request
 EMBEDDER_BUSY = "embedder-busy"  # why a request went without its embedding (`CacheLookup.skipped`)
+VERIFIER_BUSY = "verifier-busy"  # why it went without a semantic hit though it had candidates
 
 
 class Embed(Protocol):
@@ -64,8 +65,9 @@ class CacheLookup:
     vector: Vector | None = None
     candidates: list[Candidate] = field(default_factory=list)
     hit: Hit | None = None
-    # Set when the request went on without its embedding (the embedder's queue was too long): no
-    # semantic hit, no examples, nothing stored, and the router takes its default tier.
+    # Set when part of the cache was skipped rather than queued for: EMBEDDER_BUSY (no embedding, so no
+    # semantic hit, no examples, nothing stored, and the router takes its default tier) or VERIFIER_BUSY
+    # (no semantic hit; the rest as usual).
     skipped: str | None = None
 
     @property
@@ -184,7 +186,11 @@ async def look_up_semantic(
     usable = sorted(usable, key=lambda c: -c.similarity)[:VERIFIED_CANDIDATES]
     if not usable:
         return None
-    scores = await entries.verify(lookup.prompt_text, lookup.vector, [c.entry for c in usable])
+    try:
+        scores = await entries.verify(lookup.prompt_text, lookup.vector, [c.entry for c in usable])
+    except VerifierBusyError:
+        lookup.skipped = VERIFIER_BUSY
+        return None
     best = int(np.argmax(scores))
     if scores[best] < entries.verifier.probability_threshold:
         return None

@@ -41,6 +41,12 @@ Floats = npt.NDArray[np.float64]
 # The embedder (`MicroBatcher.embed(text, scope)`), for entries whose vector is made after the response.
 EmbedLater = Callable[[str, str], Awaitable[Vector]]
 
+
+class VerifierBusyError(RuntimeError):
+    """The verifier's queue would keep this request waiting longer than `cache.verify_max_queue_ms`: it
+    goes on without a semantic hit (its embedding, examples and route stand)."""
+
+
 CALIBRATED_NAME = "hit_verifier.joblib"  # where `icgate cache calibrate` puts its artifact in the data dir
 
 
@@ -143,6 +149,10 @@ class CacheEntries:
         # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
         self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
         self._verify_pool = ThreadPoolExecutor(1, "icgate-verify")
+        # The verifier's queue, bounded in time as the embedder's is: pairs waiting or being scored, and
+        # seconds per pair (a moving average of what scoring took on the verifier's thread).
+        self._verify_pending = 0
+        self._pair_s = 0.0
         self.scrub: Callable[[str], str] = scrub_pii if config.scrub_pii else (lambda text: text)
         self._watermark = 0
         # Ids are handed out before commit: an entry committed late can carry an id below one
@@ -263,15 +273,38 @@ class CacheEntries:
 
     async def verify(self, prompt_text: str, vector: Vector, entries: list[CacheEntry]) -> Floats:
         """The verifier's P(same question) for the request against each entry, on the verifier's own
-        thread: it may run a cross-encoder (milliseconds per pair) and the event loop must not wait."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._verify_pool,
-            self.verifier.score_batch,
-            [prompt_text] * len(entries),
-            [e.prompt_text for e in entries],
-            np.repeat(vector[None, :], len(entries), axis=0),
-            np.stack([e.vector for e in entries]),
+        thread: it may run a cross-encoder (milliseconds per pair) and the event loop must not wait.
+
+        Raises VerifierBusyError, before queueing, when the pairs ahead would keep this request waiting
+        longer than `cache.verify_max_queue_ms`: one thread scores every tenant's pairs in turn, and under
+        a burst its queue, not the backends, would set the tail (docs/performance.md).
+        """
+        bound = self.config.verify_max_queue_ms
+        if bound is not None and self._verify_pending * self._pair_s * 1000.0 > bound:
+            raise VerifierBusyError(f"{self._verify_pending} pairs ahead of this request's")
+        self._verify_pending += len(entries)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._verify_pool,
+                self._score,
+                prompt_text,
+                vector,
+                [(e.prompt_text, e.vector) for e in entries],
+            )
+        finally:
+            self._verify_pending -= len(entries)
+
+    def _score(self, prompt_text: str, vector: Vector, against: list[tuple[str, Vector]]) -> Floats:
+        started = time.perf_counter()
+        scores = self.verifier.score_batch(
+            [prompt_text] * len(against),
+            [text for text, _ in against],
+            np.repeat(vector[None, :], len(against), axis=0),
+            np.stack([v for _, v in against]),
         )
+        per_pair = (time.perf_counter() - started) / max(1, len(against))
+        self._pair_s = per_pair if self._pair_s == 0.0 else 0.8 * self._pair_s + 0.2 * per_pair
+        return scores
 
     # --- after the response -----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
@@ -366,3 +367,25 @@ def test_completion_mode_backend_renders_chat_as_prompt(
     stream = client(gw).chat.completions.create(model="large", messages=messages, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "large-model says: system=be brief;user=why;A:"
+
+
+def test_the_serving_process_freezes_its_start_up_heap(standins: Standins, tmp_path: Path) -> None:
+    """`icgate serve` builds its app with `freeze_heap`: once started, what start-up made is out of the
+    collector's sight (full collections no longer scan it); an app built without it leaves the heap."""
+    import gc
+
+    from bench.harness import ServerThread
+    from icgate.gateway.api.app import create_app
+    from icgate.gateway.wiring import Gateway
+
+    policy = standin_policy(standins, cache={"enabled": False}, router={"kind": "rule"})
+    gc.unfreeze()
+    try:
+        with ServerThread(create_app(Gateway(policy, tmp_path / "plain")), ready_path="/readyz"):
+            assert gc.get_freeze_count() == 0
+        with ServerThread(
+            create_app(Gateway(policy, tmp_path / "served"), freeze_heap=True), ready_path="/readyz"
+        ):
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()  # this test process hosts many gateways: leave its collector as it was

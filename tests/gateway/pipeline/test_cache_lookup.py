@@ -20,7 +20,7 @@ from icgate.gateway.pipeline.cache_lookup import (
 )
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, Tenant
-from icgate.gateway.store.cache_entries import CacheEntries, Hit
+from icgate.gateway.store.cache_entries import CacheEntries, Hit, VerifierBusyError
 from icgate.gateway.telemetry import Telemetry
 from tests.gateway.pipeline.fakes import (
     FakeClock,
@@ -488,3 +488,18 @@ async def test_a_named_request_is_not_embedded_on_its_path_but_gets_exact_hits(
     remember(entries, entry_for(entries, chat_ctx("What is 2+2?", model="small"), 7, axis(0)))
     exact = await lookup_of(entries, chat_ctx("What is 2+2?", model="small"), "small", embed=embed)
     assert exact.hit is not None and exact.hit.kind == "exact" and embed.calls == []
+
+
+async def test_a_busy_verifier_skips_the_semantic_hit_but_keeps_the_rest(
+    new_entries: NewEntries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = new_entries(verifier=FakeVerifier(default=1.0))
+    store_similar(entries)
+
+    async def busy(*_: Any) -> Any:
+        raise VerifierBusyError("3 pairs ahead of this request's")
+
+    monkeypatch.setattr(entries, "verify", busy)
+    lookup = await lookup_of(entries, chat_ctx(REQUEST))
+    assert lookup.hit is None and lookup.skipped == "verifier-busy"
+    assert lookup.vector is not None and [c.entry.id for c in lookup.candidates] == [1]  # examples, route

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from typing import Any, cast
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from icgate.cache.verify import MAX_TEXT_CHARS, HitVerifier
 from icgate.gateway.records import Tenant
-from icgate.gateway.store.cache_entries import CacheEntries, NewEntry
+from icgate.gateway.store.cache_entries import CacheEntries, NewEntry, VerifierBusyError
 from tests.gateway.pipeline.fakes import (
     DIM,
     FakeClock,
@@ -127,6 +129,46 @@ async def test_verify_scores_every_pair_on_the_verifiers_own_thread(new_entries:
     assert thread.startswith("icgate-verify") and thread != threading.current_thread().name
     await entries.verify("again", axis(0), candidates[:1])
     assert verifier.threads[1] == thread  # one thread, shared by every request
+
+
+class GatedVerifier(FakeVerifier):
+    """Scores only once the test opens the gate, taking `pair_s` seconds per pair."""
+
+    def __init__(self, pair_s: float) -> None:
+        super().__init__()
+        self.pair_s = pair_s
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def score_batch(self, texts_a: Any, texts_b: Any, vecs_a: Any, vecs_b: Any) -> Any:
+        self.gate.wait(10)
+        time.sleep(self.pair_s * len(texts_b))
+        return super().score_batch(texts_a, texts_b, vecs_a, vecs_b)
+
+
+async def test_a_request_that_would_wait_too_long_for_the_verifier_is_turned_away(
+    new_entries: NewEntries,
+) -> None:
+    """Measured at 20 ms a pair, three pairs ahead are 60 ms: over a 30 ms bound the next request is told
+    at once (nothing queued); once the queue drains it is scored again. Without a bound, it waits."""
+    verifier = GatedVerifier(pair_s=0.02)
+    entries = new_entries(make_policy(cache={"verify_max_queue_ms": 30}), verifier=verifier)
+    candidates = [entry_for(entries, chat_ctx(t), i, axis(i)) for i, t in enumerate("abc", start=1)]
+    await entries.verify("measure", axis(0), candidates)  # learns the cost of a pair
+    verifier.gate.clear()
+    ahead = asyncio.create_task(entries.verify("ahead", axis(0), candidates))
+    await asyncio.sleep(0.01)
+    with pytest.raises(VerifierBusyError):
+        await entries.verify("behind", axis(0), candidates[:1])
+    verifier.gate.set()
+    await ahead
+    assert [c[0] for c in verifier.calls] == ["a", "a"]  # "behind" never reached the verifier
+    assert (await entries.verify("after", axis(0), candidates[:1])).tolist() == [0.9]
+
+    patient = new_entries(make_policy(cache={"verify_max_queue_ms": None}), verifier=GatedVerifier(0.02))
+    await patient.verify("measure", axis(0), candidates)
+    waiting = [asyncio.create_task(patient.verify(str(i), axis(0), candidates)) for i in range(3)]
+    assert [len(scores) for scores in await asyncio.gather(*waiting)] == [3, 3, 3]
 
 
 # --- inserts, on the in-memory database --------------------------------------------------------------
