@@ -45,6 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from icgate.cache.runtime import RUNTIMES  # noqa: E402
 from icgate.lengths.predict import (  # noqa: E402
     DEFAULT_ARTIFACT,
     LengthEstimate,
@@ -196,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument(
-        "--runtime", choices=["onnx", "onnx-int8", "torch"], default="onnx-int8", help="the embedder's"
-    )
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnx-int8", help="the embedder's")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         print(f"data not found: {args.data} (the shared data folder is absent)", file=sys.stderr)

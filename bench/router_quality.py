@@ -46,6 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from icgate.cache.runtime import RUNTIMES  # noqa: E402
 from icgate.routers.data import LabelledPrompt, load_routing_csv, split_rows  # noqa: E402
 from icgate.routers.evaluation import RouterMetrics, evaluate_scores  # noqa: E402
 from icgate.routers.learned import DEFAULT_ARTIFACT, LearnedRouter, unit_rows  # noqa: E402
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument(
         "--runtime",
-        choices=["onnx", "onnx-int8", "torch"],
+        choices=RUNTIMES,
         default="onnx-int8",
         help="the embedder's runtime, as the gateway's `embedding.runtime` (default: the gateway's default; "
         "onnx graphs are exported into bench/data/onnx); torch and onnx give the same vectors",

@@ -364,8 +364,8 @@ class CacheEntries:
             return None
 
     def _write_entry(self, new: NewEntry, vector: Vector) -> CacheEntry:
-        """The entry for `new`, scrubbed, written to the database (a Core insert: the ORM's unit of work
-        cost several times as much per row, all of it holding the GIL the event loop needs)."""
+        """The entry for `new`, scrubbed, written to the database. A Core insert: in a profile, most of
+        an ORM insert was its unit of work, holding the GIL the event loop needs (docs/performance.md)."""
         now = self.clock()
         entry = CacheEntry(
             id=0,
