@@ -216,7 +216,7 @@ class CacheConfig(Strict):
     verify_max_queue_ms: float | None = Field(100.0, ge=0)
     # What a request addressed to one backend by name (not a routed name) gets from the cache. `exact`:
     # identical requests only, and its prompt reaches the backend unchanged, so naming a backend costs
-    # what a plain proxy costs (its answer is still stored, embedded after the response). `full`: the
+    # little more than a plain proxy (its answer is still stored, embedded after the response). `full`: the
     # semantic hits and examples of routed requests. `models.<backend>` overrides it for one backend.
     # Why `exact` is the default: docs/performance.md.
     named_backends: Literal["exact", "full"] = "exact"

@@ -56,9 +56,9 @@ def create_app(gateway: Gateway, freeze_heap: bool = False) -> FastAPI:
 
 def freeze_after_start() -> None:
     """Collect once, then freeze: what start-up made (some 800,000 objects, most of them imported modules:
-    litellm, pydantic, fastapi) lives as long as the process, yet every full collection scanned it, pausing
-    the event loop for 100-350 ms at a time under load (docs/performance.md). Frozen, a full collection
-    scans only what requests made since. A process that hosts other code (the in-process middleware,
+    litellm, pydantic, fastapi) lives as long as the process, yet every full collection would scan it, a
+    350-400 ms pause of the event loop here (docs/performance.md). Frozen, a full collection scans only
+    what requests made since. A process that hosts other code (the in-process middleware,
     tests starting many gateways) does not freeze: garbage cycles among frozen objects are never freed."""
     gc.collect()
     gc.freeze()
