@@ -148,3 +148,17 @@ def test_a_verifier_is_served_with_the_logits_it_was_calibrated_on(
     )
     with pytest.raises(ValueError, match="int8"):  # torch cannot compute int8 logits
         HitVerifier.load(path)
+
+
+def test_offline_encoders_memoise_int8_vectors_apart_from_float_ones(graphs: Path, tmp_path: Path) -> None:
+    """`default_encoder` (calibration, training, benchmarks): int8 vectors differ from float ones, so they
+    are memoised beside them, never read back for the other runtime."""
+    from icgate.cache.calibrate import default_encoder
+
+    memo = tmp_path / "all-minilm-l6-v2"
+    int8 = default_encoder(memo, graphs, "onnx-int8")(["How do I learn Tamil?"])
+    float32 = default_encoder(memo, graphs, "onnx")(["How do I learn Tamil?"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all-minilm-l6-v2", "all-minilm-l6-v2-int8"]
+    assert 0.98 < float(int8[0] @ float32[0]) < 0.99999  # each read its own runtime's vector
+    again = default_encoder(memo, graphs, "onnx-int8")(["How do I learn Tamil?"])
+    assert np.array_equal(again, int8)
