@@ -921,7 +921,8 @@ def write_report(
         "",
         "- A stand-in backend (`bench/standin_backend.py`, Starlette under uvicorn) and **two "
         "gateways** (`icgate serve --no-launch`, as deployed: uvicorn with "
-        "uvloop/httptools, its default INFO logging incl. access log, SQLite request log) run as "
+        "uvloop/httptools, its default INFO logging (no access log: `server.access_log` is off by "
+        "default), SQLite request log) run as "
         "**separate processes**. Each gateway has "
         "its own policy file and data directory; both policies have the same two backends on the one "
         "stand-in (`openai/standin`), `max_concurrent: 256` (admission never queues), "
