@@ -315,6 +315,23 @@ class BatcherClosedError(RuntimeError):
     """The MicroBatcher was closed before (or while) this text was waiting to be embedded."""
 
 
+@dataclass
+class ServiceTime:
+    """Seconds per item of a one-thread queue, as a moving average of measured work (a new measurement
+    weighs a fifth), and the wait it predicts: what bounds the embedder's queue and the verifier's in
+    time (`MicroBatcher.max_queue_ms`, `cache.verify_max_queue_ms`). 0 until something has been timed."""
+
+    per_item_s: float = 0.0
+
+    def timed(self, seconds: float, items: int) -> None:
+        per_item = seconds / max(1, items)
+        self.per_item_s = per_item if self.per_item_s == 0.0 else 0.8 * self.per_item_s + 0.2 * per_item
+
+    def wait_s(self, items: int) -> float:
+        """How long `items` take, one after another, at the measured rate."""
+        return items * self.per_item_s
+
+
 class EmbedderBusyError(RuntimeError):
     """The embedder's queue would keep this text waiting longer than the batcher's `max_queue_ms`: the
     caller should go on without the embedding (the gateway serves the request without the cache)."""
@@ -409,7 +426,7 @@ class MicroBatcher:
         self._closed = False
         self._company = False  # the last batch held more than one text: worth waiting for the next
         self._encoding = 0  # texts in the batch the worker is encoding now
-        self._per_text_s = 0.0  # encode seconds per text, a moving average over recent batches
+        self._encode_time = ServiceTime()  # encode seconds per text, over recent batches
 
     @property
     def closed(self) -> bool:
@@ -423,7 +440,7 @@ class MicroBatcher:
     def expected_wait_s(self) -> float:
         """How long a new text would wait for its vector: the texts ahead of it and itself, at the
         measured encode time per text (0 until a batch has been timed)."""
-        return (len(self._queue) + self._encoding + 1) * self._per_text_s
+        return self._encode_time.wait_s(len(self._queue) + self._encoding + 1)
 
     async def embed(self, text: str, scope: str = "") -> Vector:
         """The unit float32 vector of `text` (read-only, shape (dim,)); `scope` (a tenant's namespace)
@@ -557,7 +574,7 @@ class MicroBatcher:
                 continue
             finally:
                 self._encoding = 0
-            self._timed(time.perf_counter() - started, len(batch))
+            self._encode_time.timed(time.perf_counter() - started, len(batch))
             self.stats.encoded += encoded.texts
             self.stats.failed_batches += encoded.failures
             self.stats.refused += sum(isinstance(r, UnembeddableTextError) for r in encoded.results)
@@ -570,11 +587,6 @@ class MicroBatcher:
         if self.max_queue_s is None or not (self._queue or self._encoding):
             return False
         return self.expected_wait_s() > self.max_queue_s
-
-    def _timed(self, seconds: float, texts: int) -> None:
-        """Fold one batch's encode time into the per-text average (new batches weigh a fifth)."""
-        per_text = seconds / texts
-        self._per_text_s = per_text if self._per_text_s == 0.0 else 0.8 * self._per_text_s + 0.2 * per_text
 
     def _encode_isolating(self, texts: list[str]) -> _Encoded:
         """Encode `texts` (in the worker thread); if the encoder raises, again in halves, so that only

@@ -25,7 +25,7 @@ import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from icgate.cache.embed import EmbedderBusyError, UnembeddableTextError
+from icgate.cache.embed import EmbedderBusyError, ServiceTime, UnembeddableTextError
 from icgate.cache.index import VectorIndex, set_threads
 from icgate.cache.store import CacheEntry, CacheStore, initial_utility
 from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier, ScorerLoader
@@ -150,9 +150,9 @@ class CacheEntries:
         self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
         self._verify_pool = ThreadPoolExecutor(1, "icgate-verify")
         # The verifier's queue, bounded in time as the embedder's is: pairs waiting or being scored, and
-        # seconds per pair (a moving average of what scoring took on the verifier's thread).
+        # what scoring a pair took on the verifier's thread.
         self._verify_pending = 0
-        self._pair_s = 0.0
+        self._pair_time = ServiceTime()
         self.scrub: Callable[[str], str] = scrub_pii if config.scrub_pii else (lambda text: text)
         self._watermark = 0
         # Ids are handed out before commit: an entry committed late can carry an id below one
@@ -280,7 +280,7 @@ class CacheEntries:
         a burst its queue, not the backends, would set the tail (docs/performance.md).
         """
         bound = self.config.verify_max_queue_ms
-        if bound is not None and self._verify_pending * self._pair_s * 1000.0 > bound:
+        if bound is not None and self._pair_time.wait_s(self._verify_pending) * 1000.0 > bound:
             raise VerifierBusyError(f"{self._verify_pending} pairs ahead of this request's")
         self._verify_pending += len(entries)
         try:
@@ -302,8 +302,7 @@ class CacheEntries:
             np.repeat(vector[None, :], len(against), axis=0),
             np.stack([v for _, v in against]),
         )
-        per_pair = (time.perf_counter() - started) / max(1, len(against))
-        self._pair_s = per_pair if self._pair_s == 0.0 else 0.8 * self._pair_s + 0.2 * per_pair
+        self._pair_time.timed(time.perf_counter() - started, len(against))
         return scores
 
     # --- after the response -----------------------------------------------------------------------
