@@ -478,6 +478,13 @@ class Policy(Strict):
         return f"sqlite:///{data_dir / 'icgate.db'}"
 
 
+def models_dir(data_dir: Path) -> Path:
+    """Model files made from installed packages, under the data directory: the embedder's and the
+    verifier's exported ONNX graphs (`icgate prepare` writes them; `serve` and the training commands
+    read them) and local backends' assembled GGUF files."""
+    return data_dir / "models"
+
+
 class PolicyError(Exception):
     """A policy file that cannot be used; the message names the file and key."""
 

@@ -27,7 +27,7 @@ from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendClient
 from icgate.gateway.backends.local import LocalBackends
 from icgate.gateway.backends.signals import SignalPoller
-from icgate.gateway.config import EmbeddingConfig, Policy
+from icgate.gateway.config import EmbeddingConfig, Policy, models_dir
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.run import Pipeline
 from icgate.gateway.records import Tenant, namespace_for
@@ -111,7 +111,7 @@ class Gateway:
         self.database_url = policy.database_url(data_dir)
         self.telemetry = Telemetry.from_config(policy.telemetry)
         # Injectable so that several gateways in one process (tests) share one loaded model.
-        self.embeddings = embeddings or EmbeddingService(policy.embedding, data_dir / "models")
+        self.embeddings = embeddings or EmbeddingService(policy.embedding, models_dir(data_dir))
         self.local = LocalBackends()
         self.client = BackendClient()
         self.engine: Engine | None = None

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from icgate.gateway.config import BackendConfig, LaunchConfig
+from icgate.gateway.config import BackendConfig, LaunchConfig, models_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def resolve_model_file(spec: str, data_dir: Path) -> Path:
         raise LaunchError(f"model file {spec!r}: cannot import {module_name!r}: {exc}") from exc
     if not callable(getattr(module, "assemble", None)):
         raise LaunchError(f"model file {spec!r}: no .gguf file in {package_dir} and no assemble()")
-    return _assemble(module, data_dir / "models")
+    return _assemble(module, models_dir(data_dir))
 
 
 def _package_dir(module_name: str) -> Path:

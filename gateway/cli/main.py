@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from icgate.gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy
+from icgate.gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy, models_dir
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -235,7 +235,7 @@ def prepare_models(policy: Policy, data_dir: Path) -> int:
     from icgate.gateway.wiring import EmbeddingService
 
     started = time.perf_counter()
-    service = EmbeddingService(policy.embedding, data_dir / "models")
+    service = EmbeddingService(policy.embedding, models_dir(data_dir))
     try:
         embedder = service.load()
         if policy.cache.enabled and policy.cache.semantic:
@@ -319,7 +319,7 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
                 train=training,
                 reuse=args.cross_encoder_from,
                 runtime=CrossEncoderRuntime(args.cross_encoder_runtime, both_orders=not args.one_order),
-                graphs=data_dir / "models",
+                graphs=models_dir(data_dir),
             ),
             progress=lambda line: print(line, file=sys.stderr, flush=True),
             embedding_runtime=policy.embedding.runtime,
@@ -335,7 +335,7 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
             path,
             embeddings,
             max_pairs=args.max_pairs,
-            graphs=data_dir / "models",
+            graphs=models_dir(data_dir),
             embedding_runtime=policy.embedding.runtime,
         )
         print(json.dumps(result, default=str))

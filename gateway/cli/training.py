@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from icgate.gateway.cli.main import open_database
-from icgate.gateway.config import Policy
+from icgate.gateway.config import Policy, models_dir
 
 PolicyArgs = Callable[[argparse.ArgumentParser], None]
 
@@ -199,7 +199,7 @@ def default_encode(policy: Policy, data_dir: Path) -> Any:
     trained here sees at training the vectors it will see at every request."""
     from icgate.cache.calibrate import default_encoder
 
-    return default_encoder(None, data_dir / "models", policy.embedding.runtime)
+    return default_encoder(None, models_dir(data_dir), policy.embedding.runtime)
 
 
 def publish(
