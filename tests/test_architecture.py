@@ -232,7 +232,7 @@ def test_the_models_in_force_use_only_the_store_and_below() -> None:
 
 
 def test_the_pipeline_never_imports_the_api_cli_or_wiring() -> None:
-    banned = ("icgate.gateway.api", "icgate.gateway.cli", "icgate.gateway.wiring")
+    banned = ("icgate.gateway.api", "icgate.gateway.cli", "icgate.gateway.wiring", "icgate.gateway.inprocess")
     offences = (imp for imp in imports_of("icgate.gateway.pipeline") if within(imp.target, *banned))
     report(offences, "icgate.gateway.pipeline must not import " + ", ".join(banned))
 
@@ -246,9 +246,22 @@ def test_only_the_cli_imports_the_cli() -> None:
     report(offences, "only icgate.gateway.cli may import icgate.gateway.cli")
 
 
-def test_the_api_never_imports_the_cli() -> None:
-    offences = (imp for imp in imports_of("icgate.gateway.api") if within(imp.target, "icgate.gateway.cli"))
-    report(offences, "icgate.gateway.api must not import icgate.gateway.cli")
+def test_the_api_never_imports_the_cli_or_the_in_process_gateway() -> None:
+    banned = ("icgate.gateway.cli", "icgate.gateway.inprocess")
+    offences = (imp for imp in imports_of("icgate.gateway.api") if within(imp.target, *banned))
+    report(offences, "icgate.gateway.api must not import " + ", ".join(banned))
+
+
+def test_only_the_package_root_reaches_the_in_process_gateway() -> None:
+    """The in-process gateway sits on top, beside the HTTP API: nothing below it may depend on it."""
+    offences = (
+        imp
+        for imp in imports()
+        if within(imp.target, "icgate.gateway.inprocess")
+        and not within(imp.module, "icgate.gateway.inprocess")
+        and imp.module != "icgate"
+    )
+    report(offences, "only icgate (the root) may import icgate.gateway.inprocess")
 
 
 def test_every_import_of_ours_is_absolute_under_icgate() -> None:

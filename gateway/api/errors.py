@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,22 @@ def field_path(loc: Any) -> list[str]:
     return [str(p) for p in loc if p != "body" and not (isinstance(p, str) and _UNION_TAG.search(p))]
 
 
+def invalid_request(errors: Sequence[Any]) -> GatewayError:
+    """A body that failed validation, as OpenAI says so: one message about the field at fault. Shared
+    with the in-process transport, which validates with the same schemas."""
+    # A union (`content: str | list[part]`) fails once per member: the deepest error is the telling one.
+    first = max(errors, key=lambda e: len(field_path(e.get("loc", ())))) if errors else {}
+    param = ".".join(field_path(first.get("loc", ()))) or None
+    if first.get("type") == "json_invalid":
+        message = "We could not parse the JSON body of your request."
+        param = None
+    elif first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
+    return GatewayError(400, message, "invalid_request_error", param)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves in OpenAI's format; nothing leaks a traceback."""
 
@@ -37,18 +54,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        # A union (`content: str | list[part]`) fails once per member: the deepest error is the telling one.
-        first = max(errors, key=lambda e: len(field_path(e.get("loc", ())))) if errors else {}
-        param = ".".join(field_path(first.get("loc", ()))) or None
-        if first.get("type") == "json_invalid":
-            message = "We could not parse the JSON body of your request."
-            param = None
-        elif first.get("type") == "missing":
-            message = f"Missing required parameter: '{param}'."
-        else:
-            message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}."
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+        refusal = invalid_request(exc.errors())
+        return JSONResponse(refusal.body(), status_code=refusal.status_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -161,10 +161,14 @@ def unpaired_surrogate_at(value: Any, path: str = "") -> str | None:
 
 
 async def reject_invalid_text(request: Request, body: dict[str, Any] | BaseModel) -> None:
+    """`check_text` on a request's raw body (cached by Starlette: nothing is read again)."""
+    check_text(await request.body(), body)
+
+
+def check_text(raw: bytes, body: dict[str, Any] | BaseModel) -> None:
     """A string that is not valid Unicode is the sender's mistake (400), found before any work. The
-    walk of the parsed body runs only when a scan of the raw one (cached: nothing is read again) finds
-    a surrogate could be in it."""
-    if not may_hold_surrogates(await request.body()):
+    walk of the parsed body runs only when a scan of the raw one finds a surrogate could be in it."""
+    if not may_hold_surrogates(raw):
         return
     fields = body if isinstance(body, dict) else body.model_dump(exclude_unset=True)
     where = unpaired_surrogate_at(fields)

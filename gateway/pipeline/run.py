@@ -95,15 +95,18 @@ class Pipeline:
         """The record stage (also for a request the HTTP layer cut before it reached the pipeline)."""
         self.recorder.record(ctx, trail or Trail(), response)
 
-    async def run(self, ctx: RequestContext, api_key: str | None = None) -> PipelineResult:
-        """Decide and call. For a stream, returns once the first chunk is in hand."""
+    async def run(
+        self, ctx: RequestContext, api_key: str | None = None, tenant: Tenant | None = None
+    ) -> PipelineResult:
+        """Decide and call. For a stream, returns once the first chunk is in hand. A `tenant` given by
+        the caller (an in-process client wrapped for one tenant) stands in for the key's."""
         tracing, metrics = self.telemetry.tracing, self.telemetry.metrics
         exits = AsyncExitStack()
         exits.enter_context(metrics.inflight())
         attributes = {"icgate.model": ctx.model, "icgate.stream": ctx.stream, "icgate.endpoint": ctx.endpoint}
         with tracing.request_span(ctx.request_id, attributes) as span:
             try:
-                result = await self._stages(ctx, api_key, exits)
+                result = await self._stages(ctx, api_key, tenant, exits)
                 ctx.freeze_overhead()
             except BaseException as exc:
                 # Whatever went wrong, the slot and the in-flight count are given back. A failed request
@@ -120,11 +123,11 @@ class Pipeline:
         return result
 
     async def _stages(
-        self, ctx: RequestContext, api_key: str | None, exits: AsyncExitStack
+        self, ctx: RequestContext, api_key: str | None, tenant: Tenant | None, exits: AsyncExitStack
     ) -> PipelineResult:
         tracing = self.telemetry.tracing
         with tracing.stage_span("authenticate"):
-            ctx.tenant = await authenticate(api_key, self.policy.auth, self.authenticator)
+            ctx.tenant = tenant or await authenticate(api_key, self.policy.auth, self.authenticator)
             explain.tenant(ctx)
         if self.limiter is not None:
             with tracing.stage_span("limits"):

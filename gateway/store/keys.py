@@ -92,6 +92,12 @@ def _get_or_create_tenant(engine: sa.Engine, name: str) -> int:
         return created
 
 
+def tenant_named(engine: sa.Engine, name: str) -> Tenant:
+    """The tenant called `name`, created if new: for callers that name their tenant rather than present
+    a key (an in-process client wrapped for one tenant)."""
+    return Tenant(id=_get_or_create_tenant(engine, name), name=name)
+
+
 def create_key(engine: sa.Engine, tenant_name: str) -> CreatedKey:
     """Issue a new key for `tenant_name`, creating the tenant if needed."""
     name = tenant_name.strip()
