@@ -8,6 +8,7 @@ proves unknown fields reach it:
 - `{"delay_ms": 50}`: wait before answering;
 - `{"hang_s": 30}`: send nothing (not even headers) for that long, or until the caller hangs up;
 - `{"stall_after_first_s": 30}`: stream the first chunk, then nothing for that long;
+- `{"chunk_gap_ms": 20}`: stream with that pause before every word after the first;
 - `{"only": "small-model", ...}`: the rest applies only on the stand-in of that name (fallback tests).
 
 With `tools` in a chat request it calls a tool, as OpenAI does: the one `tool_choice` names, else
@@ -172,7 +173,8 @@ class StandinBackend:
         if tool_calls:
             chunks = self._stream_tool_calls(rid, created, tool_calls, usage_or_none, stall_s)
         else:
-            chunks = self._stream(rid, created, text, finish, usage_or_none, chat, stall_s)
+            gap_s = float(self._control(body).get("chunk_gap_ms") or 0) / 1000.0
+            chunks = self._stream(rid, created, text, finish, usage_or_none, chat, stall_s, gap_s)
         return StreamingResponse(chunks, media_type="text/event-stream")
 
     async def _stream_tool_calls(
@@ -221,12 +223,15 @@ class StandinBackend:
         usage: dict[str, int] | None,
         chat: bool,
         stall_s: float = 0.0,
+        gap_s: float = 0.0,
     ) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         words = text.split()
         for i, word in enumerate(words):
             if i == 1 and stall_s:
                 await asyncio.sleep(stall_s)
+            if i > 0 and gap_s:
+                await asyncio.sleep(gap_s)
             piece = word if i == 0 else " " + word
             if chat:
                 delta: dict[str, Any] = {"content": piece}

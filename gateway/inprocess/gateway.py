@@ -119,6 +119,13 @@ class Gateway:
             self._thread = None
         bridge.loop.close()
 
+    @property
+    def bridge(self) -> LoopBridge:
+        """The way to the gateway's loop, for callers on other threads or loops."""
+        if self._bridge is None:
+            raise RuntimeError("open the gateway first (`with` or `async with`)")
+        return self._bridge
+
     # --- clients ------------------------------------------------------------------------------------------
 
     def wrap(self, client: Client, *, tenant: str | None = None) -> Client:
@@ -132,7 +139,7 @@ class Gateway:
             raise TypeError(
                 f"wrap takes an openai.OpenAI or openai.AsyncOpenAI client, not {type(client).__name__}"
             )
-        inner = PipelineTransport(self.core, client.base_url.path, self._tenant_source(tenant))
+        inner = PipelineTransport(self.core, client.base_url.path, self.tenant_source(tenant))
         if isinstance(client, openai.AsyncOpenAI):
             transport: httpx.AsyncBaseTransport = inner
             if bridge.thread_id != threading.get_ident() or self._thread is not None:
@@ -141,7 +148,8 @@ class Gateway:
         sync = httpx.Client(transport=SyncPipelineTransport(inner, bridge))
         return client.with_options(http_client=sync)
 
-    def _tenant_source(self, name: str | None) -> TenantSource | None:
+    def tenant_source(self, name: str | None) -> TenantSource | None:
+        """How a client wrapped for tenant `name` finds it (None: the key decides, as over HTTP)."""
         if name is None:
             return None
         if not name.strip():

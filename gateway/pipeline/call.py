@@ -205,6 +205,10 @@ class Caller:
         finally:
             ctx.backend_s += time.perf_counter() - started
 
+    def augmented(self, ctx: RequestContext, plan: CallPlan, backend: BackendConfig) -> Augmented:
+        """The request as `backend` should get it (also for a caller that makes the call itself)."""
+        return self._augment(ctx, plan, backend)
+
     def _augment(self, ctx: RequestContext, plan: CallPlan, backend: BackendConfig) -> Augmented:
         if plan.lookup is None or self.entries is None:
             return Augmented(ctx.body)

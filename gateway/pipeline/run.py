@@ -5,6 +5,9 @@
     authenticate -> quotas -> target -> cache_lookup (a hit is answered here)
     -> route -> admit -> call (augment per attempt, fallback once) -> record
 
+A caller that makes the backend call itself (LiteLLM's router, through gateway/inprocess/litellm_router.py)
+takes `advise` instead: the same stages up to the choice of backend, then `settle` with the outcome.
+
 Stages hand each other typed outcomes (`Target`, `CacheLookup`, `RouteOutcome`, `CallPlan`, `Trail`);
 `explain` turns them into `ctx.decisions`, which the headers, the request log, metrics and traces
 share. Everything the pipeline uses arrives through its constructor (built once by
@@ -25,6 +28,7 @@ from icgate.gateway.config import Policy
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline import explain
 from icgate.gateway.pipeline.admit import ask_for, candidates_for, priority_of, spill_candidates
+from icgate.gateway.pipeline.advise import Advice, advised_backend
 from icgate.gateway.pipeline.authenticate import Authenticator, authenticate
 from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, hit_response, look_up, replay_as_stream
 from icgate.gateway.pipeline.call import Caller, CallPlan, OpenStream
@@ -125,6 +129,24 @@ class Pipeline:
     async def _stages(
         self, ctx: RequestContext, api_key: str | None, tenant: Tenant | None, exits: AsyncExitStack
     ) -> PipelineResult:
+        target, lookup = await self._before_route(ctx, api_key, tenant)
+        if lookup is not None and lookup.hit is not None:
+            return await self._serve_hit(ctx, Trail(target, lookup), lookup.hit, exits)
+        plan = await self._route(ctx, target, lookup)
+        if ctx.stream:
+            opened = await self.caller.open_stream(ctx, plan, exits)
+            return self._relay(ctx, opened.result, exits, Trail(target, lookup, opened.examples))
+        called = await self.caller.complete(ctx, plan, exits)
+        response = called.result
+        ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
+        await exits.aclose()
+        self.record(ctx, Trail(target, lookup, called.examples), response)
+        return PipelineResult(ctx, response=response)
+
+    async def _before_route(
+        self, ctx: RequestContext, api_key: str | None, tenant: Tenant | None
+    ) -> tuple[Target, CacheLookup | None]:
+        """Stages 1-4: who asks, within which limits, for what, and what the cache holds for it."""
         tracing = self.telemetry.tracing
         with tracing.stage_span("authenticate"):
             ctx.tenant = tenant or await authenticate(api_key, self.policy.auth, self.authenticator)
@@ -135,23 +157,59 @@ class Pipeline:
         with tracing.stage_span("resolve_target"):
             target = resolve_target(ctx.model, self.policy)
             explain.target(ctx, target)
-        lookup = await self._look_up(ctx, target)
-        if lookup is not None and lookup.hit is not None:
-            return await self._serve_hit(ctx, Trail(target, lookup), lookup.hit, exits)
-        with tracing.stage_span("route"):
+        return target, await self._look_up(ctx, target)
+
+    async def _route(self, ctx: RequestContext, target: Target, lookup: CacheLookup | None) -> CallPlan:
+        """Stages 5-6: the tier, then where the request may go and what admission is asked."""
+        with self.telemetry.tracing.stage_span("route"):
             routed = await route(ctx, target, lookup, self.models, self.policy, self.embed)
             ctx.route = routed.tier
             explain.route(ctx, routed)
-        plan = self._plan(ctx, target, lookup, routed)
-        if ctx.stream:
-            opened = await self.caller.open_stream(ctx, plan, exits)
-            return self._relay(ctx, opened.result, exits, Trail(target, lookup, opened.examples))
-        called = await self.caller.complete(ctx, plan, exits)
-        response = called.result
+        return self._plan(ctx, target, lookup, routed)
+
+    async def advise(
+        self, ctx: RequestContext, api_key: str | None = None, tenant: Tenant | None = None
+    ) -> Advice:
+        """The pipeline's decisions for a caller that makes the call itself (gateway/pipeline/advise.py):
+        a cache hit (recorded here), or the backend and the body to send it. `settle` records the rest."""
+        try:
+            target, lookup = await self._before_route(ctx, api_key, tenant)
+            if lookup is not None and lookup.hit is not None:
+                ctx.route = "cache"
+                response = hit_response(ctx, lookup.hit)
+                ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
+                trail = Trail(target, lookup)
+                self.record(ctx, trail, response)
+                return Advice(ctx, trail, response=response)
+            plan = await self._route(ctx, target, lookup)
+            backend = advised_backend(self.admission, plan)
+            ctx.backend, ctx.route = backend, backend.tier
+            explain.admitted(ctx, backend)
+            augmented = self.caller.augmented(ctx, plan, backend)
+            return Advice(
+                ctx, Trail(target, lookup, augmented.examples), backend=backend, body=augmented.body
+            )
+        except BaseException as exc:
+            if isinstance(exc, GatewayError):
+                ctx.status_code, ctx.error_type = exc.status_code, exc.type
+            else:
+                ctx.status_code, ctx.error_type = 500, type(exc).__name__
+            self.record(ctx)
+            raise
+
+    def settle(
+        self, advice: Advice, response: dict[str, Any] | None, error: str | None = None, status: int = 502
+    ) -> None:
+        """The outcome of an advised call the caller made: its answer (stored in the cache when good, like
+        the pipeline's own), or the error it ended with."""
+        ctx = advice.ctx
+        ctx.freeze_overhead()
+        if error is not None or response is None:
+            ctx.status_code, ctx.error_type = status, error or "no_response"
+            self.record(ctx, advice.trail)
+            return
         ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
-        await exits.aclose()
-        self.record(ctx, Trail(target, lookup, called.examples), response)
-        return PipelineResult(ctx, response=response)
+        self.record(ctx, advice.trail, response)
 
     async def _check_quota(self, ctx: RequestContext) -> None:
         assert self.limiter is not None
