@@ -23,9 +23,7 @@ source (docs/middleware.md has the details):
 - A `CustomLogger`'s success and failure events carry the answer (a stream's, assembled) and the metadata
   the strategy set: the outcome, for the record stage.
 
-What they do not allow, and so this path does not do: record a sync Router call (`router.completion`:
-LiteLLM reports its outcome to no CustomLogger hook, so it is routed, answered from the cache and given
-examples, but leaves no request-log row and stores no answer; use `acompletion`), hold an admission slot for LiteLLM's call (admission
+What they do not allow, and so this path does not do: hold an admission slot for LiteLLM's call (admission
 only chooses where its own measure of load is lowest), fall back on icgate's terms (LiteLLM retries and
 falls back as configured), or put `x-icgate-*` headers on the response (the decisions are in the request
 log, under the id in `metadata["icgate_request_id"]`). For all of those, give LiteLLM a wrapped client
