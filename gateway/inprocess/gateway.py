@@ -39,6 +39,11 @@ from icgate.gateway.wiring import Gateway as Core
 Client = TypeVar("Client", openai.OpenAI, openai.AsyncOpenAI)
 
 
+def sdk_on_httpx(version: str) -> bool:
+    """openai 3 replaced httpx with httpx2, whose clients take no httpx transport."""
+    return int(version.split(".")[0]) < 3
+
+
 class Gateway:
     """icgate in-process. `policy` is a policy file (default: the shipped default policy) or a `Policy`;
     `data_dir` holds the database, exported models and logs, as for `icgate serve --data-dir`."""
@@ -138,6 +143,11 @@ class Gateway:
         if not isinstance(client, openai.OpenAI | openai.AsyncOpenAI):
             raise TypeError(
                 f"wrap takes an openai.OpenAI or openai.AsyncOpenAI client, not {type(client).__name__}"
+            )
+        if not sdk_on_httpx(openai.__version__):
+            raise RuntimeError(
+                f"openai {openai.__version__} is built on httpx2, and icgate's transport on httpx: "
+                "use openai>=2.20,<3 (docs/middleware.md, 'openai SDK versions')"
             )
         inner = PipelineTransport(self.core, client.base_url.path, self.tenant_source(tenant))
         if isinstance(client, openai.AsyncOpenAI):
