@@ -186,6 +186,7 @@ class Pipeline:
             ctx.backend, ctx.route = backend, backend.tier
             explain.admitted(ctx, backend)
             augmented = self.caller.augmented(ctx, plan, backend)
+            ctx.freeze_overhead()  # icgate's own work ends here: the call and its time are the caller's
             return Advice(
                 ctx, Trail(target, lookup, augmented.examples), backend=backend, body=augmented.body
             )
@@ -203,7 +204,6 @@ class Pipeline:
         """The outcome of an advised call the caller made: its answer (stored in the cache when good, like
         the pipeline's own), or the error it ended with."""
         ctx = advice.ctx
-        ctx.freeze_overhead()
         if error is not None or response is None:
             ctx.status_code, ctx.error_type = status, error or "no_response"
             self.record(ctx, advice.trail)
