@@ -244,3 +244,22 @@ async def test_two_attached_routers_both_hear_of_their_outcomes(
         rows = await wait_for_rows(gw, 2)
         assert [row[:3] for row in rows] == [("small", "small", 200)] * 2
         assert not attached[0]._pending and not attached[1]._pending
+
+
+async def test_an_advised_call_counts_litellms_call_as_backend_time_not_icgates(
+    standins: Standins, tmp_path: Path, attached: list[IcgateRouting]
+) -> None:
+    async with icgate.Gateway(standin_policy(standins, "http"), tmp_path, launch_local=False) as gw:
+        router = routed_router(standins)
+        attached.append(attach(gw, router))
+        slow = {"x_standin": {"delay_ms": 400}}  # LiteLLM passes it on; icgate's decisions ignore it
+        await router.acompletion(model="auto", messages=QUESTION, extra_body=slow)
+        await wait_for_rows(gw, 1)
+        engine = gw.core.engine
+        assert engine is not None
+        with engine.connect() as conn:
+            latency, overhead = conn.execute(
+                sa.select(tables.RequestLog.latency_ms, tables.RequestLog.overhead_ms)
+            ).one()
+    assert latency >= 400  # the row spans the whole call ...
+    assert overhead < latency - 300  # ... and icgate's own share ends with its advice
