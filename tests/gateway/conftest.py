@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,16 @@ def standin_policy(standins: Standins, transport: str = "litellm", **overrides: 
         {"client": transport},
         **overrides,
     )
+
+
+def settle_cache(gateway: Gateway) -> None:
+    """Wait until the answers given so far are stored (inserts run after the response)."""
+    cache = gateway.cache_entries
+    assert cache is not None
+    deadline = time.monotonic() + 10
+    while cache._inserts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.05)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from icgate.gateway.config import Policy
 from icgate.gateway.store import keys, tables
-from tests.gateway.conftest import RunningGateway, Standins, standin_policy
+from tests.gateway.conftest import RunningGateway, Standins, settle_cache, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]
 
@@ -46,13 +46,7 @@ def ask(gw: RunningGateway, content: str | list[dict[str, Any]], model: str = "a
 
 
 def settle(gw: RunningGateway) -> None:
-    """Wait until answers given so far are stored (inserts run after the response)."""
-    deadline = time.monotonic() + 10
-    cache = gw.gateway.cache_entries
-    assert cache is not None
-    while cache._inserts and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.05)
+    settle_cache(gw.gateway)
 
 
 def test_exact_hit_skips_the_backend_and_says_so(standins: Standins, start_gateway: StartGateway) -> None:

@@ -8,7 +8,6 @@ openai SDK's own pydantic types, strictly, with no field outside them.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
 from icgate.gateway.config import Policy
-from tests.gateway.conftest import RunningGateway, Standins, standin_policy
+from tests.gateway.conftest import RunningGateway, Standins, settle_cache, standin_policy
 
 StartGateway = Callable[[Policy], RunningGateway]
 LITELLM_ONLY = ("provider_specific_fields", "function_call", "moderation", "citations", "_hidden_params")
@@ -150,12 +149,7 @@ def test_cache_hit_and_its_replayed_stream(
     body = chat_body("What is the tallest mountain on Earth?", temperature=0)
     first = post(gw, body)
     assert first.headers["x-icgate-route"] == "small"
-    cache = gw.gateway.cache_entries
-    assert cache is not None
-    deadline = time.monotonic() + 10
-    while cache._inserts and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.05)
+    settle_cache(gw.gateway)
     hit = post(gw, body)
     assert hit.headers["x-icgate-route"] == "cache"
     check_completion(hit.json())

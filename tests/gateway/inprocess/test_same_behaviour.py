@@ -23,7 +23,7 @@ from icgate.gateway.config import Policy
 from icgate.gateway.store import keys, tables
 from icgate.gateway.wiring import EmbeddingService
 from icgate.gateway.wiring import Gateway as Core
-from tests.gateway.conftest import RunningGateway, Standins, standin_policy
+from tests.gateway.conftest import RunningGateway, Standins, settle_cache, standin_policy
 
 # The headers that carry decisions (not timings, not ids).
 DECISION_HEADERS = (
@@ -64,13 +64,7 @@ class Channel:
         self.client_for = client_for
 
     def settle(self) -> None:
-        """Wait until answers given so far are stored (inserts run after the response)."""
-        cache = self.core.cache_entries
-        assert cache is not None
-        deadline = time.monotonic() + 10
-        while cache._inserts and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.05)
+        settle_cache(self.core)
 
 
 def observe(raw: Any) -> dict[str, Any]:
