@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Portable llama.cpp build (AVX2, no -march=native); pip caches the wheel.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install run test lint bench clean
+.PHONY: install browser run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ run: install
 
 # Coverage of icgate by module name (`--cov` takes `[tool.coverage.run]`: `--cov=icgate` would look in the
 # folder of links and find nothing), then a floor for the request pipeline's stages.
-test: install
+# The admin console's browser tests drive Debian's headless Chromium: installed once (apt, as root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+test: install browser
 	$(BIN)/pytest -q --cov --cov-report=term
 	$(BIN)/coverage report --include='gateway/pipeline/*' --fail-under=90
 

@@ -391,6 +391,19 @@ class ServerConfig(Strict):
     graceful_shutdown_s: float = Field(30.0, ge=0)
 
 
+class AdminConfig(Strict):
+    """The admin console at `/admin` (docs/admin.md). It is on when the environment variable `key_env`
+    holds a key; the key itself never appears in a policy file or a log."""
+
+    key_env: str = "ICGATE_ADMIN_KEY"
+    session_minutes: float = Field(8 * 60.0, gt=0)
+    # Failed or not, per client address: a guessing script gets this many tries a minute.
+    login_attempts_per_minute: int = Field(5, ge=1)
+
+    def key(self) -> str | None:
+        return os.environ.get(self.key_env) or None
+
+
 class Policy(Strict):
     backends: list[BackendConfig] = Field(min_length=1)
     routed_models: list[str] = ["auto"]
@@ -416,6 +429,7 @@ class Policy(Strict):
     admission: AdmissionConfig = AdmissionConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
 
     @field_validator("backends")
     @classmethod

@@ -232,7 +232,13 @@ def test_the_models_in_force_use_only_the_store_and_below() -> None:
 
 
 def test_the_pipeline_never_imports_the_api_cli_or_wiring() -> None:
-    banned = ("icgate.gateway.api", "icgate.gateway.cli", "icgate.gateway.wiring", "icgate.gateway.inprocess")
+    banned = (
+        "icgate.gateway.api",
+        "icgate.gateway.cli",
+        "icgate.gateway.wiring",
+        "icgate.gateway.inprocess",
+        "icgate.gateway.admin",
+    )
     offences = (imp for imp in imports_of("icgate.gateway.pipeline") if within(imp.target, *banned))
     report(offences, "icgate.gateway.pipeline must not import " + ", ".join(banned))
 
@@ -250,6 +256,14 @@ def test_the_api_never_imports_the_cli_or_the_in_process_gateway() -> None:
     banned = ("icgate.gateway.cli", "icgate.gateway.inprocess")
     offences = (imp for imp in imports_of("icgate.gateway.api") if within(imp.target, *banned))
     report(offences, "icgate.gateway.api must not import " + ", ".join(banned))
+
+
+def test_the_console_sits_beside_the_api_never_under_it() -> None:
+    """The API mounts the console (`create_app`); the console uses the store, the wiring and the config,
+    never the API's modules, the CLI or the in-process gateway."""
+    banned = ("icgate.gateway.api", "icgate.gateway.cli", "icgate.gateway.inprocess")
+    offences = (imp for imp in imports_of("icgate.gateway.admin") if within(imp.target, *banned))
+    report(offences, "icgate.gateway.admin must not import " + ", ".join(banned))
 
 
 def test_only_the_package_root_reaches_the_in_process_gateway() -> None:

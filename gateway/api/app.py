@@ -14,6 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from icgate.gateway.admin import api as admin_api
+from icgate.gateway.admin import pages as admin_pages
+from icgate.gateway.admin.auth import AdminAuth
 from icgate.gateway.api.bounds import RequestLimits
 from icgate.gateway.api.drain import CUT_MARGIN_S, Drain
 from icgate.gateway.api.errors import install_error_handlers
@@ -51,6 +54,10 @@ def create_app(gateway: Gateway, freeze_heap: bool = False) -> FastAPI:
     # The order of the routes is the order of the schema's paths.
     for resource in (completions, models, embeddings, feedback, health):
         app.include_router(resource.router)
+    # The admin console: its JSON API (in the schema) and its pages (not).
+    app.state.admin_auth = AdminAuth(gateway.policy.admin.key(), gateway.policy.admin.session_minutes * 60)
+    app.include_router(admin_api.router)
+    admin_pages.install(app, gateway.policy.admin)
     return app
 
 

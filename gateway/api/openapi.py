@@ -29,7 +29,8 @@ class ErrorResponse(BaseModel):
 
 _WHY = {
     400: "Invalid request: bad JSON, a missing or invalid parameter, or a request over the size bounds.",
-    401: "Missing or incorrect API key (when the policy requires keys).",
+    401: "Missing or incorrect API key (when the policy requires keys); on /admin, not the admin key.",
+    403: "The admin console is off (no admin key in the environment), or a change without its CSRF token.",
     404: "Unknown model or request id.",
     413: "Request body larger than the policy's `server.max_body_bytes`.",
     429: "A rate limit, a budget, or no backend can answer within the latency objective; see Retry-After.",
@@ -45,6 +46,8 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/embeddings"): (400, 401, 404, 413),
     ("post", "/v1/feedback"): (400, 401, 404, 413),
     ("get", "/v1/models"): (401,),
+    ("get", "/admin/api/requests"): (400, 401, 403, 503),
+    ("get", "/admin/api/requests/{request_id}"): (401, 403, 404, 503),
 }
 _STREAMED = {("post", "/v1/chat/completions"), ("post", "/v1/completions")}
 

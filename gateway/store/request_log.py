@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -65,3 +66,109 @@ class RequestLogWriter(WriteBehindQueue[RequestRecord]):
             max_attempts=max_attempts,
             retry_backoff_s=retry_backoff_s,
         )
+
+
+# --- reading it back (the admin console) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """What the console's request log may be narrowed to; None matches everything."""
+
+    tenant: str | None = None
+    route: str | None = None
+    backend: str | None = None
+    status: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: str | None = None  # a request id (or its start), a model name, or part of an error type
+
+
+@dataclass(frozen=True)
+class LogRow:
+    id: int
+    request_id: str
+    created_at: datetime
+    tenant: str | None
+    endpoint: str
+    model_requested: str
+    route: str | None
+    backend: str | None
+    fallback_from: str | None
+    stream: bool
+    status_code: int
+    error_type: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_ms: float
+    overhead_ms: float
+    queue_ms: float
+    decisions: dict[str, Any]
+
+
+def _select() -> sa.Select[*tuple[Any, ...]]:  # a row of LogRow's fields, in order
+    table = tables.RequestLog
+    query: sa.Select[*tuple[Any, ...]] = sa.select(
+        table.id,
+        table.request_id,
+        table.created_at,
+        tables.TenantRow.name,
+        table.endpoint,
+        table.model_requested,
+        table.route,
+        table.backend,
+        table.fallback_from,
+        table.stream,
+        table.status_code,
+        table.error_type,
+        table.prompt_tokens,
+        table.completion_tokens,
+        table.cost_usd,
+        table.latency_ms,
+        table.overhead_ms,
+        table.queue_ms,
+        table.decisions,
+    ).join(tables.TenantRow, tables.TenantRow.id == table.tenant_id, isouter=True)
+    return query
+
+
+def list_requests(
+    engine: sa.Engine, where: LogFilter, limit: int = 50, before_id: int | None = None
+) -> list[LogRow]:
+    """Newest first, one page: keyset pagination on the primary key (`before_id` is the last row's id of the
+    page before), so page 1,000 costs what page 1 costs."""
+    table = tables.RequestLog
+    query = _select().order_by(table.id.desc()).limit(limit)
+    if before_id is not None:
+        query = query.where(table.id < before_id)
+    if where.tenant is not None:
+        query = query.where(tables.TenantRow.name == where.tenant)
+    for column, value in (
+        (table.route, where.route),
+        (table.backend, where.backend),
+        (table.status_code, where.status),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if where.since is not None:
+        query = query.where(table.created_at >= where.since)
+    if where.until is not None:
+        query = query.where(table.created_at < where.until)
+    if where.text:
+        text = where.text.strip()
+        query = query.where(
+            sa.or_(
+                table.request_id.startswith(text, autoescape=True),
+                table.model_requested == text,
+                table.error_type.contains(text, autoescape=True),
+            )
+        )
+    with engine.connect() as conn:
+        return [LogRow(*row) for row in conn.execute(query)]
+
+
+def get_request(engine: sa.Engine, request_id: str) -> LogRow | None:
+    with engine.connect() as conn:
+        row = conn.execute(_select().where(tables.RequestLog.request_id == request_id)).first()
+    return LogRow(*row) if row is not None else None

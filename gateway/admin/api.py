@@ -1,0 +1,93 @@
+"""The console's JSON API under `/admin/api/`: what the pages show, for scripts (the admin key as a
+bearer token) and for the pages' own scripts (a session cookie and its CSRF token)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Query
+
+from icgate.gateway.admin.deps import CurrentAdmin, GatewayDep
+from icgate.gateway.admin.explain import explain
+from icgate.gateway.errors import GatewayError
+from icgate.gateway.store.request_log import LogFilter, LogRow, get_request, list_requests
+from icgate.gateway.wiring import Gateway
+
+router = APIRouter(prefix="/admin/api", tags=["admin"])
+
+PAGE = 50
+
+
+def row_json(row: LogRow) -> dict[str, Any]:
+    out = asdict(row)
+    out["created_at"] = row.created_at.isoformat()
+    return out
+
+
+def verifier_threshold(gw: Gateway) -> float | None:
+    entries = gw.cache_entries
+    verifier = getattr(entries, "verifier", None) if entries is not None else None
+    threshold = getattr(verifier, "threshold", None)
+    return float(threshold) if isinstance(threshold, int | float) else None
+
+
+async def page_of(
+    gw: Gateway, where: LogFilter, limit: int, before: int | None
+) -> tuple[list[LogRow], int | None]:
+    engine = gw.engine
+    if engine is None:
+        raise GatewayError(503, "The gateway is starting.", type="server_error")
+    rows = await asyncio.to_thread(list_requests, engine, where, limit + 1, before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (rows[-1].id if more and rows else None)
+
+
+def log_filter(
+    tenant: str | None = None,
+    route: str | None = None,
+    backend: str | None = None,
+    status: int | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    q: str | None = None,
+) -> LogFilter:
+    def blank(v: str | None) -> str | None:
+        return v if v else None
+
+    return LogFilter(blank(tenant), blank(route), blank(backend), status, since, until, blank(q))
+
+
+@router.get("/requests")
+async def requests(  # noqa: PLR0913 - the filters, the page size and the cursor
+    gw: GatewayDep,
+    _admin: CurrentAdmin,
+    tenant: str | None = None,
+    route: str | None = None,
+    backend: str | None = None,
+    status: int | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    q: str | None = None,
+    limit: int = Query(PAGE, ge=1, le=500),
+    before: int | None = Query(None, description="the `next_before` of the previous page"),
+) -> dict[str, Any]:
+    """The request log, newest first, one page at a time (keyset pagination)."""
+    where = log_filter(tenant, route, backend, status, since, until, q)
+    rows, next_before = await page_of(gw, where, limit, before)
+    return {"data": [row_json(r) for r in rows], "next_before": next_before}
+
+
+@router.get("/requests/{request_id}")
+async def request_detail(request_id: str, gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
+    """One request's row and its explanation, stage by stage."""
+    if gw.engine is None:
+        raise GatewayError(503, "The gateway is starting.", type="server_error")
+    row = await asyncio.to_thread(get_request, gw.engine, request_id)
+    if row is None:
+        raise GatewayError(404, f"No request '{request_id}' in the log.", type="not_found_error")
+    stages = explain(row, verifier_threshold(gw))
+    return {"request": row_json(row), "explanation": [asdict(s) for s in stages]}

@@ -1,0 +1,173 @@
+"""The console over real HTTP: login, sessions, CSRF, tenant keys refused everywhere, the request log
+and a request's explanation, sub-path hosting."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from icgate.gateway.api.app import create_app
+from icgate.gateway.store import keys
+from icgate.gateway.wiring import Gateway
+from tests.gateway.admin.conftest import ADMIN_KEY, StartGateway, ask, logged_in, wait_logged
+from tests.gateway.conftest import RunningGateway, Standins, standin_policy
+
+
+def test_without_a_session_the_console_leads_to_a_login_page_with_one_password_field(
+    console: RunningGateway,
+) -> None:
+    resp = httpx.get(console.url + "/admin", follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"].startswith("/admin/login")
+    page = httpx.get(console.url + resp.headers["location"]).text
+    assert len(re.findall(r"<input[^>]*type=\"password\"", page)) == 1
+    assert len(re.findall(r"<input(?![^>]*type=\"hidden\")", page)) == 1  # the password field is the only one
+
+
+def test_logging_in_sets_a_safe_cookie_and_opens_the_console(console: RunningGateway) -> None:
+    wrong = httpx.post(console.url + "/admin/login", data={"key": "guess"}, follow_redirects=False)
+    assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    client = logged_in(console)
+    cookie = client.cookies.jar
+    assert any(c.name == "icgate_admin" for c in cookie)
+    raw = httpx.post(console.url + "/admin/login", data={"key": ADMIN_KEY}, follow_redirects=False)
+    set_cookie = raw.headers["set-cookie"].lower()
+    assert "httponly" in set_cookie and "samesite=strict" in set_cookie and "path=/admin" in set_cookie
+    assert client.get("/admin").status_code == 200
+    assert client.get("/admin/requests").status_code == 200
+
+
+def test_login_attempts_are_limited(console: RunningGateway) -> None:
+    statuses = [
+        httpx.post(console.url + "/admin/login", data={"key": f"guess-{i}"}).status_code for i in range(6)
+    ]
+    assert statuses == [401] * 5 + [429]
+    # the right key is refused too while the limit holds: guessing cannot be interleaved with it
+    assert httpx.post(console.url + "/admin/login", data={"key": ADMIN_KEY}).status_code == 429
+
+
+def app_routes(app_gateway: Gateway) -> list[tuple[str, str]]:
+    """Every (method, path) the app serves, read from the app (FastAPI keeps included routers as
+    `_IncludedRouter`s whose `effective_route_contexts` are the routes as served, prefixes applied)."""
+    found = []
+    for route in create_app(app_gateway).routes:
+        contexts = route.effective_route_contexts() if hasattr(route, "effective_route_contexts") else [route]
+        for served in contexts:
+            found.extend((method, served.path) for method in sorted(getattr(served, "methods", None) or ()))
+    return found
+
+
+def admin_paths(app_gateway: Gateway) -> list[tuple[str, str]]:
+    """Every `/admin` route of the app, with its path parameters filled in."""
+    return [
+        (method, re.sub(r"\{[^}]+\}", "req-x", path))
+        for method, path in app_routes(app_gateway)
+        if path.startswith("/admin")
+    ]
+
+
+def test_a_tenant_key_is_refused_on_every_admin_path(console: RunningGateway) -> None:
+    assert console.gateway.engine is not None
+    tenant_key = keys.create_key(console.gateway.engine, "acme").key
+    paths = admin_paths(console.gateway)
+    assert ("GET", "/admin/api/requests") in paths and ("POST", "/admin/logout") in paths
+    login_routes = {("GET", "/admin/login"), ("POST", "/admin/login")}
+    for method, path in paths:
+        if (method, path) in login_routes:
+            continue  # the login page itself takes no credential
+        resp = httpx.request(
+            method,
+            console.url + path,
+            headers={"authorization": f"Bearer {tenant_key}"},
+            follow_redirects=False,
+        )
+        assert resp.status_code == 401, (method, path, resp.status_code)
+
+
+def test_changes_with_a_session_need_its_csrf_token(console: RunningGateway) -> None:
+    client = logged_in(console)
+    assert client.post("/admin/logout").status_code == 403
+    page = client.get("/admin").text
+    token = re.search(r'name="csrf-token" content="([^"]+)"', page)
+    assert token is not None
+    assert client.post("/admin/logout", headers={"x-csrf-token": "forged"}).status_code == 403
+    out = client.post("/admin/logout", data={"csrf": token.group(1)})
+    assert out.status_code == 303 and out.headers["location"] == "/admin/login"
+
+
+def test_the_request_log_and_a_requests_explanation(console: RunningGateway) -> None:
+    request_id = ask(console)
+    body = wait_logged(console, request_id)
+    row = body["request"]
+    assert isinstance(row, dict)
+    assert (row["route"], row["backend"], row["status_code"]) == ("small", "small", 200)
+    facts = {f["key"]: f["value"] for stage in body["explanation"] for f in stage["facts"]}  # type: ignore[attr-defined]
+    assert facts["admit.decision"] == "admitted at once on small"
+    assert facts["route.tier"] == "small"
+    assert facts["request.tenant"] == "anonymous"
+    client = logged_in(console)
+    page = client.get(f"/admin/requests/{request_id}").text
+    assert 'data-fact="route.tier">small<' in page and 'data-fact="admit.backend">small<' in page
+    listed = client.get("/admin/requests").text
+    assert request_id in listed
+    assert client.get("/admin/requests/req-nope").status_code == 404
+
+
+def test_the_log_pages_through_every_row_once(console: RunningGateway) -> None:
+    ids = {ask(console, f"Question number {i}?") for i in range(7)}
+    wait_logged(console, sorted(ids)[0])
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    seen: list[str] = []
+    before = None
+    deadline = time.monotonic() + 10
+    while True:
+        params = {"limit": 3, **({"before": before} if before else {})}
+        page = httpx.get(console.url + "/admin/api/requests", params=params, headers=headers).json()
+        seen += [r["request_id"] for r in page["data"]]
+        before = page["next_before"]
+        if before is None:
+            if set(seen) >= ids or time.monotonic() > deadline:
+                break
+            seen, before = [], None  # rows still arriving: read again from the top
+            time.sleep(0.05)
+    assert len(seen) == len(set(seen)) == 7 and set(seen) == ids
+    only_small = httpx.get(
+        console.url + "/admin/api/requests", params={"route": "large"}, headers=headers
+    ).json()
+    assert only_small["data"] == []
+
+
+def test_the_console_is_off_without_an_admin_key(
+    standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ICGATE_ADMIN_KEY", raising=False)
+    gw = start_gateway(standin_policy(standins, "http"))
+    resp = httpx.get(gw.url + "/admin/api/requests", headers={"authorization": "Bearer anything"})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "admin_disabled"
+    assert httpx.post(gw.url + "/admin/login", data={"key": ""}).status_code == 401
+
+
+async def test_the_console_works_under_a_sub_path(
+    standins: Standins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a reverse proxy at /llm: links and the login form carry the prefix."""
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gateway = Gateway(standin_policy(standins, "http"), tmp_path, launch_local=False)
+    await gateway.start()
+    try:
+        transport = httpx.ASGITransport(create_app(gateway), root_path="/llm")
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            resp = await client.get("/llm/admin")
+            assert resp.status_code == 303 and resp.headers["location"].startswith("/llm/admin/login")
+            page = (await client.get("/llm/admin/login")).text
+            assert 'action="/llm/admin/login"' in page
+            login = await client.post("/llm/admin/login", data={"key": ADMIN_KEY})
+            assert login.status_code == 303 and login.headers["location"] == "/llm/admin"
+            assert "path=/llm/admin" in login.headers["set-cookie"].lower()
+            console = (await client.get("/llm/admin")).text
+            assert 'href="/llm/admin/requests"' in console
+    finally:
+        await gateway.stop()

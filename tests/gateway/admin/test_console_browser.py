@@ -1,0 +1,92 @@
+"""The console in a real headless Chromium (Debian's chromium and chromium-driver, which `make test`
+installs), driven by selenium: log in, see the requests the gateway served, open one's explanation.
+
+With ICGATE_SCREENSHOTS set to a folder, each page is saved there as a PNG (docs/admin/ holds the ones
+the docs show: `ICGATE_SCREENSHOTS=docs/admin .venv/bin/pytest tests/gateway/admin/test_console_browser.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.gateway.admin.conftest import ADMIN_KEY, ask, wait_logged
+from tests.gateway.conftest import RunningGateway
+
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    options = Options()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def snap(browser: WebDriver, name: str) -> None:
+    folder = os.environ.get("ICGATE_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def wait_for(browser: WebDriver, css: str) -> None:
+    WebDriverWait(browser, 15).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def test_log_in_and_explain_a_request(browser: WebDriver, console: RunningGateway) -> None:
+    request_id = ask(console)
+    ask(console, "Summarise this: " + "the tide comes in and goes out " * 60)  # the rule router: large
+    wait_logged(console, request_id)
+    browser.delete_all_cookies()
+    browser.get(console.url + "/admin")
+    wait_for(browser, "input[type=password]")
+    assert "/admin/login" in browser.current_url
+    snap(browser, "login")
+    browser.find_element(By.ID, "key").send_keys("not the key")
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(browser, "#login-error")
+    assert "not the admin key" in browser.find_element(By.ID, "login-error").text
+    browser.find_element(By.ID, "key").send_keys(ADMIN_KEY)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(browser, "#route-split")
+    split = browser.find_element(By.ID, "route-split").text
+    assert "small" in split and "large" in split
+    snap(browser, "overview")
+    browser.find_element(By.LINK_TEXT, "Requests").click()
+    wait_for(browser, "#requests")
+    snap(browser, "requests")
+    browser.find_element(By.LINK_TEXT, request_id).click()
+    wait_for(browser, "[data-fact='route.tier']")
+    fact = {
+        key: browser.find_element(By.CSS_SELECTOR, f"[data-fact='{key}']").text
+        for key in ("route.tier", "admit.decision", "admit.backend", "request.tenant", "outcome.status")
+    }
+    assert fact["route.tier"] == "small"
+    assert fact["admit.decision"] == "admitted at once on small"
+    assert fact["admit.backend"] == "small"
+    assert fact["outcome.status"] == "200"
+    snap(browser, "request")
+    # the session is an HttpOnly cookie: the page's scripts cannot read it
+    assert "icgate_admin" not in str(browser.execute_script("return document.cookie"))
+    browser.find_element(By.CSS_SELECTOR, "header button[type=submit]").click()  # log out (with CSRF)
+    wait_for(browser, "input[type=password]")
+    browser.get(console.url + "/admin/requests")
+    wait_for(browser, "input[type=password]")  # logged out: back to the login page
+    assert httpx.get(console.url + "/admin/requests", follow_redirects=False).status_code == 303
