@@ -389,6 +389,9 @@ class ServerConfig(Strict):
     reserved_fds: int = Field(256, ge=0)  # kept for backends, the database, model files, logs
     # Draining on shutdown: past this, in-flight requests are cut with a 503 / an SSE error event.
     graceful_shutdown_s: float = Field(30.0, ge=0)
+    # The path prefix a reverse proxy serves the gateway under (`/llm`): links, forms and cookies of the
+    # admin console carry it. `icgate serve --root-path` overrides it.
+    root_path: str = Field("", pattern=r"^(/[A-Za-z0-9._~-]+)*$")
 
 
 class AdminConfig(Strict):

@@ -308,6 +308,7 @@ def build_server(app: Any, host: str, port: int, log_level: str = "info") -> uvi
         log_level=log_level,
         access_log=limits.access_log,
         lifespan="on",
+        root_path=limits.root_path,
         http=protocol_for(limits, cap),
         timeout_keep_alive=limits.idle_timeout_s,  # type: ignore[arg-type]  # uvicorn takes any number
         timeout_graceful_shutdown=limits.graceful_shutdown_s + CUT_MARGIN_S,  # type: ignore[arg-type]

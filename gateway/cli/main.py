@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from icgate.gateway.config import DEFAULT_POLICY, Policy, PolicyError, load_policy, models_dir
+from icgate.gateway.config import DEFAULT_POLICY, Policy, PolicyError, ServerConfig, load_policy, models_dir
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-launch", action="store_true", help="do not start local backends")
     serve.add_argument(
         "--workers", type=positive_int, default=1, help="gateway processes on the port (docs/performance.md)"
+    )
+    serve.add_argument(
+        "--root-path",
+        type=root_path_arg,
+        default=None,
+        help="the path prefix a reverse proxy serves the gateway under (`/llm`)",
     )
 
     prepare = sub.add_parser(
@@ -129,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def root_path_arg(text: str) -> str:
+    try:
+        ServerConfig(root_path=text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path prefix such as /llm") from None
+    return text
+
+
+def with_root_path(policy: Policy, root_path: str | None) -> Policy:
+    """The policy with `--root-path` in its server section (the flag wins over the file)."""
+    if root_path is None:
+        return policy
+    return policy.model_copy(update={"server": policy.server.model_copy(update={"root_path": root_path})})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -147,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_dir = args.data_dir or default_data_dir()
     if args.command == "serve":
+        policy = with_root_path(policy, args.root_path)
         if args.workers > 1:
             return serve_workers(policy, data_dir, args.host, args.port, args.workers, not args.no_launch)
         return serve(policy, data_dir, args.host, args.port, launch_local=not args.no_launch)

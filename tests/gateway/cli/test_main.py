@@ -278,3 +278,20 @@ def test_length_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
         capsys, "length", "eval", "--data", str(data), "--model", "nobody", "--data-dir", data_dir
     )
     assert code == 2 and "nobody" in err
+
+
+def test_serve_takes_a_root_path_for_a_reverse_proxy(tmp_path: Path) -> None:
+    from icgate.gateway.api.app import create_app
+    from icgate.gateway.api.server import build_server
+    from icgate.gateway.config import load_policy
+    from icgate.gateway.wiring import Gateway
+
+    args = cli.build_parser().parse_args(["serve", "--root-path", "/llm"])
+    policy = cli.with_root_path(load_policy(DEFAULT_POLICY), args.root_path)
+    assert policy.server.root_path == "/llm"
+    server = build_server(create_app(Gateway(policy, tmp_path, launch_local=False)), "127.0.0.1", 0)
+    assert server.config.root_path == "/llm"
+    assert cli.with_root_path(policy, None) is policy
+    for bad in ("llm", "/llm/", "/a b"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "--root-path", bad])
