@@ -94,7 +94,14 @@ class RequestLog(Base):
     """
 
     __tablename__ = "request_log"
-    __table_args__ = (Index("ix_request_log_tenant_id_created_at", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_request_log_tenant_id_created_at", "tenant_id", "created_at"),
+        # The admin console's filters, newest first (keyset on id): one index range each.
+        Index("ix_request_log_tenant_id_id", "tenant_id", "id"),
+        Index("ix_request_log_route_id", "route", "id"),
+        Index("ix_request_log_backend_id", "backend", "id"),
+        Index("ix_request_log_status_code_id", "status_code", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
