@@ -8,11 +8,15 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
 
-from icgate.gateway.admin.deps import CurrentAdmin, GatewayDep
+from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep
 from icgate.gateway.admin.explain import explain
 from icgate.gateway.errors import GatewayError
+from icgate.gateway.store import keys
+from icgate.gateway.store.keys import KeyInfo
 from icgate.gateway.store.request_log import LogFilter, LogRow, get_request, list_requests
 from icgate.gateway.wiring import Gateway
 
@@ -91,3 +95,56 @@ async def request_detail(request_id: str, gw: GatewayDep, _admin: CurrentAdmin) 
         raise GatewayError(404, f"No request '{request_id}' in the log.", type="not_found_error")
     stages = explain(row, verifier_threshold(gw))
     return {"request": row_json(row), "explanation": [asdict(s) for s in stages]}
+
+
+# --- tenants' keys -------------------------------------------------------------------------------------
+
+
+class NewKey(BaseModel):
+    tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
+
+
+def key_json(info: KeyInfo) -> dict[str, Any]:
+    out = asdict(info)
+    for name in ("created_at", "revoked_at", "last_used_at"):
+        out[name] = out[name].isoformat() if out[name] is not None else None
+    out["active"] = info.active
+    return out
+
+
+def forget_cached_keys(gw: Gateway) -> None:
+    """A revoked key stops working at once on this replica (others within the key cache's few seconds)."""
+    authenticator = gw.pipeline.authenticator if gw.ready else None
+    forget = getattr(authenticator, "forget", None)
+    if callable(forget):
+        forget()
+
+
+def engine_of(gw: Gateway) -> sa.Engine:
+    if gw.engine is None:
+        raise GatewayError(503, "The gateway is starting.", type="server_error")
+    return gw.engine
+
+
+@router.get("/keys")
+async def keys_list(gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
+    """Every tenant key, without its secret."""
+    found = await asyncio.to_thread(keys.list_keys, engine_of(gw))
+    return {"data": [key_json(k) for k in found]}
+
+
+@router.post("/keys", status_code=201)
+async def keys_create(body: NewKey, gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
+    """A new key for `tenant` (created if new). The key is in this answer and nowhere else, ever."""
+    created = await asyncio.to_thread(keys.create_key, engine_of(gw), body.tenant)
+    return {"key_id": created.key_id, "tenant": created.tenant_name, "key": created.key}
+
+
+@router.post("/keys/{key_id}/revoke")
+async def keys_revoke(key_id: int, gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
+    """Revoke a key (again: no change, the first revocation's time is kept)."""
+    revoked = await asyncio.to_thread(keys.revoke_key, engine_of(gw), key_id)
+    if not revoked:
+        raise GatewayError(404, f"No key {key_id}.", type="not_found_error")
+    forget_cached_keys(gw)
+    return {"key_id": key_id, "revoked": True}

@@ -18,12 +18,20 @@ from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from icgate.gateway.admin.api import log_filter, page_of, verifier_threshold
+from icgate.gateway.admin.api import (
+    NewKey,
+    engine_of,
+    forget_cached_keys,
+    log_filter,
+    page_of,
+    verifier_threshold,
+)
 from icgate.gateway.admin.auth import SESSION_COOKIE
 from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep, LoginNeeded, auth_of, form_of
 from icgate.gateway.admin.explain import explain
 from icgate.gateway.config import AdminConfig
 from icgate.gateway.errors import error_body
+from icgate.gateway.store import keys
 from icgate.gateway.store.request_log import get_request
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
@@ -152,3 +160,30 @@ async def request_page(request_id: str, request: Request, gw: GatewayDep, admin:
     if row is None:
         return render(request, "missing.html", 404, admin=admin, request_id=request_id)
     return render(request, "request.html", admin=admin, row=row, stages=explain(row, verifier_threshold(gw)))
+
+
+@router.get("/keys")
+async def keys_page(request: Request, gw: GatewayDep, admin: CurrentAdmin) -> Response:
+    found = await asyncio.to_thread(keys.list_keys, engine_of(gw))
+    return render(request, "keys.html", admin=admin, keys=found, created=None, error=None)
+
+
+@router.post("/keys")
+async def keys_create_page(request: Request, gw: GatewayDep, admin: AdminChange) -> Response:
+    tenant = (await form_of(request)).get("tenant", "").strip()
+    try:
+        NewKey(tenant=tenant)
+    except ValueError:
+        found = await asyncio.to_thread(keys.list_keys, engine_of(gw))
+        error = "A tenant name is letters, digits and . _ @ - (starting with a letter or digit)."
+        return render(request, "keys.html", 400, admin=admin, keys=found, created=None, error=error)
+    created = await asyncio.to_thread(keys.create_key, engine_of(gw), tenant)
+    found = await asyncio.to_thread(keys.list_keys, engine_of(gw))
+    return render(request, "keys.html", 201, admin=admin, keys=found, created=created, error=None)
+
+
+@router.post("/keys/{key_id}/revoke")
+async def keys_revoke_page(key_id: int, request: Request, gw: GatewayDep, _admin: AdminChange) -> Response:
+    if await asyncio.to_thread(keys.revoke_key, engine_of(gw), key_id):
+        forget_cached_keys(gw)
+    return RedirectResponse(f"{base(request)}/keys", status_code=303)

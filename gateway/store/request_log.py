@@ -71,6 +71,9 @@ class RequestLogWriter(WriteBehindQueue[RequestRecord]):
 # --- reading it back (the admin console) ------------------------------------------------------------------
 
 
+REQUEST_ID_PREFIX = "req-"  # what every request id starts with (gateway.records.RequestContext)
+
+
 @dataclass(frozen=True)
 class LogFilter:
     """What the console's request log may be narrowed to; None matches everything."""
@@ -155,15 +158,16 @@ def list_requests(
         query = query.where(table.created_at >= where.since)
     if where.until is not None:
         query = query.where(table.created_at < where.until)
-    if where.text:
+    if where.text and where.text.strip():
         text = where.text.strip()
-        query = query.where(
-            sa.or_(
-                table.request_id.startswith(text, autoescape=True),
-                table.model_requested == text,
-                table.error_type.contains(text, autoescape=True),
+        if text.startswith(REQUEST_ID_PREFIX):
+            # A request id or its start: a range of the unique index (a LIKE would read the whole log).
+            upper = text[:-1] + chr(ord(text[-1]) + 1)  # the first string past every one that starts so
+            query = query.where(table.request_id >= text, table.request_id < upper)
+        else:
+            query = query.where(
+                sa.or_(table.model_requested == text, table.error_type.contains(text, autoescape=True))
             )
-        )
     with engine.connect() as conn:
         return [LogRow(*row) for row in conn.execute(query)]
 

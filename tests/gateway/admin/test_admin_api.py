@@ -171,3 +171,37 @@ async def test_the_console_works_under_a_sub_path(
             assert 'href="/llm/admin/requests"' in console
     finally:
         await gateway.stop()
+
+
+def test_keys_are_created_once_listed_without_secrets_and_revoked_at_once(
+    standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gw = start_gateway(standin_policy(standins, "http", auth={"required": True}))
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    created = httpx.post(gw.url + "/admin/api/keys", json={"tenant": "acme"}, headers=admin)
+    assert created.status_code == 201
+    key = created.json()["key"]
+    models = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert models.status_code == 200  # the new key works at once
+    listed = httpx.get(gw.url + "/admin/api/keys", headers=admin).json()["data"]
+    assert [(k["tenant_name"], k["active"]) for k in listed] == [("acme", True)]
+    assert key not in str(listed)  # never the secret again
+    revoked = httpx.post(f"{gw.url}/admin/api/keys/{created.json()['key_id']}/revoke", headers=admin)
+    assert revoked.status_code == 200
+    refused = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert refused.status_code == 401  # at once, though the key was just looked up (and cached)
+    again = httpx.post(f"{gw.url}/admin/api/keys/{created.json()['key_id']}/revoke", headers=admin)
+    assert again.status_code == 200  # revoking twice changes nothing
+    assert httpx.post(f"{gw.url}/admin/api/keys/9999/revoke", headers=admin).status_code == 404
+    bad = httpx.post(gw.url + "/admin/api/keys", json={"tenant": "no spaces"}, headers=admin)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tenant"
+
+
+def test_a_session_creates_keys_only_with_its_csrf_token(console: RunningGateway) -> None:
+    client = logged_in(console)
+    assert client.post("/admin/api/keys", json={"tenant": "acme"}).status_code == 403
+    token = re.search(r'name="csrf-token" content="([^"]+)"', client.get("/admin").text)
+    assert token is not None
+    made = client.post("/admin/api/keys", json={"tenant": "acme"}, headers={"x-csrf-token": token.group(1)})
+    assert made.status_code == 201

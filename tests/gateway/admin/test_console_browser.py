@@ -22,8 +22,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.gateway.admin.conftest import ADMIN_KEY, ask, wait_logged
-from tests.gateway.conftest import RunningGateway
+from tests.gateway.admin.conftest import ADMIN_KEY, StartGateway, ask, wait_logged
+from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -90,3 +90,29 @@ def test_log_in_and_explain_a_request(browser: WebDriver, console: RunningGatewa
     browser.get(console.url + "/admin/requests")
     wait_for(browser, "input[type=password]")  # logged out: back to the login page
     assert httpx.get(console.url + "/admin/requests", follow_redirects=False).status_code == 303
+
+
+def test_create_and_revoke_a_key_in_the_browser(
+    browser: WebDriver, standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gw = start_gateway(standin_policy(standins, "http", auth={"required": True}))
+    browser.delete_all_cookies()
+    browser.get(gw.url + "/admin/keys")
+    wait_for(browser, "input[type=password]")
+    browser.find_element(By.ID, "key").send_keys(ADMIN_KEY)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(browser, "#tenant")
+    browser.find_element(By.ID, "tenant").send_keys("acme")
+    browser.find_element(By.ID, "create-key").click()
+    wait_for(browser, "#new-key-value")
+    key = browser.find_element(By.ID, "new-key-value").text
+    snap(browser, "keys")
+    models = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert models.status_code == 200
+    browser.find_element(By.CSS_SELECTOR, "#keys button.revoke").click()
+    wait_for(browser, "#keys")
+    assert browser.find_element(By.CSS_SELECTOR, "#keys td.state").text == "revoked"
+    assert key not in browser.page_source  # shown once, never again
+    refused = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert refused.status_code == 401

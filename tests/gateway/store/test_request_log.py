@@ -148,3 +148,33 @@ async def test_bad_row_does_not_sink_its_batch(engine: sa.Engine) -> None:
     await writer.close()
     assert writer.written == 5 and writer.failed == 1
     assert count_rows(engine) == 5
+
+
+def test_the_console_reads_pages_and_filters_on_both_databases(engine: sa.Engine) -> None:
+    from icgate.gateway.store.request_log import LogFilter, get_request, insert_records, list_requests
+
+    with engine.begin() as conn:
+        conn.execute(sa.insert(tables.TenantRow).values(id=1, name="acme", created_at=tables.utcnow()))
+    batch = [record(i) for i in range(30)]
+    batch += [record(100, request_id="req-abc1230", route="large", backend="large-1", status_code=502,
+                     error_type="backend_error"),
+              record(101, request_id="req-abc1299", route="cache", backend=None),
+              record(102, request_id="req-abd0000", tenant_id=None)]  # fmt: skip
+    insert_records(engine, batch)
+
+    def ids(where: LogFilter, **kw: Any) -> list[str]:
+        return [r.request_id for r in list_requests(engine, where, **kw)]
+
+    newest = ids(LogFilter(), limit=5)
+    assert newest == ["req-abd0000", "req-abc1299", "req-abc1230", "req-000029", "req-000028"]
+    last = list_requests(engine, LogFilter(), limit=5)[-1]
+    assert ids(LogFilter(), limit=2, before_id=last.id) == ["req-000027", "req-000026"]
+    assert ids(LogFilter(text="req-abc12")) == ["req-abc1299", "req-abc1230"]  # a prefix, not req-abd
+    assert ids(LogFilter(text="req-abc1230")) == ["req-abc1230"]
+    assert ids(LogFilter(text="backend_err")) == ["req-abc1230"]
+    assert ids(LogFilter(route="large", status=502)) == ["req-abc1230"]
+    assert ids(LogFilter(tenant="acme"), limit=100) == [r.request_id for r in reversed(batch[:32])]
+    assert ids(LogFilter(text="50%_")) == []  # LIKE's own characters are literal
+    row = get_request(engine, "req-abd0000")
+    assert row is not None and row.tenant is None and row.decisions == batch[-1].decisions
+    assert get_request(engine, "req-nope") is None
