@@ -6,8 +6,9 @@ shaped like the gateway's: 20 tenants, routes cache 30% / small 55% / large 15%,
 502, a month of arrival times, a decisions document of the usual size. Then every query the console's list
 page makes is timed through `gateway.store.request_log.list_requests` (the function behind
 `/admin/api/requests` and `/admin/requests`), `--repeats` times each, and the p95 reported, together with
-the one-request lookup behind the explainer page. The HTTP layer adds the same ~2 ms to every query and is
-not counted. Target: p95 under 300 ms at 1M rows.
+the one-request lookup behind the explainer page and the overview's totals (`overview`, behind `/admin` and
+`/admin/api/overview`) over a day, a week and the whole month. The HTTP layer adds the same ~2 ms to every
+query and is not counted. Target (the issue's, for the list and its filters): p95 under 300 ms at 1M rows.
 
 Run:  .venv/bin/python bench/admin_log.py                    (about 4 minutes on 2 cores)
       .venv/bin/python bench/admin_log.py --sizes 10000 --out /tmp/admin.md
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.overhead import machine, pct  # noqa: E402
 from icgate.gateway.store import db, tables  # noqa: E402
-from icgate.gateway.store.request_log import LogFilter, get_request, list_requests  # noqa: E402
+from icgate.gateway.store.request_log import LogFilter, get_request, list_requests, overview  # noqa: E402
 
 POSTGRES = os.environ.get("ICGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SIZES = [10_000, 100_000, 1_000_000]
@@ -146,6 +147,9 @@ def queries(engine: sa.Engine, n: int) -> dict[str, Callable[[], object]]:
         "text: a request id's start": page(LogFilter(text=some_id[:12])),
         "text: no match (whole log read)": page(LogFilter(text="zz-no-such-thing")),
         "one request (explainer)": lambda: get_request(engine, some_id),
+        "overview, last 24 hours": lambda: overview(engine, end - dt.timedelta(days=1), end, "small"),
+        "overview, last 7 days": lambda: overview(engine, end - dt.timedelta(days=7), end, "small"),
+        "overview, last 30 days (the whole log)": lambda: overview(engine, START, end, "small"),
     }
 
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--databases", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"]
     )
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "admin.md")
     args = parser.parse_args(argv)
@@ -238,9 +242,9 @@ def write_report(
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()),
         "",
-        f"p95 over {args.repeats} runs of each query (ms), through `list_requests` / `get_request` (what "
-        "`/admin/api/requests` and the pages call), 51 rows a page (a page of 50 and the look-ahead for "
-        "the next cursor). The databases were migrated to the gateway's schema and its indexes, then "
+        f"p95 over {args.repeats} runs of each query (ms), through `list_requests` / `get_request` / "
+        "`overview` (what `/admin/api/...` and the pages call), 51 rows a page (a page of 50 and the "
+        "look-ahead for the next cursor). The databases were migrated to the gateway's schema and its indexes, then "
         "filled with synthetic rows (bench/admin_log.py says how they are shaped).",
         "",
         head,
@@ -267,15 +271,32 @@ def write_report(
         "",
     ]
     at_1m = [k for k in columns if k[1] >= 1_000_000]
+    listing = [n for n in names if not n.startswith("overview")]
     if at_1m:
-        verdict = all(worst[k] < TARGET_MS for k in at_1m)
+        worst_list = {k: max(pct(results[k][n], 95) for n in listing) for k in at_1m}
+        verdict = all(worst_list[k] < TARGET_MS for k in at_1m)
         lines.append(
-            f"Target (p95 under {TARGET_MS:.0f} ms at 1M rows, every query): "
+            f"Target (the list, its filters and the explainer: p95 under {TARGET_MS:.0f} ms at 1M rows): "
             + ("**PASS**" if verdict else "**FAIL**")
             + " ("
-            + ", ".join(f"{k[0]} worst {worst[k]:.1f} ms" for k in at_1m)
+            + ", ".join(f"{k[0]} worst {worst_list[k]:.1f} ms" for k in at_1m)
             + ")."
         )
+        slow = [
+            f"{k[0]} {n.removeprefix('overview, ')} {pct(results[k][n], 95):.0f} ms"
+            for k in at_1m
+            for n in names
+            if n.startswith("overview") and pct(results[k][n], 95) >= TARGET_MS
+        ]
+        if slow:
+            lines += [
+                "",
+                "The overview sums the request log itself, so its cost grows with the rows in its range: over "
+                + TARGET_MS.__format__(".0f")
+                + " ms at 1M rows for "
+                + "; ".join(slow)
+                + ". Totals kept per minute as rows are written (a roll-up table) would bound it; not built yet.",
+            ]
     args.out.write_text("\n".join(lines) + "\n")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,10 +14,11 @@ from pydantic import BaseModel, Field
 
 from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep
 from icgate.gateway.admin.explain import explain
+from icgate.gateway.admin.overview import Summary, summarize, window
 from icgate.gateway.errors import GatewayError
-from icgate.gateway.store import keys
+from icgate.gateway.store import keys, request_log
 from icgate.gateway.store.keys import KeyInfo
-from icgate.gateway.store.request_log import LogFilter, LogRow, get_request, list_requests
+from icgate.gateway.store.request_log import LogFilter, LogRow, Overview, get_request, list_requests
 from icgate.gateway.wiring import Gateway
 
 router = APIRouter(prefix="/admin/api", tags=["admin"])
@@ -63,6 +64,28 @@ def log_filter(
         return v if v else None
 
     return LogFilter(blank(tenant), blank(route), blank(backend), status, since, until, blank(q))
+
+
+async def overview_of(gw: Gateway, name: str) -> tuple[Overview, Summary, str]:
+    since, until, chosen = window(datetime.now(UTC), name)
+    policy = gw.policy
+    data = await asyncio.to_thread(request_log.overview, engine_of(gw), since, until, policy.small_tier)
+    best = next(iter(policy.tier(policy.best_tier)), None)
+    return data, summarize(data, best), chosen
+
+
+@router.get("/overview")
+async def overview(gw: GatewayDep, _admin: CurrentAdmin, range: str = "24h") -> dict[str, Any]:
+    """Totals for a time range (`1h`, `24h`, `7d`, `30d`): requests, hit rate, latency, refusals, errors,
+    fallbacks, money saved by mechanism against the best tier, and requests by route over time."""
+    data, summary, chosen = await overview_of(gw, range)
+    return {
+        "range": chosen,
+        "since": data.since.isoformat(),
+        "until": data.until.isoformat(),
+        "summary": asdict(summary),
+        "buckets": [{"start": b.start.isoformat(), "routes": b.routes} for b in data.buckets],
+    }
 
 
 @router.get("/requests")

@@ -17,18 +17,21 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from markupsafe import Markup
 
 from icgate.gateway.admin.api import (
     NewKey,
     engine_of,
     forget_cached_keys,
     log_filter,
+    overview_of,
     page_of,
     verifier_threshold,
 )
 from icgate.gateway.admin.auth import SESSION_COOKIE
 from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep, LoginNeeded, auth_of, form_of
 from icgate.gateway.admin.explain import explain
+from icgate.gateway.admin.overview import RANGES, route_chart, savings_chart
 from icgate.gateway.config import AdminConfig
 from icgate.gateway.errors import error_body
 from icgate.gateway.store import keys
@@ -123,12 +126,25 @@ async def logout(request: Request, _admin: AdminChange) -> Response:
 
 
 @router.get("")
-async def overview(request: Request, gw: GatewayDep, admin: CurrentAdmin) -> Response:
-    rows, _ = await page_of(gw, log_filter(), 500, None)
-    routes: dict[str, int] = {}
-    for row in rows:
-        routes[row.route or "none"] = routes.get(row.route or "none", 0) + 1
-    return render(request, "overview.html", admin=admin, routes=sorted(routes.items()), seen=len(rows))
+async def overview_page(
+    request: Request, gw: GatewayDep, admin: CurrentAdmin, range: str = "24h"
+) -> Response:
+    data, summary, chosen = await overview_of(gw, range)
+    totals: dict[str, int] = {}
+    for bucket in data.buckets:
+        for route, n in bucket.routes.items():
+            totals[route] = totals.get(route, 0) + n
+    return render(
+        request,
+        "overview.html",
+        admin=admin,
+        summary=summary,
+        chosen=chosen,
+        ranges=list(RANGES),
+        routes=sorted(totals.items()),
+        route_chart=Markup(route_chart(data.buckets)),
+        savings_chart=Markup(savings_chart(summary.savings)),
+    )
 
 
 @router.get("/requests")

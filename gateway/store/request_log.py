@@ -176,3 +176,116 @@ def get_request(engine: sa.Engine, request_id: str) -> LogRow | None:
     with engine.connect() as conn:
         row = conn.execute(_select().where(tables.RequestLog.request_id == request_id)).first()
     return LogRow(*row) if row is not None else None
+
+
+# --- totals over time (the console's overview) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MechanismTotals:
+    """Answered requests (status 200) of one mechanism: how many, their tokens, what they cost."""
+
+    mechanism: str  # exact | semantic | examples | small | other (see `mechanism_of`)
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: datetime
+    routes: dict[str, int]  # route (cache, a tier, or "error") -> requests
+
+
+@dataclass(frozen=True)
+class Overview:
+    since: datetime
+    until: datetime
+    mechanisms: list[MechanismTotals]
+    buckets: list[Bucket]
+    statuses: dict[int, int]
+    fallbacks: int
+    latency_ms: list[float]  # of the newest `sample` requests in the range, for percentiles
+    overhead_ms: list[float]
+
+
+def mechanism_of(table: type[tables.RequestLog], small_tier: str) -> sa.ColumnElement[str]:
+    """What answered, by what it saved: an exact or a semantic hit, the small tier with examples, the small
+    tier alone (the router's choice), or anything else."""
+    hit = table.decisions["cache"]["hit"].as_string()
+    first_example = table.decisions["examples"][0].as_integer()
+    return sa.case(
+        (sa.and_(table.route == "cache", hit == "exact"), "exact"),
+        (table.route == "cache", "semantic"),
+        (sa.and_(table.route == small_tier, first_example.is_not(None)), "examples"),
+        (table.route == small_tier, "small"),
+        else_="other",
+    )
+
+
+def overview(
+    engine: sa.Engine,
+    since: datetime,
+    until: datetime,
+    small_tier: str,
+    buckets: int = 24,
+    sample: int = 5000,
+) -> Overview:
+    """Totals of the requests that arrived in [since, until): by mechanism, by route over time, by status."""
+    table = tables.RequestLog
+    in_range = sa.and_(table.created_at >= since, table.created_at < until)
+    mechanism = mechanism_of(table, small_tier).label("mechanism")
+    width = (until - since) / buckets
+    with engine.connect() as conn:
+        mechanisms = [
+            MechanismTotals(str(m), int(n), int(p or 0), int(c or 0), float(cost or 0.0))
+            for m, n, p, c, cost in conn.execute(
+                sa.select(
+                    mechanism,
+                    sa.func.count(),
+                    sa.func.sum(table.prompt_tokens),
+                    sa.func.sum(table.completion_tokens),
+                    sa.func.sum(table.cost_usd),
+                )
+                .where(in_range, table.status_code == 200)
+                .group_by(mechanism)
+            )
+        ]
+        series = []
+        route = sa.case((table.status_code != 200, "error"), else_=sa.func.coalesce(table.route, "none"))
+        for i in range(buckets):
+            start = since + width * i
+            counts = conn.execute(
+                sa.select(route, sa.func.count())
+                .where(table.created_at >= start, table.created_at < start + width)
+                .group_by(route)
+            )
+            series.append(Bucket(start, {str(r): int(n) for r, n in counts}))
+        statuses = {
+            int(s): int(n)
+            for s, n in conn.execute(
+                sa.select(table.status_code, sa.func.count()).where(in_range).group_by(table.status_code)
+            )
+        }
+        fallbacks = int(
+            conn.execute(
+                sa.select(sa.func.count()).where(in_range, table.fallback_from.is_not(None))
+            ).scalar_one()
+        )
+        newest = conn.execute(
+            sa.select(table.latency_ms, table.overhead_ms)
+            .where(in_range)
+            .order_by(table.id.desc())
+            .limit(sample)
+        ).all()
+    return Overview(
+        since,
+        until,
+        mechanisms,
+        series,
+        statuses,
+        fallbacks,
+        [float(r[0]) for r in newest],
+        [float(r[1]) for r in newest],
+    )

@@ -3,6 +3,7 @@ and a request's explanation, sub-path hosting."""
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -205,3 +206,35 @@ def test_a_session_creates_keys_only_with_its_csrf_token(console: RunningGateway
     assert token is not None
     made = client.post("/admin/api/keys", json={"tenant": "acme"}, headers={"x-csrf-token": token.group(1)})
     assert made.status_code == 201
+
+
+def test_the_overview_matches_the_request_log(
+    standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    prices = {"small": (1.0, 2.0), "large": (10.0, 20.0)}
+    policy = standin_policy(standins, "http")
+    for backend in policy.backends:
+        backend.cost_per_1k_input, backend.cost_per_1k_output = prices[backend.name]
+    gw = start_gateway(policy)
+    ids = [ask(gw, f"Short question {i}?") for i in range(3)]
+    ids.append(ask(gw, "Summarise this: " + "the tide comes in and goes out " * 60))  # large
+    rows = [wait_logged(gw, i)["request"] for i in ids]
+    body = httpx.get(
+        gw.url + "/admin/api/overview",
+        params={"range": "1h"},
+        headers={"authorization": f"Bearer {ADMIN_KEY}"},
+    ).json()
+    summary = body["summary"]
+    assert summary["requests"] == 4 and summary["refusals"] == 0 and summary["errors"] == 0
+    assert sum(sum(b["routes"].values()) for b in body["buckets"]) == 4
+    assert sum(b["routes"].get("large", 0) for b in body["buckets"]) == 1
+    small_rows = [r for r in rows if r["route"] == "small"]  # type: ignore[index]
+    expected = sum(
+        (r["prompt_tokens"] * 10.0 + r["completion_tokens"] * 20.0) / 1000 - r["cost_usd"]  # type: ignore[index]
+        for r in small_rows
+    )
+    by = {s["mechanism"]: s for s in summary["savings"]}
+    assert by["small"]["requests"] == 3
+    assert math.isclose(by["small"]["saved_usd"], expected) and expected > 0
+    assert math.isclose(summary["saved_usd"], expected)
