@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,9 +43,68 @@ def _row(record: RequestRecord) -> dict[str, Any]:
 
 
 def insert_records(engine: sa.Engine, batch: list[RequestRecord]) -> None:
+    """The rows, and their sums in the roll-up, in one transaction: the two always agree."""
     rows = [_row(r) for r in batch]
     with engine.begin() as conn:
         conn.execute(sa.insert(tables.RequestLog), rows)
+        add_to_rollup(conn, batch)
+
+
+def mechanism(record: RequestRecord) -> str:
+    """What a request's answer came from, as the roll-up counts it (`tables.RequestRollup`)."""
+    decisions = record.decisions or {}
+    if record.route == "cache":
+        hit = (decisions.get("cache") or {}).get("hit")
+        return "semantic" if hit == "semantic" else "exact"
+    return "examples" if decisions.get("examples") else "none"
+
+
+ROLLUP_KEY = ("span_s", "start", "route", "mechanism", "status_code")
+ROLLUP_SPANS = (60, 3600)
+ROLLUP_SUMS = ("requests", "fallbacks", "prompt_tokens", "completion_tokens", "cost_usd")
+ROLLUP_ROWS_PER_STATEMENT = 1000  # 9,000 parameters: PostgreSQL takes 65,535, SQLite 32,766
+
+
+def add_to_rollup(conn: sa.Connection, batch: list[RequestRecord]) -> None:
+    """Sum the batch per roll-up key, then add the sums to the stored ones (an upsert: replicas writing the
+    same minute add up, never overwrite)."""
+    sums: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in batch:
+        minute = r.created_at.astimezone(UTC).replace(second=0, microsecond=0)
+        for span, start in ((60, minute), (3600, minute.replace(minute=0))):
+            key = (span, start, r.route or "none", mechanism(r), r.status_code)
+            row = sums.setdefault(
+                key, dict(zip(ROLLUP_KEY, key, strict=True)) | dict.fromkeys(ROLLUP_SUMS, 0)
+            )
+            row["requests"] += 1
+            row["fallbacks"] += 1 if r.fallback_from else 0
+            row["prompt_tokens"] += r.prompt_tokens
+            row["completion_tokens"] += r.completion_tokens
+            row["cost_usd"] += r.cost_usd if math.isfinite(r.cost_usd) else 0.0
+    rows = list(sums.values())
+    step = ROLLUP_ROWS_PER_STATEMENT  # within every database's cap on bound parameters
+    for first in range(0, len(rows), step):
+        conn.execute(_upsert(conn.dialect.name, rows[first : first + step]))
+
+
+def _upsert(dialect: str, rows: list[dict[str, Any]]) -> sa.Executable:
+    """`INSERT ... ON CONFLICT (key) DO UPDATE SET sum = sum + new`, in the dialect's own words."""
+    table = tables.RequestRollup
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        pg = postgresql.insert(table).values(rows)
+        return pg.on_conflict_do_update(
+            index_elements=list(ROLLUP_KEY),
+            set_={c: getattr(table, c) + getattr(pg.excluded, c) for c in ROLLUP_SUMS},
+        )
+    from sqlalchemy.dialects import sqlite
+
+    lite = sqlite.insert(table).values(rows)
+    return lite.on_conflict_do_update(
+        index_elements=list(ROLLUP_KEY),
+        set_={c: getattr(table, c) + getattr(lite.excluded, c) for c in ROLLUP_SUMS},
+    )
 
 
 class RequestLogWriter(WriteBehindQueue[RequestRecord]):
@@ -185,7 +244,7 @@ def get_request(engine: sa.Engine, request_id: str) -> LogRow | None:
 class MechanismTotals:
     """Answered requests (status 200) of one mechanism: how many, their tokens, what they cost."""
 
-    mechanism: str  # exact | semantic | examples | small | other (see `mechanism_of`)
+    mechanism: str  # exact | semantic | examples | small (the small tier alone) | other
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -210,20 +269,6 @@ class Overview:
     overhead_ms: list[float]
 
 
-def mechanism_of(table: type[tables.RequestLog], small_tier: str) -> sa.ColumnElement[str]:
-    """What answered, by what it saved: an exact or a semantic hit, the small tier with examples, the small
-    tier alone (the router's choice), or anything else."""
-    hit = table.decisions["cache"]["hit"].as_string()
-    first_example = table.decisions["examples"][0].as_integer()
-    return sa.case(
-        (sa.and_(table.route == "cache", hit == "exact"), "exact"),
-        (table.route == "cache", "semantic"),
-        (sa.and_(table.route == small_tier, first_example.is_not(None)), "examples"),
-        (table.route == small_tier, "small"),
-        else_="other",
-    )
-
-
 def overview(
     engine: sa.Engine,
     since: datetime,
@@ -232,53 +277,48 @@ def overview(
     buckets: int = 24,
     sample: int = 5000,
 ) -> Overview:
-    """Totals of the requests that arrived in [since, until): by mechanism, by route over time, by status."""
-    table = tables.RequestLog
-    in_range = sa.and_(table.created_at >= since, table.created_at < until)
-    mechanism = mechanism_of(table, small_tier).label("mechanism")
-    width = (until - since) / buckets
+    """Totals of the requests that arrived in [since, until) from the roll-up: by mechanism, by route over
+    time, by status; latencies of the newest `sample` requests, from the log. Up to a day, whole minutes;
+    longer, whole hours (a month is 720 hours: the cost stays flat however long the log)."""
+    rollup, log = tables.RequestRollup, tables.RequestLog
+    span = 60 if until - since <= timedelta(days=1) else 3600
     with engine.connect() as conn:
-        mechanisms = [
-            MechanismTotals(str(m), int(n), int(p or 0), int(c or 0), float(cost or 0.0))
-            for m, n, p, c, cost in conn.execute(
-                sa.select(
-                    mechanism,
-                    sa.func.count(),
-                    sa.func.sum(table.prompt_tokens),
-                    sa.func.sum(table.completion_tokens),
-                    sa.func.sum(table.cost_usd),
-                )
-                .where(in_range, table.status_code == 200)
-                .group_by(mechanism)
-            )
-        ]
-        series = []
-        route = sa.case((table.status_code != 200, "error"), else_=sa.func.coalesce(table.route, "none"))
-        for i in range(buckets):
-            start = since + width * i
-            counts = conn.execute(
-                sa.select(route, sa.func.count())
-                .where(table.created_at >= start, table.created_at < start + width)
-                .group_by(route)
-            )
-            series.append(Bucket(start, {str(r): int(n) for r, n in counts}))
-        statuses = {
-            int(s): int(n)
-            for s, n in conn.execute(
-                sa.select(table.status_code, sa.func.count()).where(in_range).group_by(table.status_code)
-            )
-        }
-        fallbacks = int(
-            conn.execute(
-                sa.select(sa.func.count()).where(in_range, table.fallback_from.is_not(None))
-            ).scalar_one()
-        )
+        rows = conn.execute(
+            sa.select(
+                rollup.start,
+                rollup.route,
+                rollup.mechanism,
+                rollup.status_code,
+                rollup.requests,
+                rollup.fallbacks,
+                rollup.prompt_tokens,
+                rollup.completion_tokens,
+                rollup.cost_usd,
+            ).where(rollup.span_s == span, rollup.start >= since, rollup.start < until)
+        ).all()
         newest = conn.execute(
-            sa.select(table.latency_ms, table.overhead_ms)
-            .where(in_range)
-            .order_by(table.id.desc())
+            sa.select(log.latency_ms, log.overhead_ms)
+            .where(log.created_at >= since, log.created_at < until)
+            .order_by(log.id.desc())
             .limit(sample)
         ).all()
+    width = (until - since) / buckets
+    series = [Bucket(since + width * i, {}) for i in range(buckets)]
+    totals: dict[str, list[float]] = {}
+    statuses: dict[int, int] = {}
+    fallbacks = 0
+    for start, route, how, status, n, fell, prompt, completion, cost in rows:
+        index = max(0, min(buckets - 1, int((start - since) / width)))
+        shown = route if status == 200 else "error"
+        series[index].routes[shown] = series[index].routes.get(shown, 0) + n
+        statuses[status] = statuses.get(status, 0) + n
+        fallbacks += fell
+        if status == 200:
+            name = how if how != "none" else ("small" if route == small_tier else "other")
+            sums = totals.setdefault(name, [0, 0, 0, 0.0])
+            for i, value in enumerate((n, prompt, completion, cost)):
+                sums[i] += value
+    mechanisms = [MechanismTotals(m, int(t[0]), int(t[1]), int(t[2]), float(t[3])) for m, t in totals.items()]
     return Overview(
         since,
         until,

@@ -125,6 +125,29 @@ class RequestLog(Base):
     decisions: Mapped[dict[str, Any]]
 
 
+class RequestRollup(Base):
+    """The request log summed per period (a minute, and an hour), route, mechanism and status, as rows are
+    written (in the same transaction): the console's overview reads these, so its cost does not grow with
+    the log. A day's overview reads the minutes, a month's the hours.
+
+    `mechanism`: exact | semantic (a cache hit), examples (a backend answered with examples prepended),
+    none (a backend answered as asked, or nothing answered).
+    """
+
+    __tablename__ = "request_rollup"
+
+    span_s: Mapped[int] = mapped_column(primary_key=True)  # 60 or 3600
+    start: Mapped[datetime] = mapped_column(primary_key=True)
+    route: Mapped[str] = mapped_column(String(32), primary_key=True)
+    mechanism: Mapped[str] = mapped_column(String(16), primary_key=True)
+    status_code: Mapped[int] = mapped_column(primary_key=True)
+    requests: Mapped[int]
+    fallbacks: Mapped[int]
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]
+    cost_usd: Mapped[float]
+
+
 class CacheEntryRow(Base):
     """One cached request/response pair (see `cache.store.CacheEntry`).
 

@@ -178,3 +178,43 @@ def test_the_console_reads_pages_and_filters_on_both_databases(engine: sa.Engine
     row = get_request(engine, "req-abd0000")
     assert row is not None and row.tenant is None and row.decisions == batch[-1].decisions
     assert get_request(engine, "req-nope") is None
+
+
+def test_the_rollup_adds_up_to_the_log_across_batches_on_both_databases(engine: sa.Engine) -> None:
+    from datetime import timedelta
+
+    from icgate.gateway.store.request_log import insert_records, overview
+
+    now = datetime.now(UTC).replace(second=30, microsecond=0)
+    hit = {"cache": {"hit": "semantic"}}
+    batch = [
+        record(1, created_at=now, route="cache", backend=None, cost_usd=0.0, decisions=hit),
+        record(2, created_at=now, route="small", decisions={"examples": [7]}),
+        record(3, created_at=now, route="small", decisions={"examples": []}),
+        record(4, created_at=now - timedelta(minutes=5), route="large", fallback_from="small"),
+        record(5, created_at=now, route=None, backend=None, status_code=429, error_type="rate_limit"),
+    ]
+    insert_records(engine, batch[:3])
+    insert_records(
+        engine, [*batch[3:], record(6, created_at=now, route="small", decisions={"examples": [1]})]
+    )
+    data = overview(engine, now - timedelta(hours=1), now + timedelta(minutes=1), "small", buckets=12)
+    totals = {m.mechanism: (m.requests, m.prompt_tokens, m.completion_tokens) for m in data.mechanisms}
+    assert totals == {
+        "semantic": (1, 10, 20),
+        "examples": (2, 20, 40),
+        "small": (1, 10, 20),
+        "other": (1, 10, 20),
+    }
+    assert data.statuses == {200: 5, 429: 1} and data.fallbacks == 1
+    assert sum(sum(b.routes.values()) for b in data.buckets) == 6
+    assert sum(b.routes.get("error", 0) for b in data.buckets) == 1
+    with engine.connect() as conn:
+        answered = tables.RequestLog.status_code == 200
+        cost = conn.execute(sa.select(sa.func.sum(tables.RequestLog.cost_usd)).where(answered)).scalar_one()
+    assert math.isclose(sum(m.cost_usd for m in data.mechanisms), cost)
+    assert len(data.latency_ms) == 6
+    # a week is read from the hourly sums: the same totals
+    week = overview(engine, now - timedelta(days=7), now + timedelta(hours=1), "small", buckets=7)
+    assert {m.mechanism: m.requests for m in week.mechanisms} == {m: t[0] for m, t in totals.items()}
+    assert week.statuses == data.statuses and week.fallbacks == 1
