@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep
@@ -88,22 +88,18 @@ async def overview(gw: GatewayDep, _admin: CurrentAdmin, range: str = "24h") -> 
     }
 
 
+LogFilterDep = Annotated[LogFilter, Depends(log_filter)]
+
+
 @router.get("/requests")
-async def requests(  # noqa: PLR0913 - the filters, the page size and the cursor
+async def requests(
     gw: GatewayDep,
     _admin: CurrentAdmin,
-    tenant: str | None = None,
-    route: str | None = None,
-    backend: str | None = None,
-    status: int | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    q: str | None = None,
+    where: LogFilterDep,
     limit: int = Query(PAGE, ge=1, le=500),
     before: int | None = Query(None, description="the `next_before` of the previous page"),
 ) -> dict[str, Any]:
     """The request log, newest first, one page at a time (keyset pagination)."""
-    where = log_filter(tenant, route, backend, status, since, until, q)
     rows, next_before = await page_of(gw, where, limit, before)
     return {"data": [row_json(r) for r in rows], "next_before": next_before}
 

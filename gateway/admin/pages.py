@@ -20,10 +20,10 @@ from limits.strategies import MovingWindowRateLimiter
 from markupsafe import Markup
 
 from icgate.gateway.admin.api import (
+    LogFilterDep,
     NewKey,
     engine_of,
     forget_cached_keys,
-    log_filter,
     overview_of,
     page_of,
     verifier_threshold,
@@ -148,24 +148,12 @@ async def overview_page(
 
 
 @router.get("/requests")
-async def requests_page(  # noqa: PLR0913 - the page's filters
-    request: Request,
-    gw: GatewayDep,
-    admin: CurrentAdmin,
-    tenant: str | None = None,
-    route: str | None = None,
-    backend: str | None = None,
-    status: int | None = None,
-    q: str | None = None,
-    before: int | None = None,
+async def requests_page(
+    request: Request, gw: GatewayDep, admin: CurrentAdmin, where: LogFilterDep, before: int | None = None
 ) -> Response:
-    where = log_filter(tenant, route, backend, status, None, None, q)
     rows, next_before = await page_of(gw, where, 50, before)
-    filters = {
-        k: v
-        for k, v in {"tenant": tenant, "route": route, "backend": backend, "status": status, "q": q}.items()
-        if v
-    }
+    shown = {"tenant": where.tenant, "route": where.route, "backend": where.backend, "status": where.status}
+    filters = {k: v for k, v in {**shown, "q": where.text}.items() if v}
     older = f"?{urlencode({**filters, 'before': next_before})}" if next_before else None
     return render(request, "requests.html", admin=admin, rows=rows, filters=filters, older=older)
 

@@ -147,51 +147,19 @@ class LogFilter:
 
 
 @dataclass(frozen=True)
-class LogRow:
+class LogRow(RequestRecord):
+    """A logged request as read back: the record, its row id (the pagination key) and its tenant's name."""
+
     id: int
-    request_id: str
-    created_at: datetime
     tenant: str | None
-    endpoint: str
-    model_requested: str
-    route: str | None
-    backend: str | None
-    fallback_from: str | None
-    stream: bool
-    status_code: int
-    error_type: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    latency_ms: float
-    overhead_ms: float
-    queue_ms: float
-    decisions: dict[str, Any]
 
 
 def _select() -> sa.Select[*tuple[Any, ...]]:  # a row of LogRow's fields, in order
     table = tables.RequestLog
-    query: sa.Select[*tuple[Any, ...]] = sa.select(
-        table.id,
-        table.request_id,
-        table.created_at,
-        tables.TenantRow.name,
-        table.endpoint,
-        table.model_requested,
-        table.route,
-        table.backend,
-        table.fallback_from,
-        table.stream,
-        table.status_code,
-        table.error_type,
-        table.prompt_tokens,
-        table.completion_tokens,
-        table.cost_usd,
-        table.latency_ms,
-        table.overhead_ms,
-        table.queue_ms,
-        table.decisions,
-    ).join(tables.TenantRow, tables.TenantRow.id == table.tenant_id, isouter=True)
+    columns = [getattr(table, name) for name in _RECORD_FIELDS]
+    query: sa.Select[*tuple[Any, ...]] = sa.select(*columns, table.id, tables.TenantRow.name).join(
+        tables.TenantRow, tables.TenantRow.id == table.tenant_id, isouter=True
+    )
     return query
 
 
