@@ -13,6 +13,7 @@ from icgate.cache.runtime import pair_scorer_loader
 from icgate.cache.verify import CrossEncoderRuntime, HitVerifier
 from icgate.gateway.cli import main as cli
 from icgate.gateway.config import DEFAULT_POLICY
+from tests.gateway.store.test_db import HEAD
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +63,7 @@ def test_db_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     code, out, _ = run(capsys, "db", "upgrade", "--data-dir", str(data))
     assert code == 0
-    assert out[-1] == "database at revision 0003"
+    assert out[-1] == f"database at revision {HEAD}"
     assert (data / "icgate.db").is_file()
 
 
