@@ -16,7 +16,9 @@ from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep
 from icgate.gateway.admin.explain import explain
 from icgate.gateway.admin.overview import Summary, summarize, window
 from icgate.gateway.errors import GatewayError
-from icgate.gateway.store import keys, request_log
+from icgate.gateway.records import ANONYMOUS, Tenant, namespace_for
+from icgate.gateway.store import keys, request_log, tables
+from icgate.gateway.store.cache_entries import CacheEntries, StoredEntry, list_entries
 from icgate.gateway.store.keys import KeyInfo
 from icgate.gateway.store.request_log import LogFilter, LogRow, Overview, get_request, list_requests
 from icgate.gateway.wiring import Gateway
@@ -167,3 +169,69 @@ async def keys_revoke(key_id: int, gw: GatewayDep, _admin: AdminChange) -> dict[
         raise GatewayError(404, f"No key {key_id}.", type="not_found_error")
     forget_cached_keys(gw)
     return {"key_id": key_id, "revoked": True}
+
+
+# --- the cache -----------------------------------------------------------------------------------------
+
+
+class DeleteEntries(BaseModel):
+    ids: list[int] = Field(min_length=1, max_length=1000)
+
+
+def namespace_of(engine: sa.Engine, tenant: str | None) -> str | None:
+    """The cache namespace of a tenant by name ("anonymous" for callers without a key); None: every tenant.
+    An unknown tenant has a namespace no entry is in."""
+    if not tenant:
+        return None
+    if tenant == ANONYMOUS.name:
+        return namespace_for(ANONYMOUS)
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(tables.TenantRow.id).where(tables.TenantRow.name == tenant)).scalar()
+    return namespace_for(Tenant(id=found if found is not None else -1, name=tenant))
+
+
+def entry_json(entry: StoredEntry) -> dict[str, Any]:
+    out = asdict(entry)
+    for name in ("created_at", "last_used_at", "expires_at"):
+        out[name] = out[name].isoformat() if out[name] is not None else None
+    return out
+
+
+def entries_of(gw: Gateway) -> CacheEntries:
+    if gw.cache_entries is None:
+        raise GatewayError(404, "The cache is off in this gateway's policy.", type="not_found_error")
+    return gw.cache_entries
+
+
+async def cache_page_of(
+    gw: Gateway, tenant: str | None, q: str | None, limit: int, before: int | None
+) -> tuple[list[StoredEntry], int | None]:
+    engine = engine_of(gw)
+    entries_of(gw)
+    namespace = await asyncio.to_thread(namespace_of, engine, tenant)
+    found = await asyncio.to_thread(list_entries, engine, namespace, q or None, limit + 1, before)
+    more = len(found) > limit
+    found = found[:limit]
+    return found, (found[-1].id if more and found else None)
+
+
+@router.get("/cache")
+async def cache_list(
+    gw: GatewayDep,
+    _admin: CurrentAdmin,
+    tenant: str | None = None,
+    q: str | None = None,
+    limit: int = Query(PAGE, ge=1, le=500),
+    before: int | None = None,
+) -> dict[str, Any]:
+    """Live cache entries, newest first: one tenant's (`tenant`) or all, those whose question or answer holds
+    `q`; with utility, hits, uses as an example, who produced them, age and expiry."""
+    found, next_before = await cache_page_of(gw, tenant, q, limit, before)
+    return {"data": [entry_json(e) for e in found], "next_before": next_before}
+
+
+@router.post("/cache/delete")
+async def cache_delete(body: DeleteEntries, gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
+    """Delete entries: gone from this replica's answers at once, from the others' at their next sync."""
+    deleted = await entries_of(gw).delete(sorted(set(body.ids)))
+    return {"deleted": deleted}

@@ -7,6 +7,7 @@ serves it at (`icgate serve --root-path /llm`).
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -22,7 +23,9 @@ from markupsafe import Markup
 from icgate.gateway.admin.api import (
     LogFilterDep,
     NewKey,
+    cache_page_of,
     engine_of,
+    entries_of,
     forget_cached_keys,
     overview_of,
     page_of,
@@ -191,3 +194,30 @@ async def keys_revoke_page(key_id: int, request: Request, gw: GatewayDep, _admin
     if await asyncio.to_thread(keys.revoke_key, engine_of(gw), key_id):
         forget_cached_keys(gw)
     return RedirectResponse(f"{base(request)}/keys", status_code=303)
+
+
+@router.get("/cache")
+async def cache_page(
+    request: Request,
+    gw: GatewayDep,
+    admin: CurrentAdmin,
+    tenant: str | None = None,
+    q: str | None = None,
+    before: int | None = None,
+) -> Response:
+    found, next_before = await cache_page_of(gw, tenant, q, 50, before)
+    filters = {k: v for k, v in {"tenant": tenant, "q": q}.items() if v}
+    older = f"?{urlencode({**filters, 'before': next_before})}" if next_before else None
+    now = datetime.now(UTC)
+    return render(request, "cache.html", admin=admin, entries=found, filters=filters, older=older, now=now)
+
+
+@router.post("/cache/delete")
+async def cache_delete_page(request: Request, gw: GatewayDep, _admin: AdminChange) -> Response:
+    from urllib.parse import parse_qs
+
+    raw = (await request.body()).decode("utf-8", errors="replace")
+    ids = [int(i) for i in parse_qs(raw).get("id", []) if i.isdigit()]
+    if ids:
+        await entries_of(gw).delete(sorted(set(ids)))
+    return RedirectResponse(f"{base(request)}/cache", status_code=303)

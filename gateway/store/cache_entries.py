@@ -512,3 +512,64 @@ def _with_content(response: dict[str, Any], text: str) -> dict[str, Any]:
         for i, c in enumerate(response.get("choices", []))
     ]
     return {**response, "choices": choices}
+
+
+# --- browsing (the admin console) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """A cache entry as the console lists it: what it answers, who produced it, what it is worth."""
+
+    id: int
+    namespace: str
+    prompt_text: str
+    response_text: str
+    backend: str
+    tier: str
+    utility: float
+    hits: int
+    helped: int
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime | None
+
+
+def list_entries(
+    engine: sa.Engine, namespace: str | None, text: str | None, limit: int = 50, before_id: int | None = None
+) -> list[StoredEntry]:
+    """Live entries (not deleted), newest first, from the table every replica syncs from; keyset on the id.
+    `text` is a case-sensitive part of the question or the answer."""
+    table = tables.CacheEntryRow
+    query = (
+        sa.select(
+            table.id,
+            table.namespace,
+            table.prompt_text,
+            table.response_text,
+            table.backend,
+            table.tier,
+            table.utility,
+            table.hits,
+            table.helped,
+            table.created_at,
+            table.last_used_at,
+            table.expires_at,
+        )
+        .where(table.deleted_at.is_(None))
+        .order_by(table.id.desc())
+        .limit(limit)
+    )
+    if namespace is not None:
+        query = query.where(table.namespace == namespace)
+    if before_id is not None:
+        query = query.where(table.id < before_id)
+    if text:
+        query = query.where(
+            sa.or_(
+                table.prompt_text.contains(text, autoescape=True),
+                table.response_text.contains(text, autoescape=True),
+            )
+        )
+    with engine.connect() as conn:
+        return [StoredEntry(*tuple(row)) for row in conn.execute(query)]

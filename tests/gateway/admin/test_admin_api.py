@@ -238,3 +238,39 @@ def test_the_overview_matches_the_request_log(
     assert by["small"]["requests"] == 3
     assert math.isclose(by["small"]["saved_usd"], expected) and expected > 0
     assert math.isclose(summary["saved_usd"], expected)
+
+
+def test_deleting_a_cache_entry_takes_it_out_of_the_answers(
+    standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.gateway.conftest import settle_cache
+
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gw = start_gateway(standin_policy(standins, "http", cache={"enabled": True, "sync_interval_s": 0.2}))
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    question = "What is the boiling point of water at sea level?"
+    ask(gw, question)
+    settle_cache(gw.gateway)
+    assert route_of(gw, question) == "cache"
+    found = httpx.get(gw.url + "/admin/api/cache", params={"q": "boiling"}, headers=admin).json()["data"]
+    assert [e["prompt_text"] for e in found] == [question]
+    assert found[0]["tier"] == "small" and found[0]["hits"] >= 0
+    assert (
+        httpx.get(gw.url + "/admin/api/cache", params={"tenant": "nobody"}, headers=admin).json()["data"]
+        == []
+    )
+    deleted = httpx.post(gw.url + "/admin/api/cache/delete", json={"ids": [found[0]["id"]]}, headers=admin)
+    assert deleted.json() == {"deleted": 1}
+    assert route_of(gw, question) == "small"  # gone from the answers at once
+    listed = httpx.get(gw.url + "/admin/api/cache", params={"q": "boiling"}, headers=admin).json()["data"]
+    assert found[0]["id"] not in [e["id"] for e in listed]  # (the new answer is stored anew)
+
+
+def route_of(gw: RunningGateway, content: str) -> str:
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": content}]},
+        timeout=30,
+    )
+    assert resp.status_code == 200
+    return str(resp.headers["x-icgate-route"])
