@@ -147,6 +147,7 @@ async def overview_page(
         routes=sorted(totals.items()),
         route_chart=Markup(route_chart(data.buckets)),
         savings_chart=Markup(savings_chart(summary.savings)),
+        live=True,
     )
 
 
@@ -158,7 +159,9 @@ async def requests_page(
     shown = {"tenant": where.tenant, "route": where.route, "backend": where.backend, "status": where.status}
     filters = {k: v for k, v in {**shown, "q": where.text}.items() if v}
     older = f"?{urlencode({**filters, 'before': next_before})}" if next_before else None
-    return render(request, "requests.html", admin=admin, rows=rows, filters=filters, older=older)
+    # The newest page follows the log as it grows; an older page stays as it is.
+    live = before is None
+    return render(request, "requests.html", admin=admin, rows=rows, filters=filters, older=older, live=live)
 
 
 @router.get("/requests/{request_id}")

@@ -144,3 +144,20 @@ def test_delete_a_cache_entry_in_the_browser_and_see_it_gone_from_the_answers(
     click_to_new_page(browser, By.ID, "delete-selected", "#entries")
     assert "No entries match." in browser.find_element(By.ID, "entries").text
     assert route_of(gw, question) == "small"
+
+
+def test_the_request_log_follows_new_requests_while_open(browser: WebDriver, console: RunningGateway) -> None:
+    first = ask(console, "What colour is the sky?")
+    wait_logged(console, first)
+    browser.delete_all_cookies()
+    browser.get(console.url + "/admin/requests")
+    wait_for(browser, "input[type=password]")
+    browser.find_element(By.ID, "key").send_keys(ADMIN_KEY)
+    click_to_new_page(browser, By.CSS_SELECTOR, "button[type=submit]", "#requests")
+    browser.execute_script("window.icgateMarker = 'same page'")
+    later = ask(console, "What colour is grass?")
+    WebDriverWait(browser, 30).until(
+        expected_conditions.presence_of_element_located((By.LINK_TEXT, later))
+    )  # it appears without a reload ...
+    assert browser.execute_script("return window.icgateMarker") == "same page"  # ... of the page itself
+    assert browser.find_element(By.LINK_TEXT, first)  # older rows stay listed
