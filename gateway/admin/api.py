@@ -35,9 +35,9 @@ def row_json(row: LogRow) -> dict[str, Any]:
 
 
 def verifier_threshold(gw: Gateway) -> float | None:
+    """The probability a semantic hit's verifier score must reach (the calibrated verifier's), if any."""
     entries = gw.cache_entries
-    verifier = getattr(entries, "verifier", None) if entries is not None else None
-    threshold = getattr(verifier, "threshold", None)
+    threshold = getattr(entries.verifier, "probability_threshold", None) if entries is not None else None
     return float(threshold) if isinstance(threshold, int | float) else None
 
 

@@ -259,6 +259,15 @@ def test_deleting_a_cache_entry_takes_it_out_of_the_answers(
         httpx.get(gw.url + "/admin/api/cache", params={"tenant": "nobody"}, headers=admin).json()["data"]
         == []
     )
+    # a paraphrase is a semantic hit, explained with the verifier's score against its calibrated threshold
+    semantic = ask(gw, "What's the boiling point of water at sea level?")
+    explanation = wait_logged(gw, semantic)["explanation"]
+    assert isinstance(explanation, list)
+    facts = {f["key"]: f["value"] for stage in explanation for f in stage["facts"]}
+    assert facts["cache.hit"].startswith("a semantic hit")
+    verified = re.fullmatch(r"([0-9.]+) against threshold ([0-9.]+)", facts["cache.verifier"])
+    assert verified is not None
+    assert float(verified.group(1)) >= float(verified.group(2)) > 0
     deleted = httpx.post(gw.url + "/admin/api/cache/delete", json={"ids": [found[0]["id"]]}, headers=admin)
     assert deleted.json() == {"deleted": 1}
     assert route_of(gw, question) == "small"  # gone from the answers at once
