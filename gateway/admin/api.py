@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query
@@ -41,16 +41,20 @@ def verifier_threshold(gw: Gateway) -> float | None:
     return float(threshold) if isinstance(threshold, int | float) else None
 
 
+Listed = TypeVar("Listed", LogRow, StoredEntry)
+
+
+def one_page(found: list[Listed], limit: int) -> tuple[list[Listed], int | None]:
+    """A page of `limit` rows out of the `limit + 1` fetched, and the next page's cursor (None: no more)."""
+    page = found[:limit]
+    return page, (page[-1].id if len(found) > limit and page else None)
+
+
 async def page_of(
     gw: Gateway, where: LogFilter, limit: int, before: int | None
 ) -> tuple[list[LogRow], int | None]:
-    engine = gw.engine
-    if engine is None:
-        raise GatewayError(503, "The gateway is starting.", type="server_error")
-    rows = await asyncio.to_thread(list_requests, engine, where, limit + 1, before)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (rows[-1].id if more and rows else None)
+    rows = await asyncio.to_thread(list_requests, engine_of(gw), where, limit + 1, before)
+    return one_page(rows, limit)
 
 
 def log_filter(
@@ -109,9 +113,7 @@ async def requests(
 @router.get("/requests/{request_id}")
 async def request_detail(request_id: str, gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
     """One request's row and its explanation, stage by stage."""
-    if gw.engine is None:
-        raise GatewayError(503, "The gateway is starting.", type="server_error")
-    row = await asyncio.to_thread(get_request, gw.engine, request_id)
+    row = await asyncio.to_thread(get_request, engine_of(gw), request_id)
     if row is None:
         raise GatewayError(404, f"No request '{request_id}' in the log.", type="not_found_error")
     stages = explain(row, verifier_threshold(gw))
@@ -210,9 +212,7 @@ async def cache_page_of(
     entries_of(gw)
     namespace = await asyncio.to_thread(namespace_of, engine, tenant)
     found = await asyncio.to_thread(list_entries, engine, namespace, q or None, limit + 1, before)
-    more = len(found) > limit
-    found = found[:limit]
-    return found, (found[-1].id if more and found else None)
+    return one_page(found, limit)
 
 
 @router.get("/cache")

@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 
 from icgate.gateway.admin.auth import SESSION_COOKIE, AdminAuth, Session
 from icgate.gateway.errors import GatewayError
+from icgate.gateway.pipeline.authenticate import presented_key
 from icgate.gateway.wiring import Gateway
 
 
@@ -41,13 +42,6 @@ async def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key") or None
-
-
 async def current_admin(request: Request) -> Admin:
     auth = auth_of(request)
     if not auth.enabled:
@@ -58,7 +52,7 @@ async def current_admin(request: Request) -> Admin:
             type="permission_error",
             code="admin_disabled",
         )
-    token = _bearer(request)
+    token = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if token is not None:
         if auth.is_admin_key(token):
             return Admin(None, None)
@@ -89,12 +83,17 @@ AdminChange = Annotated[Admin, Depends(admin_change)]
 
 
 async def form_of(request: Request) -> dict[str, str]:
-    """A urlencoded form (the console's forms are one or two fields: the standard library reads them)."""
+    """A urlencoded form's fields, the first value of each (the console's forms are a field or two)."""
+    return {name: values[0] for name, values in (await form_lists(request)).items()}
+
+
+async def form_lists(request: Request) -> dict[str, list[str]]:
+    """Every value of every field (a list of checkboxes), read once per request by the standard library."""
     from urllib.parse import parse_qs
 
-    cached: dict[str, str] | None = getattr(request.state, "admin_form", None)
+    cached: dict[str, list[str]] | None = getattr(request.state, "admin_form", None)
     if cached is None:
         raw = (await request.body()).decode("utf-8", errors="replace")
-        cached = {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+        cached = parse_qs(raw, keep_blank_values=True)
         request.state.admin_form = cached
     return cached

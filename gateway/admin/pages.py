@@ -32,7 +32,15 @@ from icgate.gateway.admin.api import (
     verifier_threshold,
 )
 from icgate.gateway.admin.auth import SESSION_COOKIE
-from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep, LoginNeeded, auth_of, form_of
+from icgate.gateway.admin.deps import (
+    AdminChange,
+    CurrentAdmin,
+    GatewayDep,
+    LoginNeeded,
+    auth_of,
+    form_lists,
+    form_of,
+)
 from icgate.gateway.admin.explain import explain
 from icgate.gateway.admin.overview import RANGES, route_chart, savings_chart
 from icgate.gateway.config import AdminConfig
@@ -217,10 +225,7 @@ async def cache_page(
 
 @router.post("/cache/delete")
 async def cache_delete_page(request: Request, gw: GatewayDep, _admin: AdminChange) -> Response:
-    from urllib.parse import parse_qs
-
-    raw = (await request.body()).decode("utf-8", errors="replace")
-    ids = [int(i) for i in parse_qs(raw).get("id", []) if i.isdigit()]
+    ids = [int(i) for i in (await form_lists(request)).get("id", []) if i.isdigit()]
     if ids:
         await entries_of(gw).delete(sorted(set(ids)))
     return RedirectResponse(f"{base(request)}/cache", status_code=303)

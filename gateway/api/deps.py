@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from icgate.gateway.pipeline.authenticate import presented_key
 from icgate.gateway.records import Tenant
 from icgate.gateway.wiring import Gateway
 
@@ -26,12 +27,7 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
 async def bearer_token(request: Request) -> str | None:
-    """The API key as OpenAI's clients send it (`Authorization: Bearer`), or as `x-api-key`."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.headers.get("x-api-key") or None
+    return presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 BearerToken = Annotated[str | None, Depends(bearer_token)]

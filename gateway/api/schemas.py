@@ -26,7 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from icgate.gateway.api.bounds import check_request_bounds
+from icgate.gateway.config import ServerConfig
 from icgate.gateway.errors import GatewayError
+from icgate.gateway.records import Endpoint
 
 
 def _integral(value: object) -> object:
@@ -163,6 +166,18 @@ def unpaired_surrogate_at(value: Any, path: str = "") -> str | None:
 async def reject_invalid_text(request: Request, body: dict[str, Any] | BaseModel) -> None:
     """`check_text` on a request's raw body (cached by Starlette: nothing is read again)."""
     check_text(await request.body(), body)
+
+
+def accept_completion(
+    endpoint: Endpoint, fields: dict[str, Any], raw: bytes, server: ServerConfig
+) -> dict[str, Any]:
+    """What a validated chat or text completion body gets before the pipeline, over HTTP and in-process
+    alike: OpenAI's default prompt, the request bounds, the Unicode check on the raw body."""
+    if endpoint == "completions" and fields.get("prompt") is None:
+        fields["prompt"] = ""  # OpenAI's documented default: generate from the start of a document
+    check_request_bounds(fields, server)
+    check_text(raw, fields)
+    return fields
 
 
 def check_text(raw: bytes, body: dict[str, Any] | BaseModel) -> None:

@@ -24,11 +24,12 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from icgate.gateway.api.bounds import body_too_large, check_request_bounds
+from icgate.gateway.api.bounds import body_too_large
 from icgate.gateway.api.errors import invalid_request
-from icgate.gateway.api.schemas import ChatCompletionRequest, CompletionRequest, check_text
+from icgate.gateway.api.schemas import ChatCompletionRequest, CompletionRequest, accept_completion
 from icgate.gateway.config import ServerConfig
 from icgate.gateway.errors import GatewayError, error_body
+from icgate.gateway.pipeline.authenticate import presented_key
 from icgate.gateway.pipeline.stream import StreamRelay
 from icgate.gateway.records import Endpoint, RequestContext, Tenant
 from icgate.gateway.wiring import Gateway
@@ -57,7 +58,7 @@ def read_body(
         raise GatewayError(413, error["message"], code=error["code"])
     try:
         # Parsed as the HTTP API parses (`json.loads`, which lets an unpaired surrogate through to the
-        # Unicode check below), then validated by the same schema.
+        # Unicode check), then validated by the same schema.
         parsed = json.loads(raw)
     except ValueError:
         raise GatewayError(400, "We could not parse the JSON body of your request.") from None
@@ -65,20 +66,11 @@ def read_body(
         fields = schema.model_validate(parsed).model_dump(exclude_unset=True)
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from None
-    if endpoint == "completions" and fields.get("prompt") is None:
-        fields["prompt"] = ""  # OpenAI's documented default, as over HTTP
-    check_request_bounds(fields, server)
-    check_text(raw, fields)
-    return fields
+    return accept_completion(endpoint, fields, raw, server)
 
 
 def bearer_token(headers: httpx.Headers) -> str | None:
-    """The API key as the SDK sends it (`Authorization: Bearer`), or as `x-api-key`."""
-    scheme, _, token = str(headers.get("authorization", "")).partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    key = headers.get("x-api-key")
-    return str(key) if key else None
+    return presented_key(headers.get("authorization"), headers.get("x-api-key"))
 
 
 def json_response(status: int, body: Any, headers: dict[str, str], request: httpx.Request) -> httpx.Response:

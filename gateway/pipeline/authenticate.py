@@ -15,6 +15,15 @@ class Authenticator(Protocol):
     async def authenticate(self, plaintext: str) -> Tenant | None: ...
 
 
+def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The API key as OpenAI's clients send it (`Authorization: Bearer <key>`), or as `x-api-key`: read the
+    same way by the HTTP API, the console and the in-process transport."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return x_api_key or None
+
+
 async def authenticate(api_key: str | None, auth: AuthConfig, authenticator: Authenticator | None) -> Tenant:
     """The tenant behind an API key. Without `auth.required`, unknown callers are anonymous."""
     tenant = await authenticator.authenticate(api_key) if (api_key and authenticator) else None

@@ -16,10 +16,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from icgate.gateway.api.bounds import check_request_bounds
 from icgate.gateway.api.deps import BearerToken, GatewayDep
 from icgate.gateway.api.drain import Drain, shutdown_error
-from icgate.gateway.api.schemas import ChatCompletionRequest, CompletionRequest, reject_invalid_text
+from icgate.gateway.api.schemas import ChatCompletionRequest, CompletionRequest, accept_completion
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline import StreamRelay
 from icgate.gateway.records import Endpoint, RequestContext
@@ -39,19 +38,14 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, gw: GatewayDep, token: BearerToken
 ) -> Response:
-    fields = body.model_dump(exclude_unset=True)
-    if fields.get("prompt") is None:
-        # OpenAI's documented default: generate from the start of a document.
-        fields["prompt"] = ""
-    return await run_pipeline(gw, "completions", fields, request, token)
+    return await run_pipeline(gw, "completions", body.model_dump(exclude_unset=True), request, token)
 
 
 async def run_pipeline(
     gw: Gateway, endpoint: Endpoint, body: dict[str, Any], request: Request, token: str | None
 ) -> Response:
     arrived = getattr(request.state, "icgate_arrived", None) or time.perf_counter()
-    check_request_bounds(body, gw.policy.server)
-    await reject_invalid_text(request, body)
+    body = accept_completion(endpoint, body, await request.body(), gw.policy.server)
     ctx = RequestContext(endpoint=endpoint, body=body, arrived=arrived)
     drain: Drain = request.app.state.drain
     if drain.expired:  # a late request on a kept-alive connection, past the shutdown deadline
