@@ -40,6 +40,9 @@ class StandinBackend:
         self.keep = keep
         self.received: list[dict[str, Any]] = []
         self.fail_next: int = 0  # answer the next N requests with HTTP 500
+        # Requests being answered now, and the most at once (a streamed answer counts until it starts).
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.app = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
@@ -58,6 +61,14 @@ class StandinBackend:
         )
 
     async def _prepare(self, request: Request) -> tuple[dict[str, Any], Response | None]:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._prepare_counted(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _prepare_counted(self, request: Request) -> tuple[dict[str, Any], Response | None]:
         body = await request.json()
         if len(self.received) < self.keep:
             self.received.append({"path": request.url.path, "body": body, "headers": dict(request.headers)})

@@ -155,10 +155,27 @@ class DatabaseConfig(Strict):
     url: str | None = None
 
 
+class SharedStateConfig(Strict):
+    """State every replica shares through Redis (docs/scaling.md): backend slots, tenants' rate-limit
+    windows, key revocations. `ICGATE_REDIS_URL` overrides `redis_url`; without either, each replica
+    counts on its own."""
+
+    redis_url: str | None = None
+    key_prefix: str = Field("icgate", pattern=r"^[A-Za-z0-9._:-]+$")
+    # A slot held by a replica that died comes back after this long (leases are renewed every third).
+    lease_s: float = Field(6.0, ge=1.0, le=300.0)
+
+    def url(self) -> str | None:
+        return os.environ.get("ICGATE_REDIS_URL") or self.redis_url or None
+
+
 class RequestLogConfig(Strict):
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(200, ge=1)
     flush_interval_s: float = Field(0.5, gt=0)
+    # Keep each request's prompt and answer (PII scrubbed, each cut at 8,000 characters) in
+    # `request_bodies`, for the console's explainer. Off: nothing of a request's text is logged.
+    store_bodies: bool = False
 
 
 class TelemetryConfig(Strict):
@@ -198,7 +215,7 @@ class CacheConfig(Strict):
     # Threshold and verifier artifact from `icgate cache calibrate`; default: the shipped one.
     verifier: str | None = None
     hnsw_threshold: int = Field(50_000, ge=1)
-    sync_interval_s: float = Field(5.0, gt=0)
+    sync_interval_s: float = Field(1.0, gt=0)  # a replica serves what another stored within this (+ a query)
     scrub_pii: bool = True
     # Longest last user turn (characters) that may be answered by a semantic hit; longer prompts get
     # exact hits only. The verifier is calibrated on questions under 1,200 characters, the embedding
@@ -396,12 +413,14 @@ class ServerConfig(Strict):
 
 class AdminConfig(Strict):
     """The admin console at `/admin` (docs/admin.md). It is on when the environment variable `key_env`
-    holds a key; the key itself never appears in a policy file or a log."""
+    holds a key, or `icgate admin create-key` stored one; no key ever appears in a policy file or a log."""
 
     key_env: str = "ICGATE_ADMIN_KEY"
     session_minutes: float = Field(8 * 60.0, gt=0)
     # Failed or not, per client address: a guessing script gets this many tries a minute.
     login_attempts_per_minute: int = Field(5, ge=1)
+    # How often a replica looks for a policy applied elsewhere (the console on another replica).
+    policy_poll_s: float = Field(5.0, gt=0)
 
     def key(self) -> str | None:
         return os.environ.get(self.key_env) or None
@@ -426,6 +445,7 @@ class Policy(Strict):
     router: RouterConfig = RouterConfig()
     auth: AuthConfig = AuthConfig()
     database: DatabaseConfig = DatabaseConfig()
+    shared_state: SharedStateConfig = SharedStateConfig()
     request_log: RequestLogConfig = RequestLogConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     cache: CacheConfig = CacheConfig()

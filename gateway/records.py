@@ -122,6 +122,14 @@ class RequestContext:
 
 
 @dataclass(frozen=True)
+class RequestBodies:
+    """A request's prompt and answer as stored (`request_log.store_bodies`): PII scrubbed, bounded."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     """One row of the request log: what happened to one request."""
 
@@ -144,9 +152,12 @@ class RequestRecord:
     overhead_ms: float
     queue_ms: float
     decisions: dict[str, Any]
+    # Written to their own table (`request_bodies`), in the same transaction as the row; None unless the
+    # policy stores bodies. Keyword-only, so that a row read back (`LogRow`) keeps its positional fields.
+    bodies: RequestBodies | None = field(default=None, kw_only=True)
 
     @classmethod
-    def from_context(cls, ctx: RequestContext) -> RequestRecord:
+    def from_context(cls, ctx: RequestContext, bodies: RequestBodies | None = None) -> RequestRecord:
         return cls(
             request_id=ctx.request_id,
             created_at=ctx.created_at,
@@ -167,4 +178,5 @@ class RequestRecord:
             overhead_ms=ctx.overhead_ms(),
             queue_ms=ctx.queue_s * 1000.0,
             decisions=ctx.decisions,
+            bodies=bodies,
         )

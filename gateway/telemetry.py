@@ -286,6 +286,12 @@ class Metrics:
             "Request log rows dropped because the write-behind queue was full.",
             registry=r,
         )
+        self.shared_fallbacks = Counter(
+            "icgate_shared_state_fallbacks_total",
+            "Requests counted by this replica alone because Redis (shared state) did not answer.",
+            ["what"],  # slots | limits
+            registry=r,
+        )
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request. Errors and fallbacks are counted where they happen."""

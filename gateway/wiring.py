@@ -26,8 +26,11 @@ from icgate.gateway import route_models
 from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendClient
 from icgate.gateway.backends.local import LocalBackends
+from icgate.gateway.backends.shared import SharedSlots
 from icgate.gateway.backends.signals import SignalPoller
+from icgate.gateway.cache_replay import ReplayRuns
 from icgate.gateway.config import EmbeddingConfig, Policy, models_dir
+from icgate.gateway.live_policy import LivePolicy
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.run import Pipeline
 from icgate.gateway.records import Tenant, namespace_for
@@ -104,6 +107,7 @@ class Gateway:
         data_dir: Path,
         launch_local: bool = True,
         embeddings: EmbeddingService | None = None,
+        policy_path: Path | None = None,
     ) -> None:
         self.policy = policy
         self.data_dir = data_dir
@@ -126,7 +130,13 @@ class Gateway:
         self.telemetry.metrics.watch_backends(self.admission.snapshot)
         self.loop_lag = LoopLagMonitor(self.telemetry.metrics.loop_lag.observe)
         self._spend_task: asyncio.Task[None] | None = None
+        self._limiter: TenantLimiter | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.replays: ReplayRuns | None = None  # cache replay runs started from the console
+        self.shared: SharedSlots | None = None  # state shared with the other replicas (Redis)
         self._pipeline: Pipeline | None = None
+        # The policy file, if any: the console's changes are applied through it (gateway/live_policy.py).
+        self.live_policy = LivePolicy(policy, policy_path, self.swap_policy, policy.admin.policy_poll_s)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -142,6 +152,7 @@ class Gateway:
         self.loop_lag.start()
         await asyncio.to_thread(db.upgrade, self.database_url)
         self.engine = db.make_engine(self.database_url)
+        await self._start_shared()
         self.log_writer = RequestLogWriter(self.engine, self.policy.request_log)
         await self.log_writer.start()
         self.sample_writer = RouteSampleWriter(self.engine, self.policy.request_log)
@@ -176,22 +187,76 @@ class Gateway:
         )
         for watcher in self.watchers:
             watcher.start()
+        await self.live_policy.start(self.engine)
+        self.replays = ReplayRuns(self.engine, lambda: self.policy, self._in_flight)
         self.ready = True
+
+    def _in_flight(self, backend: str) -> int:
+        state = self.admission.snapshot().get(backend, {})
+        return int(state.get("in_flight") or 0)
+
+    async def _start_shared(self) -> None:
+        """With a Redis URL, backend slots and key revocations are shared with every replica."""
+        url = self.policy.shared_state.url()
+        if url is None:
+            return
+        config = self.policy.shared_state
+        self.shared = SharedSlots.from_url(url, config.key_prefix, config.lease_s)
+        await self.shared.start()
+        fallbacks = self.telemetry.metrics.shared_fallbacks
+        self.admission.share(self.shared, fallbacks.labels("slots").inc)
+        self.shared.on_keys_revoked = self._forget_keys
+        log.info("shared state in Redis (%s): slots, rate limits and key revocations", config.key_prefix)
+
+    def _forget_keys(self) -> None:
+        forget = getattr(self._pipeline.authenticator if self._pipeline else None, "forget", None)
+        if callable(forget):
+            forget()
+
+    def keys_revoked(self) -> None:
+        """A key was revoked: this replica forgets the keys it knew at once, and so does every replica
+        that shares Redis with it (else within their key cache's few seconds)."""
+        self._forget_keys()
+        if self.shared is not None:
+            task = asyncio.get_running_loop().create_task(self.shared.announce_revocation())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _start_limits(self) -> TenantLimiter:
         """Tenants' rate limits and budgets (spend read from the request log), backends' own signals."""
-        limiter = TenantLimiter(self.policy.admission, self.engine)
+        limiter = self._limiter = TenantLimiter(
+            self.policy.admission,
+            self.engine,
+            shared_url=self.policy.shared_state.url(),
+            on_shared_down=self.telemetry.metrics.shared_fallbacks.labels("limits").inc,
+            shared_prefix=self.policy.shared_state.key_prefix,
+        )
         if limiter.budgeted_tenants():
             await asyncio.to_thread(limiter.refresh_spend)
+            await limiter.seed_shared()
             self._spend_task = asyncio.create_task(self._refresh_spend(limiter), name="icgate-spend")
         self.signals.start()
         return limiter
 
-    async def _refresh_spend(self, limiter: TenantLimiter) -> None:
+    def swap_policy(self, policy: Policy) -> None:
+        """A policy changed where it is read per request: in force from the next request on. A budget
+        set this way counts what the tenant already spent in its window from the next spend reading."""
+        self.policy = policy
+        self.pipeline.swap_policy(policy)
+        limiter = self._limiter
+        if limiter is not None and limiter.budgeted_tenants() and self._spend_task is None:
+            self._spend_task = asyncio.create_task(
+                self._refresh_spend(limiter, first=0.0), name="icgate-spend"
+            )
+
+    async def _refresh_spend(self, limiter: TenantLimiter, first: float | None = None) -> None:
+        wait = self.policy.admission.spend_refresh_s if first is None else first
         while True:
-            await asyncio.sleep(self.policy.admission.spend_refresh_s)
+            await asyncio.sleep(wait)
+            wait = self.policy.admission.spend_refresh_s
             try:
                 await asyncio.to_thread(limiter.refresh_spend)
+                await limiter.seed_shared()
             except Exception as exc:  # the database may be briefly away: keep the last reading
                 log.warning("could not re-read tenants' spend: %s", type(exc).__name__)
 
@@ -284,6 +349,13 @@ class Gateway:
     async def stop(self) -> None:
         """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
         self.ready = False
+        await self.live_policy.stop()
+        if self.replays is not None:
+            await self.replays.stop()
+        if self.shared is not None:
+            await self.shared.close()
+        if self._limiter is not None:
+            await self._limiter.close()
         await self.loop_lag.stop()
         await self.signals.stop()
         if self._spend_task is not None:

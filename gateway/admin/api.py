@@ -6,18 +6,21 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 
-from icgate.gateway.admin.deps import AdminChange, CurrentAdmin, GatewayDep
+from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, GatewayDep, auth_of
 from icgate.gateway.admin.explain import explain
 from icgate.gateway.admin.overview import Summary, summarize, window
+from icgate.gateway.admin.tenants import EDITABLE_NAME, TenantView, limit_changes, tenant_views
 from icgate.gateway.errors import GatewayError
+from icgate.gateway.live_policy import PolicyRejected
 from icgate.gateway.records import ANONYMOUS, Tenant, namespace_for
-from icgate.gateway.store import keys, request_log, tables
+from icgate.gateway.store import admin_keys, keys, request_log, tables
+from icgate.gateway.store.admin_keys import AdminKeyInfo
 from icgate.gateway.store.cache_entries import CacheEntries, StoredEntry, list_entries
 from icgate.gateway.store.keys import KeyInfo
 from icgate.gateway.store.request_log import LogFilter, LogRow, Overview, get_request, list_requests
@@ -30,6 +33,7 @@ PAGE = 50
 
 def row_json(row: LogRow) -> dict[str, Any]:
     out = asdict(row)
+    out.pop("bodies", None)  # shown once, as the explanation's facts (`bodies.prompt`, `bodies.answer`)
     out["created_at"] = row.created_at.isoformat()
     return out
 
@@ -127,7 +131,7 @@ class NewKey(BaseModel):
     tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
 
 
-def key_json(info: KeyInfo) -> dict[str, Any]:
+def key_json(info: KeyInfo | AdminKeyInfo) -> dict[str, Any]:
     out = asdict(info)
     for name in ("created_at", "revoked_at", "last_used_at"):
         out[name] = out[name].isoformat() if out[name] is not None else None
@@ -136,11 +140,9 @@ def key_json(info: KeyInfo) -> dict[str, Any]:
 
 
 def forget_cached_keys(gw: Gateway) -> None:
-    """A revoked key stops working at once on this replica (others within the key cache's few seconds)."""
-    authenticator = gw.pipeline.authenticator if gw.ready else None
-    forget = getattr(authenticator, "forget", None)
-    if callable(forget):
-        forget()
+    """A revoked key stops working at once on this replica, and on every replica sharing its Redis (the
+    others within their key cache's few seconds)."""
+    gw.keys_revoked()
 
 
 def engine_of(gw: Gateway) -> sa.Engine:
@@ -170,6 +172,111 @@ async def keys_revoke(key_id: int, gw: GatewayDep, _admin: AdminChange) -> dict[
     if not revoked:
         raise GatewayError(404, f"No key {key_id}.", type="not_found_error")
     forget_cached_keys(gw)
+    return {"key_id": key_id, "revoked": True}
+
+
+# --- tenants: limits, budgets, spend; edited through the live policy ------------------------------------
+
+
+class TenantEdit(BaseModel):
+    """Fields of a tenant's own policy entry to change: a field sent as null is removed, one not sent
+    stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: str | None = Field(None, min_length=1, max_length=32)
+    requests_per_min: int | None = Field(None, ge=1)
+    tokens_per_min: int | None = Field(None, ge=1)
+    budget_usd: float | None = Field(None, ge=0, allow_inf_nan=False)
+    budget_window: Literal["day", "month", "total"] | None = None
+    note: str = Field("", max_length=500)
+
+
+def tenant_json(view: TenantView) -> dict[str, Any]:
+    out = {name: getattr(view, name) for name in view.__dataclass_fields__}
+    out["spend_since"] = view.spend_since.isoformat()
+    out["own"] = view.own.model_dump() if view.own is not None else None
+    return out
+
+
+async def tenants_of(gw: Gateway) -> list[TenantView]:
+    return await asyncio.to_thread(tenant_views, engine_of(gw), gw.policy.admission, datetime.now(UTC))
+
+
+async def edit_tenant(
+    gw: Gateway, name: str, edit: dict[str, object], admin: Admin, note: str
+) -> dict[str, object]:
+    """Apply an edit of `name`'s own limits through the live policy (a new policy version by this admin,
+    in force at once here and on the other replicas at their next poll); the changes made (none: nothing
+    differed, nothing applied). A refused change is a 400 naming the policy's first issue."""
+    if not EDITABLE_NAME.match(name):
+        raise GatewayError(
+            400,
+            f"The console edits tenants named with letters, digits and _ @ - (or '*'), not '{name}' "
+            "(a dot separates a policy path's parts): edit the policy file for this one.",
+            param="tenant",
+        )
+    changes = limit_changes(name, gw.policy.admission.tenants.get(name), edit)
+    if not changes:
+        return changes
+    if not gw.ready:  # the live policy starts with the gateway
+        raise GatewayError(503, "The gateway is starting.", type="server_error")
+    try:
+        await gw.live_policy.apply_changes(
+            changes, author=admin.who, source="console", note=note or f"limits of tenant {name}"
+        )
+    except PolicyRejected as exc:
+        first = next((i.key for i in exc.issues if i.key), None)
+        raise GatewayError(
+            400, f"The policy refused the change: {exc}", param=first, code="policy_rejected"
+        ) from None
+    return changes
+
+
+@router.get("/tenants")
+async def tenants_list(gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
+    """Every tenant (in the tenants table or named in the policy): its priority class, requests and tokens
+    per minute, budget and its window, spend to date in that window, and its live keys. `every_other` is
+    the policy's `*` entry, for tenants it does not list."""
+    admission = gw.policy.admission
+    found = await tenants_of(gw)
+    every_other = admission.tenants.get("*")
+    return {
+        "data": [tenant_json(v) for v in found],
+        "every_other": every_other.model_dump() if every_other is not None else None,
+        "default_class": admission.default_class,
+        "classes": sorted(admission.classes),
+        "enforced": admission.enabled,
+    }
+
+
+@router.post("/tenants/{name}")
+async def tenants_edit(name: str, body: TenantEdit, gw: GatewayDep, admin: AdminChange) -> dict[str, Any]:
+    """Change a tenant's own limits in the policy, live, recorded as a policy version by this admin.
+    Only the fields sent change (null removes one); `*` is the entry for tenants the policy does not list."""
+    edit = body.model_dump(include=body.model_fields_set - {"note"})
+    changes = await edit_tenant(gw, name, edit, admin, body.note)
+    view = next((v for v in await tenants_of(gw) if v.name == name), None)
+    return {"tenant": name, "changes": changes, "data": tenant_json(view) if view is not None else None}
+
+
+# --- admin keys (made with `icgate admin create-key`) -------------------------------------------------
+
+
+@router.get("/admin-keys")
+async def admin_keys_list(gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
+    """Every stored admin key, without its secret (the environment's key is not stored, so not listed)."""
+    found = await asyncio.to_thread(admin_keys.list_admin_keys, engine_of(gw))
+    return {"data": [key_json(k) for k in found]}
+
+
+@router.post("/admin-keys/{key_id}/revoke")
+async def admin_keys_revoke(
+    key_id: int, gw: GatewayDep, request: Request, _admin: AdminChange
+) -> dict[str, Any]:
+    """Revoke an admin key and end its sessions: at once on this replica, within 5 s on the others."""
+    if not await asyncio.to_thread(admin_keys.revoke_admin_key, engine_of(gw), key_id):
+        raise GatewayError(404, f"No admin key {key_id}.", type="not_found_error")
+    auth_of(request).drop_stored(key_id)
     return {"key_id": key_id, "revoked": True}
 
 

@@ -19,34 +19,43 @@ from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from markupsafe import Markup
+from pydantic import ValidationError
 
 from icgate.gateway.admin.api import (
     LogFilterDep,
     NewKey,
+    TenantEdit,
     cache_page_of,
+    edit_tenant,
     engine_of,
     entries_of,
     forget_cached_keys,
     overview_of,
     page_of,
+    tenants_of,
     verifier_threshold,
 )
 from icgate.gateway.admin.auth import SESSION_COOKIE
 from icgate.gateway.admin.deps import (
+    Admin,
     AdminChange,
     CurrentAdmin,
     GatewayDep,
     LoginNeeded,
     auth_of,
+    checked_auth,
     form_lists,
     form_of,
+    note_use,
 )
 from icgate.gateway.admin.explain import explain
 from icgate.gateway.admin.overview import RANGES, route_chart, savings_chart
+from icgate.gateway.admin.tenants import EDITABLE_NAME, LIMIT_FIELDS
 from icgate.gateway.config import AdminConfig
-from icgate.gateway.errors import error_body
-from icgate.gateway.store import keys
+from icgate.gateway.errors import GatewayError, error_body
+from icgate.gateway.store import admin_keys, keys, replay_runs
 from icgate.gateway.store.request_log import get_request
+from icgate.gateway.wiring import Gateway
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 TEMPLATES = Environment(
@@ -79,6 +88,9 @@ def install(app: FastAPI, config: AdminConfig) -> None:
         return RedirectResponse(f"{base(request)}/login?next={target}", status_code=303)
 
     app.include_router(router)
+    from icgate.gateway.admin.router_page import page as router_page  # it imports this module
+
+    app.include_router(router_page)
 
 
 def base(request: Request) -> str:
@@ -97,7 +109,7 @@ async def login_page(request: Request, next: str = "") -> Response:
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    auth = auth_of(request)
+    auth = await checked_auth(request)
     form = await form_of(request)
     address = request.client.host if request.client else "unknown"
     limiter: LoginLimiter = request.app.state.admin_login_limiter
@@ -105,10 +117,12 @@ async def login(request: Request) -> Response:
         return render(
             request, "login.html", 429, next=form.get("next", ""), error="Too many attempts: wait a minute."
         )
-    if not auth.enabled or not auth.is_admin_key(form.get("key", "")):
+    credential = auth.credential(form.get("key", "")) if auth.enabled else None
+    if credential is None:
         return render(
             request, "login.html", 401, next=form.get("next", ""), error="That is not the admin key."
         )
+    await note_use(request, auth, credential)
     next_path = form.get("next") or ""
     # Only a path of this console, never another site (an open redirect).
     target = (
@@ -119,7 +133,7 @@ async def login(request: Request) -> Response:
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
-        auth.new_session(),
+        auth.new_session(credential),
         max_age=int(auth.session_s),
         httponly=True,
         samesite="strict",
@@ -180,10 +194,31 @@ async def request_page(request_id: str, request: Request, gw: GatewayDep, admin:
     return render(request, "request.html", admin=admin, row=row, stages=explain(row, verifier_threshold(gw)))
 
 
+async def keys_render(
+    request: Request, gw: Gateway, admin: Admin, status: int = 200, **shown: Any
+) -> HTMLResponse:
+    """The keys page: tenants' keys, the tenants table, and stored admin keys (plus what `shown` adds)."""
+    engine = engine_of(gw)
+    found = await asyncio.to_thread(keys.list_keys, engine)
+    tenants = await tenants_of(gw)
+    stored = await asyncio.to_thread(admin_keys.list_admin_keys, engine)
+    context: dict[str, Any] = {"created": None, "error": None, **shown}
+    return render(
+        request,
+        "keys.html",
+        status,
+        admin=admin,
+        keys=found,
+        tenants=tenants,
+        admission=gw.policy.admission,
+        admin_keys=stored,
+        **context,
+    )
+
+
 @router.get("/keys")
 async def keys_page(request: Request, gw: GatewayDep, admin: CurrentAdmin) -> Response:
-    found = await asyncio.to_thread(keys.list_keys, engine_of(gw))
-    return render(request, "keys.html", admin=admin, keys=found, created=None, error=None)
+    return await keys_render(request, gw, admin)
 
 
 @router.post("/keys")
@@ -192,12 +227,71 @@ async def keys_create_page(request: Request, gw: GatewayDep, admin: AdminChange)
     try:
         NewKey(tenant=tenant)
     except ValueError:
-        found = await asyncio.to_thread(keys.list_keys, engine_of(gw))
         error = "A tenant name is letters, digits and . _ @ - (starting with a letter or digit)."
-        return render(request, "keys.html", 400, admin=admin, keys=found, created=None, error=error)
+        return await keys_render(request, gw, admin, 400, error=error)
     created = await asyncio.to_thread(keys.create_key, engine_of(gw), tenant)
-    found = await asyncio.to_thread(keys.list_keys, engine_of(gw))
-    return render(request, "keys.html", 201, admin=admin, keys=found, created=created, error=None)
+    return await keys_render(request, gw, admin, 201, created=created)
+
+
+def tenant_form(form: dict[str, str]) -> dict[str, object]:
+    """The limits a tenant's edit form sends (a blank field: no limit), checked as the API checks them."""
+    sent = {name: form[name].strip() or None for name in LIMIT_FIELDS if name in form}
+    try:
+        edit = TenantEdit.model_validate(sent)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "limits"
+        raise GatewayError(400, f"{where}: {first['msg']}", param=where) from None
+    return edit.model_dump(include=set(sent))
+
+
+async def tenant_render(
+    request: Request, gw: Gateway, admin: Admin, name: str, status: int = 200, error: str | None = None
+) -> HTMLResponse:
+    """A tenant's limits and their form, prefilled with its own entry in the policy."""
+    view = next((v for v in await tenants_of(gw) if v.name == name), None)
+    own = gw.policy.admission.tenants.get(name)
+    return render(
+        request,
+        "tenant.html",
+        status,
+        admin=admin,
+        name=name,
+        view=view,
+        own=own,
+        admission=gw.policy.admission,
+        error=error,
+    )
+
+
+@router.get("/tenants/{name}")
+async def tenant_page(name: str, request: Request, gw: GatewayDep, admin: CurrentAdmin) -> Response:
+    if not EDITABLE_NAME.match(name):  # a dot in its name: the policy's paths cannot name it
+        error = "This tenant's name cannot be edited from the console: edit the policy file."
+        return await tenant_render(request, gw, admin, name, 400, error)
+    return await tenant_render(request, gw, admin, name)
+
+
+@router.post("/tenants/{name}")
+async def tenant_edit_page(name: str, request: Request, gw: GatewayDep, admin: AdminChange) -> Response:
+    try:
+        await edit_tenant(gw, name, tenant_form(await form_of(request)), admin, "")
+    except GatewayError as exc:
+        if exc.status_code >= 500:
+            raise
+        return await tenant_render(request, gw, admin, name, exc.status_code, exc.message)
+    anchor = "every-other" if name == "*" else quote(name)
+    return RedirectResponse(f"{base(request)}/keys#tenant-{anchor}", status_code=303)
+
+
+@router.post("/admin-keys/{key_id}/revoke")
+async def admin_key_revoke_page(
+    key_id: int, request: Request, gw: GatewayDep, _admin: AdminChange
+) -> Response:
+    """Revoke a stored admin key: its sessions end at once here (this one too, if it opened it)."""
+    if await asyncio.to_thread(admin_keys.revoke_admin_key, engine_of(gw), key_id):
+        auth_of(request).drop_stored(key_id)
+    return RedirectResponse(f"{base(request)}/keys", status_code=303)
 
 
 @router.post("/keys/{key_id}/revoke")
@@ -215,12 +309,26 @@ async def cache_page(
     tenant: str | None = None,
     q: str | None = None,
     before: int | None = None,
+    replay_error: str | None = None,
 ) -> Response:
     found, next_before = await cache_page_of(gw, tenant, q, 50, before)
+    runs = await asyncio.to_thread(replay_runs.recent, engine_of(gw), 5)
     filters = {k: v for k, v in {"tenant": tenant, "q": q}.items() if v}
     older = f"?{urlencode({**filters, 'before': next_before})}" if next_before else None
     now = datetime.now(UTC)
-    return render(request, "cache.html", admin=admin, entries=found, filters=filters, older=older, now=now)
+    return render(
+        request,
+        "cache.html",
+        admin=admin,
+        entries=found,
+        filters=filters,
+        older=older,
+        now=now,
+        runs=runs,
+        replay_error=replay_error,
+        # follow a run while it goes (the runs table is the live part)
+        live=any(r.status == "running" for r in runs),
+    )
 
 
 @router.post("/cache/delete")

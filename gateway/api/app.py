@@ -16,6 +16,8 @@ from fastapi import FastAPI
 
 from icgate.gateway.admin import api as admin_api
 from icgate.gateway.admin import pages as admin_pages
+from icgate.gateway.admin import policy_page, replay
+from icgate.gateway.admin import router_page as admin_router_page
 from icgate.gateway.admin.auth import AdminAuth
 from icgate.gateway.api.bounds import RequestLimits
 from icgate.gateway.api.drain import CUT_MARGIN_S, Drain
@@ -57,7 +59,12 @@ def create_app(gateway: Gateway, freeze_heap: bool = False) -> FastAPI:
     # The admin console: its JSON API (in the schema) and its pages (not).
     app.state.admin_auth = AdminAuth(gateway.policy.admin.key(), gateway.policy.admin.session_minutes * 60)
     app.include_router(admin_api.router)
+    app.include_router(admin_router_page.api)
     admin_pages.install(app, gateway.policy.admin)
+    app.include_router(policy_page.api)
+    app.include_router(policy_page.pages)
+    app.include_router(replay.api)
+    app.include_router(replay.pages)
     return app
 
 

@@ -25,17 +25,21 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 
+from icgate.gateway.backends.shared import SharedSlots, SharedStateDown
 from icgate.gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
+
+log = logging.getLogger("icgate.admission")
 
 
 class AdmissionRefused(Exception):
@@ -213,6 +217,18 @@ class TtftModel:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where admission placed a request, and what it saw of that backend at the decision: kept for the
+    request's explanation, never computed for it."""
+
+    backend: BackendConfig
+    spilled: bool
+    in_flight: int  # requests holding one of its slots
+    waiting: int  # requests in its queue
+    ttft_s: float | None = None  # the predicted time to first token, when the choice needed one
+
+
+@dataclass(frozen=True)
 class BackendSignals:
     """What a backend reports about itself (vLLM's /metrics), and when it was read."""
 
@@ -257,6 +273,7 @@ class BackendState:
         self.errors = 0
         self.served = 0
         self.signals: BackendSignals | None = None
+        self.elsewhere = 0  # slots other replicas hold (shared state), as last counted
 
     @property
     def in_flight(self) -> int:
@@ -310,7 +327,11 @@ class BackendState:
 
     @property
     def utilisation(self) -> float:
-        return (self.in_flight + self.waiting) / self.config.max_concurrent
+        return (self.in_flight + self.elsewhere + self.waiting) / self.config.max_concurrent
+
+
+def _seen(state: BackendState, spilled: bool, ttft_s: float | None = None) -> Placement:
+    return Placement(state.config, spilled, state.in_flight, state.waiting, ttft_s)
 
 
 class Admission:
@@ -333,6 +354,27 @@ class Admission:
         self.clock = clock
         self.signals_clock = signals_clock
         self._seq = itertools.count()
+        self.shared: SharedSlots | None = None
+        self.on_shared_down: Callable[[], None] = lambda: None
+        self._warned_down = -math.inf
+
+    def share(self, shared: SharedSlots, on_down: Callable[[], None]) -> None:
+        """Take slots from the count every replica shares (docs/scaling.md); `on_down` hears of each
+        request that fell back to this replica's own count because Redis did not answer."""
+        self.shared = shared
+        self.on_shared_down = on_down
+        shared.backends = list(self.states)
+        shared.on_counts = self._note_elsewhere
+
+    def _note_elsewhere(self, counts: dict[str, int]) -> None:
+        for name, n in counts.items():
+            state = self.states.get(name)
+            if state is None:
+                continue
+            freed = n < state.elsewhere
+            state.elsewhere = n
+            if freed:
+                self._grant(state)  # slots other replicas gave back may start this replica's waiters
 
     # --- estimates ------------------------------------------------------------------------------
 
@@ -345,9 +387,10 @@ class Admission:
         """A free slot and room for the request's tokens (an idle backend always has room)."""
         if not self.config.enabled:
             return True
-        if state.in_flight == 0:
+        busy = state.in_flight + state.elsewhere
+        if busy == 0:
             return True
-        if state.in_flight >= state.config.max_concurrent:
+        if busy >= state.config.max_concurrent:
             return False
         signals = state.fresh_signals(self.signals_clock(), self.config.metrics_stale_s)
         if signals is not None and signals.kv_usage is not None and signals.kv_usage >= 0.98:
@@ -426,7 +469,15 @@ class Admission:
     def place(
         self, ask: Ask, candidates: Sequence[BackendConfig], spill: Sequence[BackendConfig] = ()
     ) -> tuple[BackendConfig, bool]:
-        """The backend that should take the request and whether that is a spill; or AdmissionRefused.
+        """The backend that should take the request and whether that is a spill (see `decide`)."""
+        placed = self.decide(ask, candidates, spill)
+        return placed.backend, placed.spilled
+
+    def decide(
+        self, ask: Ask, candidates: Sequence[BackendConfig], spill: Sequence[BackendConfig] = ()
+    ) -> Placement:
+        """The backend that should take the request, whether that is a spill, and what admission saw of
+        it; or AdmissionRefused.
 
         Backends whose circuit is open are skipped; when that leaves no candidate, the spill candidates
         stand in (a spill), and with none of those either, BackendUnavailable. Then: admit now where
@@ -443,16 +494,16 @@ class Admission:
                 retry = min((self.states[b.name].breaker.retry_after_s(now) for b in candidates), default=1.0)
                 raise BackendUnavailable([b.name for b in candidates], retry)
             live, live_spill = live_spill, []
-        backend, spilled = self._choose(ask, live, live_spill, now)
-        self.states[backend.name].breaker.begin(now)
-        return backend, spilled or forced
+        placed = self._choose(ask, live, live_spill, now)
+        self.states[placed.backend.name].breaker.begin(now)
+        return replace(placed, spilled=True) if forced else placed
 
     def _choose(
         self, ask: Ask, candidates: Sequence[BackendConfig], spill: Sequence[BackendConfig], now: float
-    ) -> tuple[BackendConfig, bool]:
+    ) -> Placement:
         states = [self.states[b.name] for b in candidates]
         if not self.config.enabled:
-            return min(states, key=lambda s: s.in_flight).config, False
+            return _seen(min(states, key=lambda s: s.in_flight), False)
         budget = ask.budget_s(now, self.config.ttft_margin)
         free = [
             s
@@ -463,18 +514,18 @@ class Admission:
             and (budget is None or s.in_flight == 0 or self.first_token_s(s, ask, 0.0, now) <= budget)
         ]
         if free:
-            return min(free, key=lambda s: s.utilisation).config, False
+            return _seen(min(free, key=lambda s: s.utilisation), False)
         if budget is None:
-            return min(states, key=lambda s: s.utilisation).config, False
+            return _seen(min(states, key=lambda s: s.utilisation), False)
         best_ttft, best = min(((self.ttft_s(s, ask, now), s) for s in states), key=lambda p: p[0])
         if best_ttft <= budget and best.waiting < self.config.max_queue:
-            return best.config, False
+            return _seen(best, False, best_ttft)
         spill_states = [self.states[b.name] for b in spill]
         if spill_states:
             other_ttft, other = min(((self.ttft_s(s, ask, now), s) for s in spill_states), key=lambda p: p[0])
             has_place = other.waiting < self.config.max_queue or self.has_room(other, ask, now)
             if other_ttft <= budget and has_place:
-                return other.config, True
+                return _seen(other, True, other_ttft)
         retry = max(1.0, math.ceil(best_ttft - max(budget, 0.0)))
         if best.waiting >= self.config.max_queue:
             reason = f"backend {best.config.name} has {best.waiting} requests queued (the limit)"
@@ -509,11 +560,61 @@ class Admission:
             job = await self._queue(state, ask, now)
         else:
             job = state.start_job(ask, now)
+        owner = None
         try:
+            if self.shared is not None:
+                owner = await self._shared_slot(state, ask, job)
             yield job
         finally:
             self._finish(state, job)
             self._grant(state)
+            if owner is not None:
+                await self._give_back(state, owner)
+
+    async def _shared_slot(self, state: BackendState, ask: Ask, job: Job) -> str | None:
+        """This replica has given the request a slot; now one of the slots all replicas share. Waits in
+        the shared line no longer than the request's objective (or `max_queue_wait_s`) allows; refused
+        past that. Redis not answering: go on with this replica's slot alone (warned, counted)."""
+        assert self.shared is not None
+        now = self.clock()
+        budget = ask.budget_s(now, self.config.ttft_margin)
+        timeout = self.config.max_queue_wait_s
+        if budget is not None:
+            timeout = min(timeout, max(0.0, budget - self.first_token_s(state, ask, 0.0, now)))
+        owner = self.shared.new_owner()
+        order = ask.rank * 1e10 + time.time()  # class first, then arrival (replicas' clocks agree enough)
+        try:
+            got = await self.shared.acquire(
+                state.config.name, state.config.max_concurrent, owner, order, timeout
+            )
+        except SharedStateDown:
+            self._shared_down()
+            return None
+        if not got:
+            raise AdmissionRefused(
+                state.config.name,
+                max(1.0, math.ceil(self.wait_s(state, ask, self.clock()))),
+                f"backend {state.config.name} is at capacity ({state.config.max_concurrent} in flight across "
+                "replicas) and the request could not start in time",
+            )
+        started = self.clock()
+        job.queued_s += started - now
+        job.started = started  # its time to first token counts from here
+        return owner
+
+    async def _give_back(self, state: BackendState, owner: str) -> None:
+        assert self.shared is not None
+        try:
+            await asyncio.shield(self.shared.release(state.config.name, owner))
+        except SharedStateDown:
+            self._shared_down()  # the lease runs out on its own
+
+    def _shared_down(self) -> None:
+        self.on_shared_down()
+        now = time.monotonic()
+        if now - self._warned_down >= 30.0:
+            self._warned_down = now
+            log.warning("Redis does not answer: backend slots are counted by this replica alone")
 
     async def _queue(self, state: BackendState, ask: Ask, now: float) -> Job:
         if len(state.waiters) >= self.config.max_queue:

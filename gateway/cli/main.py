@@ -1,4 +1,5 @@
-"""`icgate`: serve, check a policy, migrate the database, manage API keys, the cache and the learned parts."""
+"""`icgate`: serve, check a policy, migrate the database, manage API keys and admin keys, the cache and the
+learned parts."""
 
 from __future__ import annotations
 
@@ -72,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     policy_args(revoke)
     revoke.add_argument("key_id", type=int)
     policy_args(ksub.add_parser("list", help="list keys (never their secrets)"))
+
+    admin = sub.add_parser("admin", help="admin keys for the console (docs/admin.md)")
+    asub = admin.add_subparsers(dest="admin_command", required=True)
+    make = asub.add_parser("create-key", help="create an admin key; it is shown once, as the last line")
+    policy_args(make)
+    make.add_argument("--name", default="admin", help="who the key is for, recorded with what it changes")
+    drop = asub.add_parser("revoke-key", help="revoke an admin key by its id (its sessions end too)")
+    policy_args(drop)
+    drop.add_argument("key_id", type=int)
+    policy_args(asub.add_parser("list-keys", help="list admin keys (never their secrets)"))
 
     cache = sub.add_parser("cache", help="semantic cache: calibrate, evaluate, replay")
     csub = cache.add_subparsers(dest="cache_command", required=True)
@@ -169,9 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     if args.command == "serve":
         policy = with_root_path(policy, args.root_path)
+        # The shipped default policy is never rewritten: the console's changes to it live in the database.
+        path = None if args.policy == DEFAULT_POLICY else args.policy
         if args.workers > 1:
-            return serve_workers(policy, data_dir, args.host, args.port, args.workers, not args.no_launch)
-        return serve(policy, data_dir, args.host, args.port, launch_local=not args.no_launch)
+            return serve_workers(
+                policy, data_dir, args.host, args.port, args.workers, not args.no_launch, policy_path=path
+            )
+        return serve(
+            policy, data_dir, args.host, args.port, launch_local=not args.no_launch, policy_path=path
+        )
     if args.command == "db":
         return migrate(policy, data_dir)
     if args.command == "prepare":
@@ -192,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             sub = getattr(args, f"{args.command}_command")
             print(f"icgate {args.command} {sub}: {exc}", file=sys.stderr)
             return 2
-    return manage_keys(args, policy, data_dir)
+    manage = {"admin": manage_admin_keys}.get(args.command, manage_keys)
+    return manage(args, policy, data_dir)
 
 
 def serve(
@@ -202,6 +220,7 @@ def serve(
     port: int,
     launch_local: bool,
     sock: socket.socket | None = None,
+    policy_path: Path | None = None,
 ) -> int:
     """One gateway process; on `sock` (a worker's shared listening socket) instead of host:port if given."""
     from icgate.gateway.api.app import create_app
@@ -211,14 +230,21 @@ def serve(
     # Idle sockets must not run the process out of descriptors before the connection cap refuses them.
     soft, hard = raise_fd_limit()
     logging.getLogger("icgate").info("file-descriptor limit %d (hard %d)", soft, hard)
-    app = create_app(Gateway(policy, data_dir, launch_local=launch_local), freeze_heap=True)
+    gateway = Gateway(policy, data_dir, launch_local=launch_local, policy_path=policy_path)
+    app = create_app(gateway, freeze_heap=True)
     server = build_server(app, host, port, log_level="info")
     server.run(sockets=None if sock is None else [sock])
     return 0 if server.started else 3  # uvicorn's exit status for a failed start
 
 
 def serve_workers(
-    policy: Policy, data_dir: Path, host: str, port: int, workers: int, launch_local: bool
+    policy: Policy,
+    data_dir: Path,
+    host: str,
+    port: int,
+    workers: int,
+    launch_local: bool,
+    policy_path: Path | None = None,
 ) -> int:
     """`serve` in several processes on one port (gateway/api/workers.py says what they share)."""
     from icgate.cache.onnx_models import default_threads
@@ -244,7 +270,9 @@ def serve_workers(
         print(f"icgate serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 3
     return worker_processes.serve_workers(
-        workers, sock, lambda s: serve(policy, data_dir, host, port, launch_local=False, sock=s)
+        workers,
+        sock,
+        lambda s: serve(policy, data_dir, host, port, launch_local=False, sock=s, policy_path=policy_path),
     )
 
 
@@ -309,6 +337,39 @@ def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int
         for info in keys.list_keys(engine):
             state = "active" if info.active else "revoked"
             print(f"{info.key_id}\t{info.tenant_name}\t{info.key_prefix}\t{state}")
+        return 0
+    finally:
+        engine.dispose()
+
+
+def manage_admin_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    """Admin keys in the policy's database: a running gateway accepts a new one, and refuses a revoked
+    one, within a few seconds (docs/admin.md)."""
+    from icgate.gateway.store import admin_keys
+
+    engine = open_database(policy, data_dir)
+    try:
+        if args.admin_command == "create-key":
+            try:
+                created = admin_keys.create_admin_key(engine, args.name)
+            except ValueError as exc:
+                print(f"icgate admin create-key: {exc}", file=sys.stderr)
+                return 2
+            print(f"admin key id {created.key_id} ({created.name}); it is shown only once:")
+            print(created.key)
+            return 0
+        if args.admin_command == "revoke-key":
+            if admin_keys.revoke_admin_key(engine, args.key_id):
+                print(f"admin key {args.key_id} revoked")
+                return 0
+            print(f"no admin key with id {args.key_id}", file=sys.stderr)
+            return 1
+        print("id\tname\tstarts with\tcreated\tlast used\tstate")
+        for info in admin_keys.list_admin_keys(engine):
+            used = info.last_used_at.isoformat(timespec="seconds") if info.last_used_at else "never"
+            state = "active" if info.active else "revoked"
+            created_at = info.created_at.isoformat(timespec="seconds")
+            print(f"{info.key_id}\t{info.name}\t{info.key_prefix}\t{created_at}\t{used}\t{state}")
         return 0
     finally:
         engine.dispose()

@@ -58,7 +58,10 @@ class Gateway:
     ) -> None:
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy or DEFAULT_POLICY)
         # `embeddings`: models already loaded, shared by several gateways in one process (tests do that).
-        self.core = Core(self.policy, Path(data_dir), launch_local=launch_local, embeddings=embeddings)
+        path = Path(policy) if isinstance(policy, str | Path) and Path(policy) != DEFAULT_POLICY else None
+        self.core = Core(
+            self.policy, Path(data_dir), launch_local=launch_local, embeddings=embeddings, policy_path=path
+        )
         self._bridge: LoopBridge | None = None
         self._thread: threading.Thread | None = None
         self._tenants: dict[str, asyncio.Future[Tenant]] = {}

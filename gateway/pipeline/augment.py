@@ -3,6 +3,7 @@ useful retrieved pairs prepended as in-context examples. Other tiers get the req
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from icgate.text import estimate_tokens
 class Augmented:
     body: dict[str, Any]
     examples: list[int] = field(default_factory=list)  # ids of the cache entries prepended
+    chosen: Sequence[Example] = ()  # those entries as chosen (relevance, utility), for the explanation
 
 
 def augment(
@@ -33,7 +35,7 @@ def augment(
         return Augmented(ctx.body)
     if not (lookup.examples and lookup.candidates) or backend.tier != small_tier or ctx.endpoint != "chat":
         return Augmented(ctx.body)
-    messages, used = with_examples(
+    messages, chosen = with_examples(
         entries,
         ctx.body["messages"],
         lookup,
@@ -41,7 +43,9 @@ def augment(
         prompt_tokens,
         ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens"),
     )
-    return Augmented({**ctx.body, "messages": messages} if used else ctx.body, used)
+    if not chosen:
+        return Augmented(ctx.body)
+    return Augmented({**ctx.body, "messages": messages}, [e.entry_id for e in chosen], chosen)
 
 
 def with_examples(
@@ -51,9 +55,9 @@ def with_examples(
     context_window: int,
     prompt_tokens: int,
     max_tokens: int | None,
-) -> tuple[list[dict[str, Any]], list[int]]:
+) -> tuple[list[dict[str, Any]], list[Example]]:
     """Messages with the most useful similar pairs prepended (within the context window's share for
-    examples), and the ids of those pairs."""
+    examples), and those pairs."""
     config = entries.config
     if config.examples_k == 0 or not lookup.candidates:
         return messages, []
@@ -76,4 +80,4 @@ def with_examples(
     chosen = choose_examples(pool, config.examples_k, budget, min_similarity=config.examples_min_similarity)
     if not chosen:
         return messages, []
-    return augment_messages(messages, chosen, config.examples_style), [e.entry_id for e in chosen]
+    return augment_messages(messages, chosen, config.examples_style), chosen

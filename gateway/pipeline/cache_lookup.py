@@ -35,6 +35,15 @@ VERIFIED_CANDIDATES = 3  # the most similar candidates the verifier scores per r
 EMBEDDER_BUSY = "embedder-busy"  # why a request went without its embedding (`CacheLookup.skipped`)
 VERIFIER_BUSY = "verifier-busy"  # why it went without a semantic hit though it had candidates
 
+# Why a retrieved candidate never reached the verifier (`CacheLookup.passed_over`), and why no candidate
+# did (`CacheLookup.no_semantic`): short codes for the request log, put in words by the console.
+BELOW_PREFILTER = "prefilter"  # similarity under the verifier's cosine prefilter
+OTHER_CONTEXT = "context"  # a different conversation context or output constraints
+TOO_LONG = "too_long"  # longer than `cache.semantic_max_chars`
+OUTPUT_LIMIT = "output_limit"  # its answer is longer than the request's max_tokens allows
+NOT_ALLOWED = "not_allowed"  # expired, or of a lower tier than the named backend's
+NOT_TOP = "not_top"  # usable, but not among the VERIFIED_CANDIDATES most similar
+
 
 class Embed(Protocol):
     """The request embedding (`MicroBatcher.embed`); `scope` is the tenant's cache namespace, so that
@@ -69,6 +78,14 @@ class CacheLookup:
     # semantic hit, no examples, nothing stored, and the router takes its default tier) or VERIFIER_BUSY
     # (no semantic hit; the rest as usual).
     skipped: str | None = None
+    # What the semantic step judged, kept for the explanation (no work of its own): each candidate that
+    # the verifier did not see, with why (the codes above), and the prefilter they were held to; the
+    # verifier's score for each one it saw, and its threshold; why no candidate was tried (TOO_LONG).
+    passed_over: dict[int, str] = field(default_factory=dict)
+    prefilter: float | None = None
+    scores: dict[int, float] = field(default_factory=dict)
+    threshold: float | None = None
+    no_semantic: str | None = None
 
     @property
     def best_similarity(self) -> float | None:
@@ -172,18 +189,20 @@ async def look_up_semantic(
         return None
     limit = entries.semantic_max_chars
     if len(lookup.prompt_text) > limit:
+        lookup.no_semantic = TOO_LONG
         return None
-    usable = [
-        c
-        for c in lookup.candidates
-        if len(c.entry.prompt_text) <= limit
-        and c.entry.context_fingerprint == lookup.fingerprint
-        and c.similarity >= entries.verifier.cosine_threshold
-        # Only answers the request would have let finish (a 9-token answer never serves max_tokens 2).
-        and fits_output_limit(c.entry.completion_tokens, body)
-        and entries.allowed(c.entry, min_tier)
-    ]
-    usable = sorted(usable, key=lambda c: -c.similarity)[:VERIFIED_CANDIDATES]
+    prefilter = lookup.prefilter = entries.verifier.cosine_threshold
+    usable: list[Candidate] = []
+    for c in lookup.candidates:
+        why = why_passed_over(c, lookup, entries, min_tier, body, limit, prefilter)
+        if why is None:
+            usable.append(c)
+        else:
+            lookup.passed_over[c.entry.id] = why
+    usable.sort(key=lambda c: -c.similarity)
+    for c in usable[VERIFIED_CANDIDATES:]:
+        lookup.passed_over[c.entry.id] = NOT_TOP
+    del usable[VERIFIED_CANDIDATES:]
     if not usable:
         return None
     try:
@@ -191,10 +210,37 @@ async def look_up_semantic(
     except VerifierBusyError:
         lookup.skipped = VERIFIER_BUSY
         return None
+    threshold = entries.verifier.probability_threshold
+    lookup.threshold = threshold
+    lookup.scores = {c.entry.id: float(score) for c, score in zip(usable, scores, strict=True)}
     best = int(np.argmax(scores))
-    if scores[best] < entries.verifier.probability_threshold:
+    if scores[best] < threshold:
         return None
     return Hit(usable[best].entry, usable[best].similarity, "semantic", float(scores[best]))
+
+
+def why_passed_over(
+    c: Candidate,
+    lookup: CacheLookup,
+    entries: CacheEntries,
+    min_tier: str | None,
+    body: dict[str, Any],
+    limit: int,
+    prefilter: float,
+) -> str | None:
+    """Why a candidate may not go to the verifier (the first reason, as a code), or None if it may."""
+    if c.similarity < prefilter:
+        return BELOW_PREFILTER
+    if c.entry.context_fingerprint != lookup.fingerprint:
+        return OTHER_CONTEXT
+    if len(c.entry.prompt_text) > limit:
+        return TOO_LONG
+    # Only answers the request would have let finish (a 9-token answer never serves max_tokens 2).
+    if not fits_output_limit(c.entry.completion_tokens, body):
+        return OUTPUT_LIMIT
+    if not entries.allowed(c.entry, min_tier):
+        return NOT_ALLOWED
+    return None
 
 
 def hit_response(ctx: RequestContext, hit: Hit) -> dict[str, Any]:

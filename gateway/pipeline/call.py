@@ -115,13 +115,16 @@ class Caller:
         metrics = self.telemetry.metrics
         deadline = ctx.arrived + self.policy.request_budget_s()
         backend, spilled, tries = self._place(ctx, plan)
+        role = "fallback" if tries == 1 else "spill" if spilled else "first"
         while True:
             tries -= 1
             slot = AsyncExitStack()
+            took, queued = ctx.backend_s, 0.0  # this attempt's backend time is what it adds to backend_s
             try:
                 with self.telemetry.tracing.stage_span("admit"):
                     job = await slot.enter_async_context(self.admission.hold(backend, plan.ask))
-                ctx.queue_s += job.queued_s
+                queued = job.queued_s
+                ctx.queue_s += queued
                 slot.enter_context(metrics.backend_inflight(backend.name))
                 # The answer's size, for the backend's measured time per output token.
                 slot.callback(_note_output, ctx, job)
@@ -131,6 +134,7 @@ class Caller:
                 own = backend.first_byte_timeout_s(plan.ask.ttft_slo_s) if ctx.stream else backend.timeout_s
                 limit = max(0.0, min(own, deadline - time.perf_counter()))
                 result, examples = await self._call_once(ctx, plan, backend, limit, call)
+                explain.attempt(ctx, backend, role, ctx.backend_s - took, queued)
                 self.admission.backend_succeeded(backend)
                 if ctx.stream:
                     job.first_token_at = time.perf_counter()
@@ -142,13 +146,15 @@ class Caller:
                 self.admission.backend_neutral(backend)
                 metrics.admission(refused.backend, "refused")
                 explain.refused(ctx, refused.reason)
+                explain.attempt(ctx, backend, role, 0.0, refused=refused.reason)
                 raise refusal(refused) from None
             except BackendError as err:
                 await slot.aclose()
+                explain.attempt(ctx, backend, role, ctx.backend_s - took, queued, error=err)
                 fallback = self._after_failure(ctx, plan.target, backend, err, tries > 0, deadline)
                 if fallback is None:
                     raise backend_failure(err) from None
-                backend = fallback
+                backend, role = fallback, "fallback"
             except BaseException:
                 # Cancelled (the client left) or a bug: the slot is given back, the backend not blamed.
                 await slot.aclose()
@@ -160,7 +166,7 @@ class Caller:
         attempts are left (the first and one fallback; none left when the first is already a fallback)."""
         metrics = self.telemetry.metrics
         try:
-            backend, spilled = self.admission.place(plan.ask, plan.candidates, plan.spill)
+            placed = self.admission.decide(plan.ask, plan.candidates, plan.spill)
         except AdmissionRefused as refused:
             metrics.admission(refused.backend, "refused")
             explain.refused(ctx, refused.reason)
@@ -174,10 +180,12 @@ class Caller:
                 raise unavailable(down) from None
             self._fell_back(ctx, first, fallback, "circuit_open")
             return fallback, False, 1
-        if spilled:
+        explain.placed(ctx, placed, plan.ask)
+        backend = placed.backend
+        if placed.spilled:
             explain.spilled(ctx, ctx.route, backend)
             ctx.route = backend.tier
-        return backend, spilled, 2
+        return backend, placed.spilled, 2
 
     async def _call_once(
         self,
@@ -216,7 +224,7 @@ class Caller:
             augmented = augment(
                 ctx, plan.lookup, self.entries, backend, self.policy.small_tier, plan.ask.prompt_tokens
             )
-        explain.examples(ctx, augmented.examples)
+        explain.examples(ctx, augmented)
         return augmented
 
     def _after_failure(

@@ -7,11 +7,19 @@ Nothing downstream reads a decision back out of `ctx.decisions` to act on it.
 
 from __future__ import annotations
 
+from typing import Any
+
+from icgate.gateway.backends.admission import Ask, Placement
+from icgate.gateway.backends.client import BackendError
 from icgate.gateway.config import BackendConfig, PriorityClass
+from icgate.gateway.pipeline.augment import Augmented
 from icgate.gateway.pipeline.cache_lookup import CacheLookup
 from icgate.gateway.pipeline.route import RouteOutcome
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext
+
+NEAREST_SHOWN = 5  # the candidates the log keeps per request, the most similar first
+ERROR_MAX_CHARS = 200  # of an attempt's error message (the client-facing one, never the backend's detail)
 
 
 def tenant(ctx: RequestContext) -> None:
@@ -34,6 +42,43 @@ def cache(ctx: RequestContext, lookup: CacheLookup) -> None:
     }
     if lookup.skipped:
         ctx.decisions["cache"]["skipped"] = lookup.skipped
+    if lookup.candidates:
+        ctx.decisions["cache"]["nearest"] = nearest(lookup)
+        if lookup.prefilter is not None:
+            ctx.decisions["cache"]["prefilter"] = lookup.prefilter
+        if lookup.threshold is not None:
+            ctx.decisions["cache"]["threshold"] = lookup.threshold
+
+
+def nearest(lookup: CacheLookup) -> list[dict[str, Any]]:
+    """The most similar candidates, each with its similarity, the verifier's score if it ran on it, and
+    why it was or was not served (a code the console puts in words): from what the lookup kept."""
+    served = lookup.hit.entry.id if lookup.hit is not None else None
+    threshold = lookup.threshold
+    out = []
+    for c in lookup.candidates[:NEAREST_SHOWN]:
+        entry = c.entry.id
+        item: dict[str, Any] = {"entry": entry, "similarity": round(c.similarity, 4)}
+        score = lookup.scores.get(entry)
+        if score is not None:
+            item["verifier"] = round(score, 4)
+        if entry == served:
+            item["why"] = "served"
+        elif score is not None:
+            item["why"] = "below_threshold" if threshold is not None and score < threshold else "outscored"
+        else:
+            item["why"] = lookup.passed_over.get(entry) or _untried(lookup)
+        out.append(item)
+    return out
+
+
+def _untried(lookup: CacheLookup) -> str:
+    """Why the verifier saw no candidate at all."""
+    if lookup.hit is not None and lookup.hit.kind == "exact":
+        return "exact_hit"
+    if not (lookup.semantic and lookup.servable):
+        return "semantic_off" if lookup.servable else "not_servable"
+    return lookup.no_semantic or lookup.skipped or "not_tried"
 
 
 def route(ctx: RequestContext, outcome: RouteOutcome) -> None:
@@ -47,6 +92,8 @@ def route(ctx: RequestContext, outcome: RouteOutcome) -> None:
         "router": outcome.router_version,
         "length_model": outcome.length_version,
     }
+    if outcome.knob is not None:
+        ctx.decisions["route"]["knob"] = {"name": outcome.knob[0], "value": outcome.knob[1]}
 
 
 def priority(ctx: RequestContext, name: str | None, cls: PriorityClass) -> None:
@@ -55,6 +102,55 @@ def priority(ctx: RequestContext, name: str | None, cls: PriorityClass) -> None:
 
 def admitted(ctx: RequestContext, backend: BackendConfig) -> None:
     ctx.decisions["admit"] = {"backend": backend.name, "queue_ms": round(ctx.queue_s * 1000, 2)}
+
+
+def placed(ctx: RequestContext, placement: Placement, ask: Ask) -> None:
+    """What admission saw of the backend it chose, at the decision (nothing computed for it)."""
+    seen: dict[str, Any] = {
+        "backend": placement.backend.name,
+        "in_flight": placement.in_flight,
+        "max_concurrent": placement.backend.max_concurrent,
+        "waiting": placement.waiting,
+    }
+    if placement.ttft_s is not None:
+        seen["ttft_ms"] = round(placement.ttft_s * 1000, 1)
+    if ask.ttft_slo_s is not None:
+        seen["ttft_slo_ms"] = round(ask.ttft_slo_s * 1000, 1)
+    ctx.decisions["admission"] = seen
+
+
+def attempt(
+    ctx: RequestContext,
+    backend: BackendConfig,
+    role: str,
+    seconds: float,
+    queued_s: float = 0.0,
+    error: BackendError | None = None,
+    refused: str | None = None,
+) -> None:
+    """One backend attempt, appended in order: who, first/spill/fallback, how long, and how it ended."""
+    item: dict[str, Any] = {"backend": backend.name, "role": role, "ms": round(seconds * 1000, 1)}
+    if queued_s:
+        item["queued_ms"] = round(queued_s * 1000, 1)
+    if error is not None:
+        item["outcome"] = "failed"
+        item["status"] = error.status_code
+        item["error"] = f"{error.kind}: {str(error)[:ERROR_MAX_CHARS]}"
+    elif refused is not None:
+        item["outcome"] = "refused"
+        item["error"] = refused[:ERROR_MAX_CHARS]
+    else:
+        item["outcome"] = "answered"
+    ctx.decisions.setdefault("attempts", []).append(item)
+
+
+def stream_cut(ctx: RequestContext, error: BackendError) -> None:
+    """The answering attempt's stream broke after its first chunk: that attempt failed after all."""
+    attempts = ctx.decisions.get("attempts")
+    if attempts:
+        attempts[-1].update(
+            outcome="cut", status=error.status_code, error=f"{error.kind}: {str(error)[:ERROR_MAX_CHARS]}"
+        )
 
 
 def refused(ctx: RequestContext, reason: str) -> None:
@@ -81,8 +177,16 @@ def fallback_refused(ctx: RequestContext, fallback: BackendConfig, reason: str) 
     ctx.decisions["fallback_refused"] = {"to": fallback.name, "reason": reason}
 
 
-def examples(ctx: RequestContext, used: list[int]) -> None:
-    ctx.decisions["examples"] = used
+def examples(ctx: RequestContext, augmented: Augmented) -> None:
+    """The entries prepended (ids, as readers of `examples` expect), and each one's relevance and utility."""
+    ctx.decisions["examples"] = augmented.examples
+    if augmented.chosen:
+        ctx.decisions["examples_shown"] = [
+            {"entry": e.entry_id, "similarity": round(e.similarity, 4), "utility": round(e.utility, 3)}
+            for e in augmented.chosen
+        ]
+    else:
+        ctx.decisions.pop("examples_shown", None)  # an earlier attempt's, which did not answer
 
 
 def response_headers(ctx: RequestContext) -> dict[str, str]:

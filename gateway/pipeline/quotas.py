@@ -11,19 +11,35 @@ every `spend_refresh_s`, so replicas converge), plus what this replica recorded 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from limits import RateLimitItemPerMinute
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 from icgate.gateway.config import AdmissionConfig, TenantLimits
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.store import tables
+
+log = logging.getLogger("icgate.quotas")
+SHARED_RETRY_S = 5.0  # after the shared storage failed, this replica counts alone this long
+
+# KEYS: a tenant's ledger. ARGV: what the request log says it spent, the ledger's lifetime (0: forever).
+SEED_LEDGER = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > now then redis.call('SET', KEYS[1], ARGV[1]) end
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
 
 
 def window_start(window: str, now: datetime) -> datetime:
@@ -32,6 +48,17 @@ def window_start(window: str, now: datetime) -> datetime:
     if window == "month":
         return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     return datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def spent_since(conn: sa.Connection, tenant: str, since: datetime) -> float:
+    """What the request log says `tenant`'s requests cost since `since`: one range of the log's
+    (tenant_id, created_at) index. The limiter's refresh and the console's tenants table both read it."""
+    query = (
+        sa.select(sa.func.coalesce(sa.func.sum(tables.RequestLog.cost_usd), 0.0))
+        .join(tables.TenantRow, tables.TenantRow.id == tables.RequestLog.tenant_id)
+        .where(tables.TenantRow.name == tenant, tables.RequestLog.created_at >= since)
+    )
+    return float(conn.execute(query).scalar_one())
 
 
 @dataclass
@@ -45,15 +72,67 @@ class _Spend:
 class TenantLimiter:
     """Checks a tenant's limits at arrival and charges what its requests use."""
 
-    def __init__(self, config: AdmissionConfig, engine: sa.Engine | None = None) -> None:
+    def __init__(
+        self,
+        config: AdmissionConfig,
+        engine: sa.Engine | None = None,
+        shared_url: str | None = None,
+        on_shared_down: Callable[[], None] = lambda: None,
+        shared_prefix: str = "icgate",
+    ) -> None:
+        """`shared_url`: the replicas' Redis (`shared_state`), used when `rate_limit_storage` is left in
+        memory, so one window per tenant is shared by every replica; budgets are then charged to one
+        ledger per tenant and window there too."""
         self.config = config
         self.engine = engine
+        self._ledgers: aioredis.Redis | None = None
+        if shared_url is not None:
+            self._ledgers = aioredis.Redis.from_url(
+                shared_url, socket_timeout=1.0, socket_connect_timeout=1.0
+            )
+            self._seed = self._ledgers.register_script(SEED_LEDGER)
+        self.shared_prefix = shared_prefix
         uri = config.rate_limit_storage
-        # The asyncio flavour of the same storage (`async+memory://`, `async+redis://...`).
-        storage = storage_from_string(uri if uri.startswith("async+") else f"async+{uri}")
-        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        if shared_url is not None and uri == "memory://":
+            uri = shared_url
+        # The asyncio flavour of the same storage (`async+memory://`, `async+redis://...`), on redis-py.
+        uri = uri if uri.startswith("async+") else f"async+{uri}"
+        options: dict[str, float | str | bool] = {}
+        if uri.startswith("async+redis"):
+            # redis-py (the client the rest of icgate uses); a Redis that does not answer fails in a second.
+            options = {
+                "implementation": "redispy",
+                "wrap_exceptions": True,
+                "socket_timeout": 1.0,
+                "socket_connect_timeout": 1.0,
+            }
+        self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(uri, **options))
+        self.shared = not uri.startswith("async+memory")
+        # Counts on this replica alone while the shared storage does not answer.
+        self._local = SlidingWindowCounterRateLimiter(storage_from_string("async+memory://"))
+        self.on_shared_down = on_shared_down
+        self._warned_down = -math.inf
+        self._down_until = -math.inf
         self._spend: dict[str, _Spend] = {}
         self._refreshed = -math.inf
+
+    async def _hit(self, item: RateLimitItemPerMinute, kind: str, tenant: str, cost: int = 1) -> bool:
+        try:
+            return bool(await self._limiter.hit(item, kind, tenant, cost=cost))
+        except StorageError as exc:
+            if not self.shared:
+                raise
+            self._down(exc)
+            return bool(await self._local.hit(item, kind, tenant, cost=cost))
+
+    def _down(self, exc: BaseException) -> None:
+        self.on_shared_down()
+        now = time.monotonic()
+        if now - self._warned_down >= 30.0:
+            self._warned_down = now
+            log.warning(
+                "rate-limit storage does not answer (%s): limits count per replica", type(exc).__name__
+            )
 
     def _limits(self, tenant: str) -> TenantLimits | None:
         return self.config.tenant(tenant) if self.config.enabled else None
@@ -68,7 +147,7 @@ class TenantLimiter:
         if limits is None:
             return
         if limits.budget_usd is not None:
-            spent = self.spent(tenant, limits)
+            spent = max(self.spent(tenant, limits), await self._shared_spent(tenant, limits))
             if spent >= limits.budget_usd:
                 raise GatewayError(
                     429,
@@ -79,18 +158,24 @@ class TenantLimiter:
                 )
         if limits.requests_per_min is not None:
             item = RateLimitItemPerMinute(limits.requests_per_min)
-            if not await self._limiter.hit(item, "requests", tenant):
+            if not await self._hit(item, "requests", tenant):
                 raise await self._refusal(item, tenant, "requests", "requests per min (RPM)", 1)
         if limits.tokens_per_min is not None:
             item = RateLimitItemPerMinute(limits.tokens_per_min)
             cost = min(prompt_tokens, limits.tokens_per_min)
-            if not await self._limiter.hit(item, "tokens", tenant, cost=cost):
+            if not await self._hit(item, "tokens", tenant, cost=cost):
                 raise await self._refusal(item, tenant, "tokens", "tokens per min (TPM)", cost)
 
     async def _refusal(
         self, item: RateLimitItemPerMinute, tenant: str, kind: str, what: str, requested: int
     ) -> GatewayError:
-        stats = await self._limiter.get_window_stats(item, kind, tenant)
+        limiter = self._limiter if time.monotonic() >= self._down_until else self._local
+        try:
+            stats = await limiter.get_window_stats(item, kind, tenant)
+        except StorageError:
+            if not self.shared:
+                raise
+            stats = await self._local.get_window_stats(item, kind, tenant)
         retry = max(1, math.ceil(stats.reset_time - time.time()))
         used = item.amount - stats.remaining
         return GatewayError(
@@ -115,9 +200,63 @@ class TenantLimiter:
         if limits.tokens_per_min is not None and completion_tokens > 0:
             item = RateLimitItemPerMinute(limits.tokens_per_min)
             # Recorded even past the limit: the next request is the one refused.
-            await self._limiter.hit(item, "tokens", tenant, cost=min(completion_tokens, item.amount))
+            await self._hit(item, "tokens", tenant, cost=min(completion_tokens, item.amount))
         if limits.budget_usd is not None and cost_usd > 0:
             self._ledger(tenant, limits).local += cost_usd
+            await self._shared_charge(tenant, limits, cost_usd)
+
+    # --- budgets across replicas: one ledger per tenant and window in Redis --------------------------
+
+    def _ledger_key(self, tenant: str, limits: TenantLimits) -> tuple[str, int]:
+        """The ledger's key, and how long it is kept (0: forever, for a `total` budget)."""
+        since = window_start(limits.budget_window, datetime.now(UTC))
+        ttl = {"day": 2 * 86_400, "month": 40 * 86_400}.get(limits.budget_window, 0)
+        return f"{self.shared_prefix}:spend:{tenant}:{limits.budget_window}:{since.date().isoformat()}", ttl
+
+    def _ledgers_up(self) -> aioredis.Redis | None:
+        return self._ledgers if self._ledgers is not None and time.monotonic() >= self._down_until else None
+
+    async def _shared_spent(self, tenant: str, limits: TenantLimits) -> float:
+        client = self._ledgers_up()
+        if client is None:
+            return 0.0
+        try:
+            return float(await client.get(self._ledger_key(tenant, limits)[0]) or 0.0)
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            return 0.0
+
+    async def _shared_charge(self, tenant: str, limits: TenantLimits, cost_usd: float) -> None:
+        client = self._ledgers_up()
+        if client is None:
+            return
+        key, ttl = self._ledger_key(tenant, limits)
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.incrbyfloat(key, cost_usd)
+                if ttl:
+                    pipe.expire(key, ttl)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+
+    async def seed_shared(self) -> None:
+        """After the request log was read: no ledger below what the log says (a new ledger, or one Redis
+        lost, starts from the log). Charges made since are in both, so taking the larger counts none
+        twice."""
+        if self._ledgers_up() is None:
+            return
+        try:
+            for name in self.budgeted_tenants():
+                limits = self.config.tenants[name]
+                key, ttl = self._ledger_key(name, limits)
+                await self._seed(keys=[key], args=[self.spent(name, limits), ttl])
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+
+    async def close(self) -> None:
+        if self._ledgers is not None:
+            await self._ledgers.aclose()
 
     def spent(self, tenant: str, limits: TenantLimits) -> float:
         entry = self._ledger(tenant, limits)
@@ -145,12 +284,7 @@ class TenantLimiter:
             for name in tenants:
                 limits = self.config.tenants[name]
                 since = window_start(limits.budget_window, datetime.now(UTC))
-                query = (
-                    sa.select(sa.func.coalesce(sa.func.sum(tables.RequestLog.cost_usd), 0.0))
-                    .join(tables.TenantRow, tables.TenantRow.id == tables.RequestLog.tenant_id)
-                    .where(tables.TenantRow.name == name, tables.RequestLog.created_at >= since)
-                )
-                totals[name] = float(conn.execute(query).scalar_one())
+                totals[name] = spent_since(conn, name, since)
         for name, total in totals.items():
             entry = self._ledger(name, self.config.tenants[name])
             entry.recorded, entry.local = total, 0.0

@@ -19,13 +19,15 @@ from icgate.gateway.config import Policy
 from icgate.gateway.pipeline.cache_lookup import CacheLookup
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.target import Target
-from icgate.gateway.records import RequestContext, RequestRecord
+from icgate.gateway.records import RequestBodies, RequestContext, RequestRecord
 from icgate.gateway.store.cache_entries import CacheEntries, NewEntry, Usage
 from icgate.gateway.store.route_samples import RouteSample
 from icgate.gateway.telemetry import Telemetry
-from icgate.text import last_user_text, scrub_pii
+from icgate.text import last_user_text, message_text, scrub_pii
 
 ROUTE_SAMPLE_MAX_CHARS = 8_000
+BODY_MAX_CHARS = 8_000  # of a stored prompt, and of a stored answer (`request_log.store_bodies`)
+TRUNCATED = "\n[... cut at 8,000 characters]"
 
 
 class RecordSink(Protocol):
@@ -67,7 +69,11 @@ class Recorder:
 
     def record(self, ctx: RequestContext, trail: Trail, response: dict[str, Any] | None = None) -> None:
         ctx.freeze_overhead()
-        record = RequestRecord.from_context(ctx)
+        answer = bodies = None
+        if self.policy.request_log.store_bodies:
+            answer = answer_of(ctx, response)  # once: the cache's insert below reuses it
+            bodies = bodies_of(ctx, answer[0])
+        record = RequestRecord.from_context(ctx, bodies)
         self.telemetry.metrics.observe(record)
         if self.sink is not None and not self.sink.submit(record):
             self.telemetry.metrics.request_log_dropped()
@@ -78,7 +84,7 @@ class Recorder:
             self._charges.add(task)
             task.add_done_callback(self._charges.discard)
         if self.entries is not None and trail.lookup is not None:
-            store_answer(ctx, trail, self.entries, response)
+            store_answer(ctx, trail, self.entries, response, answer)
         if self.samples is not None and sampled(self.policy.router.sample_share):
             sample = route_sample_of(ctx, trail)
             if sample is not None:
@@ -114,10 +120,42 @@ def route_sample_of(ctx: RequestContext, trail: Trail) -> RouteSample | None:
     )
 
 
+def bodies_of(ctx: RequestContext, answer: str) -> RequestBodies:
+    """The prompt (every message, one `role: text` line each) and the answer as the request log keeps
+    them: each cut at BODY_MAX_CHARS before the PII scrub, so the scrub's cost on the event loop is
+    bounded."""
+    return RequestBodies(prompt=scrub_pii(_bounded(prompt_of(ctx))), answer=scrub_pii(_bounded(answer)))
+
+
+def prompt_of(ctx: RequestContext) -> str:
+    """The request's prompt as text, read no further than BODY_MAX_CHARS (a megabyte of pasted context
+    costs no more than a page)."""
+    if ctx.endpoint != "chat":
+        prompt = ctx.body.get("prompt", "")
+        return prompt if isinstance(prompt, str) else str(prompt)[: BODY_MAX_CHARS + 1]
+    lines, size = [], 0
+    for message in ctx.body.get("messages") or ():
+        line = f"{message.get('role', '')}: {message_text(message.get('content'))}"
+        lines.append(line)
+        size += len(line) + 1
+        if size > BODY_MAX_CHARS:
+            break
+    return "\n".join(lines)
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= BODY_MAX_CHARS else text[:BODY_MAX_CHARS] + TRUNCATED
+
+
 def store_answer(
-    ctx: RequestContext, trail: Trail, entries: CacheEntries, response: dict[str, Any] | None
+    ctx: RequestContext,
+    trail: Trail,
+    entries: CacheEntries,
+    response: dict[str, Any] | None,
+    answer: tuple[str, str | None] | None = None,
 ) -> None:
-    """Count what served or helped the request, and store a good new answer."""
+    """Count what served or helped the request, and store a good new answer (`answer`: `answer_of`'s,
+    when the caller has it already)."""
     lookup = trail.lookup
     assert lookup is not None
     served = [lookup.hit.entry.id] if lookup.hit is not None else []
@@ -130,7 +168,7 @@ def store_answer(
         return
     if lookup.vector is None and not lookup.embed_after:
         return  # it went without its embedding (a busy embedder): not stored
-    text, finish = answer_of(ctx, response)
+    text, finish = answer if answer is not None else answer_of(ctx, response)
     # Never store truncated answers (finish_reason "length") or empty ones.
     if finish != "stop" or not text.strip():
         return

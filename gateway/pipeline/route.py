@@ -37,6 +37,9 @@ class RouteOutcome:
     predicted: LengthEstimate
     router_version: str | None  # None for a request addressed to one backend
     length_version: str
+    # The policy setting that turned a learned score into the tier, and its value (`knob_of`); None when a
+    # rule or the request's target decided.
+    knob: tuple[str, float | None] | None = None
 
     @property
     def tier(self) -> str:
@@ -82,6 +85,7 @@ async def route(
         predicted=predicted,
         router_version=models.router_version if target.routed else None,
         length_version=models.length_version,
+        knob=knob_of(policy.router, models) if decision.score is not None else None,
     )
 
 
@@ -132,6 +136,17 @@ def threshold_for(config: RouterConfig, models: RouteModels) -> float | None:
         # share s of requests to large = the s-quantile of the scores: below it, large
         return float(np.quantile(models.calibration_scores, config.strong_share))
     return models.threshold
+
+
+def knob_of(config: RouterConfig, models: RouteModels) -> tuple[str, float | None]:
+    """Which setting decided a learned route, and its value, read as `threshold_for` reads them."""
+    if config.quality_value_usd is not None:
+        return "router.quality_value_usd", config.quality_value_usd
+    if config.threshold is not None:
+        return "router.threshold", config.threshold
+    if config.strong_share is not None and models.calibration_scores is not None:
+        return "router.strong_share", config.strong_share
+    return "calibrated", models.threshold
 
 
 def price(policy: Policy, tier: str) -> TierPrice:

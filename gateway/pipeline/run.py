@@ -86,8 +86,19 @@ class Pipeline:
         return self._models
 
     def swap_models(self, models: RouteModels) -> None:
-        """The one hot swap: a newer router or length predictor, whole, between two requests."""
+        """A newer router or length predictor, whole, between two requests."""
         self._models = models
+
+    def swap_policy(self, policy: Policy) -> None:
+        """A policy changed only where it is read per request (`gateway.policy_edit.LIVE_PATHS`): each
+        stage, the tenants' limiter and the cache take the new one between two requests."""
+        self.policy = policy
+        self.caller.policy = policy
+        self.recorder.policy = policy
+        if self.limiter is not None:
+            self.limiter.config = policy.admission
+        if self.entries is not None:
+            self.entries.config = policy.cache
 
     async def check_caller(self, api_key: str | None) -> Tenant:
         """Authentication alone, for endpoints that do not run the whole pipeline."""

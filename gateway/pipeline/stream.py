@@ -11,6 +11,7 @@ from typing import Any
 from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendError
 from icgate.gateway.errors import GatewayError
+from icgate.gateway.pipeline import explain
 from icgate.gateway.records import RequestContext
 from icgate.gateway.telemetry import Metrics
 
@@ -82,6 +83,7 @@ class StreamRelay:
             )
             status = 504 if err.kind == "timeout" else 502
             self._ctx.status_code, self._ctx.error_type = status, "backend_error"
+            explain.stream_cut(self._ctx, err)
             self._metrics.backend_error(err.backend, err.kind)
             if backend is not None and not err.client_fault:
                 self._admission.backend_failed(backend)

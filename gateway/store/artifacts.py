@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
@@ -143,3 +144,49 @@ class ModelWatcher(Generic[T]):
                 await self.check()
             except Exception:
                 log.exception("%s model poll failed; retrying next interval", self.kind)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A published row without its artifact's bytes: what a listing shows."""
+
+    id: int
+    kind: str
+    version: str
+    created_at: datetime
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def list_models(engine: sa.Engine, kind: str, limit: int = 50) -> list[ModelInfo]:
+    """The published rows of a kind, newest (the one in force) first."""
+    table = tables.ModelArtifactRow
+    query = (
+        sa.select(table.id, table.kind, table.version, table.created_at, table.training, table.metrics)
+        .where(table.kind == kind)
+        .order_by(table.id.desc())
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [
+            ModelInfo(int(r.id), r.kind, r.version, r.created_at, dict(r.training), dict(r.metrics))
+            for r in conn.execute(query)
+        ]
+
+
+def stored(engine: sa.Engine, row_id: int) -> StoredModel | None:
+    """One published row, with its artifact."""
+    with Session(engine) as session:
+        row = session.get(tables.ModelArtifactRow, row_id)
+        if row is None:
+            return None
+        return StoredModel(row.id, row.kind, row.version, row.artifact, dict(row.training), dict(row.metrics))
+
+
+def republish(engine: sa.Engine, row_id: int) -> int:
+    """Publish an older row's artifact again, as a new row: the newest row is the one every replica loads,
+    so this swaps every replica back to it (and the history of what was in force stays in the table)."""
+    old = stored(engine, row_id)
+    if old is None:
+        raise LookupError(f"no published model in row {row_id}")
+    return publish(engine, old.kind, old.version, old.artifact, old.training, old.metrics)

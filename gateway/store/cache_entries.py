@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,9 @@ def _epoch(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
+FEEDBACK_OVERLAP = timedelta(seconds=5)
+
+
 def _dt(value: float | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None
 
@@ -159,6 +162,7 @@ class CacheEntries:
         # already seen, so each sync looks back this many ids (known ones are skipped).
         self._lookback = 1_000
         self._deleted_since: datetime | None = None
+        self._feedback_since: datetime | None = None
         self._usage: OrderedDict[str, Usage] = OrderedDict()
         self._inserts: set[asyncio.Task[None]] = set()
         self._sync_task: asyncio.Task[None] | None = None
@@ -199,7 +203,7 @@ class CacheEntries:
                 log.exception("cache sync failed; retrying next interval")
 
     async def sync(self) -> int:
-        """Apply entries added and deleted in the database since the last sync (by any replica)."""
+        """Apply entries added, deleted and rated in the database since the last sync (by any replica)."""
         rows, deleted, max_deleted = await asyncio.to_thread(self._read_changes)
         for row in rows:
             self._remember(entry_of(row))
@@ -207,7 +211,29 @@ class CacheEntries:
             self._forget(entry_id)
         if max_deleted is not None:
             self._deleted_since = max_deleted
+        for entry_id, utility, total, count in await asyncio.to_thread(self._read_feedback):
+            entry = self.store.get(entry_id)
+            if entry is not None:  # the values are absolute: applying one twice changes nothing
+                entry.utility, entry.feedback_sum, entry.feedback_count = utility, total, count
         return len(rows)
+
+    def _read_feedback(self) -> list[tuple[int, float, float, int]]:
+        """Entries whose feedback changed since the last look (a few seconds of overlap: replicas' clocks
+        differ a little, and a row written late must not be missed)."""
+        table = tables.CacheEntryRow
+        query = sa.select(
+            table.id, table.utility, table.feedback_sum, table.feedback_count, table.feedback_at
+        ).where(table.feedback_at.is_not(None), table.deleted_at.is_(None))
+        if self._feedback_since is not None:
+            query = query.where(table.feedback_at >= self._feedback_since - FEEDBACK_OVERLAP)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        stamps = [r.feedback_at for r in rows if r.feedback_at is not None]
+        if stamps:
+            self._feedback_since = max(max(stamps), self._feedback_since or max(stamps))
+        elif self._feedback_since is None:
+            self._feedback_since = datetime.now(UTC)
+        return [(r.id, r.utility, r.feedback_sum, r.feedback_count) for r in rows]
 
     def _read_changes(self) -> tuple[list[tables.CacheEntryRow], list[int], datetime | None]:
         table = tables.CacheEntryRow
@@ -448,6 +474,7 @@ class CacheEntries:
                         "utility": entry.utility,
                         "feedback_sum": entry.feedback_sum,
                         "feedback_count": entry.feedback_count,
+                        "feedback_at": _dt(time.time()),  # the other replicas' next sync takes it
                     },
                 )
             )

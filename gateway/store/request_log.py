@@ -10,11 +10,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from icgate.gateway.config import RequestLogConfig
-from icgate.gateway.records import RequestRecord
+from icgate.gateway.records import RequestBodies, RequestRecord
 from icgate.gateway.store import tables
 from icgate.gateway.store.write_behind import WriteBehindQueue
 
-_RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord))
+# The request_log row's columns: every field but the bodies, which have their own table.
+_RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name != "bodies")
 
 
 def _jsonable(value: Any) -> Any:
@@ -43,10 +44,23 @@ def _row(record: RequestRecord) -> dict[str, Any]:
 
 
 def insert_records(engine: sa.Engine, batch: list[RequestRecord]) -> None:
-    """The rows, and their sums in the roll-up, in one transaction: the two always agree."""
+    """The rows, their sums in the roll-up and the bodies kept (`request_log.store_bodies`), in one
+    transaction: the three always agree."""
     rows = [_row(r) for r in batch]
+    bodies = [
+        {
+            "request_id": r.request_id,
+            "created_at": r.created_at,
+            "prompt": r.bodies.prompt,
+            "answer": r.bodies.answer,
+        }
+        for r in batch
+        if r.bodies is not None
+    ]
     with engine.begin() as conn:
         conn.execute(sa.insert(tables.RequestLog), rows)
+        if bodies:
+            conn.execute(sa.insert(tables.RequestBody), bodies)
         add_to_rollup(conn, batch)
 
 
@@ -200,9 +214,16 @@ def list_requests(
 
 
 def get_request(engine: sa.Engine, request_id: str) -> LogRow | None:
+    """One logged request, with its prompt and answer when they were kept (`LogRow.bodies`)."""
+    table = tables.RequestBody
     with engine.connect() as conn:
         row = conn.execute(_select().where(tables.RequestLog.request_id == request_id)).first()
-    return LogRow(*row) if row is not None else None
+        if row is None:
+            return None
+        kept = conn.execute(
+            sa.select(table.prompt, table.answer).where(table.request_id == request_id)
+        ).first()
+    return LogRow(*row, bodies=RequestBodies(kept.prompt, kept.answer) if kept is not None else None)
 
 
 # --- totals over time (the console's overview) -----------------------------------------------------------
@@ -302,3 +323,86 @@ def overview(
         [float(r[0]) for r in newest],
         [float(r[1]) for r in newest],
     )
+
+
+# --- routed requests the learned router scored (the console's router knob) --------------------------------
+
+
+@dataclass(frozen=True)
+class ScoredRoute:
+    """A logged request with a router score: what replaying its decision under another knob needs."""
+
+    id: int
+    request_id: str
+    created_at: datetime
+    status_code: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    decision: dict[str, Any]  # its decisions["route"]: tier, score, reasons, prompt_tokens_est, ...
+
+
+def routed_query(tier: str, limit: int, before: int | None) -> sa.Select[Any]:
+    """The newest `limit` rows that went to `tier` (below row `before`): one range of
+    `ix_request_log_route_id`, read backwards."""
+    table = tables.RequestLog
+    query = (
+        sa.select(
+            table.id,
+            table.request_id,
+            table.created_at,
+            table.status_code,
+            table.prompt_tokens,
+            table.completion_tokens,
+            table.cost_usd,
+            table.decisions,
+        )
+        .where(table.route == tier)
+        .order_by(table.id.desc())
+        .limit(limit)
+    )
+    return query.where(table.id < before) if before is not None else query
+
+
+def scored_routes(
+    engine: sa.Engine, tiers: list[str], limit: int, scan_limit: int | None = None
+) -> list[ScoredRoute]:
+    """The newest `limit` requests that went to one of `tiers` and carry a router score, newest first.
+
+    Each tier is one range of `ix_request_log_route_id`, read newest first `limit` rows at a time and
+    merged, so the cost follows `limit`, not the log. Rows without a score (a rule's decision, a backend
+    named by the caller) are skipped; at most `scan_limit` rows (default 5 x `limit`) are read, so a log of
+    mostly unscored rows stays cheap (and gives fewer rows)."""
+    budget = scan_limit if scan_limit is not None else 5 * limit
+    found: list[ScoredRoute] = []
+    before: int | None = None
+    scanned = 0
+    with engine.connect() as conn:
+        while len(found) < limit and scanned < budget and tiers:
+            page: list[Any] = []
+            for tier in dict.fromkeys(tiers):
+                page.extend(conn.execute(routed_query(tier, limit, before)))
+            if not page:
+                break
+            # The newest `limit` of the merged ranges: every row newer than the last of them was read.
+            page = sorted(page, key=lambda r: -int(r.id))[:limit]
+            scanned += len(page)
+            before = int(page[-1].id)
+            for row in page:
+                decision = (row.decisions or {}).get("route") or {}
+                if isinstance(decision.get("score"), int | float) and len(found) < limit:
+                    found.append(
+                        ScoredRoute(
+                            int(row.id),
+                            row.request_id,
+                            row.created_at,
+                            row.status_code,
+                            row.prompt_tokens,
+                            row.completion_tokens,
+                            row.cost_usd,
+                            decision,
+                        )
+                    )
+            if len(page) < limit:
+                break
+    return found

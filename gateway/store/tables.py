@@ -181,6 +181,8 @@ class CacheEntryRow(Base):
     last_used_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None] = mapped_column(index=True)
+    # When feedback last moved its utility: the other replicas' sync takes the new values from here.
+    feedback_at: Mapped[datetime | None] = mapped_column(index=True)
 
 
 class ModelArtifactRow(Base):
@@ -224,3 +226,65 @@ class RouteSampleRow(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     label: Mapped[float | None] = mapped_column(Float)  # 0..1: was the answer good enough?
     label_source: Mapped[str | None] = mapped_column(String(32))  # feedback | judge
+
+
+class AdminKey(Base):
+    """An admin key made by `icgate admin create-key`: only its SHA-256 is stored, as for tenant keys. The
+    key from the environment (`ICGATE_ADMIN_KEY`) is never stored."""
+
+    __tablename__ = "admin_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class PolicyVersion(Base):
+    """A policy as applied: its full text, who applied it, when and how. The newest row is the policy in
+    force; every replica polls for it (`gateway.live_policy`)."""
+
+    __tablename__ = "policy_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    author: Mapped[str] = mapped_column(String(128))
+    source: Mapped[str] = mapped_column(String(32))  # file | console | router-knob | rollback
+    note: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # The policy file this version was made from (its own sha256 for a file): a replica started from
+    # another file does not take it.
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    # The dotted paths it changed against the policy then in force: {"live": [...], "restart": [...]}
+    changes: Mapped[dict[str, Any]]
+
+
+class ReplayRun(Base):
+    """A cache replay run started from the console: its budget, progress and result."""
+
+    __tablename__ = "replay_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    author: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))  # running | done | failed
+    budget_usd: Mapped[float]
+    tenant: Mapped[str | None] = mapped_column(String(128))
+    summary: Mapped[dict[str, Any]]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class RequestBody(Base):
+    """A request's prompt and answer, PII-scrubbed, kept only when `request_log.store_bodies` is on."""
+
+    __tablename__ = "request_bodies"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)

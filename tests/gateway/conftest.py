@@ -29,6 +29,7 @@ class Standins:
             backend.received.clear()
             backend.fail_next = 0
             backend.delay_s = 0.0
+            backend.peak_in_flight = 0
 
 
 @pytest.fixture(scope="session")
@@ -142,12 +143,18 @@ def start_gateway(
 ) -> Iterator[Callable[[Policy], RunningGateway]]:
     running: list[RunningGateway] = []
 
-    def start(policy: Policy, data_dir: Path | None = None) -> RunningGateway:
+    def start(
+        policy: Policy, data_dir: Path | None = None, policy_path: Path | None = None
+    ) -> RunningGateway:
         embeddings = None
         if policy.cache.enabled or policy.embedding.preload or policy.router.kind == "learned":
             embeddings = request.getfixturevalue("shared_embeddings")
         gateway = Gateway(
-            policy, data_dir or tmp_path / f"gw{len(running)}", launch_local=False, embeddings=embeddings
+            policy,
+            data_dir or tmp_path / f"gw{len(running)}",
+            launch_local=False,
+            embeddings=embeddings,
+            policy_path=policy_path,
         )
         server = ServerThread(create_app(gateway), ready_path="/readyz").start()
         handle = RunningGateway(gateway, server)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.remote.webdriver import WebDriver
 
 from icgate.gateway.config import Policy
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 ADMIN_KEY = "admin-key-for-tests-7f3a"
 StartGateway = Callable[[Policy], RunningGateway]
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture
@@ -51,3 +57,14 @@ def wait_logged(gw: RunningGateway, request_id: str) -> dict[str, object]:
             body: dict[str, object] = resp.json()
             return body
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    options = Options()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()

@@ -7,12 +7,14 @@ import math
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from icgate.gateway.api.app import create_app
-from icgate.gateway.store import keys
+from icgate.gateway.store import keys, tables
 from icgate.gateway.wiring import Gateway
 from tests.gateway.admin.conftest import ADMIN_KEY, StartGateway, ask, logged_in, wait_logged
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
@@ -283,3 +285,83 @@ def route_of(gw: RunningGateway, content: str) -> str:
     )
     assert resp.status_code == 200
     return str(resp.headers["x-icgate-route"])
+
+
+# --- the explainer, end to end: what each stage decided -------------------------------------------------
+
+
+def explained(gw: RunningGateway, request_id: str) -> dict[str, dict[str, Any]]:
+    """A logged request's facts by key (each `{"label", "value", "key", "items"}`)."""
+    explanation = wait_logged(gw, request_id)["explanation"]
+    assert isinstance(explanation, list)
+    return {f["key"]: f for stage in explanation for f in stage["facts"]}
+
+
+def test_a_near_miss_shows_its_candidates_scored_and_the_examples_it_got(
+    standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.gateway.conftest import settle_cache
+
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gw = start_gateway(standin_policy(standins, "http", cache={"enabled": True}))
+    ask(gw, "What is the boiling point of water at sea level?")
+    settle_cache(gw.gateway)
+    # close in meaning, but another question: the verifier scores the stored one and turns it down
+    facts = explained(gw, ask(gw, "What is the freezing point of water at sea level?"))
+    assert facts["cache.hit"]["value"] == "not from the cache: no stored answer was close enough"
+    [nearest] = facts["cache.candidates"]["items"]
+    scored = re.fullmatch(
+        r"#(\d+): similarity (0\.\d{4}), verifier (0\.\d{3}) against threshold (0\.\d{3}): "
+        r"not served: the verifier's score is under the threshold",
+        nearest,
+    )
+    assert scored is not None, nearest
+    similarity, score, threshold = (float(scored.group(i)) for i in (2, 3, 4))
+    assert 0.5 < similarity < 1.0 and score < threshold
+    # the small tier answered it, with the stored pair prepended as an example
+    assert facts["route.tier"]["value"] == "small"
+    assert facts["cache.examples"]["value"] == f"#{scored.group(1)}"
+    [example] = facts["cache.examples"]["items"]
+    assert re.fullmatch(
+        rf"#{scored.group(1)}: relevance \(similarity\) {similarity:.4f}, utility \d\.\d\d", example
+    )
+
+
+def test_a_request_whose_first_backend_fails_shows_both_attempts_and_the_fallback(
+    console: RunningGateway, standins: Standins
+) -> None:
+    standins.small.fail_next = 1
+    request_id = ask(console)
+    facts = explained(console, request_id)
+    first, second = facts["attempts"]["items"]
+    assert first.startswith("1. small (first): failed after ") and "failed (500)" in first
+    assert second.startswith("2. large (fallback): answered in ")
+    assert facts["attempts"]["value"] == "2 attempts"
+    assert facts["admit.fallback"]["value"].startswith("small failed (")
+    assert facts["admit.backend"]["value"] == "large"
+    state = facts["admission.state"]["value"]
+    assert re.fullmatch(r"small: 0 of \d+ slots in use, 0 queued", state), state
+
+
+def test_bodies_are_kept_only_with_store_bodies_and_then_scrubbed(
+    standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    question = "Write to ann.lee@example.com <b>now</b>: what is the capital of France?"
+    by_default = start_gateway(standin_policy(standins, "http"))
+    facts = explained(by_default, ask(by_default, question))
+    assert "request_log.store_bodies: true" in facts["bodies.none"]["value"] and "bodies.prompt" not in facts
+    assert by_default.gateway.engine is not None
+    with by_default.gateway.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(tables.RequestBody)).scalar_one() == 0
+
+    storing = start_gateway(standin_policy(standins, "http", request_log={"store_bodies": True}))
+    request_id = ask(storing, question)
+    facts = explained(storing, request_id)
+    prompt, answer = facts["bodies.prompt"]["value"], facts["bodies.answer"]["value"]
+    assert prompt == "user: Write to [email] <b>now</b>: what is the capital of France?"
+    assert answer and "ann.lee@example.com" not in answer
+    page = logged_in(storing).get(f"/admin/requests/{request_id}").text
+    assert "Write to [email] &lt;b&gt;now&lt;/b&gt;" in page and "ann.lee@example.com" not in page
+    row = wait_logged(storing, request_id)["request"]
+    assert isinstance(row, dict) and "bodies" not in row  # shown once, as the facts above

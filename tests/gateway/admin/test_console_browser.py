@@ -7,56 +7,17 @@ the docs show: `ICGATE_SCREENSHOTS=docs/admin .venv/bin/pytest tests/gateway/adm
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
+from icgate.gateway.store import keys
+from tests.gateway.admin.browsing import click_to_new_page, snap, wait_for
 from tests.gateway.admin.conftest import ADMIN_KEY, StartGateway, ask, wait_logged
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
-
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    options = Options()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-
-
-def snap(browser: WebDriver, name: str) -> None:
-    folder = os.environ.get("ICGATE_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(Path(folder) / f"{name}.png"))
-
-
-def wait_for(browser: WebDriver, css: str) -> None:
-    WebDriverWait(browser, 15).until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, css)))
-
-
-def click_to_new_page(browser: WebDriver, by: str, what: str, then: str) -> None:
-    """Click something that loads a page, and wait for the new page (not the old one, still on screen
-    for a moment, which has the same ids) to hold `then`."""
-    old = browser.find_element(By.TAG_NAME, "html")
-    browser.find_element(by, what).click()
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(old))
-    wait_for(browser, then)
 
 
 def test_log_in_and_explain_a_request(browser: WebDriver, console: RunningGateway) -> None:
@@ -87,6 +48,9 @@ def test_log_in_and_explain_a_request(browser: WebDriver, console: RunningGatewa
     assert fact["admit.decision"] == "admitted at once on small"
     assert fact["admit.backend"] == "small"
     assert fact["outcome.status"] == "200"
+    attempt = browser.find_element(By.CSS_SELECTOR, "[data-fact='attempts'] li").text
+    assert attempt.startswith("1. small (first): answered in ")
+    assert "slots in use" in browser.find_element(By.CSS_SELECTOR, "[data-fact='admission.state']").text
     snap(browser, "request")
     # the session is an HttpOnly cookie: the page's scripts cannot read it
     assert "icgate_admin" not in str(browser.execute_script("return document.cookie"))
@@ -101,8 +65,12 @@ def test_log_in_and_explain_a_request(browser: WebDriver, console: RunningGatewa
 def test_create_and_revoke_a_key_in_the_browser(
     browser: WebDriver, standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from tests.gateway.admin.test_tenants import ask_as, cost_of, priced_policy
+
     monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
-    gw = start_gateway(standin_policy(standins, "http", auth={"required": True}))
+    gw = start_gateway(priced_policy(standins))  # acme: a $5 daily budget, priced backends
+    assert gw.gateway.engine is not None
+    spent = cost_of(gw, ask_as(gw, keys.create_key(gw.gateway.engine, "acme").key, "Hello?"))
     browser.delete_all_cookies()
     browser.get(gw.url + "/admin/keys")
     wait_for(browser, "input[type=password]")
@@ -111,11 +79,21 @@ def test_create_and_revoke_a_key_in_the_browser(
     browser.find_element(By.ID, "tenant").send_keys("acme")
     click_to_new_page(browser, By.ID, "create-key", "#new-key-value")
     key = browser.find_element(By.ID, "new-key-value").text
+    key_id = browser.find_element(By.ID, "new-key").text.split("key #")[1].split(")")[0]
+    # the tenants table: its limits, what it spent today, and its two live keys
+    row = {
+        cell: browser.find_element(By.CSS_SELECTOR, f"#tenant-acme td.{cell}").text
+        for cell in ("priority", "rpm", "budget", "spent", "live-keys")
+    }
+    assert row["spent"].startswith(f"${spent:.4f} since ") and spent > 0
+    assert [row[c] for c in ("priority", "rpm", "budget")] == ["batch", "100", "$5.00 / day"]
+    assert row["live-keys"] == "2"
     snap(browser, "keys")
     models = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
     assert models.status_code == 200
-    click_to_new_page(browser, By.CSS_SELECTOR, "#keys button.revoke", "#keys")
-    assert browser.find_element(By.CSS_SELECTOR, "#keys td.state").text == "revoked"
+    click_to_new_page(browser, By.CSS_SELECTOR, f"#key-{key_id} button.revoke", "#keys")
+    assert browser.find_element(By.CSS_SELECTOR, f"#key-{key_id} td.state").text == "revoked"
+    assert browser.find_element(By.CSS_SELECTOR, "#tenant-acme td.live-keys").text == "1"
     assert key not in browser.page_source  # shown once, never again
     refused = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
     assert refused.status_code == 401

@@ -245,7 +245,8 @@ def test_pii_is_scrubbed_before_storing(standins: Standins, start_gateway: Start
 def test_replicas_sharing_a_database_converge(
     standins: Standins, start_gateway: StartGateway, empty_db_url: str
 ) -> None:
-    """On SQLite and PostgreSQL: one replica's answer serves the other; a deletion reaches both."""
+    """On SQLite and PostgreSQL: one replica's answer serves the other; feedback and a deletion reach
+    both."""
     policy_a = cache_policy(standins)
     policy_a.database.url = empty_db_url
     a = start_gateway(policy_a)
@@ -263,6 +264,20 @@ def test_replicas_sharing_a_database_converge(
     assert resp.headers["x-icgate-route"] == "cache"
     assert b.gateway.cache_entries is not None and a.gateway.cache_entries is not None
     entry_id = next(iter(a.gateway.cache_entries.store.entries))
+    on_b = b.gateway.cache_entries.store.get(entry_id)
+    assert on_b is not None
+    before = on_b.utility
+    served_by_a = ask(a, "Who wrote the novel Moby-Dick?")
+    rated = httpx.post(
+        a.url + "/v1/feedback", json={"request_id": served_by_a.headers["x-icgate-request-id"], "score": -1}
+    )
+    assert rated.status_code == 200 and rated.json()["entries_updated"] == 1
+    on_a = a.gateway.cache_entries.store.get(entry_id)
+    assert on_a is not None and on_a.utility < before
+    deadline = time.monotonic() + 10
+    while on_b.utility != on_a.utility and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (on_b.utility, on_b.feedback_count) == (on_a.utility, 1)  # a's feedback reached b's copy
     tombstone(a, entry_id)
     deadline = time.monotonic() + 10
     while b.gateway.cache_entries.store.get(entry_id) is not None and time.monotonic() < deadline:

@@ -15,6 +15,7 @@ from icgate.gateway.backends.admission import (
     BackendSignals,
     BackendUnavailable,
     Job,
+    Placement,
     TtftModel,
     Waiter,
 )
@@ -233,6 +234,22 @@ def test_place_refuses_when_no_candidate_can_meet_the_objective() -> None:
     assert refused.backend == "a"
     assert refused.retry_after_s >= 2  # ~3.2 s predicted against 1.5 s: retry in about 2 s
     assert "1500 ms" in refused.reason
+
+
+def test_decide_says_what_it_saw_of_the_backend_it_chose() -> None:
+    a = backend("a", max_concurrent=1, expected_ttft_ms=100, expected_tpot_ms=10)
+    b = backend("b", max_concurrent=2, tier="large")
+    adm = admission(a, b)
+    assert adm.decide(ask(slo_ms=5000), [a]) == Placement(a, False, 0, 0)  # a free slot: no prediction needed
+    adm.states["a"].jobs.add(_job(output=300))  # busy for ~3.1 s
+    placed = adm.decide(ask(slo_ms=5000), [a])
+    assert (placed.backend, placed.spilled, placed.in_flight, placed.waiting) == (a, False, 1, 0)
+    assert placed.ttft_s == pytest.approx(3.2, abs=0.1)  # the prediction it decided on, kept
+    spilled = adm.decide(ask(slo_ms=1000), [a], spill=[b])
+    assert (spilled.backend, spilled.spilled, spilled.in_flight) == (b, True, 0)
+    for _ in range(5):
+        adm.backend_failed(a)  # its circuit opens: the spill candidate stands in
+    assert adm.decide(ask(), [a], spill=[b]) == Placement(b, True, 0, 0)
 
 
 def test_margin_keeps_part_of_the_objective_in_reserve() -> None:

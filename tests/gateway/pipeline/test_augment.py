@@ -67,6 +67,8 @@ def test_a_small_tier_backend_gets_examples_before_the_question(new_entries: New
     original = copy.deepcopy(ctx.body)
     result = augmented(entries, [spain(entries), france(entries)], ctx=ctx)
     assert result.examples == [1, 2]  # best first
+    # and as chosen, with the relevance and utility the explanation shows
+    assert [(e.entry_id, e.similarity) for e in result.chosen] == [(1, 0.9), (2, 0.8)]
     assert result.body["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is the capital of Spain?"},

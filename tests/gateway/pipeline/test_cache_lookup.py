@@ -11,6 +11,12 @@ from icgate.cache.embed import UnembeddableTextError
 from icgate.gateway.config import TelemetryConfig
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.cache_lookup import (
+    BELOW_PREFILTER,
+    NOT_ALLOWED,
+    NOT_TOP,
+    OTHER_CONTEXT,
+    OUTPUT_LIMIT,
+    TOO_LONG,
     VERIFIED_CANDIDATES,
     CacheLookup,
     hit_response,
@@ -260,6 +266,7 @@ async def test_semantic_hit_for_a_named_backend_only_from_its_tier_or_better(
     lookup = await lookup_of(entries, chat_ctx(REQUEST), min_tier)
     assert (lookup.hit is not None) is served
     assert len(verifier.calls) == int(served)  # a too-low tier never reaches the verifier
+    assert lookup.passed_over == ({} if served else {1: NOT_ALLOWED})  # and the explanation says why
 
 
 # --- semantic hits ---------------------------------------------------------------------------------------
@@ -288,6 +295,9 @@ async def test_no_semantic_hit_when_the_verifier_disagrees(new_entries: NewEntri
     lookup = await lookup_of(entries, chat_ctx(REQUEST))
     assert lookup.hit is None
     assert [c.entry.id for c in lookup.candidates] == [1] and verifier.calls == [[STORED]]
+    # kept for the explanation: the score it got, and the threshold it was held to
+    assert lookup.scores == {1: pytest.approx(0.49)}
+    assert (lookup.threshold, lookup.passed_over) == (0.5, {})
 
 
 async def test_no_semantic_hit_below_the_cosine_prefilter(new_entries: NewEntries) -> None:
@@ -296,6 +306,7 @@ async def test_no_semantic_hit_below_the_cosine_prefilter(new_entries: NewEntrie
     store_similar(entries, cosine=0.79)
     lookup = await lookup_of(entries, chat_ctx(REQUEST))
     assert lookup.hit is None and verifier.calls == []
+    assert (lookup.passed_over, lookup.prefilter, lookup.scores) == ({1: BELOW_PREFILTER}, 0.8, {})
 
 
 @pytest.mark.parametrize(
@@ -315,6 +326,7 @@ async def test_no_semantic_hit_across_contexts_or_output_constraints(
     lookup = await lookup_of(entries, chat_ctx(REQUEST))
     assert lookup.hit is None and verifier.calls == []
     assert len(lookup.candidates) == 1  # similar, and still an example candidate
+    assert lookup.passed_over == {1: OTHER_CONTEXT}
 
 
 async def test_semantic_hit_in_the_same_conversation_context(new_entries: NewEntries) -> None:
@@ -344,6 +356,7 @@ async def test_semantic_hit_only_for_an_answer_the_request_would_have_let_finish
     store_similar(entries, completion_tokens=5)
     lookup = await lookup_of(entries, chat_ctx(REQUEST, **limit))
     assert (lookup.hit is not None) is served
+    assert lookup.passed_over == ({} if served else {1: OUTPUT_LIMIT})
 
 
 async def test_semantic_hit_length_caps(new_entries: NewEntries) -> None:
@@ -357,11 +370,13 @@ async def test_semantic_hit_length_caps(new_entries: NewEntries) -> None:
     lookup = await lookup_of(entries, chat_ctx(REQUEST))
     assert lookup.hit is not None and lookup.hit.entry.id == 2  # the longer, closer one is never verified
     assert verifier.calls == [[STORED]]
+    assert (lookup.passed_over, lookup.scores, lookup.no_semantic) == ({1: TOO_LONG}, {2: 1.0}, None)
 
     long_request = "How tall is Mount Everest, the highest mountain?"
     embed = FakeEmbed({long_request: axis(0)})
     lookup = await lookup_of(entries, chat_ctx(long_request), embed=embed)
     assert lookup.hit is None and len(lookup.candidates) == 2 and len(verifier.calls) == 1
+    assert lookup.no_semantic == TOO_LONG and lookup.passed_over == {}  # the request itself is too long
 
 
 async def test_only_the_most_similar_candidates_are_verified(new_entries: NewEntries) -> None:
@@ -378,6 +393,8 @@ async def test_only_the_most_similar_candidates_are_verified(new_entries: NewEnt
     hit = lookup.hit
     assert hit is not None and hit.entry.id == 2 and hit.verifier_score == pytest.approx(0.8)
     assert hit.similarity == pytest.approx(0.97, abs=1e-5)
+    assert lookup.scores == pytest.approx({1: 0.6, 2: 0.8, 3: 0.1})
+    assert lookup.passed_over == {4: NOT_TOP, 5: NOT_TOP}
 
 
 async def test_semantic_switch_off_still_retrieves_for_examples_and_store(new_entries: NewEntries) -> None:

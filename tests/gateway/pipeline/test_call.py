@@ -51,6 +51,11 @@ async def test_a_routed_request_spills_to_the_other_tier_when_its_own_would_be_l
         await h.pipeline.run(ctx)
     assert h.client.backends == ["large"]
     assert (ctx.route, ctx.decisions["spill"]) == ("large", {"from": "small", "to": "large"})
+    # what admission saw of the backend it spilled to: idle, first token predicted within the objective
+    seen = ctx.decisions["admission"]
+    assert (seen["backend"], seen["in_flight"], seen["max_concurrent"], seen["waiting"]) == ("large", 0, 1, 0)
+    assert seen["ttft_ms"] <= seen["ttft_slo_ms"] == 1000.0
+    assert [(a["backend"], a["role"]) for a in ctx.decisions["attempts"]] == [("large", "spill")]
     assert ctx.decisions["route"]["tier"] == "small"  # what the router chose, before admission
     assert h.metric("icgate_admission_total", {"backend": "large", "outcome": "spilled"}) == 1
     assert h.in_flight() == IDLE
@@ -77,6 +82,8 @@ async def test_a_named_backend_with_an_open_circuit_falls_back_to_a_better_tier(
     assert h.client.backends == ["large"]
     assert ctx.decisions["fallback"] == {"from": "small", "to": "large", "error": "circuit_open"}
     assert (ctx.fallback_from, ctx.route) == ("small", "large")
+    assert [(a["backend"], a["role"]) for a in ctx.decisions["attempts"]] == [("large", "fallback")]
+    assert "admission" not in ctx.decisions  # never placed: the circuit decided
 
 
 async def test_a_routed_request_goes_around_an_open_circuit_as_a_spill() -> None:
@@ -150,3 +157,26 @@ async def test_a_backend_rate_limit_with_nothing_left_to_try_is_429() -> None:
     assert (err.status_code, err.type, err.code) == (429, "rate_limit_error", "backend_rate_limited")
     assert err.headers == {"retry-after": "1"}
     assert h.client.backends == ["small", "large"]
+
+
+async def test_every_attempt_is_recorded_in_order_with_its_error_and_what_admission_saw() -> None:
+    down = BackendError("small", 500, "The backend 'small' failed (500).", retryable=True)
+    h = harness(client=FakeClient({"small": [down]}))
+    ctx = chat_ctx(QUESTION)
+    await h.pipeline.run(ctx)
+    first, second = ctx.decisions["attempts"]
+    assert (first["backend"], first["role"], first["outcome"], first["status"]) == (
+        "small",
+        "first",
+        "failed",
+        500,
+    )
+    assert first["error"] == "http_500: The backend 'small' failed (500)." and first["ms"] >= 0
+    assert (second["backend"], second["role"], second["outcome"]) == ("large", "fallback", "answered")
+    assert ctx.decisions["admission"] == {
+        "backend": "small",
+        "in_flight": 0,
+        "max_concurrent": 2,
+        "waiting": 0,
+    }
+    assert [r.decisions["attempts"] for r in h.log.records] == [ctx.decisions["attempts"]]

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from icgate.cache.examples import Example
+from icgate.gateway.backends.admission import Ask, Placement
+from icgate.gateway.backends.client import BackendError
 from icgate.gateway.config import BackendConfig, PriorityClass
 from icgate.gateway.pipeline import explain
-from icgate.gateway.pipeline.cache_lookup import CacheLookup
+from icgate.gateway.pipeline.augment import Augmented
+from icgate.gateway.pipeline.cache_lookup import BELOW_PREFILTER, CacheLookup
 from icgate.gateway.pipeline.route import RouteOutcome
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import Tenant
@@ -69,6 +73,10 @@ def test_cache_hit_and_miss(new_entries: NewEntries) -> None:
         "verifier": 0.88,
         "candidates": 2,
         "servable": True,
+        "nearest": [
+            {"entry": 11, "similarity": 0.96, "why": "served"},
+            {"entry": 12, "similarity": 0.7, "why": "not_tried"},
+        ],
     }
     explain.cache(ctx, a_lookup(new_entries, hit=False))
     assert ctx.decisions["cache"] == {
@@ -78,6 +86,10 @@ def test_cache_hit_and_miss(new_entries: NewEntries) -> None:
         "verifier": None,
         "candidates": 2,
         "servable": True,
+        "nearest": [
+            {"entry": 11, "similarity": 0.96, "why": "not_tried"},
+            {"entry": 12, "similarity": 0.7, "why": "not_tried"},
+        ],
     }
 
 
@@ -119,7 +131,7 @@ def test_spill_fallback_and_examples(lower: bool) -> None:
     explain.spilled(ctx, "small", LARGE)
     explain.fell_back(ctx, SMALL, LARGE, "timeout", lower)
     explain.fallback_refused(ctx, SMALL, "circuit open")
-    explain.examples(ctx, [4, 2])
+    explain.examples(ctx, Augmented({}, [4, 2]))
     assert ctx.decisions["spill"] == {"from": "small", "to": "large"}
     expected = {"from": "small", "to": "large", "error": "timeout"}
     assert ctx.decisions["fallback"] == ({**expected, "downgraded": True} if lower else expected)
@@ -133,7 +145,7 @@ def test_headers_tell_what_the_decisions_say(new_entries: NewEntries) -> None:
     ctx.backend_s = 0.25
     explain.fell_back(ctx, SMALL, LARGE, "http_502", lower=True)
     explain.cache(ctx, a_lookup(new_entries, hit=False))
-    explain.examples(ctx, [11, 12])
+    explain.examples(ctx, Augmented({}, [11, 12]))
     explain.route(
         ctx,
         RouteOutcome(RouteDecision("small", 0.8, ()), 3, LengthEstimate(42, 90), "r", "heuristic"),
@@ -185,3 +197,143 @@ def test_headers_leave_out_what_was_not_decided() -> None:
     assert headers["x-icgate-fallback-from"] == "small" and "x-icgate-downgraded" not in headers
     for absent in ("similarity", "examples", "router-score", "predicted-tokens", "cache-skipped"):
         assert f"x-icgate-{absent}" not in headers
+
+
+def a_miss(new_entries: NewEntries, **judged: object) -> CacheLookup:
+    """The two-candidate lookup, no hit, with what the semantic step judged set from `judged`."""
+    lookup = a_lookup(new_entries, hit=False)
+    for name, value in judged.items():
+        setattr(lookup, name, value)
+    return lookup
+
+
+def test_the_nearest_candidates_say_what_the_verifier_made_of_each(new_entries: NewEntries) -> None:
+    ctx = chat_ctx("What is 2+2?")
+    lookup = a_miss(new_entries, scores={11: 0.4123456}, threshold=0.62, prefilter=0.8)
+    lookup.passed_over[12] = BELOW_PREFILTER
+    explain.cache(ctx, lookup)
+    cached = ctx.decisions["cache"]
+    assert cached["nearest"] == [
+        {"entry": 11, "similarity": 0.96, "verifier": 0.4123, "why": "below_threshold"},
+        {"entry": 12, "similarity": 0.7, "why": "prefilter"},
+    ]
+    assert (cached["threshold"], cached["prefilter"]) == (0.62, 0.8)
+
+    served = chat_ctx("What is 2+2?")
+    explain.cache(served, a_lookup(new_entries, hit=True))
+    assert served.decisions["cache"]["nearest"][0]["why"] == "served"
+    outscored = chat_ctx("What is 2+2?")
+    explain.cache(outscored, a_miss(new_entries, scores={11: 0.9}, threshold=None))
+    assert outscored.decisions["cache"]["nearest"][0] == {
+        "entry": 11,
+        "similarity": 0.96,
+        "verifier": 0.9,
+        "why": "outscored",
+    }
+    assert "threshold" not in outscored.decisions["cache"]
+
+
+@pytest.mark.parametrize(
+    ("judged", "why"),
+    [
+        ({"semantic": False}, "semantic_off"),
+        ({"servable": False}, "not_servable"),
+        ({"no_semantic": "too_long"}, "too_long"),
+        ({"skipped": "verifier-busy"}, "verifier-busy"),
+        ({}, "not_tried"),
+    ],
+)
+def test_a_candidate_the_verifier_never_saw_says_why(
+    new_entries: NewEntries, judged: dict[str, object], why: str
+) -> None:
+    ctx = chat_ctx("What is 2+2?")
+    explain.cache(ctx, a_miss(new_entries, **judged))
+    assert [c["why"] for c in ctx.decisions["cache"]["nearest"]] == [why, why]
+
+
+def test_an_exact_hit_keeps_no_candidates_and_a_lookup_keeps_five(new_entries: NewEntries) -> None:
+    ctx = chat_ctx("What is 2+2?")
+    lookup = a_lookup(new_entries, hit=True)
+    lookup.hit = Hit(lookup.candidates[0].entry, 1.0, "exact", 1.0)
+    lookup.candidates = []
+    explain.cache(ctx, lookup)
+    assert "nearest" not in ctx.decisions["cache"]
+    many = a_lookup(new_entries, hit=True)
+    many.hit = Hit(many.candidates[0].entry, 1.0, "exact", 1.0)
+    many.candidates = many.candidates * 4
+    explain.cache(ctx, many)
+    nearest = ctx.decisions["cache"]["nearest"]
+    assert len(nearest) == explain.NEAREST_SHOWN and nearest[1]["why"] == "exact_hit"
+
+
+def test_the_examples_prepended_with_their_relevance_and_utility() -> None:
+    ctx = chat_ctx("hi")
+    shown = [Example(7, "q", "a", 0.912345, 0.8, "large", 10), Example(3, "q2", "a2", 0.7, 0.25, "small", 9)]
+    explain.examples(ctx, Augmented({}, [7, 3], shown))
+    assert ctx.decisions["examples"] == [7, 3]
+    assert ctx.decisions["examples_shown"] == [
+        {"entry": 7, "similarity": 0.9123, "utility": 0.8},
+        {"entry": 3, "similarity": 0.7, "utility": 0.25},
+    ]
+    explain.examples(ctx, Augmented({}))  # the fallback's attempt, on a tier that gets none
+    assert ctx.decisions["examples"] == [] and "examples_shown" not in ctx.decisions
+
+
+def test_the_knob_that_turned_the_score_into_the_tier() -> None:
+    ctx = chat_ctx("hi")
+    decision = RouteDecision("small", 0.7, ("P 0.700 >= threshold 0.600",))
+    outcome = RouteOutcome(decision, 3, LengthEstimate(4, 8), "r", "h", knob=("router.threshold", 0.6))
+    explain.route(ctx, outcome)
+    assert ctx.decisions["route"]["knob"] == {"name": "router.threshold", "value": 0.6}
+
+
+def test_what_admission_saw_of_the_backend_it_chose() -> None:
+    ctx = chat_ctx("hi")
+    explain.placed(ctx, Placement(SMALL, False, 1, 0), Ask(10, 20))
+    assert ctx.decisions["admission"] == {
+        "backend": "small",
+        "in_flight": 1,
+        "max_concurrent": 2,
+        "waiting": 0,
+    }
+    explain.placed(ctx, Placement(LARGE, True, 2, 3, ttft_s=0.8504), Ask(10, 20, ttft_slo_s=1.0))
+    assert ctx.decisions["admission"] == {
+        "backend": "large",
+        "in_flight": 2,
+        "max_concurrent": 2,
+        "waiting": 3,
+        "ttft_ms": 850.4,
+        "ttft_slo_ms": 1000.0,
+    }
+
+
+def test_every_attempt_in_order_with_its_error_bounded() -> None:
+    ctx = chat_ctx("hi")
+    failed = BackendError("small", 500, "The backend 'small' failed (500). " + "x" * 400, True)
+    explain.attempt(ctx, SMALL, "first", 0.01234, error=failed)
+    explain.attempt(ctx, LARGE, "fallback", 0.5, queued_s=0.002)
+    explain.attempt(ctx, LARGE, "spill", 0.0, refused="backend large is saturated")
+    first, second, third = ctx.decisions["attempts"]
+    assert {k: first[k] for k in ("backend", "role", "ms", "outcome", "status")} == {
+        "backend": "small",
+        "role": "first",
+        "ms": 12.3,
+        "outcome": "failed",
+        "status": 500,
+    }
+    assert first["error"].startswith("http_500: The backend 'small' failed (500).")
+    assert len(first["error"]) == len("http_500: ") + explain.ERROR_MAX_CHARS
+    assert second == {
+        "backend": "large",
+        "role": "fallback",
+        "ms": 500.0,
+        "queued_ms": 2.0,
+        "outcome": "answered",
+    }
+    assert third["outcome"] == "refused" and third["error"] == "backend large is saturated"
+    explain.stream_cut(ctx, BackendError("large", 504, "The backend 'large' stopped sending.", True))
+    assert ctx.decisions["attempts"][-1]["outcome"] == "cut"
+    assert ctx.decisions["attempts"][-1]["error"] == "timeout: The backend 'large' stopped sending."
+    nothing = chat_ctx("hi")
+    explain.stream_cut(nothing, failed)  # a cache hit's replay has no attempt to mark
+    assert "attempts" not in nothing.decisions

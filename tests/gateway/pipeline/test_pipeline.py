@@ -519,6 +519,8 @@ async def test_run_saturated_backend_is_refused_with_429_and_retry_after() -> No
     assert h.client.calls == []
     assert h.in_flight() == IDLE and h.admission.states["small"].waiting == 0
     assert h.sink.records[0].status_code == 429
+    [attempt] = ctx.decisions["attempts"]  # it queued, then was refused: an attempt that never called
+    assert (attempt["backend"], attempt["outcome"]) == ("small", "refused") and "capacity" in attempt["error"]
 
 
 async def test_run_counts_records_the_sink_drops() -> None:
@@ -588,6 +590,8 @@ async def test_stream_falls_back_when_the_first_chunk_fails() -> None:
     assert ctx.fallback_from == "small" and result.headers()["x-icgate-fallback-from"] == "small"
     assert h.in_flight() == IDLE
     assert [r.backend for r in h.sink.records] == ["large"]
+    attempts = [(a["backend"], a["role"], a["outcome"]) for a in ctx.decisions["attempts"]]
+    assert attempts == [("small", "first", "failed"), ("large", "fallback", "answered")]
 
 
 async def test_stream_open_error_falls_back() -> None:
@@ -616,6 +620,8 @@ async def test_stream_failing_midway_ends_with_502_and_is_recorded() -> None:
     assert h.in_flight() == IDLE
     [record] = h.sink.records
     assert (record.status_code, record.error_type) == (502, "backend_error")
+    [attempt] = record.decisions["attempts"]  # it opened, then broke: the attempt says so
+    assert (attempt["outcome"], attempt["status"]) == ("cut", 502)
 
 
 async def test_empty_stream_records_and_releases() -> None:

@@ -13,7 +13,9 @@ from icgate.gateway.config import AdmissionConfig, Policy, TelemetryConfig
 from icgate.gateway.pipeline.cache_lookup import CacheLookup, plan_lookup
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.record import (
+    BODY_MAX_CHARS,
     ROUTE_SAMPLE_MAX_CHARS,
+    TRUNCATED,
     Recorder,
     Trail,
     route_sample_of,
@@ -389,3 +391,72 @@ async def test_recorder_stores_through_the_cache_entries(new_entries: NewEntries
     recorder.record(chat_ctx("unseen"), Trail(Target(routed=True)))  # no lookup: nothing to store
     await entries.flush()
     assert [e.response_text for e in entries.store.entries.values()] == ["Rome."]
+
+
+# --- request bodies (request_log.store_bodies) ------------------------------------------------------------
+
+STORING = make_policy(request_log={"store_bodies": True})
+
+
+def test_bodies_are_kept_only_when_the_policy_says_so_and_then_scrubbed() -> None:
+    sink = ListSink()
+    off, _ = recorder_of(sink=sink)
+    ctx = chat_ctx("Mail me at ann@example.com: what is the capital of Italy?")
+    response = answered(ctx, "Rome. Write to bob@example.org.")
+    off.record(ctx, Trail(Target(routed=True)), response)
+    on, _ = recorder_of(STORING, sink=sink)
+    system = [{"role": "system", "content": "Be brief."}]
+    ctx = chat_ctx("Mail me at ann@example.com: what is the capital of Italy?", messages=system)
+    on.record(ctx, Trail(Target(routed=True)), answered(ctx, "Rome. Write to bob@example.org."))
+    assert sink.items[0].bodies is None  # the default: nothing of the text
+    bodies = sink.items[1].bodies
+    assert bodies is not None
+    assert "ann@example.com" not in bodies.prompt and "bob@example.org" not in bodies.answer
+    assert bodies.prompt.startswith("system: Be brief.\nuser: Mail me at ") and bodies.prompt.endswith(
+        "Italy?"
+    )
+    assert bodies.answer.startswith("Rome. Write to ") and bodies.answer != "Rome. Write to bob@example.org."
+
+
+async def test_a_streamed_answer_is_kept_from_its_assembled_text_once(
+    new_entries: NewEntries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import icgate.gateway.pipeline.record as record_stage
+
+    entries = await started(new_entries())
+    sink = ListSink()
+    recorder, _ = recorder_of(STORING, sink=sink, entries=entries)
+    ctx = chat_ctx(QUESTION, stream=True)
+    answered(ctx)
+    ctx.output_parts, ctx.finish_reason = ["Ro", "me", "."], "stop"
+    reads: list[str] = []
+    real = record_stage.answer_of
+
+    def counted(ctx: RequestContext, response: dict[str, Any] | None) -> tuple[str, str | None]:
+        reads.append(ctx.request_id)
+        return real(ctx, response)
+
+    monkeypatch.setattr(record_stage, "answer_of", counted)
+    recorder.record(ctx, Trail(Target(routed=True), lookup_for(entries, ctx)))
+    await entries.flush()
+    [record] = sink.items
+    assert record.bodies is not None and record.bodies.answer == "Rome."
+    assert [e.response_text for e in entries.store.entries.values()] == ["Rome."]
+    assert reads == [ctx.request_id]  # assembled once, for the body and the cache alike
+
+
+def test_bodies_are_cut_at_their_limit_before_the_scrub() -> None:
+    sink = ListSink()
+    recorder, _ = recorder_of(STORING, sink=sink)
+    turns = [{"role": "user", "content": "a" * 5_000}, {"role": "assistant", "content": "b" * 5_000}]
+    ctx = chat_ctx("never read", messages=turns * 100)
+    recorder.record(ctx, Trail(), answered(ctx, "c" * (BODY_MAX_CHARS + 1)))
+    completion = RequestContext(endpoint="completions", body={"model": "auto", "prompt": ["x", "y"]})
+    recorder.record(completion, Trail())
+    long, listed = (r.bodies for r in sink.items)
+    assert long is not None and listed is not None
+    assert (
+        long.prompt == ("user: " + "a" * 5_000 + "\nassistant: " + "b" * 5_000)[:BODY_MAX_CHARS] + TRUNCATED
+    )
+    assert long.answer == "c" * BODY_MAX_CHARS + TRUNCATED
+    assert (listed.prompt, listed.answer) == ("['x', 'y']", "")

@@ -15,6 +15,7 @@ from icgate.gateway.pipeline.route import (
     RouteModels,
     best_example,
     choose_tier,
+    knob_of,
     predict_length,
     price,
     route,
@@ -113,6 +114,28 @@ def test_choose_tier_strong_share_is_a_quantile_of_the_calibration_scores() -> N
     # Without calibration scores the share cannot be mapped: the artifact's own threshold decides.
     uncalibrated = models_of(Scorer(0.31), threshold=0.9)
     assert threshold_for(policy.router, uncalibrated) == 0.9 and tier_for(policy, uncalibrated) == "large"
+
+
+@pytest.mark.parametrize(
+    ("router", "calibrated", "knob"),
+    [
+        ({"quality_value_usd": 0.02}, True, ("router.quality_value_usd", 0.02)),
+        ({"threshold": 0.6}, True, ("router.threshold", 0.6)),
+        ({"strong_share": 0.3}, True, ("router.strong_share", 0.3)),
+        (
+            {"strong_share": 0.3},
+            False,
+            ("calibrated", 0.9),
+        ),  # a share it cannot map: the artifact's threshold
+        ({}, True, ("calibrated", 0.9)),
+    ],
+)
+def test_knob_of_names_the_setting_threshold_for_reads(
+    router: dict[str, Any], calibrated: bool, knob: tuple[str, float]
+) -> None:
+    scores = np.linspace(0.0, 1.0, 11) if calibrated else None
+    models = models_of(Scorer(0.5), calibration_scores=scores, threshold=0.9)
+    assert knob_of(priced_policy(**router).router, models) == knob
 
 
 def test_choose_tier_without_a_knob_uses_the_artifacts_threshold_else_one_half() -> None:
@@ -222,6 +245,7 @@ async def test_route_sizes_the_answer_by_max_tokens_or_max_completion_tokens() -
         )
         assert (outcome.predicted.p50, outcome.predicted.p90) == (120, 120)
         assert (outcome.prompt_tokens, outcome.tier) == (10, "small")
+        assert outcome.knob == ("router.threshold", 0.5)  # the setting that turned the score into the tier
 
 
 async def test_route_reuses_the_cache_stages_embedding_and_best_example() -> None:
@@ -253,7 +277,7 @@ async def test_route_without_an_embedder_falls_back_to_the_default_tier() -> Non
     policy = priced_policy(default_tier="large")
     outcome = await route(chat_ctx(PROMPT), Target(routed=True), None, models, policy, None)
     assert outcome.tier == "large" and outcome.decision.score is None
-    assert "embedder off" in outcome.decision.reasons[0]
+    assert "embedder off" in outcome.decision.reasons[0] and outcome.knob is None  # no score, no knob
     assert scorer.seen == []
     assert outcome.predicted == LengthEstimate(190, 400)  # still sized for admission
 

@@ -11,7 +11,7 @@ from icgate.gateway.store.db import alembic_config, current_revision, make_engin
 from icgate.gateway.store.tables import Base
 
 TABLES = {"tenants", "api_keys", "request_log", "cache_entries", "model_artifacts", "route_samples"}
-HEAD = "0004"
+HEAD = "0005"
 
 
 def _tables(url: str) -> set[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from icgate.gateway.config import RequestLogConfig
-from icgate.gateway.records import RequestRecord
+from icgate.gateway.records import RequestBodies, RequestRecord
 from icgate.gateway.store import tables
 from icgate.gateway.store.request_log import RequestLogWriter
 
@@ -218,3 +218,33 @@ def test_the_rollup_adds_up_to_the_log_across_batches_on_both_databases(engine: 
     week = overview(engine, now - timedelta(days=7), now + timedelta(hours=1), "small", buckets=7)
     assert {m.mechanism: m.requests for m in week.mechanisms} == {m: t[0] for m, t in totals.items()}
     assert week.statuses == data.statuses and week.fallbacks == 1
+
+
+def count_bodies(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(tables.RequestBody)).scalar_one())
+
+
+async def test_bodies_are_written_with_their_rows_in_one_transaction(engine: sa.Engine) -> None:
+    from icgate.gateway.store.request_log import get_request
+
+    with engine.begin() as conn:  # a body already there for req-000001: its batch's insert fails
+        conn.execute(
+            sa.insert(tables.RequestBody).values(
+                request_id="req-000001", created_at=datetime.now(UTC), prompt="old", answer="old"
+            )
+        )
+    writer = RequestLogWriter(engine, RequestLogConfig(batch_size=10, flush_interval_s=0.05))
+    await writer.start()
+    for i in (1, 2):
+        writer.submit(record(i, bodies=RequestBodies(prompt=f"question {i}", answer=f"answer {i}")))
+    writer.submit(record(3))  # the policy kept no body for this one
+    await writer.close()
+    # req-000001 is dropped whole, its row with its body; the others land, each with what it had
+    assert (writer.written, writer.failed) == (2, 1)
+    assert get_request(engine, "req-000001") is None
+    kept = get_request(engine, "req-000002")
+    assert kept is not None and kept.bodies == RequestBodies("question 2", "answer 2")
+    bare = get_request(engine, "req-000003")
+    assert bare is not None and bare.bodies is None
+    assert (count_rows(engine), count_bodies(engine)) == (2, 2)  # req-000001's old body, req-000002's
