@@ -561,9 +561,14 @@ class Admission:
         else:
             job = state.start_job(ask, now)
         owner = None
-        try:
-            if self.shared is not None:
+        if self.shared is not None:
+            try:
                 owner = await self._shared_slot(state, ask, job)
+            except BaseException:  # refused or cancelled while waiting for a shared slot: it never ran
+                state.jobs.discard(job)
+                self._grant(state)
+                raise
+        try:
             yield job
         finally:
             self._finish(state, job)

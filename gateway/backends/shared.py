@@ -179,16 +179,30 @@ class SharedSlots:
         """Wait up to `timeout_s` for a slot; False when none came in time (the place in line is given up)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         event = self._released.setdefault(backend, asyncio.Event())
-        while True:
-            event.clear()
-            if await self.try_acquire(backend, limit, owner, order):
-                return True
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                await self.release(backend, owner)
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(left, self.poll_s))
+        try:
+            while True:
+                event.clear()
+                if await self.try_acquire(backend, limit, owner, order):
+                    return True
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, self.poll_s))
+        except BaseException:
+            # Cancelled (the client left) or Redis failed: never leave a place in line behind, which this
+            # replica would go on renewing and which would hold up everyone after it.
+            await self._give_up(backend, owner)
+            raise
+        await self._give_up(backend, owner)
+        return False
+
+    async def _give_up(self, backend: str, owner: str) -> None:
+        owners = self._held.get(backend)
+        if owners is not None:
+            owners.discard(owner)
+        with contextlib.suppress(SharedStateDown):  # the lease runs out on its own
+            await asyncio.shield(self.release(backend, owner))
 
     async def release(self, backend: str, owner: str) -> None:
         """Give back a slot (or a place in line); every replica's waiters hear of it."""

@@ -139,3 +139,22 @@ async def test_redis_away_is_said_plainly() -> None:
     with pytest.raises(SharedStateDown):
         await away.try_acquire("b", 1, away.new_owner(), 0.0)
     await away.client.aclose()
+
+
+async def test_a_waiter_that_is_cancelled_leaves_no_place_in_line(prefix: str) -> None:
+    one = await replica(prefix)
+    try:
+        holder = one.new_owner()
+        assert await one.try_acquire("b", 1, holder, 0.0)
+        waiting = asyncio.create_task(one.acquire("b", 1, one.new_owner(), 1.0, timeout_s=10))
+        await asyncio.sleep(0.2)  # in line
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        client = aioredis.Redis.from_url(REDIS_URL)
+        assert await client.zcard(f"{prefix}:slots:b:waiting") == 0
+        await client.aclose()
+        await one.release("b", holder)
+        assert await one.try_acquire("b", 1, one.new_owner(), 2.0)  # nobody ahead of a newcomer
+    finally:
+        await one.close()
