@@ -318,6 +318,23 @@ def open_database(policy: Policy, data_dir: Path) -> Any:
     return db.make_engine(url)
 
 
+def announce_revocation(policy: Policy) -> str:
+    """Tell the running replicas that share Redis (they forget their cached keys at once); else they
+    follow within their key cache's 5 s. Returns what to add to the command's line."""
+    url = policy.shared_state.url()
+    if url is None:
+        return ""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    try:
+        with Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
+            client.publish(f"{policy.shared_state.key_prefix}:keys-revoked", "1")
+    except (RedisError, OSError) as exc:
+        return f" (Redis did not answer ({type(exc).__name__}): running gateways follow within 5 s)"
+    return " (running gateways told through Redis)"
+
+
 def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
     from icgate.gateway.store import keys
 
@@ -330,7 +347,7 @@ def manage_keys(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int
             return 0
         if args.keys_command == "revoke":
             if keys.revoke_key(engine, args.key_id):
-                print(f"key {args.key_id} revoked")
+                print(f"key {args.key_id} revoked{announce_revocation(policy)}")
                 return 0
             print(f"no key with id {args.key_id}", file=sys.stderr)
             return 1

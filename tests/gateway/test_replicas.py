@@ -236,3 +236,33 @@ def test_with_redis_away_each_replica_counts_alone_and_says_so(
     metrics = httpx.get(gw.url + "/metrics").text
     assert re.search(r'icgate_shared_state_fallbacks_total\{what="slots"\} [1-9]', metrics)
     assert re.search(r'icgate_shared_state_fallbacks_total\{what="limits"\} [1-9]', metrics)
+
+
+def test_a_key_revoked_from_the_command_line_is_refused_at_once_by_a_replica_sharing_redis(
+    standins: Standins, start_gateway: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    from icgate.gateway.cli.main import main
+
+    prefix = f"icgate-test-{uuid.uuid4().hex[:8]}"
+    database = f"sqlite:///{tmp_path / 'shared.db'}"
+    policy = standin_policy(
+        standins,
+        "http",
+        auth={"required": True},
+        database={"url": database},
+        shared_state={"redis_url": REDIS_URL, "key_prefix": prefix},
+    )
+    gw = start_gateway(policy)
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy.model_dump(mode="json", exclude_defaults=True)))
+    assert gw.gateway.engine is not None
+    created = keys.create_key(gw.gateway.engine, "acme")
+    assert chat(gw.url, "hello", created.key).status_code == 200  # the key is now in the key cache (5 s)
+    revoked_at = time.monotonic()
+    assert (
+        main(["keys", "revoke", str(created.key_id), "--policy", str(path), "--data-dir", str(tmp_path)]) == 0
+    )
+    while chat(gw.url, "hello again", created.key).status_code != 401:
+        # the key cache would keep it 5 s; the message through Redis drops it at once
+        assert time.monotonic() - revoked_at < 3.0
+        time.sleep(0.05)
