@@ -48,6 +48,9 @@ def test_a_policy_with_an_error_is_refused_at_its_line_and_a_fix_applies(
     issue = browser.find_element(By.CSS_SELECTOR, "#issues li")
     assert issue.get_attribute("data-line") == str(line)
     assert issue.text == f"line {line}, auth.colour: unknown key"
+    browser.execute_script(
+        "arguments[0].scrollIntoView({block: 'center'})", issue
+    )  # the screenshot's subject
     snap(browser, "policy")
     click_to_new_page(browser, By.ID, "apply", "#editor")
     assert browser.find_element(By.ID, "message").text == "Not applied."
