@@ -374,19 +374,21 @@ async def send(session: aiohttp.ClientSession, endpoint: Endpoint, out: Outcome)
 
 
 async def replay(
-    endpoint: Endpoint, arrivals: Sequence[Arrival], duration_s: float, straggle_s: float
+    endpoint: Endpoint | Sequence[Endpoint], arrivals: Sequence[Arrival], duration_s: float, straggle_s: float
 ) -> list[Outcome]:
-    """Send every arrival at its time, open loop; wait at most `straggle_s` past the window, then cancel."""
+    """Send every arrival at its time, open loop; wait at most `straggle_s` past the window, then cancel.
+    Several endpoints (replicas, bench/replicas.py): arrival i goes to endpoint i mod N, round-robin."""
+    endpoints = [endpoint] if isinstance(endpoint, Endpoint) else list(endpoint)
     outcomes = [Outcome(a.index, a.prompt_tokens, a.output_tokens) for a in arrivals]
     async with client_session() as session:
         start = time.perf_counter() + 0.2
         tasks = []
-        for arrival, out in zip(arrivals, outcomes, strict=True):
+        for i, (arrival, out) in enumerate(zip(arrivals, outcomes, strict=True)):
             out.due = start + arrival.due_s
             delay = out.due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(send(session, endpoint, out)))
+            tasks.append(asyncio.create_task(send(session, endpoints[i % len(endpoints)], out)))
         remaining = start + duration_s + straggle_s - time.perf_counter()
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, remaining))
         for task in pending:

@@ -98,28 +98,6 @@ def url_of(replica: load.Managed) -> str:
     return replica.ready_url.removesuffix("/readyz")
 
 
-async def replay_across(
-    endpoints: Sequence[load.Endpoint], arrivals: Sequence[load.Arrival], duration_s: float, straggle_s: float
-) -> list[load.Outcome]:
-    """`load.replay`, with arrival i sent to endpoint i mod N (a round-robin load balancer)."""
-    outcomes = [load.Outcome(a.index, a.prompt_tokens, a.output_tokens) for a in arrivals]
-    async with load.client_session() as session:
-        start = time.perf_counter() + 0.2
-        tasks = []
-        for i, (arrival, out) in enumerate(zip(arrivals, outcomes, strict=True)):
-            out.due = start + arrival.due_s
-            delay = out.due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(load.send(session, endpoints[i % len(endpoints)], out)))
-        remaining = start + duration_s + straggle_s - time.perf_counter()
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, remaining))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    return outcomes
-
-
 async def peak_running(sims: dict[load.Tier, load.Sim], stop: asyncio.Event) -> dict[str, int]:
     """The most requests each simulator ran at once, sampled every 50 ms from its /metrics."""
     peaks: dict[str, int] = dict.fromkeys(sims, 0)
@@ -145,7 +123,7 @@ async def measured_replay(
     stop = asyncio.Event()
     sampler = asyncio.create_task(peak_running(sims, stop))
     try:
-        outcomes = await replay_across(endpoints, arrivals, args.duration_s, args.straggle_s)
+        outcomes = await load.replay(endpoints, arrivals, args.duration_s, args.straggle_s)
     finally:
         stop.set()
     return outcomes, await sampler

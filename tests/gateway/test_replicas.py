@@ -145,23 +145,23 @@ def test_a_flood_on_all_never_exceeds_the_backends_slots(cluster: Cluster, stand
     assert all(int(a.headers["retry-after"]) >= 1 for a in refused)
 
 
-def test_a_tenants_limit_holds_for_all_replicas_together(cluster: Cluster) -> None:
+def key_for(cluster: Cluster, tenant: str) -> str:
     engine = make_engine(cluster.database_url)
     try:
-        key = keys.create_key(engine, "acme").key
+        return keys.create_key(engine, tenant).key
     finally:
         engine.dispose()
+
+
+def test_a_tenants_limit_holds_for_all_replicas_together(cluster: Cluster) -> None:
+    key = key_for(cluster, "acme")
     urls = [r.url for r in cluster.replicas]
     statuses = [chat(urls[i % 3], f"acme question {i}", key).status_code for i in range(8)]
     assert statuses.count(200) == 3 and statuses.count(429) == 5  # 3 a minute in all, not per replica
 
 
 def test_a_tenants_budget_is_charged_once_for_all_replicas(cluster: Cluster) -> None:
-    engine = make_engine(cluster.database_url)
-    try:
-        key = keys.create_key(engine, "beta").key
-    finally:
-        engine.dispose()
+    key = key_for(cluster, "beta")
     ledger = redis.Redis.from_url(REDIS_URL)
     month = datetime.now(UTC).date().replace(day=1).isoformat()
     ledger_key = f"{cluster.prefix}:spend:beta:month:{month}"
