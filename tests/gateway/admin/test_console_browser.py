@@ -62,7 +62,13 @@ def test_log_in_and_explain_a_request(browser: WebDriver, console: RunningGatewa
     assert httpx.get(console.url + "/admin/requests", follow_redirects=False).status_code == 303
 
 
-def test_create_and_revoke_a_key_in_the_browser(
+def ask_as_status(gw: RunningGateway, key: str) -> int:
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Hello again?"}]}
+    headers = {"authorization": f"Bearer {key}"}
+    return httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code
+
+
+def test_create_and_revoke_a_key_and_change_a_tenants_limits_in_the_browser(
     browser: WebDriver, standins: Standins, start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.gateway.admin.test_tenants import ask_as, cost_of, priced_policy
@@ -97,6 +103,17 @@ def test_create_and_revoke_a_key_in_the_browser(
     assert key not in browser.page_source  # shown once, never again
     refused = httpx.get(gw.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
     assert refused.status_code == 401
+    # the tenant's own limits, changed live from its edit page: one request a minute
+    click_to_new_page(browser, By.CSS_SELECTOR, "#tenant-acme a.edit", "#limits")
+    snap(browser, "tenant")
+    limit = browser.find_element(By.ID, "requests_per_min")
+    limit.clear()
+    limit.send_keys("1")
+    click_to_new_page(browser, By.ID, "save-limits", "#keys")
+    assert browser.find_element(By.CSS_SELECTOR, "#tenant-acme td.rpm").text == "1"
+    other = keys.create_key(gw.gateway.engine, "acme").key
+    # in force at once, without a restart: the first request of the new window passes, the second not
+    assert [ask_as_status(gw, other), ask_as_status(gw, other)] == [200, 429]
 
 
 def test_delete_a_cache_entry_in_the_browser_and_see_it_gone_from_the_answers(
