@@ -31,7 +31,9 @@ _WHY = {
     400: "Invalid request: bad JSON, a missing or invalid parameter, or a request over the size bounds.",
     401: "Missing or incorrect API key (when the policy requires keys); on /admin, not the admin key.",
     403: "The admin console is off (no admin key in the environment), or a change without its CSRF token.",
-    404: "Unknown model or request id.",
+    404: "Unknown model, request id, or admin resource (a key, a policy version, a replay run).",
+    409: "The change conflicts with the gateway's state: a replay run already going, a router that cannot "
+    "be swapped or replayed (a rule, or a file the policy names).",
     413: "Request body larger than the policy's `server.max_body_bytes`.",
     429: "A rate limit, a budget, or no backend can answer within the latency objective; see Retry-After.",
     502: "The backend failed, and so did the fallback.",
@@ -49,6 +51,9 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/admin/api/requests"): (400, 401, 403, 503),
     ("get", "/admin/api/requests/{request_id}"): (401, 403, 404, 503),
 }
+# Every other route of the admin JSON API: bad input, no or not the admin key, console off or no CSRF token,
+# not found, a conflict, starting.
+_ADMIN = (400, 401, 403, 404, 409, 503)
 _STREAMED = {("post", "/v1/chat/completions"), ("post", "/v1/completions")}
 
 
@@ -71,7 +76,8 @@ def build_schema(app: FastAPI) -> dict[str, Any]:
         for method, operation in item.items():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            responses.update(error_responses(ROUTE_ERRORS.get((method, path), ())))
+            default = _ADMIN if path.startswith("/admin/api/") else ()
+            responses.update(error_responses(ROUTE_ERRORS.get((method, path), default)))
             if (method, path) in _STREAMED:
                 responses["200"] = {
                     "description": "The completion; with `stream: true`, server-sent events ending in "

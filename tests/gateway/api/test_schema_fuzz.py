@@ -104,6 +104,18 @@ def test_the_schema_documents_what_the_server_sends(gateway_url: str) -> None:
         assert error == {"$ref": "#/components/schemas/ErrorResponse"}
     assert {"400", "401", "404"} <= set(schema["paths"]["/v1/embeddings"]["post"]["responses"])
     assert "401" in schema["paths"]["/v1/models"]["get"]["responses"]
+    # Every operation of the admin JSON API says it refuses a missing or wrong key (401) and a change
+    # without its CSRF token or with the console off (403), in the same error shape.
+    admin = [
+        (p, m, op)
+        for p, item in schema["paths"].items()
+        if p.startswith("/admin/api/")
+        for m, op in item.items()
+    ]
+    assert len(admin) >= 20
+    assert all({"401", "403"} <= set(op["responses"]) for _, _, op in admin), [
+        (m, p) for p, m, op in admin if not {"401", "403"} <= set(op["responses"])
+    ]
     detail = schema["components"]["schemas"]["ErrorDetail"]
     assert set(detail["properties"]) == {"message", "type", "param", "code"}
     # Each status the schema names for a route is one the gateway really sends: a bad body is a 400.
