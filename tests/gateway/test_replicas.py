@@ -266,3 +266,66 @@ def test_a_key_revoked_from_the_command_line_is_refused_at_once_by_a_replica_sha
         # the key cache would keep it 5 s; the message through Redis drops it at once
         assert time.monotonic() - revoked_at < 3.0
         time.sleep(0.05)
+
+
+def test_redis_down_and_back_the_replica_counts_alone_then_shares_again(
+    standins: Standins, start_gateway: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    port = free_port()
+    redis_cmd = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(redis_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return proc
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+    def fallbacks(gw: RunningGateway) -> float:
+        found = re.search(
+            r'icgate_shared_state_fallbacks_total\{what="slots"\} (\S+)', httpx.get(gw.url + "/metrics").text
+        )
+        return float(found.group(1)) if found else 0.0
+
+    server = start_redis()
+    try:
+        policy = standin_policy(
+            standins,
+            "http",
+            shared_state={"redis_url": f"redis://127.0.0.1:{port}/0", "key_prefix": "icgate-back"},
+            admission={"tenants": {"*": {"requests_per_min": 1000}}},
+        )
+        gw = start_gateway(policy)
+        assert chat(gw.url, "while Redis is up").status_code == 200 and fallbacks(gw) == 0
+        server.kill()
+        server.wait(10)
+        assert [chat(gw.url, f"while Redis is down {i}").status_code for i in range(3)] == [200] * 3
+        assert fallbacks(gw) >= 1  # counted by this replica alone, and said so
+        server = start_redis()  # back, empty: the replica asks it again after its 5 s pause
+        deadline = time.monotonic() + 15
+        while True:
+            before = fallbacks(gw)
+            assert chat(gw.url, "after Redis is back").status_code == 200
+            if fallbacks(gw) == before:
+                break  # this request took its slot from Redis again
+            assert time.monotonic() < deadline, "never shared again"
+            time.sleep(0.5)
+        assert any(redis.Redis(port=port).scan_iter("LIMITS*"))  # the rate-limit window is in Redis again
+    finally:
+        server.kill()
+        server.wait(10)
