@@ -203,9 +203,14 @@ def with_changes(text: str, changes: dict[str, Any]) -> str:
     for path, value in changes.items():
         keys = path.split(".")
         node = document
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             child = node.get(key)
-            if not isinstance(child, dict):
+            if child is not None and not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise PolicyTextError(
+                    [PolicyIssue(None, where, "not a section: change it in the policy editor")]
+                )
+            if child is None:
                 if value is None:
                     break
                 child = node[key] = CommentedMap()

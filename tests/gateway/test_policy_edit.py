@@ -131,3 +131,11 @@ def test_a_policy_given_as_an_object_is_written_out_and_reads_back_the_same() ->
 def test_the_diff_names_the_changed_line() -> None:
     out = policy_edit.diff(TEXT, TEXT.replace("threshold: 0.4", "threshold: 0.6"))
     assert "-  threshold: 0.4" in out and "+  threshold: 0.6" in out
+
+
+def test_a_change_inside_a_list_or_a_value_is_refused_not_made_a_section() -> None:
+    with pytest.raises(PolicyTextError) as refused:
+        policy_edit.with_changes(TEXT, {"backends.0.timeout_s": 5})
+    assert refused.value.issues[0].key == "backends"
+    with pytest.raises(PolicyTextError):
+        policy_edit.with_changes(TEXT, {"router.threshold.value": 5})
