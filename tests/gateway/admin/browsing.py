@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -35,8 +37,23 @@ def click_to_new_page(browser: WebDriver, by: str, what: str, then: str) -> None
     for a moment, which has the same ids) to hold `then`."""
     old = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(by, what).click()
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(old))
+    WebDriverWait(browser, 15).until(lambda _: detached(old))
     wait_for(browser, then)
+
+
+def detached(element: WebElement) -> bool:
+    """Whether `element` has left the page. Selenium's `staleness_of` expects a stale-element error, but
+    ChromeDriver, asked in the middle of a navigation, may answer "Node with given id does not belong to
+    the document" instead (seen once in CI): that too means the old page is gone."""
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
+    return False
 
 
 def log_in(browser: WebDriver, gw: RunningGateway, path: str = "/admin") -> None:
