@@ -57,10 +57,6 @@ def load_entries(engine: sa.Engine, namespace: str | None = None) -> list[CacheE
         return [entry_of(row) for row in rows]
 
 
-def cost(backend: BackendConfig, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * backend.cost_per_1k_input + completion_tokens * backend.cost_per_1k_output) / 1000
-
-
 async def wait_idle(is_idle: IsIdle, backend: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -131,7 +127,7 @@ async def replay(
         best_tier,
         time.time(),
         options.budget_usd,
-        lambda e: cost(backend, e.prompt_tokens, e.completion_tokens),
+        lambda e: backend.cost_usd(e.prompt_tokens, e.completion_tokens),
         options.max_entries,
         prune_after_s=options.prune_after_days * 86_400.0,
     )
@@ -179,8 +175,8 @@ async def replay_entries(
                 summary.failed += 1
                 continue
             usage = response.get("usage") or {}
-            spent = cost(
-                backend, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            spent = backend.cost_usd(
+                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             )
             if summary.spent_usd + spent > options.budget_usd:
                 return

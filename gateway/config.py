@@ -97,6 +97,10 @@ class BackendConfig(Strict):
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What an answer costs at this backend's prices (the request log, budgets, replay, savings)."""
+        return (prompt_tokens * self.cost_per_1k_input + completion_tokens * self.cost_per_1k_output) / 1000
+
     def first_byte_timeout_s(self, ttft_slo_s: float | None = None) -> float:
         """How long a stream may take to its first chunk (see `ttfb_timeout_s`)."""
         if self.ttfb_timeout_s is not None:

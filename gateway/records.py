@@ -115,10 +115,7 @@ class RequestContext:
     def cost_usd(self) -> float:
         if self.backend is None:
             return 0.0
-        b = self.backend
-        return (
-            self.prompt_tokens * b.cost_per_1k_input + self.completion_tokens * b.cost_per_1k_output
-        ) / 1000
+        return self.backend.cost_usd(self.prompt_tokens, self.completion_tokens)
 
 
 @dataclass(frozen=True)

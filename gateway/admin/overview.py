@@ -59,9 +59,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def price(backend: BackendConfig | None, prompt_tokens: int, completion_tokens: int) -> float:
-    if backend is None:
-        return 0.0
-    return (prompt_tokens * backend.cost_per_1k_input + completion_tokens * backend.cost_per_1k_output) / 1000
+    return backend.cost_usd(prompt_tokens, completion_tokens) if backend is not None else 0.0
 
 
 def savings(mechanisms: list[MechanismTotals], best: BackendConfig | None) -> tuple[list[Saving], float]:
@@ -74,7 +72,12 @@ def savings(mechanisms: list[MechanismTotals], best: BackendConfig | None) -> tu
             out.append(Saving(name, label, 0, 0.0))
             continue
         out.append(
-            Saving(name, label, m.requests, price(best, m.prompt_tokens, m.completion_tokens) - m.cost_usd)
+            Saving(
+                name,
+                label,
+                m.requests,
+                price(best, m.prompt_tokens, m.completion_tokens) - m.cost_usd,
+            )
         )
     as_best = sum(price(best, m.prompt_tokens, m.completion_tokens) for m in mechanisms)
     return out, as_best
