@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
 import math
 import time
 from collections import deque
@@ -38,8 +37,6 @@ import numpy as np
 
 from icgate.gateway.backends.shared import SharedSlots, SharedStateDown
 from icgate.gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
-
-log = logging.getLogger("icgate.admission")
 
 
 class AdmissionRefused(Exception):
@@ -356,7 +353,6 @@ class Admission:
         self._seq = itertools.count()
         self.shared: SharedSlots | None = None
         self.on_shared_down: Callable[[], None] = lambda: None
-        self._warned_down = -math.inf
 
     def share(self, shared: SharedSlots, on_down: Callable[[], None]) -> None:
         """Take slots from the count every replica shares (docs/scaling.md); `on_down` hears of each
@@ -592,8 +588,8 @@ class Admission:
             got = await self.shared.acquire(
                 state.config.name, state.config.max_concurrent, owner, order, timeout
             )
-        except SharedStateDown:
-            self._shared_down()
+        except SharedStateDown:  # said in the log by the slots' `Outage`; counted here, per request
+            self.on_shared_down()
             return None
         if not got:
             raise AdmissionRefused(
@@ -612,14 +608,7 @@ class Admission:
         try:
             await asyncio.shield(self.shared.release(state.config.name, owner))
         except SharedStateDown:
-            self._shared_down()  # the lease runs out on its own
-
-    def _shared_down(self) -> None:
-        self.on_shared_down()
-        now = time.monotonic()
-        if now - self._warned_down >= 30.0:
-            self._warned_down = now
-            log.warning("Redis does not answer: backend slots are counted by this replica alone")
+            self.on_shared_down()  # the lease runs out on its own
 
     async def _queue(self, state: BackendState, ask: Ask, now: float) -> Job:
         if len(state.waiters) >= self.config.max_queue:

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -88,6 +89,39 @@ class SharedStateDown(Exception):
     """Redis did not answer: the replica counts on its own until it does again."""
 
 
+class Outage:
+    """A shared store that stopped answering, as one replica sees it. After a failure it is not asked
+    again for `retry_s` (a dead Redis must not cost every request a connection timeout), and the failure
+    is logged at most every `warn_every_s`. Backend slots and tenants' limits each keep one."""
+
+    def __init__(
+        self,
+        what: str,
+        retry_s: float = 5.0,
+        warn_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.what = what
+        self.retry_s = retry_s
+        self.warn_every_s = warn_every_s
+        self.clock = clock
+        self._until = -math.inf
+        self._warned = -math.inf
+
+    @property
+    def up(self) -> bool:
+        return self.clock() >= self._until
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self._until = now + self.retry_s
+        if now - self._warned >= self.warn_every_s:
+            self._warned = now
+            log.warning(
+                "%s does not answer (%s): counted by this replica alone", self.what, type(exc).__name__
+            )
+
+
 class SharedSlots:
     """One count of slots per backend, shared by every replica that points at the same Redis."""
 
@@ -117,8 +151,7 @@ class SharedSlots:
         self._renew = client.register_script(RENEW)
         self._count = client.register_script(COUNT)
         self._tasks: list[asyncio.Task[None]] = []
-        self.retry_s = 5.0
-        self._down_until = -math.inf
+        self.outage = Outage("Redis (backend slots)")
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "icgate", lease_s: float = 6.0) -> SharedSlots:
@@ -154,15 +187,13 @@ class SharedSlots:
         await self.client.aclose()
 
     async def _call(self, step: Callable[[], Awaitable[Any]]) -> Any:
-        """One step in Redis. After a failure Redis is not asked again for `retry_s`: a Redis that is down
-        costs the requests meanwhile nothing (each would otherwise wait out a connection timeout)."""
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._down_until:
+        """One step in Redis, unless it failed a moment ago (`Outage`)."""
+        if not self.outage.up:
             raise SharedStateDown("Redis did not answer a moment ago")
         try:
             return await step()
         except (RedisError, OSError) as exc:
-            self._down_until = loop.time() + self.retry_s
+            self.outage.failed(exc)
             raise SharedStateDown(type(exc).__name__) from exc
 
     async def try_acquire(self, backend: str, limit: int, owner: str, order: float) -> bool:
@@ -198,9 +229,6 @@ class SharedSlots:
         return False
 
     async def _give_up(self, backend: str, owner: str) -> None:
-        owners = self._held.get(backend)
-        if owners is not None:
-            owners.discard(owner)
         with contextlib.suppress(SharedStateDown):  # the lease runs out on its own
             await asyncio.shield(self.release(backend, owner))
 

@@ -11,7 +11,6 @@ every `spend_refresh_s`, so replicas converge), plus what this replica recorded 
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,12 +25,10 @@ from limits.storage import storage_from_string
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
+from icgate.gateway.backends.shared import Outage
 from icgate.gateway.config import AdmissionConfig, TenantLimits
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.store import tables
-
-log = logging.getLogger("icgate.quotas")
-SHARED_RETRY_S = 5.0  # after the shared storage failed, this replica counts alone this long
 
 # KEYS: a tenant's ledger. ARGV: what the request log says it spent, the ledger's lifetime (0: forever).
 SEED_LEDGER = """
@@ -111,28 +108,26 @@ class TenantLimiter:
         # Counts on this replica alone while the shared storage does not answer.
         self._local = SlidingWindowCounterRateLimiter(storage_from_string("async+memory://"))
         self.on_shared_down = on_shared_down
-        self._warned_down = -math.inf
-        self._down_until = -math.inf
+        self._outage = Outage("the rate-limit and budget storage")
         self._spend: dict[str, _Spend] = {}
         self._refreshed = -math.inf
 
     async def _hit(self, item: RateLimitItemPerMinute, kind: str, tenant: str, cost: int = 1) -> bool:
-        try:
-            return bool(await self._limiter.hit(item, kind, tenant, cost=cost))
-        except StorageError as exc:
-            if not self.shared:
-                raise
-            self._down(exc)
-            return bool(await self._local.hit(item, kind, tenant, cost=cost))
+        """One hit on the shared window; on this replica's own while the shared storage is down (and for a
+        few seconds after it failed: `Outage`)."""
+        if not self.shared or self._outage.up:
+            try:
+                return bool(await self._limiter.hit(item, kind, tenant, cost=cost))
+            except StorageError as exc:
+                if not self.shared:
+                    raise
+                self._outage.failed(exc)
+        self.on_shared_down()
+        return bool(await self._local.hit(item, kind, tenant, cost=cost))
 
     def _down(self, exc: BaseException) -> None:
         self.on_shared_down()
-        now = time.monotonic()
-        if now - self._warned_down >= 30.0:
-            self._warned_down = now
-            log.warning(
-                "rate-limit storage does not answer (%s): limits count per replica", type(exc).__name__
-            )
+        self._outage.failed(exc)
 
     def _limits(self, tenant: str) -> TenantLimits | None:
         return self.config.tenant(tenant) if self.config.enabled else None
@@ -169,7 +164,7 @@ class TenantLimiter:
     async def _refusal(
         self, item: RateLimitItemPerMinute, tenant: str, kind: str, what: str, requested: int
     ) -> GatewayError:
-        limiter = self._limiter if time.monotonic() >= self._down_until else self._local
+        limiter = self._limiter if not self.shared or self._outage.up else self._local
         try:
             stats = await limiter.get_window_stats(item, kind, tenant)
         except StorageError:
@@ -214,7 +209,7 @@ class TenantLimiter:
         return f"{self.shared_prefix}:spend:{tenant}:{limits.budget_window}:{since.date().isoformat()}", ttl
 
     def _ledgers_up(self) -> aioredis.Redis | None:
-        return self._ledgers if self._ledgers is not None and time.monotonic() >= self._down_until else None
+        return self._ledgers if self._ledgers is not None and self._outage.up else None
 
     async def _shared_spent(self, tenant: str, limits: TenantLimits) -> float:
         client = self._ledgers_up()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis import asyncio as aioredis
 
-from icgate.gateway.backends.shared import SharedSlots, SharedStateDown
+from icgate.gateway.backends.shared import Outage, SharedSlots, SharedStateDown
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -158,3 +158,22 @@ async def test_a_waiter_that_is_cancelled_leaves_no_place_in_line(prefix: str) -
         assert await one.try_acquire("b", 1, one.new_owner(), 2.0)  # nobody ahead of a newcomer
     finally:
         await one.close()
+
+
+def test_an_outage_is_not_asked_again_for_its_pause_and_warns_once_in_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    outage = Outage("the store", retry_s=5.0, warn_every_s=30.0, clock=lambda: now[0])
+    assert outage.up
+    outage.failed(ConnectionError())
+    assert not outage.up
+    now[0] += 4.9
+    assert not outage.up
+    now[0] += 0.2
+    assert outage.up  # asked again after its pause
+    outage.failed(ConnectionError())  # 5.1 s after the first: no second warning yet
+    now[0] += 30.0
+    outage.failed(ConnectionError())
+    warnings = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert warnings == ["the store does not answer (ConnectionError): counted by this replica alone"] * 2
