@@ -102,6 +102,9 @@ class TenantLimiter:
                 "wrap_exceptions": True,
                 "socket_timeout": 1.0,
                 "socket_connect_timeout": 1.0,
+                # Under `shared_state.key_prefix`, like every other key icgate keeps in Redis: two
+                # deployments sharing one Redis do not share their tenants' windows.
+                "key_prefix": f"{shared_prefix}:limits",
             }
         self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(uri, **options))
         self.shared = not uri.startswith("async+memory")
