@@ -211,11 +211,16 @@ def test_a_killed_replicas_slots_come_back_within_its_lease(
         one.proc.wait(10)
         small.delay_s = 0.0
         killed = time.monotonic()
-        answer = chat(two.url, "after the kill")
+        # Until the dead replica's leases run out the backend is full, and a request that cannot start
+        # within its 1.5 s objective is rightly refused (429); one is served once the slots are back.
+        statuses: list[int] = []
+        while not statuses or statuses[-1] == 429:
+            answer = chat(two.url, "after the kill")
+            statuses.append(answer.status_code)
         waited = time.monotonic() - killed
         for future in held:
             future.exception()  # the killed replica's clients saw their connection drop
-    assert answer.status_code == 200, answer.text
+    assert answer.status_code == 200, (statuses, answer.text)
     assert waited < 1.0 + 1.5  # the lease (1 s), plus the request's own wait for the freed slot
 
 
@@ -325,7 +330,7 @@ def test_redis_down_and_back_the_replica_counts_alone_then_shares_again(
                 break  # this request took its slot from Redis again
             assert time.monotonic() < deadline, "never shared again"
             time.sleep(0.5)
-        assert any(redis.Redis(port=port).scan_iter("LIMITS*"))  # the rate-limit window is in Redis again
+        assert any(redis.Redis(port=port).scan_iter("icgate-back:limits*"))  # the rate-limit window again
     finally:
         server.kill()
         server.wait(10)
