@@ -29,10 +29,17 @@ SHUTDOWN_MESSAGE = (
     "The gateway is shutting down and could not finish this request within its shutdown grace period; "
     "retry it."
 )
+REFUSED_MESSAGE = "The gateway is shutting down and takes no new requests; retry it."
+RETRY_AFTER_S = 1
 
 
 def shutdown_error() -> dict[str, Any]:
     return error_body(SHUTDOWN_MESSAGE, "server_error", None, SHUTDOWN_CODE)
+
+
+def refused_error() -> dict[str, Any]:
+    """What a request that arrives during the drain gets, with a 503 and `Retry-After`."""
+    return error_body(REFUSED_MESSAGE, "server_error", None, SHUTDOWN_CODE)
 
 
 class Drain:
@@ -43,6 +50,7 @@ class Drain:
     """
 
     def __init__(self) -> None:
+        self.refusing = False  # draining: new requests get a 503 from the HTTP server
         self.expired = False
         self._waiting: dict[asyncio.Task[Any], RequestContext] = {}
         self._cut: set[asyncio.Task[Any]] = set()
@@ -84,6 +92,21 @@ class Drain:
         ctx.status_code, ctx.error_type = 503, SHUTDOWN_CODE
 
     # --- the server side ----------------------------------------------------------------------
+
+    async def refuse_new_until_quiet(self, timeout_s: float) -> None:
+        """Answer new requests with 503 and `Retry-After` (the server reads `refusing`) while the ones in
+        flight finish, for at most `timeout_s`. Only then does the server close its listening socket:
+        a client that arrives meanwhile gets an answer it can act on (retry elsewhere) rather than a
+        refused or reset connection."""
+        self.refusing = True
+        if self._open:
+            log.info(
+                "shutting down: %d request(s) in flight; new requests get 503 until they finish",
+                len(self._open),
+            )
+        deadline = time.monotonic() + timeout_s
+        while self._open and time.monotonic() < deadline and not self.expired:
+            await asyncio.sleep(0.01)
 
     def expire(self) -> None:
         """The grace period is over: cut every request that is still waiting. One that is busy writing

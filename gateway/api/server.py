@@ -12,8 +12,11 @@ protocol below enforces, per connection and before any app code runs:
 - `server.max_body_bytes`, for a declared `Content-Length` (chunked bodies are counted by the app's
   `RequestLimits` middleware): 413;
 - `server.header_timeout_s`: from a request's first byte to the end of its headers, else 408;
+- `server.body_timeout_s`: from the end of a request's headers to the end of its body, else 408;
 - `server.idle_timeout_s`: a connection with no request in progress (new, or kept alive) is closed;
 - `server.max_connections`: a connection beyond it is answered 503 at once and closed.
+- shutdown: while requests are still in flight (at most `server.graceful_shutdown_s`), a new request
+  gets 503 with `Retry-After`, then the listening socket closes.
 
 Every refusal carries an OpenAI-style JSON error. See docs/server-limits.md.
 """
@@ -33,7 +36,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from icgate.gateway.api.bounds import body_too_large
-from icgate.gateway.api.drain import CUT_MARGIN_S, Drain
+from icgate.gateway.api.drain import CUT_MARGIN_S, RETRY_AFTER_S, Drain, refused_error
 from icgate.gateway.config import ServerConfig
 from icgate.gateway.errors import error_body
 
@@ -85,11 +88,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     Configured through class attributes (uvicorn instantiates the class itself): use `protocol_for`.
     On the hot path it adds a few attribute checks per read and one timer per connection (idle);
-    the header timer is armed only for a head that does not arrive in one read.
+    the header timer is armed only for a head that does not arrive in one read, the body timer only for
+    a body that does not arrive with its head.
     """
 
     limits: ClassVar[ServerConfig] = ServerConfig()
     max_connections: ClassVar[int] = 1 << 20
+    drain: ClassVar[Drain | None] = None  # while it is `refusing`, every new request gets a 503
     # Connections refused over the cap, and when that was last logged: per server (see `protocol_for`).
     refused: ClassVar[int] = 0
     refused_logged_at: ClassVar[float] = -1e9
@@ -99,6 +104,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_head = True  # between requests, or inside a request's head
         self._head_bytes = 0  # bytes read since the current head began (an upper bound of its size)
         self._head_clock = False  # the header timeout is running
+        self._body_clock = False  # the body timeout is running
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
 
@@ -151,6 +157,30 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
+    def _body_expired(self) -> None:
+        """The body is late: 408 if nothing was answered yet (the app hears a disconnect, and whatever it
+        sends is dropped), else the connection is cut."""
+        self._timer = None
+        self._body_clock = False
+        cycle = self.cycle
+        if self._reading_head or self.transport.is_closing() or cycle is None:
+            return
+        self._refused = True
+        if cycle.response_started:
+            self.transport.close()
+            return
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self._answer_and_close(
+            408,
+            error_body(
+                f"The request body did not arrive within {self.limits.body_timeout_s:g} s.",
+                "invalid_request_error",
+                None,
+                "request_timeout",
+            ),
+        )
+
     def _head_expired(self) -> None:
         self._timer = None
         if self._reading_head and not self.transport.is_closing():
@@ -193,6 +223,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 # request) never pays for a timer.
                 self._head_clock = True
                 self._arm(self.limits.header_timeout_s, self._head_expired)
+        elif not (self._reading_head or self._body_clock or self._refused or self.pipeline):
+            # The head is in and its body is not (a body that came with its head completed the request
+            # within this read and never pays for a timer). A pipelined request waiting behind another
+            # is not read meanwhile, so its body is not timed.
+            self._body_clock = True
+            self._arm(self.limits.body_timeout_s, self._body_expired)
 
     def on_headers_complete(self) -> None:
         if (
@@ -209,6 +245,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     self._refuse(413, body_too_large(self.limits.max_body_bytes))
                     raise _Refused
                 break
+        if self.drain is not None and self.drain.refusing:
+            self._refuse(503, refused_error(), b"retry-after: %d\r\n" % RETRY_AFTER_S)
+            raise _Refused
         self._reading_head = False
         self._head_clock = False
         self._disarm()
@@ -218,6 +257,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._reading_head = True
         self._head_bytes = 0
+        if self._body_clock:
+            self._body_clock = False
+            self._disarm()
 
     def _head_size(self) -> int:
         """The head's size, once parsed (the byte count also holds whatever body came with it)."""
@@ -251,6 +293,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a response is being written: there is no room for another
             return
+        self._answer_and_close(status, body, extra)
+
+    def _answer_and_close(self, status: int, body: dict[str, Any], extra: bytes = b"") -> None:
         self.transport.write(_json_response(status, body, extra))
         if not self.transport.can_write_eof():
             self.transport.close()
@@ -263,13 +308,16 @@ class _Refused(Exception):
     """Raised from a parser callback to stop parsing a refused request."""
 
 
-def protocol_for(config: ServerConfig, max_connections: int) -> type[LimitedHttpToolsProtocol]:
-    """A protocol class bound to one server's limits (uvicorn builds protocol instances itself)."""
+def protocol_for(
+    config: ServerConfig, max_connections: int, drain: Drain | None = None
+) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class bound to one server's limits and drain (uvicorn builds protocol instances itself)."""
 
     class Protocol(LimitedHttpToolsProtocol):
         limits = config
 
     Protocol.max_connections = max_connections
+    Protocol.drain = drain
     return Protocol
 
 
@@ -285,6 +333,9 @@ class GatewayServer(uvicorn.Server):
         deadline = None
         if self.drain is not None:
             deadline = asyncio.get_running_loop().call_later(self.grace_s, self.drain.expire)
+            # Listening on while requests are in flight, answering new ones 503 (the protocol reads
+            # `drain.refusing`); then uvicorn's own shutdown closes the sockets and waits for the rest.
+            await self.drain.refuse_new_until_quiet(self.grace_s)
         try:
             await super().shutdown(sockets)
         finally:
@@ -309,7 +360,7 @@ def build_server(app: Any, host: str, port: int, log_level: str = "info") -> uvi
         access_log=limits.access_log,
         lifespan="on",
         root_path=limits.root_path,
-        http=protocol_for(limits, cap),
+        http=protocol_for(limits, cap, drain),
         timeout_keep_alive=limits.idle_timeout_s,  # type: ignore[arg-type]  # uvicorn takes any number
         timeout_graceful_shutdown=limits.graceful_shutdown_s + CUT_MARGIN_S,  # type: ignore[arg-type]
     )

@@ -4,6 +4,7 @@ cut plain requests get a JSON 503 with their request id, and every one has its r
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bench.harness import ServerThread, free_port
-from tests.gateway.conftest import RunningGateway, two_tier_policy
+from tests.gateway.conftest import RunningGateway, Standins, two_tier_policy
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -219,35 +221,18 @@ def test_requests_within_the_grace_period_finish(
     assert rows[clients.plain["headers"]["x-icgate-request-id"]][0] == 200
 
 
-def test_icgate_serve_cuts_cleanly_on_sigterm(slow: tuple[SlowBackend, str], tmp_path: Path) -> None:
-    """The same through `icgate serve` in its own process, stopped the way a supervisor stops it."""
-    backend, url = slow
-    raw = policy_raw(url, 1)
+@contextmanager
+def icgate_serve(raw: dict[str, Any], tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`icgate serve` in its own process on SQLite, ready; killed at the end if it is still running."""
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(yaml.safe_dump(raw))
     port = free_port()
     data_dir = tmp_path / "data"
     env = {**os.environ, "ICGATE_DATA_DIR": str(data_dir)}
     env.pop("ICGATE_DATABASE_URL", None)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "icgate.gateway.cli.main",
-            "serve",
-            "--policy",
-            str(policy_file),
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--no-launch",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "icgate.gateway.cli.main", "serve", "--policy", str(policy_file)]
+    command += ["--port", str(port), "--data-dir", str(data_dir), "--no-launch"]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     gateway_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -260,18 +245,158 @@ def test_icgate_serve_cuts_cleanly_on_sigterm(slow: tuple[SlowBackend, str], tmp
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        yield proc, gateway_url, data_dir / "icgate.db"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_icgate_serve_cuts_cleanly_on_sigterm(slow: tuple[SlowBackend, str], tmp_path: Path) -> None:
+    """The same through `icgate serve` in its own process, stopped the way a supervisor stops it."""
+    backend, url = slow
+    with icgate_serve(policy_raw(url, 1), tmp_path) as (proc, gateway_url, database):
         clients = Clients(gateway_url)
         clients.start(backend)
         proc.send_signal(signal.SIGTERM)
         clients.join()
         # uvicorn re-raises the signal it handled once it has shut down cleanly.
         assert proc.wait(30) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     output = proc.stdout.read().decode() if proc.stdout else ""
     assert "timeout graceful shutdown exceeded" not in output  # uvicorn never had to cancel anything
     assert "Exception in ASGI application" not in output
     assert "file-descriptor limit" in output
-    assert_cut(clients, data_dir / "icgate.db")
+    assert_cut(clients, database)
+
+
+class Load:
+    """Clients sending short requests back to back on kept-alive connections until told to stop; every
+    outcome kept: (status, headers, body) or the transport error's name."""
+
+    def __init__(self, url: str, clients: int) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.outcomes: list[tuple[int, dict[str, str], dict[str, Any]] | str] = []
+        self.times: list[float] = []  # when each outcome came back (monotonic)
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def _client(self, client: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            for n in itertools.count():
+                if self.stop.is_set():
+                    return
+                body = {
+                    "model": "small",
+                    "messages": [{"role": "user", "content": f"client {client} asks {n}"}],
+                }
+                try:
+                    r = http.post("/v1/chat/completions", json=body)
+                    outcome: Any = (r.status_code, dict(r.headers), r.json())
+                except httpx.TransportError as exc:
+                    outcome = type(exc).__name__
+                    time.sleep(0.05)
+                with self._lock:
+                    self.outcomes.append(outcome)
+                    self.times.append(time.monotonic())
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+            assert not thread.is_alive()
+
+    def answered(self) -> list[tuple[int, dict[str, str], dict[str, Any]]]:
+        return [o for o in self.outcomes if not isinstance(o, str)]
+
+
+def test_sigterm_under_load_refuses_new_requests_with_503_and_loses_no_answered_one(
+    slow: tuple[SlowBackend, str], standins: Standins, tmp_path: Path
+) -> None:
+    """Clients keep sending while two slow requests hold the drain open: each new request gets a JSON 503
+    with Retry-After, the slow ones finish, and every request a client saw answered has its log row."""
+    backend, slow_url = slow
+    raw = two_tier_policy(
+        standins.small_url,
+        slow_url,
+        ("small-model", "slow"),
+        {"client": "http"},
+        server={"graceful_shutdown_s": 10},
+    ).model_dump(mode="json", exclude_defaults=True)
+    with icgate_serve(raw, tmp_path) as (proc, gateway_url, database):
+        load = Load(gateway_url, clients=4)
+        load.start()
+        held: dict[str, Any] = {}
+
+        def hold() -> None:  # answered by the slow backend 2 s after it arrives
+            body = {**chat(False, wait_s=2.0), "model": "large"}
+            r = httpx.post(gateway_url + "/v1/chat/completions", json=body, timeout=60)
+            held.update(status=r.status_code, request_id=r.headers.get("x-icgate-request-id"))
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert backend.plain_waiting.wait(30)
+        while len(load.answered()) < 20:  # traffic flows before the signal
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        holder.join(60)
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        load.join()
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "Exception in ASGI application" not in output
+    assert held["status"] == 200  # in flight at the signal, well within the grace period
+
+    answered = load.answered()
+    refused = [(h, b) for status, h, b in answered if status == 503]
+    served = [h["x-icgate-request-id"] for status, h, _ in answered if status == 200]
+    assert {status for status, _, _ in answered} <= {200, 503}
+    assert refused, "the slow request kept the gateway draining while clients sent: some must be refused"
+    for headers, body in refused:
+        assert headers["retry-after"] == "1"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["code"] == "shutdown" and "no new requests" in body["error"]["message"]
+    # Transport errors only once the socket closed: connections refused, or a kept-alive connection
+    # closed by the server between two requests (the request never reached the gateway).
+    assert {o for o in load.outcomes if isinstance(o, str)} <= {
+        "ConnectError",
+        "RemoteProtocolError",
+        "ReadError",
+    }
+    rows = log_rows(database)
+    assert rows[held["request_id"]][0] == 200
+    assert all(rows[request_id][0] == 200 for request_id in served), "an answered request lost its row"
+    assert sum(1 for status, _, _ in rows.values() if status == 200) == len(served) + 1
+
+
+def test_sigkill_loses_at_most_the_unflushed_tail_of_the_log(standins: Standins, tmp_path: Path) -> None:
+    """No shutdown at all: rows are written every `request_log.flush_interval_s` (0.5 s here), so what a
+    kill can lose is what was answered in the last moments before it. Every answer older than a few
+    flush intervals must have its row (the bound in docs/reliability.md)."""
+    raw = two_tier_policy(
+        standins.small_url, standins.large_url, ("small-model", "large-model"), {"client": "http"}
+    ).model_dump(mode="json", exclude_defaults=True)
+    raw["request_log"] = {"flush_interval_s": 0.5}
+    with icgate_serve(raw, tmp_path) as (proc, gateway_url, database):
+        load = Load(gateway_url, clients=2)
+        load.start()
+        while len(load.answered()) < 50:
+            time.sleep(0.05)
+        time.sleep(4.0)  # the 50 are now more than 3 s old at the kill, and more keep coming
+        proc.kill()
+        killed_at = time.monotonic()
+        proc.wait(30)
+        load.join()
+    rows = log_rows(database)
+    old_enough = [
+        headers["x-icgate-request-id"]
+        for outcome, at in zip(load.outcomes, load.times, strict=True)
+        if not isinstance(outcome, str) and at < killed_at - 3.0
+        for status, headers, _ in [outcome]
+        if status == 200
+    ]
+    assert len(old_enough) >= 50
+    assert [request_id for request_id in old_enough if request_id not in rows] == []
