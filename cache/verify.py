@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import threadpool_limits
 
 from icgate.cache.cross_encoder import PairCrossEncoder
 from icgate.files import write_atomically
@@ -402,6 +403,15 @@ class ProbabilityModel(Protocol):
     """What the verifier asks of its classifier (scikit-learn's interface): column 1 is P(same)."""
 
     def predict_proba(self, features: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float64]: ...
+
+
+def one_openmp_thread() -> None:
+    """Score in the calling thread with one OpenMP thread. The verifier's trees (scikit-learn's gradient
+    boosting) open an OpenMP parallel region per tree, 128 per call: with two threads each region wakes
+    the other, which then spins. On a busy 2-core machine a 3-pair call cost 67 ms of CPU that way, and
+    4 ms with one thread, the other core left to the event loop (docs/performance.md). libgomp keeps
+    the count per thread, so the thread that scores calls this once."""
+    threadpool_limits(1, user_api="openmp")
 
 
 @dataclass

@@ -230,6 +230,13 @@ class CacheConfig(Strict):
     # Largest prompt plus answer (characters) stored: entries are held in memory by every replica, so
     # max_entries_per_tenant x this bounds one tenant's share. Longer exchanges are answered, not stored.
     max_entry_chars: int = Field(32_000, ge=1)
+    # New entries waiting for the database (written in batches; while it is away they wait, up to this
+    # many, and are written once it is back). Beyond, answers are not stored (icgate_storage_dropped_total).
+    insert_queue_size: int = Field(1_000, ge=1)
+    # Recent requests whose cache use (the entries that served, helped or came from each) is kept in
+    # memory for `POST /v1/feedback`, about 0.5 KB each. Feedback on an older request reaches the entries
+    # that served or helped it through the request log, not the entry it produced.
+    feedback_memory: int = Field(50_000, ge=0)
     # The longest a request waits for the verifier's queue (one thread scores every tenant's candidate
     # pairs, ~10 ms each on the shipped float cross-encoder). A request that would wait longer goes on
     # without a semantic hit, says so in `x-icgate-cache-skipped: verifier-busy`, and keeps its examples,
@@ -400,8 +407,15 @@ class ServerConfig(Strict):
     max_messages: int = Field(2048, ge=1)  # chat messages, or prompts of one completion request
     max_content_parts: int = Field(256, ge=1)  # per message
     max_text_chars: int = Field(2_000_000, ge=1)  # all text of one request
+    # Levels of JSON nesting in a request body (the body itself is level 1). OpenAI's structured outputs
+    # allow 10 levels of objects, about 25 in a request; deeper bodies made Python's recursion limit fail
+    # requests with a 500 (json.dumps of the cache key, the Unicode check).
+    max_json_depth: int = Field(128, ge=8, le=512)
     # From the first byte of a request to the end of its headers.
     header_timeout_s: float = Field(10.0, gt=0)
+    # From the end of a request's headers to the end of its body, else 408 and the connection is closed:
+    # a client trickling its body a byte at a time must not hold a connection (and a task) forever.
+    body_timeout_s: float = Field(60.0, gt=0)
     # A connection with no request in progress: a new one that sends nothing, or keep-alive between requests.
     idle_timeout_s: float = Field(5.0, gt=0)
     # Open connections; beyond, new ones get 503 and are closed. None: the file-descriptor limit

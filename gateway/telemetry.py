@@ -33,6 +33,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy.pool import Pool, QueuePool
 
 from icgate.gateway.config import TelemetryConfig
 from icgate.gateway.records import RequestRecord
@@ -118,7 +119,7 @@ class Tracing:
         if self.provider is None:
             return nullcontext(trace.INVALID_SPAN)
         attrs = {"icgate.request_id": ctx_id, **_clean(attributes or {})}
-        return self._tracer.start_as_current_span(
+        return self._span(
             REQUEST_SPAN,
             context=parent if parent is not None else Context(),
             kind=trace.SpanKind.SERVER,
@@ -131,9 +132,20 @@ class Tracing:
         """Child span `icgate.<name>` of the current span (contextvars: safe across awaits)."""
         if self.provider is None:
             return nullcontext(trace.INVALID_SPAN)
-        return self._tracer.start_as_current_span(
-            STAGE_PREFIX + name, attributes=_clean(attributes or {}) or None
-        )
+        return self._span(STAGE_PREFIX + name, attributes=_clean(attributes or {}) or None)
+
+    @contextmanager
+    def _span(self, name: str, **options: Any) -> Iterator[trace.Span]:
+        """A current span that records an exception by its type and message, never its traceback: a
+        traceback carries the messages of the exceptions it was raised from (a provider's 401 quoting the
+        API key it was sent) and the gateway's source paths, and traces leave the gateway."""
+        with self._tracer.start_as_current_span(name, record_exception=False, **options) as span:
+            try:
+                yield span
+            except Exception as exc:
+                attributes = {"exception.type": type(exc).__qualname__, "exception.message": str(exc)}
+                span.add_event("exception", attributes)
+                raise
 
     @staticmethod
     def record_outcome(span: trace.Span, record: RequestRecord) -> None:
@@ -218,6 +230,39 @@ class BackendStateCollector(Collector):
         return list(families.values())
 
 
+class RuntimeCollector(Collector):
+    """What a long run must hold level, read at scrape time: the event loop's live asyncio tasks
+    (`icgate_asyncio_tasks`) and the database pool's connections (`icgate_db_connections{state}`:
+    `checked_out` in use, `idle` kept open). A leak of either shows as a climb (bench/soak.py)."""
+
+    def __init__(self, tasks: Callable[[], int | None], pool: Callable[[], Pool | None]) -> None:
+        self.tasks = tasks
+        self.pool = pool
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        out = []
+        tasks = self.tasks()
+        if tasks is not None:
+            out.append(GaugeMetricFamily("icgate_asyncio_tasks", "Live asyncio tasks.", value=tasks))
+        pool = self.pool()
+        if isinstance(pool, QueuePool):  # SQLite files and PostgreSQL; an in-memory SQLite has one
+            family = GaugeMetricFamily(
+                "icgate_db_connections", "Database pool connections by state.", labels=["state"]
+            )
+            family.add_metric(["checked_out"], float(pool.checkedout()))
+            family.add_metric(["idle"], float(pool.checkedin()))
+            out.append(family)
+        return out
+
+
+def running_tasks() -> int | None:
+    """Tasks alive on the running event loop, the one `/metrics` is answered on; None outside one."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return None
+
+
 class Metrics:
     """Prometheus metrics for one gateway, in a registry of its own.
 
@@ -286,6 +331,20 @@ class Metrics:
             "Request log rows dropped because the write-behind queue was full.",
             registry=r,
         )
+        self.storage_drops = Counter(
+            "icgate_storage_dropped_total",
+            "Records never written to the database: their write-behind queue was full (the database away, "
+            "full or read-only for long), the database rejected them, or it was still away at shutdown.",
+            ["what"],  # request_log | route_samples | cache_insert | cache_update
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "icgate_storage_errors_total",
+            "Failed database writes off the request path, each retried: by queue and by what the database "
+            "said (unavailable, full, read_only, rejected, other).",
+            ["what", "kind"],
+            registry=r,
+        )
         self.shared_fallbacks = Counter(
             "icgate_shared_state_fallbacks_total",
             "Requests counted by this replica alone because Redis (shared state) did not answer.",
@@ -316,11 +375,20 @@ class Metrics:
     def watch_backends(self, snapshot: LiveState) -> None:
         self.registry.register(BackendStateCollector(snapshot))
 
+    def watch_runtime(self, tasks: Callable[[], int | None], pool: Callable[[], Pool | None]) -> None:
+        self.registry.register(RuntimeCollector(tasks, pool))
+
     def admission(self, backend: str, outcome: str) -> None:
         self.admissions.labels(backend, outcome).inc()
 
     def request_log_dropped(self, count: int = 1) -> None:
         self.log_dropped.inc(count)
+
+    def storage_dropped(self, what: str, count: int) -> None:
+        self.storage_drops.labels(what).inc(count)
+
+    def storage_error(self, what: str, kind: str) -> None:
+        self.storage_errors.labels(what, kind).inc()
 
     @contextmanager
     def inflight(self) -> Iterator[None]:

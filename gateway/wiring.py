@@ -38,13 +38,14 @@ from icgate.gateway.route_models import RouteModels
 from icgate.gateway.store import db, tables
 from icgate.gateway.store.artifacts import ModelWatcher, StoredModel
 from icgate.gateway.store.cache_entries import CacheEntries, Usage, load_verifier
-from icgate.gateway.store.keys import KeyAuthenticator
+from icgate.gateway.store.keys import KeyAuthenticator, database_unavailable
 from icgate.gateway.store.request_log import RequestLogWriter
 from icgate.gateway.store.route_samples import RouteSampleWriter, label_from_feedback, label_sample
-from icgate.gateway.telemetry import LoopLagMonitor, Telemetry
+from icgate.gateway.telemetry import LoopLagMonitor, Telemetry, running_tasks
 from icgate.lengths.predict import LengthModel
 
 log = logging.getLogger("icgate")
+FEEDBACK_FLUSH_S = 2.0  # feedback waits this long at most for its route sample to be written
 
 
 class EmbeddingService:
@@ -128,6 +129,7 @@ class Gateway:
         self.admission = Admission(policy.backends, policy.admission, policy.circuit_breaker)
         self.signals = SignalPoller(policy.backends, self.admission, policy.admission.metrics_interval_s)
         self.telemetry.metrics.watch_backends(self.admission.snapshot)
+        self.telemetry.metrics.watch_runtime(running_tasks, lambda: self.engine.pool if self.engine else None)
         self.loop_lag = LoopLagMonitor(self.telemetry.metrics.loop_lag.observe)
         self._spend_task: asyncio.Task[None] | None = None
         self._limiter: TenantLimiter | None = None
@@ -153,9 +155,10 @@ class Gateway:
         await asyncio.to_thread(db.upgrade, self.database_url)
         self.engine = db.make_engine(self.database_url)
         await self._start_shared()
-        self.log_writer = RequestLogWriter(self.engine, self.policy.request_log)
+        events = self.telemetry.metrics  # what the write-behind queues drop, and why writes fail
+        self.log_writer = RequestLogWriter(self.engine, self.policy.request_log, events=events)
         await self.log_writer.start()
-        self.sample_writer = RouteSampleWriter(self.engine, self.policy.request_log)
+        self.sample_writer = RouteSampleWriter(self.engine, self.policy.request_log, events=events)
         await self.sample_writer.start()
         limiter = await self._start_limits()
         # Model servers and the embedder load side by side: start-up is bounded by the slower.
@@ -284,6 +287,7 @@ class Gateway:
             verifier,
             dim=embedder.dim,
             embed_later=self.batcher.embed if self.batcher is not None else None,
+            events=self.telemetry.metrics,
         )
         await self.cache_entries.start()
 
@@ -318,9 +322,16 @@ class Gateway:
         """Feedback on a routed request labels its route sample (written off the hot path: flush first)."""
         if self.engine is None or self.sample_writer is None:
             return False
-        await self.sample_writer.flush()
+        # With the database away the sample may wait in the queue for long: the label would fail anyway.
+        await self.sample_writer.flush(timeout_s=FEEDBACK_FLUSH_S)
         label = label_from_feedback(score)
-        return await asyncio.to_thread(label_sample, self.engine, request_id, tenant.id, label, "feedback")
+        try:
+            return await asyncio.to_thread(
+                label_sample, self.engine, request_id, tenant.id, label, "feedback"
+            )
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not label a route sample: %s", type(exc).__name__)
+            raise database_unavailable("record this feedback") from None
 
     async def past_usage(self, request_id: str) -> Usage | None:
         """What served or helped a past request, from its request-log row (after a restart)."""
@@ -344,7 +355,11 @@ class Gateway:
                 helped=[int(i) for i in decisions.get("examples") or []],
             )
 
-        return await asyncio.to_thread(read)
+        try:
+            return await asyncio.to_thread(read)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("could not read a past request: %s", type(exc).__name__)
+            raise database_unavailable("record this feedback") from None
 
     async def stop(self) -> None:
         """Flush the request log (nothing acknowledged is lost), stop local backends, export spans."""
@@ -363,14 +378,20 @@ class Gateway:
             await asyncio.gather(self._spend_task, return_exceptions=True)
         for watcher in self.watchers:
             await watcher.stop()
+        # A database still away gets the shutdown grace, once for all the write-behind queues together.
+        deadline = asyncio.get_running_loop().time() + self.policy.server.graceful_shutdown_s
+
+        def left() -> float:
+            return max(0.0, deadline - asyncio.get_running_loop().time())
+
         if self.cache_entries is not None:
-            await self.cache_entries.stop()
+            await self.cache_entries.stop(left())
         if self.batcher is not None:
             self.batcher.close()
         if self.log_writer is not None:
-            await self.log_writer.close()
+            await self.log_writer.close(left())
         if self.sample_writer is not None:
-            await self.sample_writer.close()
+            await self.sample_writer.close(left())
         await self.client.aclose()
         await self.local.stop_all()
         if self.engine is not None:

@@ -179,16 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     data_dir = args.data_dir or default_data_dir()
     if args.command == "serve":
-        policy = with_root_path(policy, args.root_path)
-        # The shipped default policy is never rewritten: the console's changes to it live in the database.
-        path = None if args.policy == DEFAULT_POLICY else args.policy
-        if args.workers > 1:
-            return serve_workers(
-                policy, data_dir, args.host, args.port, args.workers, not args.no_launch, policy_path=path
-            )
-        return serve(
-            policy, data_dir, args.host, args.port, launch_local=not args.no_launch, policy_path=path
-        )
+        return serve_command(args, policy, data_dir)
     if args.command == "db":
         return migrate(policy, data_dir)
     if args.command == "prepare":
@@ -211,6 +202,25 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     manage = {"admin": manage_admin_keys}.get(args.command, manage_keys)
     return manage(args, policy, data_dir)
+
+
+def serve_command(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
+    """`icgate serve`: refused in one line if the database cannot be written, else one or more workers."""
+    from icgate.gateway.store.db import DatabaseUnusableError, check_writable
+
+    try:  # one clear line now, not a traceback from the server's start-up
+        check_writable(policy.database_url(data_dir))
+    except DatabaseUnusableError as exc:
+        print(f"icgate serve: {exc}", file=sys.stderr)
+        return 2
+    policy = with_root_path(policy, args.root_path)
+    # The shipped default policy is never rewritten: the console's changes to it live in the database.
+    path = None if args.policy == DEFAULT_POLICY else args.policy
+    if args.workers > 1:
+        return serve_workers(
+            policy, data_dir, args.host, args.port, args.workers, not args.no_launch, policy_path=path
+        )
+    return serve(policy, data_dir, args.host, args.port, launch_local=not args.no_launch, policy_path=path)
 
 
 def serve(

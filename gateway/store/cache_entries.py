@@ -23,15 +23,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from icgate.cache.embed import EmbedderBusyError, ServiceTime, UnembeddableTextError
 from icgate.cache.index import VectorIndex, set_threads
 from icgate.cache.store import CacheEntry, CacheStore, initial_utility
-from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier, ScorerLoader
+from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier, ScorerLoader, one_openmp_thread
 from icgate.gateway.config import CacheConfig, RequestLogConfig
 from icgate.gateway.store import tables
-from icgate.gateway.store.write_behind import WriteBehindQueue
+from icgate.gateway.store.db import sqlite_file
+from icgate.gateway.store.write_behind import Retry, StorageEvents, WriteBehindQueue
 from icgate.text import scrub_pii
 
 log = logging.getLogger("icgate.cache")
@@ -124,11 +126,35 @@ def _dt(value: float | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
+@dataclass(eq=False)
+class _NewRow:
+    """A new entry on its way to the database; its insert task learns the outcome from `done`."""
+
+    entry: CacheEntry
+    done: asyncio.Future[bool]
+
+
+class _EntryWriter(WriteBehindQueue[_NewRow]):
+    """New entries, written in batches. The database assigns each its id, which the entry needs before it
+    can be served (its key in memory and in the vector index, in the request log and in every replica's
+    sync), so an entry waits here, unserved, while the database is away, and is remembered once written."""
+
+    def _after_write(self, records: list[_NewRow]) -> None:
+        for record in records:
+            if not record.done.done():
+                record.done.set_result(True)
+
+    def _after_loss(self, records: list[_NewRow]) -> None:
+        for record in records:
+            if not record.done.done():
+                record.done.set_result(False)
+
+
 class CacheEntries:
     """Every tenant's cache entries: in memory and in a vector index for the request path, in the
     database behind them (inserts after the response, stats through a write-behind queue)."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the cache's parts, then where its queues report
         self,
         config: CacheConfig,
         tier_rank: Callable[[str], int],
@@ -138,6 +164,8 @@ class CacheEntries:
         dim: int,
         clock: Callable[[], float] = time.time,
         embed_later: EmbedLater | None = None,
+        events: StorageEvents | None = None,
+        close_timeout_s: float = 30.0,
     ) -> None:
         self.config = config
         self.embed_later = embed_later
@@ -151,7 +179,7 @@ class CacheEntries:
         # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
         # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
         self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
-        self._verify_pool = ThreadPoolExecutor(1, "icgate-verify")
+        self._verify_pool = ThreadPoolExecutor(1, "icgate-verify", initializer=one_openmp_thread)
         # The verifier's queue, bounded in time as the embedder's is: pairs waiting or being scored, and
         # what scoring a pair took on the verifier's thread.
         self._verify_pending = 0
@@ -165,9 +193,29 @@ class CacheEntries:
         self._feedback_since: datetime | None = None
         self._usage: OrderedDict[str, Usage] = OrderedDict()
         self._inserts: set[asyncio.Task[None]] = set()
+        self._close_timeout_s = close_timeout_s
+        # (namespace, exact key) -> tier rank of the answer on its way to the database, so an identical
+        # request answered meanwhile does not queue the same answer again.
+        self._pending: dict[tuple[str, str], tuple[int, object]] = {}
         self._sync_task: asyncio.Task[None] | None = None
+        # Both queues wait out a database that stops answering (gateway/store/write_behind.py).
+        self._writes = _EntryWriter(
+            self._write_entries,
+            RequestLogConfig(queue_size=config.insert_queue_size, batch_size=32, flush_interval_s=0.002),
+            name="cache inserts",
+            what="cache_insert",
+            events=events,
+            retry=Retry(close_timeout_s=close_timeout_s),
+            sqlite_file=sqlite_file(engine),
+        )
         self._updates: WriteBehindQueue[tuple[int, dict[str, Any]]] = WriteBehindQueue(
-            self._write_updates, RequestLogConfig(), name="cache stats"
+            self._write_updates,
+            RequestLogConfig(),
+            name="cache updates",
+            what="cache_update",
+            events=events,
+            retry=Retry(close_timeout_s=close_timeout_s),
+            sqlite_file=sqlite_file(engine),
         )
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -175,16 +223,24 @@ class CacheEntries:
     async def start(self) -> None:
         loaded = await self.sync()
         log.info("cache: %d entries loaded", loaded)
+        await self._writes.start()
         await self._updates.start()
         self._sync_task = asyncio.create_task(self._follow(), name="cache sync")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Write what is pending. With the database away, new entries and stats wait for it at most
+        `timeout_s` in all (default: `close_timeout_s`); what is still unwritten then is counted lost."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._close_timeout_s if timeout_s is None else max(0.0, timeout_s))
         if self._sync_task is not None:
             self._sync_task.cancel()
             await asyncio.gather(self._sync_task, return_exceptions=True)
-        if self._inserts:
+        if self._inserts:  # answers still being embedded are queued, then written
+            await asyncio.wait(set(self._inserts), timeout=max(0.0, deadline - loop.time()))
+        await self._writes.close(max(0.0, deadline - loop.time()))
+        if self._inserts:  # every one has its outcome now
             await asyncio.gather(*self._inserts, return_exceptions=True)
-        await self._updates.close()
+        await self._updates.close(max(0.0, deadline - loop.time()))
         self._search_pool.shutdown(wait=False)
         self._verify_pool.shutdown(wait=False)
 
@@ -192,6 +248,8 @@ class CacheEntries:
         """Sync every interval; expire and evict about once a minute (it walks every entry)."""
         rounds_per_eviction = max(1, round(60.0 / self.config.sync_interval_s))
         rounds = 0
+        failing_since: float | None = None  # a database outage: one line, then one every 30 s
+        logged_at = 0.0
         while True:
             await asyncio.sleep(self.config.sync_interval_s)
             rounds += 1
@@ -199,8 +257,23 @@ class CacheEntries:
                 await self.sync()
                 if rounds % rounds_per_eviction == 0:
                     await self.expire_and_evict()
+            except SQLAlchemyError as exc:
+                now = time.monotonic()
+                if failing_since is None or now - logged_at >= 30.0:
+                    failing_since = now if failing_since is None else failing_since
+                    logged_at = now
+                    log.warning(
+                        "cache sync failing for %.0f s (serving what is in memory): %s",
+                        now - failing_since,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    )
+                continue
             except Exception:
                 log.exception("cache sync failed; retrying next interval")
+                continue
+            if failing_since is not None:
+                log.warning("cache sync works again after %.0f s", time.monotonic() - failing_since)
+                failing_since = None
 
     async def sync(self) -> int:
         """Apply entries added, deleted and rated in the database since the last sync (by any replica)."""
@@ -348,7 +421,7 @@ class CacheEntries:
     def note_usage(self, request_id: str, usage: Usage) -> None:
         """Remember what served or helped a request (bounded), and count it on the entries."""
         self._usage[request_id] = usage
-        while len(self._usage) > 50_000:
+        while len(self._usage) > self.config.feedback_memory:
             self._usage.popitem(last=False)
         now = self.clock()
         for counter, entry_ids in (("hits", usage.served), ("helped", usage.helped)):
@@ -362,25 +435,36 @@ class CacheEntries:
 
     def insert_later(self, request_id: str, new: NewEntry) -> None:
         """Store an answer off the hot path; the request has already been answered."""
-        if len(self._inserts) > 1_000:
-            return  # the database is behind: skip rather than pile up
+        if len(self._inserts) >= self.config.insert_queue_size + 64:
+            self._writes.refuse()  # the database is behind: skip (and count) rather than pile up
+            return
         task = asyncio.create_task(self._insert(request_id, new))
         self._inserts.add(task)
         task.add_done_callback(self._inserts.discard)
 
     async def _insert(self, request_id: str, new: NewEntry) -> None:
+        key = (new.namespace, new.exact_key)
+        rank = self.tier_rank(new.tier)
+        token = object()
         try:
-            existing = self.store.exact(new.namespace, new.exact_key)
-            if existing is not None and self.tier_rank(new.tier) <= self.tier_rank(existing.tier):
+            existing = self.store.exact(*key)
+            if existing is not None and rank <= self.tier_rank(existing.tier):
                 return
             vector = new.vector if new.vector is not None else await self._embed(new)
             if vector is None:
                 return
-            if existing is not None:
-                await self.delete([existing.id])  # a better tier's answer replaces it
-            # Scrubbing is linear but a prompt may be megabytes: off the event loop, with the write, in
-            # one hand-off to a worker thread.
-            entry = await asyncio.to_thread(self._write_entry, new, vector)
+            pending = self._pending.get(key)
+            if pending is not None and rank <= pending[0]:
+                return  # an answer as good is on its way to the database
+            self._pending[key] = (rank, token)
+            # Scrubbing is linear but a prompt may be megabytes: off the event loop.
+            entry = await asyncio.to_thread(self._new_entry, new, vector)
+            row = _NewRow(entry, asyncio.get_running_loop().create_future())
+            if not self._writes.submit(row) or not await row.done:
+                return  # not written: counted and logged by the queue
+            existing = self.store.exact(*key)
+            if existing is not None and existing.id != entry.id and rank > self.tier_rank(existing.tier):
+                await self._replace(existing)
             self._remember(entry)
             usage = self._usage.setdefault(request_id, Usage(namespace=new.namespace))
             usage.produced.append(entry.id)
@@ -388,6 +472,18 @@ class CacheEntries:
                 await self.expire_and_evict()
         except Exception:
             log.exception("cache insert failed for %s", request_id)
+        finally:
+            if self._pending.get(key, (0, None))[1] is token:
+                del self._pending[key]
+
+    async def _replace(self, worse: CacheEntry) -> None:
+        """A better tier's answer replaces `worse` (tombstoned; if the database is away again, it is only
+        dropped here, and the new entry takes its exact key everywhere as other replicas sync it)."""
+        try:
+            await self.delete([worse.id])
+        except Exception as exc:
+            log.warning("cache: could not tombstone replaced entry %d: %s", worse.id, type(exc).__name__)
+            self._forget(worse.id)
 
     async def _embed(self, new: NewEntry) -> Vector | None:
         """The vector of an entry that was not embedded on the request's path; None (nothing stored)
@@ -400,9 +496,8 @@ class CacheEntries:
             log.debug("cache insert skipped: %s", type(exc).__name__)
             return None
 
-    def _write_entry(self, new: NewEntry, vector: Vector) -> CacheEntry:
-        """The entry for `new`, scrubbed, written to the database. A Core insert: in a profile, most of
-        an ORM insert was its unit of work, holding the GIL the event loop needs (docs/performance.md)."""
+    def _new_entry(self, new: NewEntry, vector: Vector) -> CacheEntry:
+        """The entry for `new`, scrubbed, not yet written (its id is 0)."""
         now = self.clock()
         entry = CacheEntry(
             id=0,
@@ -425,12 +520,21 @@ class CacheEntries:
         )
         if entry.response_text != new.response_text:
             entry.response = _with_content(new.response, entry.response_text)
-        with self.engine.begin() as conn:
-            inserted = conn.execute(sa.insert(tables.CacheEntryRow).values(row_values(entry)))
-            key = inserted.inserted_primary_key
-            assert key is not None  # a single-row insert always has one
-            entry.id = int(key[0])
         return entry
+
+    def _write_entries(self, batch: list[_NewRow]) -> None:
+        """New entries, in one transaction; each gets its id once committed. Core inserts: in a profile,
+        most of an ORM insert was its unit of work, holding the GIL the event loop needs
+        (docs/performance.md)."""
+        ids = []
+        with self.engine.begin() as conn:
+            for row in batch:
+                inserted = conn.execute(sa.insert(tables.CacheEntryRow).values(row_values(row.entry)))
+                key = inserted.inserted_primary_key
+                assert key is not None  # a single-row insert always has one
+                ids.append(int(key[0]))
+        for row, entry_id in zip(batch, ids, strict=True):
+            row.entry.id = entry_id
 
     def _write_updates(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
         merged: dict[int, dict[str, Any]] = {}

@@ -7,6 +7,10 @@ runs `upgrade` at start-up or `icgate db upgrade` does it by hand.
 
 from __future__ import annotations
 
+import errno
+import os
+import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,10 @@ from sqlalchemy.pool import StaticPool
 # Inside the installed package (`icgate/migrations`), beside `gateway/`.
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# A PostgreSQL server that does not answer (a host gone, packets dropped) fails a connection attempt after
+# this, instead of the operating system's minutes: write-behind queues retry, key lookups answer from memory.
+PG_CONNECT_TIMEOUT_S = 10
+NEARLY_FULL_BYTES = 1 << 20  # below this free, a failed SQLite write is put down to a full disk
 # Any constant will do; it only has to be the same for every replica.
 _PG_MIGRATION_LOCK = 0x1C6A7E
 
@@ -46,11 +54,13 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
     """
     parsed = normalize_url(url)
     kwargs.setdefault("hide_parameters", True)
+    connect_args = kwargs.pop("connect_args", {})
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
-        return sa.create_engine(parsed, **kwargs)
+        if parsed.get_backend_name() == "postgresql":
+            connect_args.setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+        return sa.create_engine(parsed, connect_args=connect_args, **kwargs)
 
-    connect_args = kwargs.pop("connect_args", {})
     connect_args.setdefault("check_same_thread", False)
     connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
     memory = _is_memory_sqlite(parsed)
@@ -75,6 +85,122 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
             cur.close()
 
     return engine
+
+
+class DatabaseUnusableError(RuntimeError):
+    """The gateway could not write to its database; the message is one line for the operator."""
+
+
+def check_writable(url: str, timeout_s: float = 5.0) -> None:
+    """Raise DatabaseUnusableError (one line, no traceback needed) unless the database at `url` takes a
+    write now. SQLite: the data directory is created and a real write is committed (a read-only
+    filesystem or file, or a full disk, fail here, not on the first request's log row); PostgreSQL: it
+    answers within `timeout_s` and is not read-only (a standby)."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not _is_memory_sqlite(parsed):
+            assert parsed.database is not None
+            _check_sqlite(Path(parsed.database).expanduser())
+        return
+    engine = make_engine(
+        url, connect_args={"connect_timeout": max(1, round(timeout_s))}, poolclass=sa.NullPool
+    )
+    where = f"{parsed.get_backend_name()} database {parsed.database!r} at {parsed.host}:{parsed.port or 5432}"
+    try:
+        with engine.connect() as conn:
+            read_only = conn.dialect.name == "postgresql" and (
+                conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
+            )
+    except sa.exc.DBAPIError as exc:
+        raise DatabaseUnusableError(
+            f"cannot connect to the {where}: {_first_line(exc.orig or exc)}"
+        ) from None
+    finally:
+        engine.dispose()
+    if read_only:
+        raise DatabaseUnusableError(f"the {where} is read-only (a standby?): the gateway must write to it")
+
+
+def _check_sqlite(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnusableError(
+            f"cannot create the data directory {path.parent}: {exc.strerror or exc}"
+        ) from None
+    existed = path.exists()
+    try:
+        conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            # A real write, committed: SQLite opens a file it may not write read-only without a word, and
+            # a full disk only shows when a page is written. The value written is the one there.
+            conn.execute("BEGIN IMMEDIATE")
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        if not existed and path.exists() and path.stat().st_size == 0:
+            path.unlink(missing_ok=True)  # an empty file our attempt left
+        raise DatabaseUnusableError(_sqlite_problem(path, exc)) from None
+
+
+def _sqlite_problem(path: Path, exc: sqlite3.Error) -> str:
+    """One line: what SQLite said, and what the filesystem says (SQLite reports a full disk met while
+    sizing its shared-memory file as an I/O error, and a read-only one as a file it cannot open)."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    said = _first_line(exc)
+    read_only_fs, free = filesystem_state(path)
+    if read_only_fs:
+        return f"the database {path} cannot be written: its filesystem is mounted read-only ({said})"
+    if code == sqlite3.SQLITE_READONLY:
+        return (
+            f"the database {path} cannot be written: it is read-only ({said}); the file and its directory "
+            "must be writable"
+        )
+    if code == sqlite3.SQLITE_FULL or (free is not None and free < NEARLY_FULL_BYTES):
+        return (
+            f"the database {path} cannot be written: the disk is full ({said}; {free} bytes free); "
+            "free space on its filesystem"
+        )
+    if code == sqlite3.SQLITE_CANTOPEN:
+        return f"the database {path} cannot be opened ({said}); its directory must exist and be writable"
+    return f"the database {path} cannot be written: {said}"
+
+
+def sqlite_file(engine: sa.Engine) -> Path | None:
+    """The file behind an SQLite engine; None for another database or SQLite in memory."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or _is_memory_sqlite(url) or url.database is None:
+        return None
+    return Path(url.database).expanduser()
+
+
+def filesystem_state(path: Path) -> tuple[bool, int | None]:
+    """Whether the filesystem holding `path` is read-only, and the bytes free on it (None: unknown).
+
+    SQLite reports a write refused by a filesystem gone read-only as a plain I/O error: this tells. The
+    mount flags do not always say it (ext4 turned read-only by an error keeps `rw` in its mount options on
+    recent kernels), so a file is also created and dropped at once in the directory.
+    """
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return False, None
+    read_only = bool(fs.f_flag & os.ST_RDONLY)
+    if not read_only:
+        try:
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as exc:
+            read_only = exc.errno == errno.EROFS
+    return read_only, fs.f_bavail * fs.f_frsize
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def alembic_config(url: str | None = None) -> Config:

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from icgate.gateway.errors import GatewayError
 from icgate.gateway.records import Tenant
 from icgate.gateway.store import tables
 
@@ -175,6 +176,21 @@ def tenants_with_live_keys(engine: sa.Engine) -> list[TenantKeys]:
         return [TenantKeys(int(row[0]), str(row[1]), int(row[2])) for row in conn.execute(query)]
 
 
+DATABASE_RETRY_AFTER_S = 2  # what a 503 for a key the database could not check tells the client
+
+
+def database_unavailable(action: str = "check this API key") -> GatewayError:
+    """What needs the database and could not have it: OpenAI's 503 with Retry-After, never a 500 (nor,
+    for a key, a 401: the key may be fine)."""
+    return GatewayError(
+        503,
+        f"The gateway cannot {action} right now: its database is not answering. Please retry shortly.",
+        type="server_error",
+        code="database_unavailable",
+        headers={"retry-after": str(DATABASE_RETRY_AFTER_S)},
+    )
+
+
 class KeyAuthenticator:
     """Maps a presented key to its tenant without blocking the event loop.
 
@@ -182,6 +198,15 @@ class KeyAuthenticator:
     (unknown keys, so garbage keys cannot hammer the database), in a cache
     bounded to `max_entries`. A revocation therefore takes effect within
     `ttl_s`. The cache is keyed by the key's hash, never the plaintext.
+
+    While the database does not answer, a key known valid within the last
+    `stale_s` seconds stays valid (its tenant is served from memory; a key
+    revoked meanwhile is refused once the database is back, or at once when
+    another replica announces it through Redis), and any other key gets a 503
+    with Retry-After (`database_unavailable`): the gateway cannot tell whose it
+    is, and answering it as nobody's would bill and cache it under the wrong
+    tenant. After a failed lookup the database is left alone for
+    `down_pause_s`, so requests do not each wait on a connection attempt.
     """
 
     def __init__(
@@ -190,12 +215,19 @@ class KeyAuthenticator:
         ttl_s: float = 5.0,
         negative_ttl_s: float = 1.0,
         max_entries: int = 10_000,
+        stale_s: float = 3_600.0,
+        down_pause_s: float = 1.0,
     ) -> None:
         self._engine = engine
         self._ttl_s = ttl_s
         self._negative_ttl_s = min(negative_ttl_s, ttl_s)
         self._max_entries = max_entries
-        self._cache: dict[str, tuple[float, Tenant | None]] = {}
+        self._stale_s = stale_s
+        self._down_pause_s = down_pause_s
+        self._down_until = float("-inf")  # monotonic: no lookups before this after a failure
+        self._down_logged = False
+        # digest -> (fresh until, tenant or None, last confirmed by the database)
+        self._cache: dict[str, tuple[float, Tenant | None, float]] = {}
 
     async def authenticate(self, plaintext: str) -> Tenant | None:
         if not plaintext.startswith(KEY_SCHEME) or len(plaintext) > _MAX_KEY_LEN:
@@ -205,31 +237,56 @@ class KeyAuthenticator:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
+        if now < self._down_until:
+            return self._while_down(cached, now)
         try:
             tenant = await asyncio.to_thread(self._lookup, digest)
         except SQLAlchemyError as exc:
-            # Fail closed; the exception text carries no parameters (hide_parameters).
-            log.error("API key lookup failed: %s", type(exc).__name__)
-            return None
+            # The exception text carries no parameters (hide_parameters).
+            self._down_until = time.monotonic() + self._down_pause_s
+            if not self._down_logged:
+                log.error("API key lookup failed, the database is not answering: %s", type(exc).__name__)
+                self._down_logged = True
+            return self._while_down(cached, now)
+        if self._down_logged:
+            log.warning("API key lookups answered by the database again")
+            self._down_logged = False
         ttl = self._ttl_s if tenant is not None else self._negative_ttl_s
-        self._remember(digest, time.monotonic() + ttl, tenant)
+        now = time.monotonic()
+        self._remember(digest, now + ttl, tenant, now)
         return tenant
+
+    def _while_down(self, cached: tuple[float, Tenant | None, float] | None, now: float) -> Tenant | None:
+        """A known-good key seen recently stays good; anything else cannot be checked: 503."""
+        if cached is not None and self._usable_while_down(cached[1], cached[2], now):
+            return cached[1]
+        raise database_unavailable()
 
     def forget(self) -> None:
         """Drop every cached answer (e.g. right after revoking a key in-process)."""
         self._cache.clear()
 
-    def _remember(self, digest: str, expires: float, tenant: Tenant | None) -> None:
-        if expires <= time.monotonic():
+    def _remember(self, digest: str, expires: float, tenant: Tenant | None, confirmed: float) -> None:
+        now = time.monotonic()
+        if expires <= now:
             self._cache.pop(digest, None)
             return
+        self._cache.pop(digest, None)  # re-inserted last: the eviction order is the confirmation order
         if len(self._cache) >= self._max_entries:
-            now = time.monotonic()
-            for k in [k for k, (exp, _) in self._cache.items() if exp <= now]:
+            # Expired answers go first; valid keys are kept while of use should the database go away.
+            for k in [
+                k
+                for k, (exp, who, seen) in self._cache.items()
+                if exp <= now and not self._usable_while_down(who, seen, now)
+            ]:
                 del self._cache[k]
             while len(self._cache) >= self._max_entries:
-                del self._cache[next(iter(self._cache))]  # oldest insertion first
-        self._cache[digest] = (expires, tenant)
+                del self._cache[next(iter(self._cache))]  # oldest confirmation first
+        self._cache[digest] = (expires, tenant, confirmed)
+
+    def _usable_while_down(self, tenant: Tenant | None, confirmed: float, now: float) -> bool:
+        """Still of use while the database is away: a valid key confirmed within `stale_s`."""
+        return tenant is not None and now - confirmed <= self._stale_s
 
     def _lookup(self, digest: str) -> Tenant | None:
         query = (

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from icgate.gateway.config import RequestLogConfig
 from icgate.gateway.records import RequestBodies, RequestRecord
 from icgate.gateway.store import tables
-from icgate.gateway.store.write_behind import WriteBehindQueue
+from icgate.gateway.store.db import sqlite_file
+from icgate.gateway.store.write_behind import Retry, StorageEvents, WriteBehindQueue
 
 # The request_log row's columns: every field but the bodies, which have their own table.
 _RECORD_FIELDS = tuple(f.name for f in fields(RequestRecord) if f.name != "bodies")
@@ -122,22 +123,28 @@ def _upsert(dialect: str, rows: list[dict[str, Any]]) -> sa.Executable:
 
 
 class RequestLogWriter(WriteBehindQueue[RequestRecord]):
-    """The write-behind queue in front of the `request_log` table."""
+    """The write-behind queue in front of the `request_log` table: a database that stops answering is
+    waited out (`WriteBehindQueue`), so an acknowledged request keeps its row."""
 
     def __init__(
         self,
         engine: sa.Engine,
         config: RequestLogConfig,
         *,
+        events: StorageEvents | None = None,
         max_attempts: int = 3,
         retry_backoff_s: float = 0.5,
+        max_backoff_s: float = 5.0,
+        close_timeout_s: float = 30.0,
     ) -> None:
         super().__init__(
             lambda batch: insert_records(engine, batch),
             config,
             name="request log",
-            max_attempts=max_attempts,
-            retry_backoff_s=retry_backoff_s,
+            what="request_log",
+            events=events,
+            retry=Retry(retry_backoff_s, max_backoff_s, max_attempts, close_timeout_s),
+            sqlite_file=sqlite_file(engine),
         )
 
 

@@ -13,8 +13,9 @@ import sqlalchemy as sa
 
 from icgate.gateway.config import RequestLogConfig
 from icgate.gateway.store import tables
+from icgate.gateway.store.db import sqlite_file
 from icgate.gateway.store.tables import utcnow
-from icgate.gateway.store.write_behind import WriteBehindQueue
+from icgate.gateway.store.write_behind import Retry, StorageEvents, WriteBehindQueue
 
 GOOD_ENOUGH = 0.5  # a label at or above this says the answer was good enough
 
@@ -39,8 +40,22 @@ def insert_samples(engine: sa.Engine, batch: list[RouteSample]) -> None:
 
 
 class RouteSampleWriter(WriteBehindQueue[RouteSample]):
-    def __init__(self, engine: sa.Engine, config: RequestLogConfig) -> None:
-        super().__init__(lambda batch: insert_samples(engine, batch), config, name="route samples")
+    def __init__(
+        self,
+        engine: sa.Engine,
+        config: RequestLogConfig,
+        events: StorageEvents | None = None,
+        close_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(
+            lambda batch: insert_samples(engine, batch),
+            config,
+            name="route samples",
+            what="route_samples",
+            events=events,
+            retry=Retry(close_timeout_s=close_timeout_s),
+            sqlite_file=sqlite_file(engine),
+        )
 
 
 def label_from_feedback(score: float) -> float:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any, cast
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from icgate.cache.verify import MAX_TEXT_CHARS, HitVerifier
 from icgate.gateway.records import Tenant
-from icgate.gateway.store.cache_entries import CacheEntries, NewEntry, VerifierBusyError
+from icgate.gateway.store.cache_entries import CacheEntries, NewEntry, Usage, VerifierBusyError
 from tests.gateway.pipeline.fakes import (
     DIM,
     FakeClock,
@@ -129,6 +131,36 @@ async def test_verify_scores_every_pair_on_the_verifiers_own_thread(new_entries:
     assert thread.startswith("icgate-verify") and thread != threading.current_thread().name
     await entries.verify("again", axis(0), candidates[:1])
     assert verifier.threads[1] == thread  # one thread, shared by every request
+
+
+class OpenMPReportingVerifier(FakeVerifier):
+    """Notes the OpenMP thread count its scoring thread would give scikit-learn's trees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.openmp_threads: set[int] = set()
+
+    def score_batch(self, texts_a: Any, texts_b: Any, vecs_a: Any, vecs_b: Any) -> Any:
+        self.openmp_threads |= _openmp_threads()
+        return super().score_batch(texts_a, texts_b, vecs_a, vecs_b)
+
+
+def _openmp_threads() -> set[int]:
+    import sklearn.ensemble  # noqa: F401 - its gradient boosting loads the OpenMP runtime
+
+    return {int(lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "openmp"}
+
+
+async def test_the_verifiers_thread_scores_with_one_openmp_thread_and_leaves_others_alone(
+    new_entries: NewEntries,
+) -> None:
+    verifier = OpenMPReportingVerifier()
+    entries = new_entries(verifier=verifier)
+    candidate = entry_for(entries, chat_ctx("a"), 1, axis(1))
+    await entries.verify("the request", axis(0), [candidate])
+    assert verifier.openmp_threads == {1}
+    if (os.cpu_count() or 1) > 1:  # elsewhere the count stays the runtime's default, one per core
+        assert _openmp_threads() != {1}
 
 
 class GatedVerifier(FakeVerifier):
@@ -250,3 +282,21 @@ async def test_a_replica_syncs_what_another_wrote_and_tombstones_it_deletes(new_
         assert "q3" not in [e.prompt_text for e in second.store.entries.values()]
     finally:
         await second.stop()
+
+
+async def test_feedback_memory_keeps_the_newest_requests_and_older_ones_go_to_the_log(
+    new_entries: NewEntries,
+) -> None:
+    entries = new_entries(make_policy(cache={"feedback_memory": 2}))
+    for n in range(3):
+        entries.note_usage(f"req-{n}", Usage(namespace="t:1", served=[n]))
+    from_log: list[str] = []
+
+    async def lookup(request_id: str) -> Usage | None:
+        from_log.append(request_id)
+        return None
+
+    assert await entries.feedback("req-0", 1.0, "t:1", lookup) is None  # forgotten here: asked of the log
+    assert from_log == ["req-0"]
+    await entries.feedback("req-2", 1.0, "t:1", lookup)
+    assert from_log == ["req-0"]  # remembered: no need to ask

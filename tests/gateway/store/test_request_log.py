@@ -121,21 +121,27 @@ async def test_short_outage_is_retried_without_loss(engine: sa.Engine) -> None:
     assert count_rows(engine) == 30
 
 
-async def test_long_outage_drops_batches_and_writer_survives(engine: sa.Engine) -> None:
+async def test_long_outage_is_waited_out_without_loss(engine: sa.Engine) -> None:
     writer = RequestLogWriter(
-        engine, RequestLogConfig(batch_size=10, flush_interval_s=0.01), max_attempts=2, retry_backoff_s=0.01
+        engine,
+        RequestLogConfig(batch_size=10, flush_interval_s=0.01),
+        max_attempts=2,
+        retry_backoff_s=0.01,
+        max_backoff_s=0.02,
     )
     await writer.start()
-    with outage(engine):
+    with outage(engine) as state:
         for i in range(20):
             writer.submit(record(i))
+        await asyncio.sleep(0.3)  # a dozen attempts at 20 ms apart: well past max_attempts
+        assert writer.failed == 0 and writer.dropped == 0 and writer.pending == 20
+        state["down"] = False
+        for i in range(20, 40):
+            writer.submit(record(i))
         await writer.flush()
-        assert writer.failed == 20 and writer.dropped == 20 and writer.pending == 0
-    for i in range(20, 40):
-        writer.submit(record(i))
     await writer.close()
-    assert writer.written == 20
-    assert count_rows(engine) == 20
+    assert (writer.written, writer.dropped) == (40, 0)
+    assert count_rows(engine) == 40
 
 
 async def test_bad_row_does_not_sink_its_batch(engine: sa.Engine) -> None:
