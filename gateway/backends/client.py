@@ -128,9 +128,11 @@ def _redact(text: str, backend: BackendConfig) -> str:
 def status_error(
     backend: BackendConfig, status: int, reason: str, detail: str, context_window: bool = False
 ) -> BackendError:
-    """What a backend's HTTP status means for the client, the fallback and the circuit breaker."""
+    """What a backend's HTTP status means for the client, the fallback and the circuit breaker. The
+    backend's key is redacted from its reason too: a 4xx reason is relayed to the client."""
     name = backend.name
     detail = _redact(detail, backend)
+    reason = _redact(reason, backend)
     if status in (408, 504):
         return BackendError(name, 504, f"The backend '{name}' timed out.", True, detail=detail)
     if status in _AUTH_STATUS:
@@ -152,9 +154,16 @@ def status_error(
 def _backend_error(backend: BackendConfig, exc: Exception) -> BackendError:
     """A litellm exception as a BackendError (litellm maps every provider's errors to these classes)."""
     detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, litellm_errors.Timeout):
+    # An error event in a stream (the openai client raises a bare APIError with the event's `error`; litellm
+    # words it from the message alone): read it as the HTTP transport does, its `code` a 429 or not.
+    event = next((c for c in _causes(exc) if type(c) is openai.APIError and isinstance(c.body, dict)), None)
+    if event is not None:
+        return _stream_error(backend, event.body)
+    if isinstance(exc, litellm_errors.Timeout) or _caused_by(exc, openai.APITimeoutError):
         return status_error(backend, 504, "", detail)
-    if isinstance(exc, litellm_errors.APIConnectionError):
+    # litellm 1.106 reports a refused or reset connection as an InternalServerError (status 500,
+    # "Connection error."); the openai client's APIConnectionError underneath says what it was.
+    if isinstance(exc, litellm_errors.APIConnectionError) or _caused_by(exc, openai.APIConnectionError):
         # Connection refused or reset, DNS, or litellm failing before the call: never the client's fault.
         return BackendError(
             backend.name,
@@ -169,6 +178,21 @@ def _backend_error(backend: BackendConfig, exc: Exception) -> BackendError:
     reason = str(getattr(exc, "message", "") or exc)
     context_window = isinstance(exc, litellm_errors.ContextWindowExceededError)
     return status_error(backend, status, reason, detail, context_window)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling (and litellm's `original_exception`)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        original = getattr(cause, "original_exception", None)
+        cause = original if isinstance(original, BaseException) else cause.__cause__ or cause.__context__
+    return chain
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    return any(isinstance(cause, kind) for cause in _causes(exc))
 
 
 def split_params(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -297,7 +321,11 @@ class LitellmTransport:
     async def _relay(self, backend: BackendConfig, stream: Any) -> AsyncGenerator[dict[str, Any], None]:
         try:
             async for chunk in stream:
+                if _made_up_end(stream, chunk):
+                    raise _cut_short(backend)
                 yield dict(chunk.model_dump())
+        except BackendError:
+            raise
         except Exception as exc:
             raise _backend_error(backend, exc) from exc
         finally:
@@ -381,11 +409,14 @@ class HttpTransport:
         finally:
             resp.release()
         try:
-            return dict(json.loads(raw))
+            answer = json.loads(raw)
         except ValueError as exc:
             raise BackendError(
                 backend.name, 502, f"The backend '{backend.name}' sent invalid JSON.", True
             ) from exc
+        if not isinstance(answer, dict):
+            raise _invalid(backend, f"not a JSON object: {raw[:200]!r}")
+        return answer
 
     async def open_stream(
         self, backend: BackendConfig, route: Route, payload: dict[str, Any]
@@ -396,6 +427,7 @@ class HttpTransport:
     async def _events(
         self, backend: BackendConfig, resp: aiohttp.ClientResponse
     ) -> AsyncGenerator[dict[str, Any], None]:
+        done = finished = False
         try:
             async for raw in resp.content:
                 line = raw.decode().strip()
@@ -403,18 +435,20 @@ class HttpTransport:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 event = json.loads(data)
-                if "error" in event and "choices" not in event:
-                    raise BackendError(
-                        backend.name,
-                        502,
-                        f"The backend '{backend.name}' failed while streaming.",
-                        True,
-                        detail=_redact(str(event["error"])[:2000], backend),
-                    )
+                if isinstance(event, dict) and "error" in event and "choices" not in event:
+                    raise _stream_error(backend, event["error"])
+                finished = finished or _finishes(event)
                 yield event
+            if not (done or finished):
+                # The body ended cleanly but the answer did not: a server that died between two events
+                # behind a proxy that closed the body for it. Passed on, it would look like a short answer.
+                raise _cut_short(backend)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if finished and isinstance(exc, aiohttp.ClientPayloadError):
+                return  # the answer was whole; only the end of the body was lost (as litellm takes it)
             raise _transport_error(backend, exc) from exc
         except ValueError as exc:
             raise BackendError(
@@ -426,6 +460,64 @@ class HttpTransport:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _invalid(backend: BackendConfig, problem: str) -> BackendError:
+    """An answer the gateway cannot pass on: the backend's failure (another backend may do better)."""
+    message = f"The backend '{backend.name}' sent an invalid answer."
+    return BackendError(backend.name, 502, message, True, detail=_redact(problem[:2000], backend))
+
+
+def _cut_short(backend: BackendConfig) -> BackendError:
+    message = f"The backend '{backend.name}' ended the stream before the answer was complete."
+    return BackendError(backend.name, 502, message, True, detail="no [DONE] and no finish_reason")
+
+
+def _finishes(event: Any) -> bool:
+    """Whether a streamed event ends a choice (carries a finish_reason)."""
+    choices = event.get("choices") if isinstance(event, dict) else None
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
+def _made_up_end(stream: Any, chunk: Any) -> bool:
+    """Whether litellm made this chunk's finish_reason up: its stream wrapper (1.106) ends a stream the
+    backend cut short, without a finish_reason or an error, with a chunk saying "stop" of its own, and
+    records what the backend really said in `received_finish_reason`/`intermittent_finish_reason`.
+    Without those attributes (another wrapper, another version) nothing is taken for made up."""
+    choices = getattr(chunk, "choices", None) or ()
+    if not choices or getattr(choices[0], "finish_reason", None) is None:
+        return False
+    said = (getattr(stream, "received_finish_reason", ""), getattr(stream, "intermittent_finish_reason", ""))
+    return getattr(stream, "sent_last_chunk", False) is True and said == (None, None)
+
+
+def _stream_error(backend: BackendConfig, error: Any) -> BackendError:
+    """An error event in the middle of a stream (vLLM: `{"error": {..., "code": 429}}`; OpenAI: an `error`
+    event): a rate limit stays one, anything else is the backend failing."""
+    detail = _redact(str(error)[:2000], backend)
+    fields = error if isinstance(error, dict) else {"message": error}
+    said = " ".join(str(fields.get(k) or "") for k in ("code", "type", "status")).lower()
+    if re.search(r"\b429\b|rate.?limit|resource.?exhausted|too.?many.?requests", said):
+        return status_error(backend, 429, "", detail)
+    message = f"The backend '{backend.name}' failed while streaming."
+    return BackendError(backend.name, 502, message, True, detail=detail)
+
+
+def _shape_problem(answer: dict[str, Any], streamed: bool) -> str | None:
+    """What makes an answer (or a streamed chunk) unusable, if anything: its `choices` must be a list of
+    objects (a chunk may have none, a usage chunk for one), each `message`/`delta` an object."""
+    choices = answer.get("choices")
+    if choices is None and streamed:
+        return None
+    if not isinstance(choices, list):
+        return f"no list of choices: {json.dumps(answer)[:300]}"
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return f"a choice is not an object: {json.dumps(choice)[:300]}"
+        for key in ("message", "delta"):
+            if choice.get(key) is not None and not isinstance(choice[key], dict):
+                return f"a choice's {key} is not an object: {json.dumps(choice)[:300]}"
+    return None
 
 
 def _transport_error(backend: BackendConfig, exc: BaseException) -> BackendError:
@@ -477,9 +569,15 @@ class BackendClient:
     ) -> dict[str, Any]:
         route, payload = self._prepare(backend, endpoint, body)
         out = await self.transports[backend.client].send(backend, route, payload)
-        if endpoint == "chat" and route == "text":
-            out = completion_to_chat(out)
-        return openai_response(out, served_model(backend.model), strict=backend.client == "litellm")
+        problem = _shape_problem(out, streamed=False)
+        if problem is not None:
+            raise _invalid(backend, problem)
+        try:
+            if endpoint == "chat" and route == "text":
+                out = completion_to_chat(out)
+            return openai_response(out, served_model(backend.model), strict=backend.client == "litellm")
+        except _GARBAGE as exc:  # a field of the wrong type: the backend's answer, not a request's fault
+            raise _invalid(backend, f"{type(exc).__name__}: {exc}") from exc
 
     async def stream(
         self, backend: BackendConfig, endpoint: Endpoint, body: dict[str, Any]
@@ -509,13 +607,25 @@ class BackendClient:
         usage_sent = False
         try:
             async for data in chunks:
-                if to_chat:
-                    data = completion_chunk_to_chat(data, first, strip_leading=not started_text)
-                    started_text = started_text or any(c["delta"].get("content") for c in data["choices"])
-                elif data.get("object") == "text_completion":
-                    data = tidy_completion_chunk(data)
+                try:
+                    problem = (
+                        _shape_problem(data, streamed=True) if isinstance(data, dict) else "not an object"
+                    )
+                    if problem is None:
+                        if to_chat:
+                            data = completion_chunk_to_chat(data, first, strip_leading=not started_text)
+                            started_text = started_text or any(
+                                c["delta"].get("content") for c in data["choices"]
+                            )
+                        elif data.get("object") == "text_completion":
+                            data = tidy_completion_chunk(data)
+                        converted = openai_chunks(data, model, strict, include_usage)
+                except _GARBAGE as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                if problem is not None:
+                    raise _invalid(backend, f"{problem}: {json.dumps(data, default=str)[:300]}")
                 first = False
-                for chunk in openai_chunks(data, model, strict, include_usage):
+                for chunk in converted:
                     if include_usage:  # what the estimate needs, should the backend send no usage
                         said += any(_chunk_text(c) for c in chunk.get("choices") or ())
                         usage_sent = usage_sent or chunk.get("usage") is not None
@@ -527,6 +637,10 @@ class BackendClient:
             # Asked for and not sent (llama.cpp's server ignores `stream_options`): an estimate, billed the
             # way a cut stream is, one token per chunk of text; the prompt at four characters a token.
             yield {**last, "choices": [], "usage": _estimated_usage(prompt_tokens, said)}
+
+
+# What converting a backend's answer to OpenAI's shape raises on a field of the wrong type.
+_GARBAGE = (TypeError, ValueError, AttributeError, KeyError, IndexError)
 
 
 def _chunk_text(choice: dict[str, Any]) -> bool:

@@ -12,6 +12,7 @@ from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendError
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline import explain
+from icgate.gateway.pipeline.call import backend_failure
 from icgate.gateway.records import RequestContext
 from icgate.gateway.telemetry import Metrics
 
@@ -81,14 +82,28 @@ class StreamRelay:
             log.warning(
                 "request %s: stream from %s failed (%s): %s", self._ctx.request_id, name, err.kind, err.detail
             )
-            status = 504 if err.kind == "timeout" else 502
-            self._ctx.status_code, self._ctx.error_type = status, "backend_error"
+            # What the client would have got before the first byte: a rate limit stays a rate limit (the
+            # client may retry later), a timeout is a 504, anything else a 502. No fallback: bytes went out.
+            failure = backend_failure(err)
+            self._ctx.status_code, self._ctx.error_type = failure.status_code, failure.code
             explain.stream_cut(self._ctx, err)
             self._metrics.backend_error(err.backend, err.kind)
             if backend is not None and not err.client_fault:
                 self._admission.backend_failed(backend)
             await self.aclose()
-            raise GatewayError(status, str(err), type="server_error", code="backend_error") from None
+            raise failure from None
+        except GatewayError:
+            await self.aclose()
+            raise
+        except Exception as exc:
+            # A bug of the gateway's on a backend's odd stream: the client still gets an error event and a
+            # clean end of stream (never a connection cut mid-body), the log the traceback, the slot back.
+            log.exception("request %s: relaying the stream failed", self._ctx.request_id)
+            self._ctx.status_code, self._ctx.error_type = 500, type(exc).__name__
+            await self.aclose()
+            raise GatewayError(
+                500, "The gateway had an internal error; it has been logged.", type="server_error"
+            ) from None
 
     def _note(self, chunk: Chunk) -> None:
         """Usage and the answer's text, for the request log and the cache insert."""

@@ -213,7 +213,8 @@ def test_a_stream_that_stalls_ends_with_an_error_event_and_counts_against_the_ba
 def test_a_failing_backend_stops_being_called_then_is_probed_again(
     standins: Standins, start_gateway: StartGateway, transport: str
 ) -> None:
-    breaker = {"failures": 3, "cooldown_s": 1.0}
+    # A cool-down long enough for the eight requests and the checks below on a loaded machine.
+    breaker = {"failures": 3, "cooldown_s": 5.0}
     gw = start_gateway(standin_policy(standins, transport, circuit_breaker=breaker))
     standins.small.fail_next = 1000
     for n in range(8):
@@ -229,7 +230,9 @@ def test_a_failing_backend_stops_being_called_then_is_probed_again(
     assert ready.status_code == 200 and ready.json()["backends"]["small"] == "open"
     # After the cool-down one probe goes through; it succeeds, the circuit closes.
     standins.small.fail_next = 0
-    time.sleep(1.2)
+    deadline = time.monotonic() + 10
+    while gw.gateway.admission.circuits()["small"] != "half_open" and time.monotonic() < deadline:
+        time.sleep(0.05)
     resp = chat(gw)
     assert resp.headers["x-icgate-backend"] == "small" and "x-icgate-fallback-from" not in resp.headers
     assert len(standins.small.received) == 4
