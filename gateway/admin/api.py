@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, GatewayDep, auth_of
+from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, DbInt, GatewayDep, auth_of
 from icgate.gateway.admin.explain import explain
 from icgate.gateway.admin.overview import Summary, summarize, window
 from icgate.gateway.admin.tenants import EDITABLE_NAME, TenantView, limit_changes, tenant_views
@@ -65,7 +65,7 @@ def log_filter(
     tenant: str | None = None,
     route: str | None = None,
     backend: str | None = None,
-    status: int | None = None,
+    status: DbInt | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     q: str | None = None,
@@ -107,7 +107,7 @@ async def requests(
     _admin: CurrentAdmin,
     where: LogFilterDep,
     limit: int = Query(PAGE, ge=1, le=500),
-    before: int | None = Query(None, description="the `next_before` of the previous page"),
+    before: Annotated[DbInt | None, Query(description="the `next_before` of the previous page")] = None,
 ) -> dict[str, Any]:
     """The request log, newest first, one page at a time (keyset pagination)."""
     rows, next_before = await page_of(gw, where, limit, before)
@@ -166,7 +166,7 @@ async def keys_create(body: NewKey, gw: GatewayDep, _admin: AdminChange) -> dict
 
 
 @router.post("/keys/{key_id}/revoke")
-async def keys_revoke(key_id: int, gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
+async def keys_revoke(key_id: DbInt, gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
     """Revoke a key (again: no change, the first revocation's time is kept)."""
     revoked = await asyncio.to_thread(keys.revoke_key, engine_of(gw), key_id)
     if not revoked:
@@ -271,7 +271,7 @@ async def admin_keys_list(gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any
 
 @router.post("/admin-keys/{key_id}/revoke")
 async def admin_keys_revoke(
-    key_id: int, gw: GatewayDep, request: Request, _admin: AdminChange
+    key_id: DbInt, gw: GatewayDep, request: Request, _admin: AdminChange
 ) -> dict[str, Any]:
     """Revoke an admin key and end its sessions: at once on this replica, within 5 s on the others."""
     if not await asyncio.to_thread(admin_keys.revoke_admin_key, engine_of(gw), key_id):
@@ -284,7 +284,7 @@ async def admin_keys_revoke(
 
 
 class DeleteEntries(BaseModel):
-    ids: list[int] = Field(min_length=1, max_length=1000)
+    ids: list[DbInt] = Field(min_length=1, max_length=1000)
 
 
 def namespace_of(engine: sa.Engine, tenant: str | None) -> str | None:
@@ -329,7 +329,7 @@ async def cache_list(
     tenant: str | None = None,
     q: str | None = None,
     limit: int = Query(PAGE, ge=1, le=500),
-    before: int | None = None,
+    before: DbInt | None = None,
 ) -> dict[str, Any]:
     """Live cache entries, newest first: one tenant's (`tenant`) or all, those whose question or answer holds
     `q`; with utility, hits, uses as an example, who produced them, age and expiry."""

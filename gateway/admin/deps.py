@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated
 
+from annotated_types import Interval
 from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,6 +24,10 @@ from icgate.gateway.store import admin_keys
 from icgate.gateway.wiring import Gateway
 
 log = logging.getLogger(__name__)
+
+# An integer a database column holds (SQL BIGINT): every id, cursor and filter the admin API takes. Larger
+# ones made the database driver fail (a 500); now they are the caller's 400, and the schema says so.
+DbInt = Annotated[int, Interval(ge=-(2**63), le=2**63 - 1)]
 
 
 class LoginNeeded(Exception):

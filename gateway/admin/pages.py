@@ -40,6 +40,7 @@ from icgate.gateway.admin.deps import (
     Admin,
     AdminChange,
     CurrentAdmin,
+    DbInt,
     GatewayDep,
     LoginNeeded,
     auth_of,
@@ -175,7 +176,7 @@ async def overview_page(
 
 @router.get("/requests")
 async def requests_page(
-    request: Request, gw: GatewayDep, admin: CurrentAdmin, where: LogFilterDep, before: int | None = None
+    request: Request, gw: GatewayDep, admin: CurrentAdmin, where: LogFilterDep, before: DbInt | None = None
 ) -> Response:
     rows, next_before = await page_of(gw, where, 50, before)
     shown = {"tenant": where.tenant, "route": where.route, "backend": where.backend, "status": where.status}
@@ -286,7 +287,7 @@ async def tenant_edit_page(name: str, request: Request, gw: GatewayDep, admin: A
 
 @router.post("/admin-keys/{key_id}/revoke")
 async def admin_key_revoke_page(
-    key_id: int, request: Request, gw: GatewayDep, _admin: AdminChange
+    key_id: DbInt, request: Request, gw: GatewayDep, _admin: AdminChange
 ) -> Response:
     """Revoke a stored admin key: its sessions end at once here (this one too, if it opened it)."""
     if await asyncio.to_thread(admin_keys.revoke_admin_key, engine_of(gw), key_id):
@@ -295,7 +296,7 @@ async def admin_key_revoke_page(
 
 
 @router.post("/keys/{key_id}/revoke")
-async def keys_revoke_page(key_id: int, request: Request, gw: GatewayDep, _admin: AdminChange) -> Response:
+async def keys_revoke_page(key_id: DbInt, request: Request, gw: GatewayDep, _admin: AdminChange) -> Response:
     if await asyncio.to_thread(keys.revoke_key, engine_of(gw), key_id):
         forget_cached_keys(gw)
     return RedirectResponse(f"{base(request)}/keys", status_code=303)
@@ -308,7 +309,7 @@ async def cache_page(
     admin: CurrentAdmin,
     tenant: str | None = None,
     q: str | None = None,
-    before: int | None = None,
+    before: DbInt | None = None,
     replay_error: str | None = None,
 ) -> Response:
     found, next_before = await cache_page_of(gw, tenant, q, 50, before)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from icgate.gateway.admin.api import engine_of
-from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, GatewayDep, form_of
+from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, DbInt, GatewayDep, form_of
 from icgate.gateway.admin.pages import base, render
 from icgate.gateway.errors import GatewayError, error_body
 from icgate.gateway.live_policy import Applied, LivePolicy, PolicyRejected
@@ -115,7 +115,7 @@ async def policy_apply(body: PolicyText, gw: GatewayDep, admin: AdminChange) -> 
 
 
 @api.get("/versions/{version_id}")
-async def policy_version(version_id: int, gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
+async def policy_version(version_id: DbInt, gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
     found = await asyncio.to_thread(policy_versions.get, engine_of(gw), version_id)
     if found is None:
         raise GatewayError(404, f"No policy version {version_id}.", type="not_found_error")
@@ -124,7 +124,7 @@ async def policy_version(version_id: int, gw: GatewayDep, _admin: CurrentAdmin) 
 
 @api.post("/versions/{version_id}/rollback", response_model=None)
 async def policy_rollback(
-    version_id: int, gw: GatewayDep, admin: AdminChange
+    version_id: DbInt, gw: GatewayDep, admin: AdminChange
 ) -> dict[str, Any] | JSONResponse:
     """Apply an earlier version's text again (as a new version)."""
     try:

@@ -14,7 +14,7 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from icgate.gateway.admin.api import engine_of, entries_of, namespace_of
-from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, GatewayDep, form_of
+from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, DbInt, GatewayDep, form_of
 from icgate.gateway.admin.pages import base
 from icgate.gateway.cache_replay import ReplayBusy, ReplayOptions, ReplayRuns
 from icgate.gateway.errors import GatewayError
@@ -76,7 +76,7 @@ async def replay_list(gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
 
 
 @api.get("/{run_id}")
-async def replay_get(run_id: int, gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
+async def replay_get(run_id: DbInt, gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
     found = await asyncio.to_thread(replay_runs.get, engine_of(gw), run_id)
     if found is None:
         raise GatewayError(404, f"No replay run {run_id}.", type="not_found_error")

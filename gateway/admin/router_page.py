@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from icgate.gateway.admin import knob
 from icgate.gateway.admin.api import engine_of
-from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, GatewayDep, form_of
+from icgate.gateway.admin.deps import Admin, AdminChange, CurrentAdmin, DbInt, GatewayDep, form_of
 from icgate.gateway.admin.knob import Comparison, CurvePoint, Replayed, Setting
 from icgate.gateway.admin.pages import base, render
 from icgate.gateway.config import Policy
@@ -361,7 +361,7 @@ class KnobChange(BaseModel):
 
 
 class Rollback(BaseModel):
-    version_id: int = Field(ge=1)
+    version_id: DbInt = Field(ge=1)
 
 
 async def apply_knob(gw: Gateway, admin: Admin, change: KnobChange) -> tuple[Applied, Comparison]:
@@ -449,7 +449,7 @@ async def swap_to(gw: Gateway, row_id: int) -> Swapped:
 
 
 @api.post("/versions/{row_id}/swap")
-async def swap(row_id: int, gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
+async def swap(row_id: DbInt, gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
     """Make a published router version the one in force again (as a new row: every replica loads it)."""
     return dict(plain(await swap_to(gw, row_id)))
 
@@ -611,7 +611,7 @@ async def apply_page(request: Request, gw: GatewayDep, admin: AdminChange) -> Re
 
 
 @page.post("/rollback/{version_id}")
-async def rollback_page(version_id: int, request: Request, gw: GatewayDep, admin: AdminChange) -> Response:
+async def rollback_page(version_id: DbInt, request: Request, gw: GatewayDep, admin: AdminChange) -> Response:
     try:
         applied = await roll_back(gw, admin, version_id)
     except GatewayError as exc:
@@ -620,7 +620,7 @@ async def rollback_page(version_id: int, request: Request, gw: GatewayDep, admin
 
 
 @page.post("/versions/{row_id}/swap")
-async def swap_page(row_id: int, request: Request, gw: GatewayDep, admin: AdminChange) -> Response:
+async def swap_page(row_id: DbInt, request: Request, gw: GatewayDep, admin: AdminChange) -> Response:
     try:
         swapped = await swap_to(gw, row_id)
     except GatewayError as exc:

@@ -68,6 +68,8 @@ def _parse_and_bound(raw: bytes, config: ServerConfig) -> None:
         parsed = json.loads(raw)
     except ValueError:
         return
+    except RecursionError:  # nested deeper than Python's recursion limit: far past any bound
+        raise _too_deep(config.max_json_depth, None) from None
     if isinstance(parsed, dict):
         check_request_bounds(parsed, config)
 
@@ -183,8 +185,35 @@ class RequestLimits:
             await _send_error(send, 413, body_too_large(limit))
 
 
-def _too_large(message: str, param: str) -> GatewayError:
+def _too_large(message: str, param: str | None) -> GatewayError:
     return GatewayError(400, message, param=param, code="request_too_large")
+
+
+def _too_deep(limit: int, param: str | None) -> GatewayError:
+    return _too_large(f"The request nests JSON too deeply: at most {limit} levels are accepted.", param)
+
+
+def too_deep_field(body: dict[str, Any], limit: int) -> str | None:
+    """The top-level field of `body` whose value nests past `limit` levels (the body is level 1), if any.
+    Iterative, so that no depth can exhaust the stack here; it visits each container once."""
+    for name, value in body.items():
+        if not isinstance(value, dict | list):
+            continue
+        stack: list[tuple[Any, int]] = [(value, 2)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > limit:
+                return str(name)
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return None
+
+
+def check_json_depth(body: dict[str, Any], config: ServerConfig) -> None:
+    """Refuse (400, `request_too_large`) a parsed body nested deeper than `server.max_json_depth`."""
+    field = too_deep_field(body, config.max_json_depth)
+    if field is not None:
+        raise _too_deep(config.max_json_depth, field)
 
 
 def _text_chars(content: Any, param: str, config: ServerConfig) -> int:
@@ -214,7 +243,9 @@ def _text_chars(content: Any, param: str, config: ServerConfig) -> int:
 
 def check_request_bounds(body: dict[str, Any], config: ServerConfig) -> None:
     """Refuse (400, `request_too_large`) a parsed chat or completions request that would cost too much:
-    too many messages or prompts, too many parts in one message, or too much text in all."""
+    JSON nested too deeply, too many messages or prompts, too many parts in one message, or too much
+    text in all."""
+    check_json_depth(body, config)
     chars = 0
     param = "messages"
     messages = body.get("messages")

@@ -42,6 +42,9 @@ def _integral(value: object) -> object:
 
 # An integer as JSON spells it: 2 or 2.0, never true or "2".
 Integer = Annotated[StrictInt, BeforeValidator(_integral)]
+# Bounds go before the validator: so the published schema says `minimum` (after it, pydantic writes
+# `ge`, which JSON Schema does not know: clients and schemathesis never saw the bound).
+PositiveInteger = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]
 
 # OpenAI's own limit on `n` (its error: "Expected a value <= 128").
 MAX_N = 128
@@ -89,8 +92,8 @@ class SamplingParams(Passthrough):
     stream_options: StreamOptions | None = None
     temperature: StrictFloat | None = Field(None, ge=0, le=2)
     top_p: StrictFloat | None = Field(None, ge=0, le=1)
-    n: Integer | None = Field(None, ge=1, le=MAX_N)
-    max_tokens: Integer | None = Field(None, ge=1)
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N), BeforeValidator(_integral)] | None = None
+    max_tokens: PositiveInteger | None = None
     presence_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
     frequency_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
     stop: StrictStr | list[StrictStr] | None = None
@@ -100,7 +103,7 @@ class SamplingParams(Passthrough):
 
 class ChatCompletionRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Integer | None = Field(None, ge=1)
+    max_completion_tokens: PositiveInteger | None = None
 
 
 TokenIds = Annotated[list[Integer], Field(min_length=1)]
@@ -127,7 +130,7 @@ class EmbeddingRequest(Passthrough):
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Integer | None = Field(None, ge=1)
+    dimensions: PositiveInteger | None = None
     user: StrictStr | None = None
 
 
