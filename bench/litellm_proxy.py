@@ -295,7 +295,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tree_pids(pid: int) -> list[int]:
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and its live descendants (`icgate serve --workers N` forks N)."""
     pids, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -310,7 +311,7 @@ def process_cpu_seconds(pid: int, include_children: bool = True) -> float:
     """user+system CPU seconds of `pid` (and its live descendants), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for p in _tree_pids(pid) if include_children else [pid]:
+    for p in tree_pids(pid) if include_children else [pid]:
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:

@@ -90,6 +90,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import ServerThread, free_port  # noqa: E402
+from bench.litellm_proxy import tree_pids  # noqa: E402
 from bench.overhead import machine, pct  # noqa: E402
 from bench.standin_backend import StandinBackend  # noqa: E402
 
@@ -420,18 +421,6 @@ def stop_gateway(gw: GatewayProc, timeout_s: float = 60.0) -> int:
 
 
 # --- /proc and /metrics ---------------------------------------------------------------------------------
-
-
-def tree_pids(pid: int) -> list[int]:
-    """`pid` and its live descendants (`icgate serve --workers N` forks N)."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-    return pids
 
 
 @dataclass
@@ -1122,8 +1111,8 @@ def report(
         "",
         f"- Command: `{shlex.join([Path(sys.executable).name, *argv])}`",
         f"- Machine: {info['cpu']}, {info['nproc']} cores; Python {info['python']}; {info['platform']}; "
-        f"load average before {info['loadavg_before']}, after {info['loadavg_after']} (other engineers' "
-        "tests ran on the same 2 cores during this run: the latency and CPU columns carry their noise)",
+        f"load average before {info['loadavg_before']}, after {info['loadavg_after']} (each sample's "
+        "1-minute load average is in the table below: the latency and CPU columns carry the machine's noise)",
         f"- Code: {info['code']}; {info['libs']}",
         f"- Load: {cfg.rate:g} req/s open loop for {cfg.duration_s / 60:g} min, sampled every "
         f"{cfg.sample_s:g} s; before it: start-up {result.startup_s:.0f} s, {cfg.prefill} prefill questions "
