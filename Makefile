@@ -34,7 +34,7 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 test: install browser
-	$(BIN)/pytest -q --cov --cov-report=term
+	$(BIN)/pytest -q --durations=25 --cov --cov-report=term
 	$(BIN)/coverage report --include='gateway/pipeline/*' --fail-under=90
 
 lint: install

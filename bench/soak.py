@@ -371,7 +371,7 @@ class GatewayProc:
         return "(no log)"
 
 
-def start_gateway(workdir: Path, policy: dict[str, Any]) -> GatewayProc:
+def start_gateway(workdir: Path, policy: dict[str, Any], env: Iterable[str] = ()) -> GatewayProc:
     """`icgate serve` on a free port with its own data directory (sharing the prepared model graphs)."""
     data = workdir / "data"
     data.mkdir(parents=True)
@@ -389,8 +389,9 @@ def start_gateway(workdir: Path, policy: dict[str, Any]) -> GatewayProc:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **dict(kv.split("=", 1) for kv in env)},
         )
-    command = shlex.join(["icgate", *cli]).replace(str(workdir) + "/", "")
+    command = shlex.join([*env, "icgate", *cli]).replace(str(workdir) + "/", "")
     return GatewayProc(popen, f"http://127.0.0.1:{port}", log_path, command)
 
 
@@ -455,6 +456,10 @@ GAUGES = {
     "db_idle": ("icgate_db_connections", {"state": "idle"}),
     "inflight": ("icgate_inflight_requests", {}),
     "log_dropped": ("icgate_request_log_dropped_total", {}),
+    "malloc_in_use": ("icgate_malloc_bytes", {"state": "in_use"}),
+    "malloc_free": ("icgate_malloc_bytes", {"state": "free"}),
+    "py_blocks": ("icgate_python_allocated_blocks", {}),
+    "sqlite_memory": ("icgate_sqlite_memory_bytes", {}),
 }
 
 
@@ -721,6 +726,11 @@ class Sample:
     p99_ms: float = math.nan
     outcomes: dict[str, int] = field(default_factory=dict)
     cache_skipped: dict[str, int] = field(default_factory=dict)  # `x-icgate-cache-skipped` in the window
+    # Where the RSS sits (the gateway process only; None: not glibc, or a report from before these existed)
+    malloc_in_use_mb: float | None = None  # C heap bytes handed out (SQLite, onnxruntime, faiss, big objects)
+    malloc_free_mb: float | None = None  # C heap bytes free but kept: fragmentation
+    py_blocks_k: float | None = None  # Python objects alive, thousands
+    sqlite_mb: float | None = None  # the part of malloc_in_use_mb SQLite holds (its page caches)
 
 
 class Sampler:
@@ -773,6 +783,10 @@ class Sampler:
             p99_ms=round(pct(latencies, 99), 2),
             outcomes=dict(Counter(f"{o.kind}/{o.outcome}" for o in window)),
             cache_skipped=dict(Counter(why for t, why in self.load.skips if self._last_t < t <= now)),
+            malloc_in_use_mb=scaled(gauges["malloc_in_use"], 1 / 2**20),
+            malloc_free_mb=scaled(gauges["malloc_free"], 1 / 2**20),
+            py_blocks_k=scaled(gauges["py_blocks"], 1e-3),
+            sqlite_mb=scaled(gauges["sqlite_memory"], 1 / 2**20),
         )
         self._last_t, self._last_cpu, self._last_own_cpu = now, state.cpu_s, own
         self.samples.append(sample)
@@ -796,6 +810,10 @@ def own_cpu_s() -> float:
     return t.user + t.system
 
 
+def scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else round(value * factor, 2)
+
+
 def least(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
@@ -808,6 +826,8 @@ def sample_line(s: Sample) -> str:
         f"tasks {fmt(s.tasks)}  db {fmt(s.db_checked_out)}/{fmt(s.db_idle)}  inflight {fmt(s.inflight)}  "
         f"sent {s.sent:4d}  p50 {s.p50_ms:7.1f}  p99 {s.p99_ms:7.1f} ms  "
         f"cpu {s.cpu_pct:5.1f}% (client {s.client_cpu_pct:4.1f}%)  "
+        f"heap {fmt(s.malloc_in_use_mb)}+{fmt(s.malloc_free_mb)} MB sqlite {fmt(s.sqlite_mb)} "
+        f"py {fmt(s.py_blocks_k)}k  "
         f"unexpected {unexpected}"
     )
 
@@ -832,6 +852,7 @@ class Config:
     backend_error_rate: float = 0.03
     stream_break_rate: float = 0.05
     database_url: str | None = None
+    gateway_env: tuple[str, ...] = ()  # NAME=VALUE set for the gateway process (an allocator setting, say)
     seed: int = 0
 
 
@@ -867,7 +888,7 @@ async def run_soak(cfg: Config, workdir: Path) -> Result:
         small_url, large_url = (s.url for s in backs.servers)
         policy = soak_policy(small_url, large_url, cfg.cache_entries, cfg.database_url)
         t0 = time.monotonic()
-        gw = start_gateway(workdir, policy)
+        gw = start_gateway(workdir, policy, cfg.gateway_env)
         try:
             await wait_ready(gw)
             startup_s = time.monotonic() - t0
@@ -1042,10 +1063,32 @@ def idle_lines(result: Result) -> list[str]:
         return ["(no idle samples)"]
     b, a = before[0], after[-1]
     out = ["| idle, no load | before the soak | after the soak | change |", "| --- | ---: | ---: | ---: |"]
-    for name in ("rss_mb", "fds", "threads", "tasks", "db_checked_out", "db_idle", "inflight", "log_dropped"):
+    for name in (*IDLE_SERIES, *HEAP_SERIES):
         x, y = getattr(b, name), getattr(a, name)
         change = "-" if x is None or y is None else f"{y - x:+g}"
         out.append(f"| {name} | {fmt(x)} | {fmt(y)} | {change} |")
+    return out
+
+
+IDLE_SERIES = ("rss_mb", "fds", "threads", "tasks", "db_checked_out", "db_idle", "inflight", "log_dropped")
+HEAP_SERIES = ("malloc_in_use_mb", "sqlite_mb", "malloc_free_mb", "py_blocks_k")
+
+
+def heap_lines(result: Result) -> list[str]:
+    """RSS beside its parts that the gateway can see: which of them moves with it."""
+    soak = result.phase("soak")
+    half = result.config.duration_s / 2
+    out = [
+        "| series | first soak sample | last soak sample | change | slope per 10 min, 2nd half |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("rss_mb", *HEAP_SERIES):
+        t, v = series(soak, name)
+        if len(t) == 0:
+            continue
+        late = t >= half
+        slope = slope_per_10min(t[late], v[late])
+        out.append(f"| {name} | {v[0]:g} | {v[-1]:g} | {v[-1] - v[0]:+.2f} | {slope:+.2f} |")
     return out
 
 
@@ -1149,6 +1192,18 @@ def report(
         "behind, without the load's own churn.",
         "",
         *idle_lines(result),
+        "",
+        "## Where the RSS sits",
+        "",
+        "The gateway's own view of its heap, from /metrics: `malloc_in_use_mb` is what the C heap has handed "
+        "out (SQLite's page caches, onnxruntime's and faiss's buffers, Python objects over 512 bytes), "
+        "`sqlite_mb` the part of it SQLite holds (page caches of the pooled connections), "
+        "`malloc_free_mb` what it holds free without returning it (fragmentation), `py_blocks_k` the Python "
+        "objects alive (thousands). RSS growing with `malloc_free_mb` is the allocator; with "
+        "`malloc_in_use_mb`, native memory held (`sqlite_mb`: SQLite's share); with `py_blocks_k`, Python "
+        "objects.",
+        "",
+        *heap_lines(result),
         "",
     ]
     if png:
@@ -1277,6 +1332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-break-rate", type=float, default=d.stream_break_rate)
     p.add_argument("--database-url", default=None, help="e.g. postgresql://postgres@127.0.0.1:5432/soak")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--gateway-env", nargs="*", default=[], metavar="NAME=VALUE", help="environment for the gateway"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.md")
     p.add_argument("--notes", type=Path, help="markdown put into the report under its verdict (a reading)")
     p.add_argument("--from-json", type=Path, help="no run: the report and plot again from a run's JSON")
@@ -1303,7 +1361,8 @@ def to_json(result: Result, info: dict[str, str], started: dt.datetime, argv: li
 
 def from_json(raw: dict[str, Any]) -> tuple[Result, dict[str, str], dt.datetime, list[str]]:
     fields_ = {k: v for k, v in raw.items() if k in Result.__dataclass_fields__}
-    fields_["config"] = Config(**raw["config"])
+    env = tuple(raw["config"].get("gateway_env", ()))
+    fields_["config"] = Config(**{**raw["config"], "gateway_env": env})
     fields_["samples"] = [Sample(**s) for s in raw["samples"]]
     for name in ("outcomes", "injected"):
         fields_[name] = Counter(raw[name])
@@ -1317,7 +1376,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         result, info, started, used = from_json(json.loads(args.from_json.read_text()))
     else:
-        cfg = Config(**{k: getattr(args, k) for k in Config.__dataclass_fields__ if k in vars(args)})
+        given = {k: getattr(args, k) for k in Config.__dataclass_fields__ if k in vars(args)}
+        cfg = Config(**{**given, "gateway_env": tuple(args.gateway_env)})
         started = dt.datetime.now(dt.UTC)
         info = machine()
         with tempfile.TemporaryDirectory(prefix="icgate-soak-") as tmp:

@@ -88,6 +88,12 @@ def _session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads == 1:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Every request has its own (batch, length) shape. The arena keeps each new high-water block for
+    # good and the memory planner caches a pattern per shape, so with both on the heap crept up by
+    # ~2.5 MB per model over a few thousand calls and never came back (bench/results/soak.md); off,
+    # +0.2 MB, at the same CPU per call (10.0 ms on and off, Quora questions, one thread).
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -8,6 +8,10 @@ can then live in one process (tests do this) without sharing spans or counts.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -252,7 +256,95 @@ class RuntimeCollector(Collector):
             family.add_metric(["checked_out"], float(pool.checkedout()))
             family.add_metric(["idle"], float(pool.checkedin()))
             out.append(family)
+        out.extend(heap_families())
         return out
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (2.33 and later): byte counts as size_t."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's `mallinfo2`, or None on another C library (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+@functools.cache
+def _sqlite_memory_used() -> Callable[[], int] | None:
+    """SQLite's own count of the heap it holds (page caches, statements), from the shared library
+    Python's `sqlite3` links; None where there is none to load."""
+    name = ctypes.util.find_library("sqlite3")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).sqlite3_memory_used
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int64
+    fn.argtypes = []
+    return fn
+
+
+def heap_families() -> list[GaugeMetricFamily]:
+    """Where a growing RSS sits: the C heap's bytes in use, the bytes it holds free (fragmentation
+    the allocator has not returned), the part of the heap SQLite holds, and the Python objects alive.
+    A climb in the C heap is native (SQLite, onnxruntime, faiss, the allocator); in the last, Python."""
+    out = [
+        GaugeMetricFamily(
+            "icgate_python_allocated_blocks",
+            "Python object allocator blocks in use (sys.getallocatedblocks).",
+            value=float(sys.getallocatedblocks()),
+        )
+    ]
+    mallinfo2 = _mallinfo2()
+    info = mallinfo2() if mallinfo2 is not None else None
+    if info is not None:
+        family = GaugeMetricFamily(
+            "icgate_malloc_bytes",
+            "C heap (glibc malloc) bytes: in_use by the process, free but kept by the allocator, "
+            "mmapped for large blocks (part of in_use).",
+            labels=["state"],
+        )
+        family.add_metric(["in_use"], float(info.uordblks + info.hblkhd))
+        family.add_metric(["free"], float(info.fordblks))
+        family.add_metric(["mmapped"], float(info.hblkhd))
+        out.append(family)
+    sqlite_used = _sqlite_memory_used()
+    if sqlite_used is not None:
+        out.append(
+            GaugeMetricFamily(
+                "icgate_sqlite_memory_bytes",
+                "Heap SQLite holds, all connections: page caches, schemas, statements.",
+                value=float(sqlite_used()),
+            )
+        )
+    return out
 
 
 def running_tasks() -> int | None:

@@ -16,6 +16,9 @@ from icgate.gateway.api.app import create_app
 from icgate.gateway.config import EmbeddingConfig, Policy
 from icgate.gateway.wiring import EmbeddingService, Gateway
 
+# `make install` exports the models' graphs there (`icgate prepare`): a session reuses them.
+PREPARED_MODELS = Path(__file__).resolve().parents[2] / "data" / "models"
+
 
 @dataclass
 class Standins:
@@ -129,10 +132,12 @@ class RunningGateway:
 @pytest.fixture(scope="session")
 def shared_embeddings(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingService:
     """One loaded MiniLM for every gateway of the session (exporting and loading take seconds); its
-    graph folder is shared too, so the verifier's cross-encoder is exported once per session."""
+    graph folder is shared too: the one `make install` exported into (`icgate prepare`), else a new
+    one, where the verifier's cross-encoder is exported once per session."""
     import asyncio
 
-    service = EmbeddingService(EmbeddingConfig(), tmp_path_factory.mktemp("models"))
+    graphs = PREPARED_MODELS if PREPARED_MODELS.is_dir() else tmp_path_factory.mktemp("models")
+    service = EmbeddingService(EmbeddingConfig(), graphs)
     asyncio.run(service.embedder())
     return service
 

@@ -31,11 +31,10 @@ from icgate.gateway.config import Policy
 from icgate.gateway.store import keys
 from icgate.gateway.store.db import make_engine, normalize_url, upgrade
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.gateway.conftest import RunningGateway, Standins, standin_policy
+from tests.gateway.conftest import PREPARED_MODELS, RunningGateway, Standins, standin_policy
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/0"
-PREPARED_MODELS = REPO / "data" / "models"  # `make install` exports the embedder's graphs there
 
 
 @dataclass

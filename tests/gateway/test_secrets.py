@@ -41,9 +41,9 @@ from bench.harness import ServerThread, free_port
 from icgate.gateway.cli.main import main as cli
 from icgate.gateway.store.db import make_engine
 from icgate.gateway.store.keys import KEY_PREFIX_LEN
+from tests.gateway.conftest import PREPARED_MODELS
 
 REPO = Path(__file__).resolve().parents[2]
-PREPARED_MODELS = REPO / "data" / "models"  # `make install` exports the embedder's graphs there
 # The root logger at DEBUG before the CLI configures logging (its basicConfig is then a no-op).
 DEBUG_SERVE = (
     "import logging, sys; "

@@ -37,13 +37,11 @@ import sqlalchemy as sa
 import yaml
 
 from bench.harness import free_port
-from icgate.gateway.config import EmbeddingConfig
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.store import keys, tables
 from icgate.gateway.store.db import make_engine, upgrade
 from icgate.gateway.store.keys import KeyAuthenticator
 from icgate.gateway.telemetry import Metrics
-from icgate.gateway.wiring import EmbeddingService
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,16 +49,6 @@ PG_CTLS = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
 WRITE_BEHIND_LOG = "icgate.gateway.store.write_behind"
 
 StartGateway = Callable[..., RunningGateway]
-PREPARED_MODELS = REPO / "data" / "models"  # `make install` exports the embedder's graphs there
-
-
-@pytest.fixture(scope="session")
-def shared_embeddings(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingService:
-    """The conftest's, but reading the graphs `make install` exported instead of exporting them again."""
-    graphs = PREPARED_MODELS if PREPARED_MODELS.is_dir() else tmp_path_factory.mktemp("models")
-    service = EmbeddingService(EmbeddingConfig(), graphs)
-    asyncio.run(service.embedder())
-    return service
 
 
 def need_root(*tools: str) -> None:
