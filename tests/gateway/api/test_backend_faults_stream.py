@@ -379,8 +379,10 @@ class Leaks:
 
         wait_until(slots_free, lambda: f"admission slots given back: {admission.snapshot()}")
         wait_until(lambda: gateway_tasks(self.gw) <= self.tasks, "the gateway's tasks back to before")
-        for port in ports:  # every answer of these backends ends its connection: none may stay open
-            wait_until(partial(no_socket_to, port), partial(sockets_left, port))
+        # Every answer of these backends ends its connection: none may stay open. 30 s, not 10: in a full
+        # suite on a busy 2-core machine one socket of litellm's client once took over 10 s to be closed.
+        for port in ports:
+            wait_until(partial(no_socket_to, port), partial(sockets_left, port), timeout_s=30.0)
         http = self.gw.gateway.client.transports["http"]
         assert isinstance(http, HttpTransport)
         session = http._session
