@@ -150,6 +150,36 @@ class RouterConfig(Strict):
         return self
 
 
+class LengthsConfig(Strict):
+    """Output-length prediction: what sizes a request for routing and admission, and each backend's own
+    predictor, learnt from the gateway's answers."""
+
+    # learned: the shipped (or published) predictor, and for each backend its own once that one has been
+    # fitted on `min_rows` of its answers. constant: every request is predicted `constant_tokens`
+    # (p90: `constant_p90_factor` times that), the baseline that shows what prediction is worth.
+    predictor: Literal["learned", "constant"] = "learned"
+    constant_tokens: int = Field(300, ge=1)
+    constant_p90_factor: float = Field(2.0, ge=1)
+    # Keep every answered request as a length sample (prompt features, embedding, backend, tokens, how it
+    # finished) and refit each backend's predictor from them; one replica refits at a time.
+    learn: bool = True
+    refit_interval_s: float = Field(600.0, gt=0)
+    # A backend's own predictor is fitted, and used, once it has this many answers (truncated ones
+    # included); before, the shipped one sizes its requests. At 300 a backend's own predictor had most of
+    # the ranking it reached with 10,000 and a third of the shipped one's error (bench/results/length.md).
+    min_rows: int = Field(300, ge=20)
+    # A backend is refitted when it has this many answers more than its predictor in force was fitted on.
+    min_new_rows: int = Field(200, ge=1)
+    # A refit reads a backend's newest `max_rows` answers; older ones are deleted.
+    max_rows: int = Field(10_000, ge=20)
+
+    @model_validator(mode="after")
+    def _window_holds_min_rows(self) -> LengthsConfig:
+        if self.max_rows < self.min_rows:
+            raise ValueError(f"max_rows ({self.max_rows}) must be at least min_rows ({self.min_rows})")
+        return self
+
+
 class AuthConfig(Strict):
     required: bool = False
 
@@ -305,6 +335,10 @@ class AdmissionConfig(Strict):
     ttft_margin: float = Field(0.0, ge=0, lt=1)
     # How long a request may wait for a free slot on a saturated backend.
     max_queue_wait_s: float = Field(30.0, ge=0)
+    # A request that would have to queue is told it can wait only if its predicted wait plus this
+    # quantile of how much longer than predicted the backend's recent queued requests waited still meets
+    # its objective; else it is refused at arrival rather than at its deadline. None: the prediction alone.
+    wait_quantile: float | None = Field(0.9, gt=0, lt=1)
     max_queue: int = Field(256, ge=0)  # waiting requests per backend
     # How fast a waiting request's predicted length shrinks in the queue order, so long ones never starve.
     ageing_tokens_per_s: float = Field(100.0, ge=0)
@@ -461,6 +495,7 @@ class Policy(Strict):
     request_timeout_s: float | None = Field(None, gt=0)
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     router: RouterConfig = RouterConfig()
+    lengths: LengthsConfig = LengthsConfig()
     auth: AuthConfig = AuthConfig()
     database: DatabaseConfig = DatabaseConfig()
     shared_state: SharedStateConfig = SharedStateConfig()

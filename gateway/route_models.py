@@ -1,13 +1,16 @@
-"""The learned parts in force, the router and the length predictor, as one `RouteModels` record: which
+"""The learned parts in force, the router and the length predictors, as one `RouteModels` record: which
 ones the gateway starts with, and the records that replace them when `icgate router train` / `icgate
-length train` publish newer ones (the watchers in `gateway.store.artifacts` call `with_router` /
-`with_length`, through `Pipeline.swap_models`)."""
+length train` publish newer ones, or the length refit publishes a backend's own predictor (the watchers in
+`gateway.store.artifacts` call `with_router` / `with_length` / `with_backend_length`, through
+`Pipeline.swap_models`)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +19,7 @@ import sqlalchemy as sa
 from icgate.gateway.config import Policy
 from icgate.gateway.store import artifacts
 from icgate.gateway.store.artifacts import StoredModel
+from icgate.gateway.store.length_learning import length_kind
 from icgate.lengths.predict import LengthModel, LengthPredictor, OutputLengthHeuristic, load_length_model
 from icgate.routers.base import Router
 from icgate.routers.learned import DEFAULT_ARTIFACT, LearnedRouter
@@ -26,8 +30,18 @@ log = logging.getLogger("icgate.route_models")
 
 
 @dataclass(frozen=True)
+class BackendLength:
+    """A backend's own length predictor in force: fitted on `answers` of that backend's answers."""
+
+    model: LengthModel
+    version: str
+    answers: int
+    row: int | None = None
+
+
+@dataclass(frozen=True)
 class RouteModels:
-    """The router and length predictor in force, with what identifies and calibrates them."""
+    """The router and length predictors in force, with what identifies and calibrates them."""
 
     router: Router
     length: LengthModel
@@ -40,6 +54,8 @@ class RouteModels:
     router_row: int | None = None
     length_row: int | None = None
     router_needs_embedding: bool = False
+    # Backends' own length predictors (`lengths.min_rows` answers or more); the others get `length`.
+    backend_lengths: Mapping[str, BackendLength] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -99,8 +115,54 @@ def with_length(models: RouteModels, loaded: LengthModel, stored: StoredModel | 
     )
 
 
+def with_backend_length(
+    models: RouteModels, backend: str, loaded: LengthModel, stored: StoredModel | None, policy: Policy
+) -> RouteModels:
+    """`backend`'s own predictor in force, if it was fitted on at least `lengths.min_rows` answers (a
+    predictor published under a lower setting waits for the next, larger refit)."""
+    summary = getattr(loaded, "summary", {}) or {}
+    answers = int(summary.get("rows") or 0)
+    if answers < policy.lengths.min_rows:
+        log.info(
+            "length predictor for backend %s fitted on %d answers (< lengths.min_rows %d): not used",
+            backend,
+            answers,
+            policy.lengths.min_rows,
+        )
+        return models
+    own = BackendLength(
+        loaded, getattr(loaded, "version", "?"), answers, None if stored is None else stored.id
+    )
+    return replace(models, backend_lengths=MappingProxyType({**models.backend_lengths, backend: own}))
+
+
+def load_backend_length(engine: sa.Engine, backend: str) -> tuple[LengthModel, StoredModel] | None:
+    """The newest published predictor of `backend`, loaded; None when there is none or it does not load."""
+    row = artifacts.newest(engine, length_kind(backend))
+    if row is None:
+        return None
+    try:
+        return load_length(row.artifact), row
+    except ValueError:
+        log.exception(
+            "length predictor of backend %s (row %d) did not load; using the shared one", backend, row.id
+        )
+        return None
+
+
 def initial_models(policy: Policy, engine: sa.Engine) -> RouteModels:
-    """What the gateway starts with: published rows win over the policy's file and the shipped artifacts."""
+    """What the gateway starts with: published rows win over the policy's file and the shipped artifacts;
+    each backend's own length predictor, where one is published and fitted on enough answers."""
+    models = _shared_models(policy, engine)
+    for backend in policy.backends:
+        published = load_backend_length(engine, backend.name)
+        if published is not None:
+            models = with_backend_length(models, backend.name, published[0], published[1], policy)
+    return models
+
+
+def _shared_models(policy: Policy, engine: sa.Engine) -> RouteModels:
+    """The router and the shared length predictor."""
     models = rule_models(policy)
     length_row = artifacts.newest(engine, "length")
     try:

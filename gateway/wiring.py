@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ from icgate.gateway.store import db, tables
 from icgate.gateway.store.artifacts import ModelWatcher, StoredModel
 from icgate.gateway.store.cache_entries import CacheEntries, Usage, load_verifier
 from icgate.gateway.store.keys import KeyAuthenticator, database_unavailable
+from icgate.gateway.store.length_learning import LengthLearning, length_kind
+from icgate.gateway.store.length_samples import LengthSampleWriter
 from icgate.gateway.store.request_log import RequestLogWriter
 from icgate.gateway.store.route_samples import RouteSampleWriter, label_from_feedback, label_sample
 from icgate.gateway.telemetry import LoopLagMonitor, Telemetry, running_tasks
@@ -124,7 +127,10 @@ class Gateway:
         self.batcher: MicroBatcher | None = None
         self.log_writer: RequestLogWriter | None = None
         self.sample_writer: RouteSampleWriter | None = None
+        self.length_writer: LengthSampleWriter | None = None
         self.watchers: list[ModelWatcher[Any]] = []
+        self.backend_length_watchers: dict[str, ModelWatcher[LengthModel]] = {}
+        self.length_learning: LengthLearning | None = None  # each backend's own length predictor
         self.ready = False
         self.admission = Admission(policy.backends, policy.admission, policy.circuit_breaker)
         self.signals = SignalPoller(policy.backends, self.admission, policy.admission.metrics_interval_s)
@@ -160,6 +166,9 @@ class Gateway:
         await self.log_writer.start()
         self.sample_writer = RouteSampleWriter(self.engine, self.policy.request_log, events=events)
         await self.sample_writer.start()
+        if self.policy.lengths.learn:
+            self.length_writer = LengthSampleWriter(self.engine, self.policy.request_log, events=events)
+            await self.length_writer.start()
         limiter = await self._start_limits()
         # Model servers and the embedder load side by side: start-up is bounded by the slower.
         waits: list[Awaitable[object]] = []
@@ -187,9 +196,18 @@ class Gateway:
             embed=self.batcher.embed if self.batcher is not None else None,
             sink=self.log_writer,
             samples=self.sample_writer,
+            lengths=self.length_writer,
         )
         for watcher in self.watchers:
             watcher.start()
+        if self.policy.lengths.learn:
+            self.length_learning = LengthLearning(
+                self.engine,
+                self.policy.lengths,
+                [b.name for b in self.policy.backends],
+                on_published=self._check_backend_length,
+            )
+            self.length_learning.start()
         await self.live_policy.start(self.engine)
         self.replays = ReplayRuns(self.engine, lambda: self.policy, self._in_flight)
         self.ready = True
@@ -310,6 +328,18 @@ class Gateway:
         )
         length_watcher.current_id = models.length_row
         self.watchers.append(length_watcher)
+        for backend in self.policy.backends:
+            own = models.backend_lengths.get(backend.name)
+            watcher = ModelWatcher(
+                self.engine,
+                length_kind(backend.name),
+                route_models.load_length,
+                partial(self._swap_backend_length, backend.name),
+                interval,
+            )
+            watcher.current_id = own.row if own is not None else None
+            self.backend_length_watchers[backend.name] = watcher
+            self.watchers.append(watcher)
         return models
 
     def _swap_router(self, loaded: route_models.LoadedRouter, stored: StoredModel) -> None:
@@ -317,6 +347,23 @@ class Gateway:
 
     def _swap_length(self, loaded: LengthModel, stored: StoredModel) -> None:
         self.pipeline.swap_models(route_models.with_length(self.pipeline.models, loaded, stored))
+
+    def _swap_backend_length(self, backend: str, loaded: LengthModel, stored: StoredModel) -> None:
+        models = route_models.with_backend_length(self.pipeline.models, backend, loaded, stored, self.policy)
+        self.pipeline.swap_models(models)
+
+    async def _check_backend_length(self, backend: str) -> None:
+        """A refit here published `backend`'s predictor: swap it in now, not at the next poll."""
+        watcher = self.backend_length_watchers.get(backend)
+        if watcher is not None:
+            await watcher.check()
+
+    async def _stop_models(self) -> None:
+        """The model watchers and the length refit (a refit in its worker thread finishes on its own)."""
+        for watcher in self.watchers:
+            await watcher.stop()
+        if self.length_learning is not None:
+            await self.length_learning.stop()
 
     async def label_route_sample(self, request_id: str, tenant: Tenant, score: float) -> bool:
         """Feedback on a routed request labels its route sample (written off the hot path: flush first)."""
@@ -376,8 +423,7 @@ class Gateway:
         if self._spend_task is not None:
             self._spend_task.cancel()
             await asyncio.gather(self._spend_task, return_exceptions=True)
-        for watcher in self.watchers:
-            await watcher.stop()
+        await self._stop_models()
         # A database still away gets the shutdown grace, once for all the write-behind queues together.
         deadline = asyncio.get_running_loop().time() + self.policy.server.graceful_shutdown_s
 
@@ -392,6 +438,8 @@ class Gateway:
             await self.log_writer.close(left())
         if self.sample_writer is not None:
             await self.sample_writer.close(left())
+        if self.length_writer is not None:
+            await self.length_writer.close(left())
         await self.client.aclose()
         await self.local.stop_all()
         if self.engine is not None:

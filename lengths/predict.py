@@ -157,6 +157,49 @@ class LengthModel(Protocol):
     def predict(self, embedding: Vectors | None, prompt_tokens: int, text: str | None) -> LengthEstimate: ...
 
 
+@dataclass(frozen=True)
+class PromptView:
+    """One request as the length models read it, its text features computed once (`prompt_view`).
+
+    Why: the route stage asks several predictors about one request (the shipped one and each backend's
+    own); the text features cost more than a predictor's dot product, so they are computed once.
+    """
+
+    embedding: Vectors | None
+    prompt_tokens: int
+    text: str | None
+    features: Floats
+    asked: float | None  # an explicit length request, in tokens (`requested_tokens`)
+
+
+def prompt_view(embedding: Vectors | None, prompt_tokens: int, text: str | None) -> PromptView:
+    values, asked = _features(prompt_tokens, text)
+    return PromptView(embedding, prompt_tokens, text, values, asked)
+
+
+def estimate_for(model: LengthModel, seen: PromptView) -> LengthEstimate:
+    """`model`'s estimate for a viewed request: a learned predictor reuses the view's features."""
+    if isinstance(model, LengthPredictor):
+        return model.predict_view(seen)
+    return model.predict(seen.embedding, seen.prompt_tokens, seen.text)
+
+
+class ConstantLength:
+    """Every request the same size: the `lengths.predictor: constant` baseline, against which a benchmark
+    measures what the learned predictor is worth to admission."""
+
+    def __init__(self, p50: int, p90: int) -> None:
+        self.estimate = _estimate(p50, p90)
+
+    def predict(
+        self,
+        embedding: Vectors | None,  # noqa: ARG002 - the LengthModel interface; nothing is read
+        prompt_tokens: int,  # noqa: ARG002
+        text: str | None,  # noqa: ARG002
+    ) -> LengthEstimate:
+        return self.estimate
+
+
 def _estimate(p50: float, p90: float) -> LengthEstimate:
     lo = max(1, round(p50))
     return LengthEstimate(p50=lo, p90=max(lo, round(p90)))
@@ -166,6 +209,12 @@ def _window(text: str) -> str:
     if len(text) <= _HEAD_CHARS + _TAIL_CHARS:
         return text
     return text[:_HEAD_CHARS] + "\n" + text[-_TAIL_CHARS:]
+
+
+def feature_window(text: str) -> str:
+    """The part of a prompt the text features read (its head and tail): what a logged answer needs to keep
+    for a later refit to compute the features it was served with (windowing it again changes nothing)."""
+    return _window(text)
 
 
 def requested_tokens(text: str | None) -> float | None:
@@ -302,13 +351,15 @@ class LengthPredictor:
     def _score(
         self, embedding: Vectors | None, prompt_tokens: int, text: str | None
     ) -> tuple[float, float | None]:
+        values, asked = _features(prompt_tokens, text)
+        return self._score_features(embedding, values), asked
+
+    def _score_features(self, embedding: Vectors | None, values: Floats) -> float:
         emb = self.embedding_mean if embedding is None else np.asarray(embedding, dtype=np.float64).ravel()
         if emb.shape[0] != EMBEDDING_DIM:
             raise ValueError(f"expected an embedding of dimension {EMBEDDING_DIM}, got shape {emb.shape}")
-        values, asked = _features(prompt_tokens, text)
         feats = (values - self.feature_mean) / self.feature_scale
-        score = float(emb @ self.coef[:EMBEDDING_DIM] + feats @ self.coef[EMBEDDING_DIM:] + self.intercept)
-        return score, asked
+        return float(emb @ self.coef[:EMBEDDING_DIM] + feats @ self.coef[EMBEDDING_DIM:] + self.intercept)
 
     def score(self, embedding: Vectors | None, prompt_tokens: int, text: str | None) -> float:
         """The raw ranking score (higher = longer answer)."""
@@ -321,6 +372,13 @@ class LengthPredictor:
         training rows used (`lengths.training.LengthRow.estimated_prompt_tokens`).
         """
         score, asked = self._score(embedding, prompt_tokens, text)
+        return self._from_score(score, asked)
+
+    def predict_view(self, seen: PromptView) -> LengthEstimate:
+        """`predict` for a request whose features are computed already (`prompt_view`)."""
+        return self._from_score(self._score_features(seen.embedding, seen.features), seen.asked)
+
+    def _from_score(self, score: float, asked: float | None) -> LengthEstimate:
         log_mid = self.calib_a + self.calib_b * score
         return _apply_request(_estimate(math.exp(log_mid + self.q50), math.exp(log_mid + self.q90)), asked)
 

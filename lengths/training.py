@@ -1,9 +1,11 @@
-"""Training and evaluating the output-length predictor, offline (`icgate length ...`, the benchmark).
+"""Training and evaluating the output-length predictor: offline (`icgate length ...`, the benchmark) and
+in the gateway's per-backend refit (`fit_logged`).
 
 Training data: Arena-Hard prompts with the true length of one model's answers (`load_length_rows`), split
-by the bucket of the question id (buckets 0-7 train, 8-9 held out), or the gateway's own request log
-(`refit_from_records`). What is fitted is a `lengths.predict.LengthPredictor`: plain arrays, read at
-request time without this module.
+by the bucket of the question id (buckets 0-7 train, 8-9 held out), or the gateway's own route samples
+(`refit_from_records`), or one backend's logged answers, truncated ones as lower bounds (`fit_logged`,
+`impute_truncated`). What is fitted is a `lengths.predict.LengthPredictor`: plain arrays, read at request
+time without this module.
 """
 
 from __future__ import annotations
@@ -150,19 +152,6 @@ class LengthRecord:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _ridge(x: Floats, y: Floats, alpha: float) -> tuple[Floats, float]:
-    """Ridge regression with an unpenalised intercept, in closed form (dual when rows < columns)."""
-    mean_x = x.mean(axis=0)
-    mean_y = float(y.mean())
-    xc = x - mean_x
-    yc = y - mean_y
-    if xc.shape[0] < xc.shape[1]:
-        coef: Floats = xc.T @ np.linalg.solve(xc @ xc.T + alpha * np.eye(xc.shape[0]), yc)
-    else:
-        coef = np.linalg.solve(xc.T @ xc + alpha * np.eye(xc.shape[1]), xc.T @ yc)
-    return coef, mean_y - float(mean_x @ coef)
-
-
 def _ecdf_target(tokens: Floats) -> Floats:
     """Each length's rank as a share in (0, 1): the regression target. Ranks, not log tokens, because the
     metric is rank agreement and a few 4,000-token answers should not pull the fit."""
@@ -172,12 +161,191 @@ def _ecdf_target(tokens: Floats) -> Floats:
     return (ranks + 0.5) / len(tokens)
 
 
+def _fold_sets(n: int, folds: int, seed: int, groups: Sequence[str] | None) -> list[npt.NDArray[np.intp]]:
+    """Each fold's test rows. With `groups` (e.g. the prompt text), every row of a group lands in one fold:
+    the gateway's log repeats prompts, and a prompt on both sides would flatter the out-of-fold scores the
+    calibration and p90 come from."""
+    if groups is None:
+        order = np.random.default_rng(seed).permutation(n)
+        return [order[k::folds] for k in range(folds)]
+    keys = np.array([bucket_of(f"{seed}:{g}", folds) for g in groups])
+    return [np.flatnonzero(keys == k) for k in range(folds)]
+
+
+class _RidgeFolds:
+    """Ridge fits on every fold's training rows, and on all rows, for any number of targets.
+
+    Why: the imputation of truncated answers refits the same rows against new targets several times; the
+    Gram matrices and their Cholesky factors depend only on the rows, so they are computed once, and a
+    refit is then one X^T y and one triangular solve per fold.
+    """
+
+    def __init__(self, x: Floats, alpha: float, fold_sets: Sequence[npt.NDArray[np.intp]]) -> None:
+        from scipy.linalg import cho_factor
+
+        self.x = x
+        self.tests = [t for t in fold_sets if len(t)]
+        n = len(x)
+        gram = x.T @ x
+        total = x.sum(axis=0)
+        self.trains: list[npt.NDArray[np.intp]] = []
+        self.factors: list[Any] = []
+        self.means: list[Floats] = []
+        every = np.arange(n)
+        for test in [*self.tests, np.zeros(0, dtype=np.intp)]:
+            part = x[test]
+            rows = n - len(test)
+            mean = (total - part.sum(axis=0)) / rows
+            centred = gram - part.T @ part - rows * np.outer(mean, mean)
+            self.factors.append(cho_factor(centred + alpha * np.eye(x.shape[1])))
+            self.means.append(mean)
+            self.trains.append(np.setdiff1d(every, test))
+
+    def _fit(self, k: int, y: Floats) -> tuple[Floats, float]:
+        from scipy.linalg import cho_solve
+
+        train, mean = self.trains[k], self.means[k]
+        mean_y = float(y.mean())
+        xty = self.x[train].T @ y - len(train) * mean * mean_y
+        coef: Floats = cho_solve(self.factors[k], xty)
+        return coef, mean_y - float(mean @ coef)
+
+    def out_of_fold(self, y_tokens: Floats) -> Floats:
+        """Each row's score from the fit on the folds it is not in (rank-share target of `y_tokens`)."""
+        oof = np.empty(len(y_tokens))
+        for k, test in enumerate(self.tests):
+            coef, intercept = self._fit(k, _ecdf_target(y_tokens[self.trains[k]]))
+            oof[test] = self.x[test] @ coef + intercept
+        return oof
+
+    def full(self, y_tokens: Floats) -> tuple[Floats, float]:
+        return self._fit(len(self.tests), _ecdf_target(y_tokens))
+
+
+def _calibration(oof: Floats, log_tokens: Floats) -> tuple[float, float]:
+    """(a, b) of log tokens ~ a + b * score, by least squares."""
+    if np.ptp(oof) <= 0:
+        return float(log_tokens.mean()), 0.0
+    b, a = np.polyfit(oof, log_tokens, 1)
+    return float(a), float(b)
+
+
+def _kaplan_meier(values: Floats, observed: npt.NDArray[np.bool_]) -> tuple[Floats, Floats]:
+    """The Kaplan-Meier estimate of a distribution from values some of which are lower bounds
+    (`observed` False): the sorted values and each one's probability mass (zero at a bound). Mass left
+    beyond the largest value sits on it."""
+    order = np.lexsort((~observed, values))  # ascending; at a tie, the observed point first
+    r, seen = values[order], observed[order]
+    n = len(r)
+    if n == 0:
+        return r, np.zeros(0)
+    at_risk = (n - np.arange(n)).astype(np.float64)
+    survival = np.cumprod(np.where(seen, 1.0 - 1.0 / at_risk, 1.0))
+    mass: Floats = np.concatenate([[1.0], survival[:-1]]) - survival
+    mass[-1] += survival[-1]
+    return r, mass
+
+
+def km_quantiles(values: Floats, observed: npt.NDArray[np.bool_], shares: Sequence[float]) -> list[float]:
+    """Quantiles of the Kaplan-Meier estimate (see `_kaplan_meier`)."""
+    r, mass = _kaplan_meier(values, observed)
+    cumulative = np.cumsum(mass)
+    return [float(r[min(int(np.searchsorted(cumulative, q - 1e-12)), len(r) - 1)]) for q in shares]
+
+
+def km_conditional_median(residuals: Floats, observed: npt.NDArray[np.bool_], bounds: Floats) -> Floats:
+    """For each bound e, the median of the residual distribution above e (>= e), under the Kaplan-Meier
+    estimate of that distribution from `residuals` (`observed` False: a censored residual, a lower bound).
+
+    Why Kaplan-Meier and not the observed residuals alone: long answers are the ones cut short, so the
+    observed residuals under-represent the upper tail; KM hands each censored residual's mass on to the
+    residuals above it. Mass left beyond the largest residual sits on it. A bound above every residual
+    imputes the bound itself (nothing is known beyond it).
+    """
+    r, mass = _kaplan_meier(residuals, observed)
+    n = len(r)
+    if n == 0:
+        return np.asarray(bounds, dtype=np.float64).copy()
+    bounds = np.asarray(bounds, dtype=np.float64)
+    cumulative = np.cumsum(mass)
+    start = np.searchsorted(r, bounds, side="left")
+    before = np.where(start > 0, cumulative[np.maximum(start - 1, 0)], 0.0)
+    above = cumulative[-1] - before
+    k = np.minimum(np.searchsorted(cumulative, before + 0.5 * above - 1e-12, side="left"), n - 1)
+    known = (start < n) & (above > 1e-12)
+    return np.where(known, np.maximum(r[k], bounds), bounds)
+
+
+def _from_siblings(
+    y_tokens: Floats, truncated: npt.NDArray[np.bool_], groups: Sequence[str]
+) -> tuple[npt.NDArray[np.intp], Floats]:
+    """Truncated rows whose group (the same prompt) has finished answers at or above their bound, and the
+    median of those answers: the prompt's own lengths, where the log holds them."""
+    finished: dict[str, list[float]] = {}
+    for i in np.flatnonzero(~truncated).tolist():
+        finished.setdefault(groups[i], []).append(float(y_tokens[i]))
+    sorted_lengths = {g: np.sort(np.asarray(v)) for g, v in finished.items()}
+    rows, values = [], []
+    for i in np.flatnonzero(truncated).tolist():
+        lengths = sorted_lengths.get(groups[i])
+        if lengths is None:
+            continue
+        above = lengths[np.searchsorted(lengths, y_tokens[i], side="left") :]
+        if len(above):
+            rows.append(i)
+            values.append(float(np.median(above)))
+    return np.asarray(rows, dtype=np.intp), np.asarray(values, dtype=np.float64)
+
+
+def impute_truncated(
+    ridge: _RidgeFolds,
+    y_tokens: Floats,
+    truncated: npt.NDArray[np.bool_],
+    groups: Sequence[str] | None = None,
+    rounds: int = 3,
+) -> Floats:
+    """Lengths with every truncated answer's bound replaced by its conditional median length above the
+    bound: from the same prompt's finished answers above it when the log holds some (`groups`), else from
+    the model (Buckley-James imputation, with medians): fit, read the residual distribution with
+    Kaplan-Meier, impute, fit again.
+
+    A truncated answer (finish_reason "length", or max_tokens reached) says only "at least this long".
+    Used as a label, it teaches that long prompts get short answers; dropped, it removes the long answers
+    preferentially; both bias the predictor short. The first round calibrates on finished answers only.
+    The model's imputation regresses towards the mean as a weak predictor does (long prompts imputed
+    short, short ones long), so a prompt's own answers come first.
+    """
+    work = y_tokens.copy()
+    if not truncated.any() or truncated.all():
+        return work
+    to_model = truncated.copy()
+    if groups is not None:
+        rows, values = _from_siblings(y_tokens, truncated, groups)
+        work[rows] = values
+        to_model[rows] = False
+    if not to_model.any():
+        return work
+    log_bound = np.log(np.maximum(y_tokens, 1.0))
+    finished = ~truncated
+    for round_ in range(rounds):
+        oof = ridge.out_of_fold(work)
+        fit_on = finished if round_ == 0 else np.ones_like(finished)
+        a, b = _calibration(oof[fit_on], np.log(np.maximum(work[fit_on], 1.0)))
+        middle = a + b * oof
+        residuals = log_bound - middle
+        above = km_conditional_median(residuals, finished, residuals[to_model])
+        work[to_model] = np.maximum(np.exp(middle[to_model] + above), y_tokens[to_model])
+    return work
+
+
 def fit_predictor(  # noqa: PLR0913 - the data, then every fitting knob by keyword
     embeddings: Vectors,
     prompt_tokens: Sequence[int],
     texts: Sequence[str | None],
     tokens: Sequence[int],
     *,
+    truncated: Sequence[bool] | None = None,
+    groups: Sequence[str] | None = None,
     alpha: float = 3.0,
     feature_weight: float = 0.15,
     folds: int = 5,
@@ -190,16 +358,22 @@ def fit_predictor(  # noqa: PLR0913 - the data, then every fitting knob by keywo
     10-fold CV on Arena-Hard's training buckets (see bench/length_quality.py); the features barely
     moved tau there, so their weight is small. Calibration and the p50/p90 offsets come from `folds`
     out-of-fold predictions, so they describe unseen prompts, not the training fit.
+
+    `truncated` marks answers cut short (their tokens are a lower bound: `impute_truncated`); `groups`
+    keeps rows of one group (one prompt) in one fold.
     """
     emb = np.asarray(embeddings, dtype=np.float64)
-    y_tokens = np.asarray(tokens, dtype=np.float64)
-    n = len(y_tokens)
+    observed = np.asarray(tokens, dtype=np.float64)
+    n = len(observed)
     if n < MIN_TRAINING_ROWS:
         raise ValueError(f"need at least {MIN_TRAINING_ROWS} rows to fit a length predictor, got {n}")
     if emb.shape != (n, EMBEDDING_DIM):
         raise ValueError(f"expected embeddings of shape ({n}, {EMBEDDING_DIM}), got {emb.shape}")
     if len(prompt_tokens) != n or len(texts) != n:
         raise ValueError("embeddings, prompt_tokens, texts and tokens must have the same length")
+    cut = np.zeros(n, dtype=bool) if truncated is None else np.asarray(truncated, dtype=bool)
+    if cut.shape != (n,) or (groups is not None and len(groups) != n):
+        raise ValueError("truncated and groups must have one entry per row")
     raw = np.stack([prompt_features(p, t) for p, t in zip(prompt_tokens, texts, strict=True)])
     feature_mean = raw.mean(axis=0)
     std = raw.std(axis=0)
@@ -207,21 +381,22 @@ def fit_predictor(  # noqa: PLR0913 - the data, then every fitting knob by keywo
     weight = feature_weight / math.sqrt(len(FEATURE_NAMES)) if feature_weight > 0 else 0.0
     feature_scale = np.where(std > 0, std, 1.0) / weight if weight > 0 else np.full_like(std, np.inf)
     x = np.hstack([emb, (raw - feature_mean) / feature_scale])
-    target = _ecdf_target(y_tokens)
+    ridge = _RidgeFolds(x, alpha, _fold_sets(n, folds, seed, groups))
+    y_tokens = impute_truncated(ridge, observed, cut, groups)
     log_tokens = np.log(np.maximum(y_tokens, 1.0))
 
-    oof = np.empty(n)
-    order = np.random.default_rng(seed).permutation(n)
-    for k in range(folds):
-        test = order[k::folds]
-        train = np.setdiff1d(order, test)
-        c, b = _ridge(x[train], _ecdf_target(y_tokens[train]), alpha)
-        oof[test] = x[test] @ c + b
-    coef, intercept = _ridge(x, target, alpha)
+    oof = ridge.out_of_fold(y_tokens)
+    coef, intercept = ridge.full(y_tokens)
     # Calibrate on out-of-fold scores: their spread is what unseen prompts will show.
-    calib_b, calib_a = np.polyfit(oof, log_tokens, 1) if np.ptp(oof) > 0 else (0.0, log_tokens.mean())
+    calib_a, calib_b = _calibration(oof, log_tokens)
     residuals = log_tokens - (calib_a + calib_b * oof)
-    q50, q90 = np.quantile(residuals, [0.5, 0.9])
+    if cut.any():
+        # p50/p90 offsets from the truncated answers' bounds as bounds: imputed medians would narrow the
+        # spread, and with it the p90.
+        bounded = np.log(np.maximum(observed, 1.0)) - (calib_a + calib_b * oof)
+        q50, q90 = km_quantiles(bounded, ~cut, [0.5, 0.9])
+    else:
+        q50, q90 = np.quantile(residuals, [0.5, 0.9])
     info = {
         "rows": n,
         "alpha": alpha,
@@ -231,6 +406,7 @@ def fit_predictor(  # noqa: PLR0913 - the data, then every fitting knob by keywo
         "tokens_p50": float(np.median(y_tokens)),
         "tokens_p90": float(np.quantile(y_tokens, 0.9)),
         "oof_kendall_tau": _kendall(oof, y_tokens),
+        **({"truncated": int(cut.sum())} if cut.any() else {}),
         **dict(summary or {}),
     }
     digest = hashlib.sha1(np.ascontiguousarray(coef).tobytes()).hexdigest()[:10]
@@ -415,5 +591,62 @@ def refit_from_records(
             "dropped": dropped,
             "embedding": "all-MiniLM-L6-v2",
         },
+        **fit_kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# A backend's own predictor, from its answers in the gateway's log
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoggedAnswer:
+    """One answered request, as the gateway logged it for the length refit.
+
+    `text` and `prompt_tokens` are what the route stage read (the prompt's feature window and the
+    gateway's token estimate), `embedding` the vector it used (None when it had none).
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: bool  # a lower bound: finish_reason "length", or the request's max_tokens reached
+    embedding: Vectors | None = field(default=None, compare=False, repr=False)
+
+
+def fit_logged(
+    answers: Sequence[LoggedAnswer], *, summary: Mapping[str, Any] | None = None, **fit_kwargs: Any
+) -> LengthPredictor:
+    """A predictor of one backend's answer lengths, fitted on its logged answers.
+
+    An answer logged without an embedding is fitted at the mean embedding of those with one, which is
+    where the predictor puts a request it is served without one; none with one: the prompt features
+    alone. Truncated answers are lower bounds (`impute_truncated`); folds keep repeats of one prompt
+    together.
+    """
+    rows = [a for a in answers if a.completion_tokens > 0 and a.text.strip()]
+    with_vector = [np.asarray(a.embedding, dtype=np.float64) for a in rows if a.embedding is not None]
+    mean = np.mean(with_vector, axis=0) if with_vector else np.zeros(EMBEDDING_DIM)
+    embeddings = (
+        np.stack([mean if a.embedding is None else np.asarray(a.embedding, dtype=np.float64) for a in rows])
+        if rows
+        else np.zeros((0, EMBEDDING_DIM))
+    )
+    info = {
+        "data": "gateway answers",
+        "answers": len(rows),
+        "with_embedding": len(with_vector),
+        "embedding": "all-MiniLM-L6-v2",
+        **dict(summary or {}),
+    }
+    return fit_predictor(
+        embeddings,
+        [a.prompt_tokens for a in rows],
+        [a.text for a in rows],
+        [a.completion_tokens for a in rows],
+        truncated=[a.truncated for a in rows],
+        groups=[a.text for a in rows],
+        summary=info,
         **fit_kwargs,
     )

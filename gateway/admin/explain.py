@@ -191,12 +191,15 @@ def _admission(row: LogRow, d: dict[str, Any]) -> Stage:
     if priority:
         stage.add("admit.class", "Priority class", priority.get("class") or "default")
     if "refused" in admit:
-        stage.add("admit.decision", "Decision", f"refused: {admit['refused']}")
+        when = f" after waiting {admit.get('waited_ms') or 0:.0f} ms" if admit.get("at") == "queued" else ""
+        stage.add("admit.decision", "Decision", f"refused{when}: {admit['refused']}")
     elif "unavailable" in admit:
         stage.add("admit.decision", "Decision", f"unavailable: {', '.join(admit['unavailable'])}")
     elif admit:
         queued = admit.get("queue_ms") or 0
         how = f"queued {queued:.0f} ms" if queued else "admitted at once"
+        if admit.get("predicted_wait_ms"):
+            how += f" (predicted {admit['predicted_wait_ms']:.0f} ms)"
         stage.add("admit.decision", "Decision", f"{how} on {admit.get('backend')}")
     elif row.route == "cache":
         stage.add("admit.decision", "Decision", "none needed: answered from the cache")

@@ -2,33 +2,41 @@
 
 At arrival every request gets one of four answers (`Admission.place`, then `Admission.hold`):
 
-- **admit now**: the backend has a free slot (and room for the request's tokens);
+- **admit now**: the backend has a free slot, room for the request's tokens, and a batch it can join
+  without pushing a time per output token (its own, or a running request's) past its objective;
 - **queue**: a bounded priority queue per backend, ordered by class, then shortest predicted output
   first, with ageing so long requests never starve; held only while it can still meet its objective;
 - **spill**: a routed request whose tier cannot meet the objective goes to the other tier when that
   one can (the small tier then gets in-context examples, as always);
 - **refuse** at once (429 with `Retry-After`) when no candidate can give the first token in time,
-  rather than holding a request that will miss its objective anyway.
+  rather than holding a request that will miss its objective anyway. A request told it can wait and
+  then refused at its deadline is a misprediction; such refusals say so (`AdmissionRefused.stage`).
 
 A backend whose circuit breaker is open (it kept failing) is no candidate at all: the request goes to
 the spill candidates, else the caller's fallback, else `BackendUnavailable` (503). See docs/backends.md.
 
 How long a request would wait is estimated from live state only: the predicted end of every request
-in flight (time to first token plus predicted output times time per output token, both moving
-averages measured on this backend) and the predicted service of every request queued ahead of it,
-played forward over the backend's slots. A backend's own vLLM-style signals, when polled and fresh,
-add the requests it has queued for other clients.
+in flight (for a stream, the tokens left of its predicted answer once its tokens so far are counted;
+else its time to first token plus predicted output times time per output token, both measured on this
+backend) and the predicted service of every request queued ahead of it, played forward over the
+backend's slots. A backend's own vLLM-style signals, when polled and fresh, add the requests it has
+queued for other clients. A request is told it can wait only if that wait, plus the `wait_quantile` of
+how much longer than predicted the backend's recent queued requests waited, meets its objective.
+
+Time per output token is `DecodeModel`: a + b x batch, learnt from finished streams against the batch
+they ran in (`tpot_breach` says who a newcomer would push over).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -38,13 +46,31 @@ import numpy as np
 from icgate.gateway.backends.shared import SharedSlots, SharedStateDown
 from icgate.gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
 
+RefusedAt = Literal["arrival", "queued"]
+
 
 class AdmissionRefused(Exception):
-    def __init__(self, backend: str, retry_after_s: float, reason: str) -> None:
+    """429: the request cannot start in time. `stage` says whether it was refused at arrival, having
+    waited for nothing, or after waiting in the queue (`waited_s`), which a client and the benchmark need
+    to tell apart (`x-icgate-refused`); `predicted_wait_s` is what admission expected it to wait."""
+
+    def __init__(
+        self,
+        backend: str,
+        retry_after_s: float,
+        reason: str,
+        *,
+        stage: RefusedAt = "arrival",
+        predicted_wait_s: float | None = None,
+        waited_s: float = 0.0,
+    ) -> None:
         super().__init__(reason)
         self.backend = backend
         self.retry_after_s = retry_after_s
         self.reason = reason
+        self.stage: RefusedAt = stage
+        self.predicted_wait_s = predicted_wait_s
+        self.waited_s = waited_s
 
 
 class BackendUnavailable(Exception):
@@ -138,6 +164,15 @@ class Ask:
     tpot_slo_s: float | None = None
     arrived: float = field(default_factory=time.perf_counter)
     output_tokens_p90: int | None = None  # what to expect once it has outrun its p50
+    # Backends whose own length predictor sizes this request: name -> (p50, p90). See `on`.
+    outputs_by_backend: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+
+    def on(self, backend: str) -> Ask:
+        """The request as `backend` would serve it: sized by that backend's own predicted output, if any."""
+        own = self.outputs_by_backend.get(backend)
+        if own is None:
+            return self
+        return replace(self, output_tokens=own[0], output_tokens_p90=own[1], outputs_by_backend={})
 
     @property
     def output_p90(self) -> int:
@@ -213,6 +248,126 @@ class TtftModel:
         return a + b * tokens
 
 
+class DecodeModel:
+    """Time per output token with n sequences in the batch, as a + b * n.
+
+    A decode step costs more the more sequences it carries (vLLM reads every running sequence's KV),
+    and every newcomer's prefill stalls the whole batch once; in steady state that stall adds about
+    n x prefill / answer length per token, also linear in n. So a line fits both, and it is fitted
+    where they show: on finished streams, their TPOT against the mean batch they ran in, by weighted
+    least squares over the recent ones.
+
+    The prior is the policy's `expected_tpot_ms` read as the TPOT of a full batch (`max_concurrent`),
+    with PRIOR_BASE_SHARE of it for a lone sequence, worth PRIOR_WEIGHT samples: a backend that is always
+    full shows the level at its batch but not the slope, which then stays the prior's until the data
+    spans more batch sizes.
+    """
+
+    PRIOR_BASE_SHARE = 0.3  # vLLM-like engines: a lone sequence's step is about 1/3 of a full batch's
+    PRIOR_WEIGHT = 4.0
+
+    def __init__(self, full_batch_s: float, full_batch: int, window: int = 128) -> None:
+        base = full_batch_s * self.PRIOR_BASE_SHARE
+        if full_batch <= 1:
+            self._prior = [(1.0, full_batch_s, self.PRIOR_WEIGHT)]
+        else:
+            half = self.PRIOR_WEIGHT / 2
+            self._prior = [(1.0, base, half), (float(full_batch), full_batch_s, half)]
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.a, self.b = self._fit()
+
+    def add(self, batch: float, tpot_s: float) -> None:
+        self._samples.append((max(1.0, batch), max(0.0, tpot_s)))
+        self.a, self.b = self._fit()
+
+    @property
+    def samples(self) -> int:
+        return len(self._samples)
+
+    def step_s(self, batch: float) -> float:
+        """The time per output token with `batch` sequences decoding."""
+        return self.a + self.b * max(1.0, batch)
+
+    def _fit(self) -> tuple[float, float]:
+        points = [*self._prior, *((x, y, 1.0) for x, y in self._samples)]
+        w = sum(p[2] for p in points)
+        sx = sum(p[2] * p[0] for p in points)
+        sy = sum(p[2] * p[1] for p in points)
+        sxx = sum(p[2] * p[0] * p[0] for p in points)
+        sxy = sum(p[2] * p[0] * p[1] for p in points)
+        spread = w * sxx - sx * sx
+        b = (w * sxy - sx * sy) / spread if spread > 1e-9 else 0.0
+        if b <= 0:  # noise that slopes down: a step never gets cheaper with more sequences
+            return sy / w, 0.0
+        a = (sy - b * sx) / w
+        if a < 0:  # through the origin
+            return 0.0, sxy / sxx
+        return a, b
+
+
+class WaitError:
+    """How much longer than predicted requests queued for a slot: the residuals (actual minus predicted
+    wait) of the requests that waited in the last `window_s`. A request refused after waiting counts
+    with the time it waited, a lower bound of what it would have needed. `margin_s` is the upper
+    quantile admission adds to a predicted wait before it tells a request it can wait (docs/admission.md).
+
+    The last `most`, and none older than `window_s`: a margin so large that it refuses at arrival every
+    request that would have queued gets no new residuals to replace it, so the old ones age out, and
+    with fewer than `min_samples` there is no margin until the queue has shown again how it does. Five
+    minutes, not one: a shorter window empties in quiet spells and the margin swings (in the replay,
+    tests/gateway/backends/replay.py, the late share at 1.5x rose from 3% to 10% with 60 s).
+    """
+
+    def __init__(self, window_s: float = 300.0, min_samples: int = 20, most: int = 512) -> None:
+        self.window_s = window_s
+        self.min_samples = min_samples
+        self._residuals: deque[tuple[float, float]] = deque(maxlen=most)  # (when, actual - predicted)
+        self._margins: dict[float, float] = {}  # by quantile, until the residuals change
+
+    def add(self, predicted_s: float, actual_s: float, now: float) -> None:
+        self._residuals.append((now, actual_s - predicted_s))
+        self._margins.clear()
+
+    def _recent(self, now: float) -> deque[tuple[float, float]]:
+        while self._residuals and self._residuals[0][0] < now - self.window_s:
+            self._residuals.popleft()
+            self._margins.clear()
+        return self._residuals
+
+    def margin_s(self, quantile: float | None, now: float) -> float:
+        """The `quantile` of the recent residuals, at least 0 (an early slot needs no allowance); 0 without
+        a quantile or with too few of them."""
+        if quantile is None or len(self._recent(now)) < self.min_samples:
+            return 0.0
+        margin = self._margins.get(quantile)
+        if margin is None:
+            residuals = np.fromiter((r for _, r in self._residuals), float)
+            margin = max(0.0, float(np.quantile(residuals, quantile)))
+            self._margins[quantile] = margin
+        return margin
+
+    def bias_s(self, now: float) -> float | None:
+        """The mean recent residual: how much longer (or, below 0, shorter) than predicted waits were."""
+        recent = self._recent(now)
+        return float(np.mean([r for _, r in recent])) if recent else None
+
+
+@dataclass(frozen=True)
+class TpotBreach:
+    """Admitting the request now would push a time per output token over its objective."""
+
+    predicted_s: float
+    slo_s: float
+    whose: Literal["own", "running"]  # the newcomer's own, or a request already running's
+
+    def describe(self) -> str:
+        who = "its own" if self.whose == "own" else "a running request's"
+        return (
+            f"the time-per-output-token objective ({self.slo_s * 1000:.0f} ms; "
+            f"predicted {self.predicted_s * 1000:.0f} ms for {who})"
+        )
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where admission placed a request, and what it saw of that backend at the decision: kept for the
@@ -223,6 +378,7 @@ class Placement:
     in_flight: int  # requests holding one of its slots
     waiting: int  # requests in its queue
     ttft_s: float | None = None  # the predicted time to first token, when the choice needed one
+    wait_s: float | None = None  # the predicted wait for a slot, when the choice needed one
 
 
 @dataclass(frozen=True)
@@ -245,6 +401,11 @@ class Job:
     prefill_tokens: int = 0  # its prompt plus those still prefilling when it started
     first_token_at: float | None = None  # streams only
     completion_tokens: int | None = None  # known once it ends
+    predicted_wait_s: float = 0.0  # what admission expected it to wait for its slot (queued_s is actual)
+    # Tokens streamed so far, read live (the call stage sets it for a stream): what is left of the
+    # answer is then its predicted length less these, not a guess from how long it has run.
+    produced: Callable[[], int] | None = None
+    batch_area: float | None = None  # the backend's batch-seconds when it started: its mean batch at the end
 
 
 @dataclass
@@ -255,6 +416,18 @@ class Waiter:
     granted: asyncio.Future[None]
     latest_start: float | None = None  # past this its first token is late (None: no objective)
     job: Job | None = None  # set when it is given a slot
+    predicted_wait_s: float = 0.0  # in this gateway's queue, as predicted when it joined
+
+
+def tokens_left(ask: Ask, produced: float) -> float:
+    """What is left of a request's predicted answer after `produced` tokens: to its p50; once past that,
+    to its p90; past that too, as many again as it has overrun (answer lengths have a heavy tail, and
+    "any moment now" would promise slots that stay taken)."""
+    if produced < ask.output_tokens:
+        return ask.output_tokens - produced
+    if produced < ask.output_p90:
+        return ask.output_p90 - produced
+    return max(1.0, produced - ask.output_p90)
 
 
 class BackendState:
@@ -267,10 +440,17 @@ class BackendState:
         self.waiters: list[Waiter] = []
         self.ttft = TtftModel(config.expected_ttft_ms / 1000)
         self.tpot = Latency(config.expected_tpot_ms / 1000)
+        self.decode = DecodeModel(config.expected_tpot_ms / 1000, config.max_concurrent)
+        self.wait_error = WaitError()
         self.errors = 0
         self.served = 0
         self.signals: BackendSignals | None = None
         self.elsewhere = 0  # slots other replicas hold (shared state), as last counted
+        # The batch integrated over time (batch-seconds): a finished stream's mean batch is the
+        # difference over its life, whatever came and went meanwhile.
+        self._area = 0.0
+        self._batch = 0.0  # the batch since `_batch_at`
+        self._batch_at: float | None = None
 
     @property
     def in_flight(self) -> int:
@@ -280,14 +460,41 @@ class BackendState:
     def waiting(self) -> int:
         return len(self.waiters)
 
+    def note_batch(self, now: float, batch: float) -> None:
+        """The batch is `batch` from `now` on."""
+        self._area = self.area_at(now)
+        self._batch_at = now if self._batch_at is None else max(now, self._batch_at)
+        self._batch = batch
+
+    def area_at(self, now: float) -> float:
+        if self._batch_at is None:
+            return self._area
+        return self._area + self._batch * max(0.0, now - self._batch_at)
+
+    def progress(self, job: Job, now: float) -> tuple[float, float]:
+        """(seconds it has been decoding, tokens it has produced): counted for a stream, else estimated
+        from the time since its (predicted) first token."""
+        per_token = max(self.tpot.estimate_s, 1e-6)
+        if job.first_token_at is not None:
+            elapsed = max(0.0, now - job.first_token_at)
+            if job.produced is not None:
+                return elapsed, float(max(1, job.produced()))
+            return elapsed, max(1.0, elapsed / per_token)
+        if job.produced is not None:  # a stream still waiting for its first token
+            return 0.0, 0.0
+        # A whole answer at once: as `service_s` predicts it, its time to first token and then a token
+        # every TPOT.
+        decoding = now - job.started - self.ttft.estimate_s(max(job.prefill_tokens, job.ask.prompt_tokens))
+        if decoding <= 0:
+            return 0.0, 0.0
+        return decoding, decoding / per_token
+
     def tokens_in_flight(self, now: float) -> int:
         """Prompts plus predicted remaining output of the requests in flight."""
         total = 0
         for job in self.jobs:
-            produced = 0
-            if job.first_token_at is not None:
-                produced = int((now - job.first_token_at) / max(self.tpot.estimate_s, 1e-6))
-            total += job.ask.prompt_tokens + max(0, job.ask.output_tokens - produced)
+            produced = self.progress(job, now)[1]
+            total += job.ask.prompt_tokens + max(0, job.ask.output_tokens - int(produced))
         return total
 
     def fresh_signals(self, now_monotonic: float, stale_s: float) -> BackendSignals | None:
@@ -304,6 +511,7 @@ class BackendState:
 
     def start_job(self, ask: Ask, now: float, queued_s: float = 0.0) -> Job:
         job = Job(ask, now, queued_s, prefill_tokens=self.prefilling_tokens(now) + ask.prompt_tokens)
+        job.batch_area = self.area_at(now)
         self.jobs.add(job)
         return job
 
@@ -311,24 +519,43 @@ class BackendState:
         return self.ttft.estimate_s(ask.prompt_tokens) + ask.output_tokens * self.tpot.estimate_s
 
     def remaining_s(self, job: Job, now: float) -> float:
-        """Predicted time until a job in flight ends: by its p50 length, once past that its p90, then
-        as long again as it has overrun; at least one token's time, since it is still running."""
-        end = job.started + self.service_s(job.ask)
-        if end <= now:
-            end += (job.ask.output_p90 - job.ask.output_tokens) * self.tpot.estimate_s
-        if end <= now:
-            # Past its p90 too: answer lengths have a heavy tail, so expect it to run about as long
-            # again as it has overrun (not "any moment now", which would promise slots that stay taken).
-            end = now + (now - end)
-        return max(end - now, self.tpot.estimate_s)
+        """Predicted time until a job in flight ends: its first token if still to come, then what is left
+        of its predicted answer (`tokens_left`) counted from the tokens it has produced, so that the
+        time it has already run, slower or faster than predicted, is no error of the prediction; at least
+        one token's time, since it is still running."""
+        per_token = self.tpot.estimate_s
+        produced = self.progress(job, now)[1]
+        if produced == 0:
+            ttft = self.ttft.estimate_s(max(job.prefill_tokens, job.ask.prompt_tokens))
+            to_first = max(0.0, job.started + ttft - now)
+            return max(to_first + job.ask.output_tokens * per_token, per_token)
+        return tokens_left(job.ask, produced) * per_token
 
     @property
     def utilisation(self) -> float:
         return (self.in_flight + self.elsewhere + self.waiting) / self.config.max_concurrent
 
 
-def _seen(state: BackendState, spilled: bool, ttft_s: float | None = None) -> Placement:
-    return Placement(state.config, spilled, state.in_flight, state.waiting, ttft_s)
+@dataclass(frozen=True)
+class Outlook:
+    """One backend's prediction for one request, in seconds from now: its first token, its wait for a
+    slot, and the allowance for how much longer than predicted the queue's recent waits were."""
+
+    state: BackendState
+    ttft_s: float
+    wait_s: float
+    margin_s: float = 0.0
+
+    def fits(self, budget_s: float, max_wait_s: float) -> bool:
+        if self.wait_s <= 0:
+            return self.ttft_s <= budget_s
+        return self.ttft_s + self.margin_s <= budget_s and self.wait_s + self.margin_s <= max_wait_s
+
+
+def _seen(
+    state: BackendState, spilled: bool, ttft_s: float | None = None, wait_s: float | None = None
+) -> Placement:
+    return Placement(state.config, spilled, state.in_flight, state.waiting, ttft_s, wait_s)
 
 
 class Admission:
@@ -369,8 +596,30 @@ class Admission:
                 continue
             freed = n < state.elsewhere
             state.elsewhere = n
+            self._batch_changed(state)
             if freed:
                 self._grant(state)  # slots other replicas gave back may start this replica's waiters
+
+    # --- the batch ------------------------------------------------------------------------------
+
+    def batch(self, state: BackendState) -> float:
+        """Sequences the backend is running: this replica's, other replicas' (shared slots), and, when
+        its fresh signals say more, the others' it runs for other clients."""
+        own = state.in_flight + state.elsewhere
+        signals = state.fresh_signals(self.signals_clock(), self.config.metrics_stale_s)
+        return max(float(own), signals.running) if signals is not None else float(own)
+
+    def _batch_changed(self, state: BackendState) -> None:
+        state.note_batch(self.clock(), self.batch(state))
+
+    def _start(self, state: BackendState, ask: Ask, now: float, queued_s: float = 0.0) -> Job:
+        job = state.start_job(ask, now, queued_s)
+        state.note_batch(now, self.batch(state))
+        return job
+
+    def _drop(self, state: BackendState, job: Job) -> None:
+        state.jobs.discard(job)
+        self._batch_changed(state)
 
     # --- estimates ------------------------------------------------------------------------------
 
@@ -380,19 +629,74 @@ class Admission:
         return (ask.rank, aged, seq)
 
     def has_room(self, state: BackendState, ask: Ask, now: float) -> bool:
-        """A free slot and room for the request's tokens (an idle backend always has room)."""
+        """A free slot, room for the request's tokens, and a batch it would not push past a time per
+        output token objective (an idle backend always has room)."""
+        return self._no_room(state, ask, now) is None
+
+    def _no_room(
+        self, state: BackendState, ask: Ask, now: float
+    ) -> Literal["slots", "tokens", "tpot"] | None:
+        """Why the request cannot start on the backend now, or None."""
         if not self.config.enabled:
-            return True
+            return None
         busy = state.in_flight + state.elsewhere
         if busy == 0:
-            return True
+            return None
         if busy >= state.config.max_concurrent:
-            return False
+            return "slots"
         signals = state.fresh_signals(self.signals_clock(), self.config.metrics_stale_s)
         if signals is not None and signals.kv_usage is not None and signals.kv_usage >= 0.98:
-            return False
+            return "tokens"
         limit = state.config.max_tokens_in_flight
-        return limit is None or state.tokens_in_flight(now) + ask.tokens <= limit
+        if limit is not None and state.tokens_in_flight(now) + ask.tokens > limit:
+            return "tokens"
+        if self.tpot_breach(state, ask, now) is not None:
+            return "tpot"
+        return None
+
+    def tpot_breach(self, state: BackendState, ask: Ask, now: float) -> TpotBreach | None:
+        """Whether admitting `ask` now would push a time per output token over its objective: its own, or
+        that of a request already running (one that would meet its objective without the newcomer).
+
+        The backend's step time is `state.decode` (a + b x batch). Every sequence decodes one token a
+        step, so over the next r tokens of a running request the batch is the external sequences plus
+        each of ours for as many of those steps as it has tokens left: the sum of min(r_i, r). The
+        newcomer adds itself for min(its predicted length, r) of those steps, and its prefill stalls
+        them all once. A long answer therefore weighs on every running request to its end; a short one
+        only on the few steps it overlaps. Requests after it are checked against it in their turn.
+        """
+        slo = ask.tpot_slo_s
+        running = [job for job in state.jobs if job.ask.tpot_slo_s is not None]
+        if slo is None and not running:
+            return None
+        a, b = state.decode.a, state.decode.b
+        external = max(0.0, self.batch(state) - state.in_flight)
+        views = [(job, *state.progress(job, now)) for job in state.jobs]
+        lefts = sorted(tokens_left(job.ask, produced) for job, _, produced in views)
+        prefix = list(itertools.accumulate(lefts, initial=0))
+
+        def overlap(r: float) -> float:  # sum over our running requests of min(r_i, r)
+            k = bisect.bisect_right(lefts, r)
+            return prefix[k] + r * (len(lefts) - k)
+
+        length = max(1, ask.output_tokens)
+        if slo is not None:
+            own = a + b * (1 + external + overlap(length) / length)
+            if own > slo:
+                return TpotBreach(own, slo, "own")
+        stall = state.ttft.estimate_s(ask.prompt_tokens)
+        for job, elapsed, produced in views:
+            job_slo = job.ask.tpot_slo_s
+            if job_slo is None:
+                continue
+            left = tokens_left(job.ask, produced)
+            tokens = max(1, produced + left - 1)  # TPOT counts the tokens after the first
+            decode_s = elapsed + a * left + b * (overlap(left) + external * left)
+            before = decode_s / tokens
+            after = (decode_s + b * min(length, left) + stall) / tokens
+            if before <= job_slo < after:
+                return TpotBreach(after, job_slo, "running")
+        return None
 
     def _external_s(self, state: BackendState, ask: Ask) -> float:
         """Requests the backend says it holds for other clients go first (fresh signals only)."""
@@ -406,9 +710,15 @@ class Admission:
         the queue played forward over the backend's slots."""
         cap = state.config.max_concurrent
         ends = sorted(state.remaining_s(job, now) for job in state.jobs)[:cap]
-        # A free slot is usable now only if the tokens in flight and the KV cache allow; else at the next end.
-        usable_now = not ends or (bool(order) and self.has_room(state, order[0], now))
-        slots = ends + [0.0 if usable_now else ends[0]] * (cap - len(ends))
+        blocked = self._no_room(state, order[0], now) if order and ends else None
+        if blocked == "tpot":
+            # The batch is as large as the objective allows: a newcomer takes the slot of the next to
+            # end, not one of the slots `max_concurrent` has left.
+            slots = list(ends)
+        else:
+            # A free slot is usable now only if the tokens in flight and the KV cache allow; else at the
+            # next end.
+            slots = ends + [0.0 if blocked is None else ends[0]] * (cap - len(ends))
         heapq.heapify(slots)
         starts = []
         for ask in order:
@@ -457,8 +767,7 @@ class Admission:
 
     def ttft_s(self, state: BackendState, ask: Ask, now: float) -> float:
         """Predicted time from now to the request's first token on this backend."""
-        wait = self.wait_s(state, ask, now)
-        return wait + self.first_token_s(state, ask, wait, now)
+        return self._outlook(state, ask, now).ttft_s
 
     # --- the decision at arrival ----------------------------------------------------------------
 
@@ -477,9 +786,10 @@ class Admission:
 
         Backends whose circuit is open are skipped; when that leaves no candidate, the spill candidates
         stand in (a spill), and with none of those either, BackendUnavailable. Then: admit now where
-        there is room; else the candidate with the earliest predicted first token, if it meets the
-        objective; else a spill candidate that does; else refuse. Without an objective, the least
-        utilised candidate, as before.
+        there is room (`has_room`: slots, tokens, TPOT objectives); else the candidate with the earliest
+        predicted first token, if it meets the objective with the queue's allowance for its misses and
+        the wait is within `max_queue_wait_s`; else a spill candidate that does; else refuse, at
+        arrival. Without an objective, the least utilised candidate, as before.
         """
         now = self.clock()
         live = [b for b in candidates if self.available(b, now)]
@@ -501,38 +811,62 @@ class Admission:
         if not self.config.enabled:
             return _seen(min(states, key=lambda s: s.in_flight), False)
         budget = ask.budget_s(now, self.config.ttft_margin)
+
+        def on(s: BackendState) -> Ask:  # the request as sized for that backend
+            return ask.on(s.config.name)
+
         free = [
             s
             for s in states
             if not s.waiters
-            and self.has_room(s, ask, now)
+            and self.has_room(s, on(s), now)
             # A busy backend whose prefill backlog would make the first token late is not free.
-            and (budget is None or s.in_flight == 0 or self.first_token_s(s, ask, 0.0, now) <= budget)
+            and (budget is None or s.in_flight == 0 or self.first_token_s(s, on(s), 0.0, now) <= budget)
         ]
         if free:
             return _seen(min(free, key=lambda s: s.utilisation), False)
         if budget is None:
             return _seen(min(states, key=lambda s: s.utilisation), False)
-        best_ttft, best = min(((self.ttft_s(s, ask, now), s) for s in states), key=lambda p: p[0])
-        if best_ttft <= budget and best.waiting < self.config.max_queue:
-            return _seen(best, False, best_ttft)
+        best = min((self._outlook(s, on(s), now) for s in states), key=lambda o: o.ttft_s)
+        if best.fits(budget, self.config.max_queue_wait_s) and best.state.waiting < self.config.max_queue:
+            return _seen(best.state, False, best.ttft_s, best.wait_s)
         spill_states = [self.states[b.name] for b in spill]
         if spill_states:
-            other_ttft, other = min(((self.ttft_s(s, ask, now), s) for s in spill_states), key=lambda p: p[0])
-            has_place = other.waiting < self.config.max_queue or self.has_room(other, ask, now)
-            if other_ttft <= budget and has_place:
-                return _seen(other, True, other_ttft)
-        retry = max(1.0, math.ceil(best_ttft - max(budget, 0.0)))
-        if best.waiting >= self.config.max_queue:
-            reason = f"backend {best.config.name} has {best.waiting} requests queued (the limit)"
+            other = min((self._outlook(s, on(s), now) for s in spill_states), key=lambda o: o.ttft_s)
+            o = other.state
+            has_place = o.waiting < self.config.max_queue or self.has_room(o, on(o), now)
+            if other.fits(budget, self.config.max_queue_wait_s) and has_place:
+                return _seen(o, True, other.ttft_s, other.wait_s)
+        raise self._refusal(best, on(best.state), budget, now)
+
+    def _outlook(self, state: BackendState, ask: Ask, now: float) -> Outlook:
+        wait = self.wait_s(state, ask, now)
+        margin = state.wait_error.margin_s(self.config.wait_quantile, now) if wait > 0 else 0.0
+        return Outlook(state, wait + self.first_token_s(state, ask, wait, now), wait, margin)
+
+    def _refusal(self, best: Outlook, ask: Ask, budget: float, now: float) -> AdmissionRefused:
+        state = best.state
+        name = state.config.name
+        retry = max(1.0, math.ceil(best.ttft_s + best.margin_s - max(budget, 0.0)))
+        if state.waiting >= self.config.max_queue:
+            reason = f"backend {name} has {state.waiting} requests queued (the limit)"
         else:
+            predicted = f"predicted {best.ttft_s * 1000:.0f} ms"
+            if best.margin_s > 0:
+                predicted += f", {best.margin_s * 1000:.0f} ms more for the queue's recent misses"
             reason = (
-                f"backend {best.config.name} cannot start this request within its time-to-first-token "
-                f"objective ({ask.ttft_slo_s * 1000:.0f} ms; predicted {best_ttft * 1000:.0f} ms)"
-                if ask.ttft_slo_s is not None
-                else f"backend {best.config.name} is saturated"
+                f"backend {name} cannot start this request within its time-to-first-token "
+                f"objective ({(ask.ttft_slo_s or 0) * 1000:.0f} ms; {predicted})"
             )
-        raise AdmissionRefused(best.config.name, retry, reason)
+            in_time = best.ttft_s + best.margin_s <= budget
+            if in_time and best.wait_s + best.margin_s > self.config.max_queue_wait_s:
+                wait = f"{self.config.max_queue_wait_s:g} s; predicted {best.wait_s:.1f} s"
+                reason = f"backend {name} cannot start this request within max_queue_wait_s ({wait})"
+            if self._no_room(state, ask, now) == "tpot":
+                breach = self.tpot_breach(state, ask, now)
+                if breach is not None:
+                    reason += f"; taking it now would break {breach.describe()}"
+        return AdmissionRefused(name, retry, reason, predicted_wait_s=best.wait_s)
 
     # --- holding a slot -------------------------------------------------------------------------
 
@@ -540,12 +874,14 @@ class Admission:
     async def hold(self, backend: BackendConfig, ask: Ask) -> AsyncIterator[Job]:
         """Wait for a slot (bounded by the objective and `max_queue_wait_s`), hold it for the call.
 
-        Yields the `Job`, whose `first_token_at` and `completion_tokens` the caller fills in; they
-        become the backend's measured time to first token and time per output token.
+        Yields the `Job`, whose `first_token_at`, `completion_tokens` and, for a stream, `produced` the
+        caller fills in; they become the backend's measured time to first token and time per output
+        token, and tell admission how far along the request is.
         """
+        ask = ask.on(backend.name)
         state = self.states[backend.name]
         if not self.config.enabled:
-            job = state.start_job(ask, self.clock())
+            job = self._start(state, ask, self.clock())
             try:
                 yield job
             finally:
@@ -555,13 +891,13 @@ class Admission:
         if state.waiters or not self.has_room(state, ask, now):
             job = await self._queue(state, ask, now)
         else:
-            job = state.start_job(ask, now)
+            job = self._start(state, ask, now)
         owner = None
         if self.shared is not None:
             try:
                 owner = await self._shared_slot(state, ask, job)
             except BaseException:  # refused or cancelled while waiting for a shared slot: it never ran
-                state.jobs.discard(job)
+                self._drop(state, job)
                 self._grant(state)
                 raise
         try:
@@ -597,10 +933,14 @@ class Admission:
                 max(1.0, math.ceil(self.wait_s(state, ask, self.clock()))),
                 f"backend {state.config.name} is at capacity ({state.config.max_concurrent} in flight across "
                 "replicas) and the request could not start in time",
+                stage="queued",
+                predicted_wait_s=job.predicted_wait_s,
+                waited_s=job.queued_s + self.clock() - now,
             )
         started = self.clock()
         job.queued_s += started - now
         job.started = started  # its time to first token counts from here
+        job.batch_area = state.area_at(started)
         return owner
 
     async def _give_back(self, state: BackendState, owner: str) -> None:
@@ -618,13 +958,10 @@ class Admission:
                 f"backend {state.config.name} has {len(state.waiters)} requests queued (the limit)",
             )
         pos, start = self._plan(state, ask, now)
-        budget = ask.budget_s(now, self.config.ttft_margin)
-        latest = None
-        if budget is not None:
-            # Past this, the first token would come too late even if the slot came then.
-            latest = now + budget - self.first_token_s(state, ask, start, now)
+        predicted = start - self._external_s(state, ask)  # this gateway's queue: what `queued_s` measures
+        latest = self._latest_start(state, ask, start, predicted, now)
         future = asyncio.get_running_loop().create_future()
-        waiter = Waiter(ask, next(self._seq), now, future, latest_start=latest)
+        waiter = Waiter(ask, next(self._seq), now, future, latest_start=latest, predicted_wait_s=predicted)
         state.waiters.insert(pos, waiter)
         self._grant(state)  # it may be first in line for a slot that is already free
         timeout = self.config.max_queue_wait_s
@@ -642,11 +979,13 @@ class Admission:
                 raise waiter.granted.exception() from None  # type: ignore[misc]
             state.waiters.remove(waiter)
             self._grant(state)
-            raise self._too_late(state, ask, self.clock()) from None
+            later = self.clock()
+            state.wait_error.add(predicted, later - now, later)  # a lower bound: it would have waited longer
+            raise self._too_late(state, waiter, later) from None
         except BaseException:
             # Cancelled (the client left): give up the place, or the slot it was just given.
             if waiter.job is not None:
-                state.jobs.discard(waiter.job)
+                self._drop(state, waiter.job)
             elif waiter in state.waiters:
                 state.waiters.remove(waiter)
             elif waiter.granted.done():
@@ -656,44 +995,77 @@ class Admission:
         assert waiter.job is not None
         return waiter.job
 
+    def _latest_start(
+        self, state: BackendState, ask: Ask, start: float, predicted: float, now: float
+    ) -> float | None:
+        """Past this, the first token would come too late even if the slot came then (None: no objective).
+        Refuses at once a request that would only give up at its deadline: `decide` already does for the
+        requests it places; this is for a fallback, placed without it."""
+        budget = ask.budget_s(now, self.config.ttft_margin)
+        if budget is None:
+            return None
+        latest = now + budget - self.first_token_s(state, ask, start, now)
+        margin = state.wait_error.margin_s(self.config.wait_quantile, now) if start > 0 else 0.0
+        if now + start + margin > latest or start + margin > self.config.max_queue_wait_s:
+            raise AdmissionRefused(
+                state.config.name,
+                max(1.0, math.ceil(now + start + margin - latest)),
+                f"backend {state.config.name} cannot start this request within its time-to-first-token "
+                f"objective ({(ask.ttft_slo_s or 0) * 1000:.0f} ms; predicted wait {start * 1000:.0f} ms)",
+                predicted_wait_s=predicted,
+            )
+        return latest
+
     def _grant(self, state: BackendState) -> None:
         """Give free slots to the head of the queue; a granted waiter's job counts in flight at once."""
         now = self.clock()
         while state.waiters and self.has_room(state, state.waiters[0].ask, now):
             head = state.waiters.pop(0)
+            state.wait_error.add(head.predicted_wait_s, now - head.enqueued, now)
             budget = head.ask.budget_s(now, self.config.ttft_margin)
             if budget is not None and self.first_token_s(state, head.ask, 0.0, now) > budget:
                 # The prompts prefilling ahead of it would make its first token late: refuse it now
                 # rather than admit a miss, and give the slot to the next.
-                head.granted.set_exception(self._too_late(state, head.ask, now))
+                head.granted.set_exception(self._too_late(state, head, now))
                 continue
-            head.job = state.start_job(head.ask, now, queued_s=now - head.enqueued)
+            head.job = self._start(state, head.ask, now, queued_s=now - head.enqueued)
+            head.job.predicted_wait_s = head.predicted_wait_s
             head.granted.set_result(None)
 
-    def _too_late(self, state: BackendState, ask: Ask, now: float) -> AdmissionRefused:
+    def _too_late(self, state: BackendState, waiter: Waiter, now: float) -> AdmissionRefused:
         return AdmissionRefused(
             state.config.name,
-            max(1.0, math.ceil(self.wait_s(state, ask, now))),
+            max(1.0, math.ceil(self.wait_s(state, waiter.ask, now))),
             f"backend {state.config.name} is at capacity ({state.config.max_concurrent} in flight) "
             f"and the request could not start in time",
+            stage="queued",
+            predicted_wait_s=waiter.predicted_wait_s,
+            waited_s=now - waiter.enqueued,
         )
 
     def _finish(self, state: BackendState, job: Job) -> None:
-        state.jobs.discard(job)
         now = self.clock()
+        self._drop(state, job)
         state.served += 1
         if job.first_token_at is not None:
             state.ttft.add(job.prefill_tokens, job.first_token_at - job.started)
         tokens = job.completion_tokens
         if not tokens:
             return
+        # The batch it ran in, on average over its life (its own place included).
+        batch = self.batch(state) + 1
+        if job.batch_area is not None and now > job.started:
+            batch = (state.area_at(now) - job.batch_area) / (now - job.started)
         if job.first_token_at is not None:
             if tokens > 1 and job.first_token_at < now:
-                state.tpot.add((now - job.first_token_at) / (tokens - 1))
+                tpot = (now - job.first_token_at) / (tokens - 1)
+                state.tpot.add(tpot)
+                state.decode.add(batch, tpot)
         else:  # a whole answer at once: what is left after the usual first token, per token
             decode = now - job.started - state.ttft.estimate_s(job.prefill_tokens)
             if decode > 0:
                 state.tpot.add(decode / tokens)
+                state.decode.add(batch, decode / tokens)
 
     # --- backend health (the circuit breaker) ---------------------------------------------------
 
@@ -733,7 +1105,9 @@ class Admission:
         return any(s.breaker.available(now) for s in self.states.values())
 
     def note_signals(self, backend: str, signals: BackendSignals) -> None:
-        self.states[backend].signals = signals
+        state = self.states[backend]
+        state.signals = signals
+        self._batch_changed(state)
 
     def snapshot(self) -> dict[str, dict[str, float | int | None]]:
         """Every backend's live state, for /admin and the tests."""
@@ -749,6 +1123,13 @@ class Admission:
                 "ttft_p90_ms": s.ttft.mean.p90_s * 1000,
                 "tpot_ms": s.tpot.estimate_s * 1000,
                 "tpot_p90_ms": s.tpot.p90_s * 1000,
+                # The decode model: time per output token = base + per_seq x batch.
+                "batch": self.batch(s),
+                "decode_base_ms": s.decode.a * 1000,
+                "decode_per_seq_ms": s.decode.b * 1000,
+                # How much longer than predicted requests waited in its queue (mean; the margin added).
+                "wait_error_ms": None if (bias := s.wait_error.bias_s(now)) is None else bias * 1000,
+                "wait_margin_ms": s.wait_error.margin_s(self.config.wait_quantile, now) * 1000,
                 "errors": s.errors,
                 "served": s.served,
                 # 1 while the backend gets no calls or only a probe (icgate_admission_backend_circuit_open).

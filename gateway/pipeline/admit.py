@@ -11,13 +11,16 @@ from icgate.gateway.pipeline.route import RouteOutcome
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext
 
+REFUSED_HEADER = "x-icgate-refused"
+
 
 def priority_of(ctx: RequestContext, policy: Policy) -> tuple[str | None, PriorityClass]:
     return policy.admission.priority_of(ctx.tenant.name)
 
 
 def ask_for(ctx: RequestContext, routed: RouteOutcome, cls: PriorityClass) -> Ask:
-    """Sizes (the prompt estimate, the predicted output) and the priority class's objectives."""
+    """Sizes (the prompt estimate, the predicted output: the shared prediction, and each backend's own
+    where it has one, which admission uses for that backend: `Ask.on`) and the class's objectives."""
     return Ask(
         prompt_tokens=routed.prompt_tokens,
         output_tokens=routed.predicted.p50,
@@ -26,6 +29,7 @@ def ask_for(ctx: RequestContext, routed: RouteOutcome, cls: PriorityClass) -> As
         ttft_slo_s=cls.ttft_slo_ms / 1000 if cls.ttft_slo_ms else None,
         tpot_slo_s=cls.tpot_slo_ms / 1000 if cls.tpot_slo_ms else None,
         arrived=ctx.arrived,
+        outputs_by_backend={name: (e.p50, e.p90) for name, e in routed.per_backend.items()},
     )
 
 
@@ -47,12 +51,15 @@ def spill_candidates(target: Target, tier: str, policy: Policy) -> list[BackendC
 
 
 def refusal(refused: AdmissionRefused) -> GatewayError:
+    """OpenAI's 429 (`rate_limit_error`, `code: backend_at_capacity`), whenever it came; the header
+    `x-icgate-refused` says when: `arrival` (it waited for nothing) or `queued` (after waiting in the
+    queue: the prediction that it could wait was wrong)."""
     return GatewayError(
         429,
         f"{refused.reason}; retry later.",
         type="rate_limit_error",
         code="backend_at_capacity",
-        headers={"retry-after": str(int(refused.retry_after_s))},
+        headers={"retry-after": str(int(refused.retry_after_s)), REFUSED_HEADER: refused.stage},
     )
 
 

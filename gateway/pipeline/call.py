@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask, BackendUnavailable, Job
@@ -126,10 +127,13 @@ class Caller:
                 queued = job.queued_s
                 ctx.queue_s += queued
                 slot.enter_context(metrics.backend_inflight(backend.name))
-                # The answer's size, for the backend's measured time per output token.
+                # The answer's size, for the backend's measured time per output token; for a stream, its
+                # tokens so far, for how far along it is (admission's predicted ends and TPOTs).
                 slot.callback(_note_output, ctx, job)
+                if ctx.stream:
+                    job.produced = partial(_streamed, ctx)
                 ctx.backend = backend
-                explain.admitted(ctx, backend)
+                explain.admitted(ctx, backend, job.predicted_wait_s)
                 metrics.admission(backend.name, "spilled" if spilled else "admitted")
                 own = backend.first_byte_timeout_s(plan.ask.ttft_slo_s) if ctx.stream else backend.timeout_s
                 limit = max(0.0, min(own, deadline - time.perf_counter()))
@@ -143,9 +147,10 @@ class Caller:
                 return Called(result, examples)
             except AdmissionRefused as refused:
                 await slot.aclose()
+                ctx.queue_s += refused.waited_s  # queueing, not the gateway's own work (overhead_ms)
                 self.admission.backend_neutral(backend)
                 metrics.admission(refused.backend, "refused")
-                explain.refused(ctx, refused.reason)
+                explain.refused(ctx, refused)
                 explain.attempt(ctx, backend, role, 0.0, refused=refused.reason)
                 raise refusal(refused) from None
             except BackendError as err:
@@ -169,7 +174,7 @@ class Caller:
             placed = self.admission.decide(plan.ask, plan.candidates, plan.spill)
         except AdmissionRefused as refused:
             metrics.admission(refused.backend, "refused")
-            explain.refused(ctx, refused.reason)
+            explain.refused(ctx, refused)
             raise refusal(refused) from None
         except BackendUnavailable as down:
             first = plan.candidates[0]
@@ -284,3 +289,8 @@ class Caller:
 
 def _note_output(ctx: RequestContext, job: Job) -> None:
     job.completion_tokens = ctx.completion_tokens or len(ctx.output_parts)
+
+
+def _streamed(ctx: RequestContext) -> int:
+    """Tokens a stream has relayed so far: one a content chunk, as OpenAI-compatible servers send them."""
+    return len(ctx.output_parts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from icgate.gateway.backends.admission import Ask, Placement
+from icgate.gateway.backends.admission import AdmissionRefused, Ask, Placement
 from icgate.gateway.backends.client import BackendError
 from icgate.gateway.config import BackendConfig, PriorityClass
 from icgate.gateway.pipeline.augment import Augmented
@@ -100,8 +100,12 @@ def priority(ctx: RequestContext, name: str | None, cls: PriorityClass) -> None:
     ctx.decisions["priority"] = {"class": name, "rank": cls.rank, "ttft_slo_ms": cls.ttft_slo_ms}
 
 
-def admitted(ctx: RequestContext, backend: BackendConfig) -> None:
+def admitted(ctx: RequestContext, backend: BackendConfig, predicted_wait_s: float | None = None) -> None:
+    """Where it was admitted, how long it queued, and how long admission predicted it would (its error
+    is the queue's: docs/admission.md)."""
     ctx.decisions["admit"] = {"backend": backend.name, "queue_ms": round(ctx.queue_s * 1000, 2)}
+    if predicted_wait_s is not None:
+        ctx.decisions["admit"]["predicted_wait_ms"] = round(predicted_wait_s * 1000, 2)
 
 
 def placed(ctx: RequestContext, placement: Placement, ask: Ask) -> None:
@@ -114,6 +118,8 @@ def placed(ctx: RequestContext, placement: Placement, ask: Ask) -> None:
     }
     if placement.ttft_s is not None:
         seen["ttft_ms"] = round(placement.ttft_s * 1000, 1)
+    if placement.wait_s is not None:
+        seen["wait_ms"] = round(placement.wait_s * 1000, 1)
     if ask.ttft_slo_s is not None:
         seen["ttft_slo_ms"] = round(ask.ttft_slo_s * 1000, 1)
     ctx.decisions["admission"] = seen
@@ -153,8 +159,19 @@ def stream_cut(ctx: RequestContext, error: BackendError) -> None:
         )
 
 
-def refused(ctx: RequestContext, reason: str) -> None:
-    ctx.decisions["admit"] = {"refused": reason}
+def refused(ctx: RequestContext, refusal: AdmissionRefused | str) -> None:
+    """Why it was refused; for admission's refusal, also when (`at`: arrival, or after waiting in the
+    queue, which `x-icgate-refused` tells the client), the wait it predicted and the time it waited."""
+    if isinstance(refusal, str):
+        ctx.decisions["admit"] = {"refused": refusal}
+        return
+    ctx.decisions["admit"] = {
+        "refused": refusal.reason,
+        "at": refusal.stage,
+        "waited_ms": round(refusal.waited_s * 1000, 2),
+    }
+    if refusal.predicted_wait_s is not None:
+        ctx.decisions["admit"]["predicted_wait_ms"] = round(refusal.predicted_wait_s * 1000, 2)
 
 
 def unavailable(ctx: RequestContext, backends: list[str]) -> None:

@@ -1,7 +1,8 @@
 """Stage 8, record: everything after the answer, off the request's critical path.
 
-Metrics now; the request-log row, the tenant's spend, the cache's usage counts and new entry, and a
-route sample (the router's training data) through their own queues. `Trail` carries the outcomes of
+Metrics now; the request-log row, the tenant's spend, the cache's usage counts and new entry, a route
+sample (the router's training data) and a length sample (the backend's length predictor's) through their
+own queues. `Trail` carries the outcomes of
 the earlier stages that these need, so nothing here reads them back out of `ctx.decisions`.
 """
 
@@ -21,9 +22,11 @@ from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestBodies, RequestContext, RequestRecord
 from icgate.gateway.store.cache_entries import CacheEntries, NewEntry, Usage
+from icgate.gateway.store.length_samples import LengthSample, usable
 from icgate.gateway.store.route_samples import RouteSample
 from icgate.gateway.telemetry import Telemetry
-from icgate.text import last_user_text, message_text, scrub_pii
+from icgate.lengths.predict import feature_window
+from icgate.text import last_user_text, message_text, prompt_text, scrub_pii
 
 ROUTE_SAMPLE_MAX_CHARS = 8_000
 BODY_MAX_CHARS = 8_000  # of a stored prompt, and of a stored answer (`request_log.store_bodies`)
@@ -36,6 +39,10 @@ class RecordSink(Protocol):
 
 class SampleSink(Protocol):
     def submit(self, sample: RouteSample) -> bool: ...
+
+
+class LengthSink(Protocol):
+    def submit(self, sample: LengthSample) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class Recorder:
         samples: SampleSink | None = None,
         limiter: TenantLimiter | None = None,
         entries: CacheEntries | None = None,
+        lengths: LengthSink | None = None,
     ) -> None:
         self.policy = policy
         self.telemetry = telemetry
@@ -65,6 +73,7 @@ class Recorder:
         self.samples = samples
         self.limiter = limiter
         self.entries = entries
+        self.lengths = lengths
         self._charges: set[asyncio.Task[None]] = set()
 
     def record(self, ctx: RequestContext, trail: Trail, response: dict[str, Any] | None = None) -> None:
@@ -89,6 +98,10 @@ class Recorder:
             sample = route_sample_of(ctx, trail)
             if sample is not None:
                 self.samples.submit(sample)
+        if self.lengths is not None and self.policy.lengths.learn:
+            length = length_sample_of(ctx, trail, response)
+            if length is not None:
+                self.lengths.submit(length)
 
 
 def sampled(share: float) -> bool:
@@ -117,6 +130,39 @@ def route_sample_of(ctx: RequestContext, trail: Trail) -> RouteSample | None:
         prompt_tokens=ctx.prompt_tokens,
         completion_tokens=ctx.completion_tokens,
         finish_reason=ctx.finish_reason,
+    )
+
+
+def length_sample_of(
+    ctx: RequestContext, trail: Trail, response: dict[str, Any] | None
+) -> LengthSample | None:
+    """Any answer a backend gave (routed or named, streamed or not) as its backend's length sample: what
+    the route stage read (the prompt's feature window, the token estimate, the lookup's embedding), the
+    tokens and how the answer ended. None for what says nothing about length: errors, cache hits, several
+    choices, tool calls, a stream that ended without a reason."""
+    if ctx.backend is None or ctx.status_code != 200 or ctx.route == "cache":
+        return None
+    finish = ctx.finish_reason
+    if response is not None:
+        choices = response.get("choices") or []
+        finish = choices[0].get("finish_reason") if len(choices) == 1 else None
+    if not usable(finish) or ctx.completion_tokens <= 0:
+        return None
+    text = prompt_text(ctx.body, ctx.endpoint)
+    if not text.strip():
+        return None
+    vector = trail.lookup.vector if trail.lookup is not None else None
+    cap = ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")
+    return LengthSample(
+        backend=ctx.backend.name,
+        # The features read only the prompt's head and tail: that window is all a refit needs (bounded,
+        # so the scrub on the event loop stays cheap).
+        prompt_text=scrub_pii(feature_window(text)),
+        prompt_tokens=ctx.prompt_estimate,
+        embedding=None if vector is None else vector.astype("float32").tobytes(),
+        completion_tokens=ctx.completion_tokens,
+        finish_reason=finish,
+        max_tokens=int(cap) if cap else None,
     )
 
 

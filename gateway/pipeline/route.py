@@ -1,26 +1,29 @@
 """Stage 5, route: which tier answers, and how long the answer will be.
 
 Features come from the request and from what the cache stage found (its embedding, the best example);
-the length predictor sizes the answer (admission reads it); a rule or the learned router decides,
-priced through the policy's knob. The learned parts are one immutable `RouteModels` record
-(`gateway.route_models`) that is swapped whole when a newer artifact is published, so a request never
-sees a router from one version and a threshold from another.
+the length predictor sizes the answer, and each backend with a predictor of its own sizes it again as
+that backend would answer (admission reads the size of the backend it places the request on); a rule or
+the learned router decides, priced through the policy's knob. The learned parts are one immutable
+`RouteModels` record (`gateway.route_models`) that is swapped whole when a newer artifact is published, so
+a request never sees a router from one version and a threshold from another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
 
 from icgate.cache.embed import EmbedderBusyError
-from icgate.gateway.config import Policy, RouterConfig
+from icgate.gateway.config import LengthsConfig, Policy, RouterConfig
 from icgate.gateway.pipeline.cache_lookup import EMBEDDER_BUSY, CacheLookup, Embed, embed_request
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, namespace_for
 from icgate.gateway.route_models import RouteModels
-from icgate.lengths.predict import LengthEstimate
+from icgate.lengths.predict import ConstantLength, LengthEstimate, estimate_for, prompt_view
 from icgate.routers.base import RouteDecision, RouteFeatures
 from icgate.routers.decide import DecisionKnob, ExampleSignal, TierPrice, decide
 from icgate.text import conversation_depth, prompt_text
@@ -40,10 +43,26 @@ class RouteOutcome:
     # The policy setting that turned a learned score into the tier, and its value (`knob_of`); None when a
     # rule or the request's target decided.
     knob: tuple[str, float | None] | None = None
+    # The length as each backend with its own predictor would answer (capped like `predicted`); a backend
+    # not named here is sized by `predicted`.
+    per_backend: Mapping[str, LengthEstimate] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def tier(self) -> str:
         return self.decision.tier
+
+    def predicted_for(self, backend: str) -> LengthEstimate:
+        """The answer's predicted length on `backend`."""
+        return self.per_backend.get(backend, self.predicted)
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """The predicted output: the shared predictor's, each backend's own, and what made them."""
+
+    predicted: LengthEstimate
+    per_backend: Mapping[str, LengthEstimate]
+    version: str
 
 
 async def route(
@@ -67,9 +86,14 @@ async def route(
             busy = True
     example = best_example(lookup)
     features = with_cache_view(route_features(ctx), vector, example, text)
-    predicted = predict_length(
-        models, features, text, ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens")
+    lengths = predict_lengths(
+        models,
+        policy.lengths,
+        features,
+        text,
+        ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens"),
     )
+    predicted = lengths.predicted
     if target.backend is not None:
         reason = f"addressed as {target.backend.name}"
         decision = RouteDecision(tier=target.backend.tier, score=None, reasons=(reason,))
@@ -84,8 +108,9 @@ async def route(
         prompt_tokens=features.prompt_tokens,
         predicted=predicted,
         router_version=models.router_version if target.routed else None,
-        length_version=models.length_version,
+        length_version=lengths.version,
         knob=knob_of(policy.router, models) if decision.score is not None else None,
+        per_backend=lengths.per_backend,
     )
 
 
@@ -121,9 +146,36 @@ def predict_length(
 ) -> LengthEstimate:
     """The predicted output length, capped by the request's own `max_tokens`."""
     estimate = models.length.predict(features.embedding, features.prompt_tokens, text)
+    return capped(estimate, max_tokens)
+
+
+def capped(estimate: LengthEstimate, max_tokens: int | None) -> LengthEstimate:
     if max_tokens:
         return LengthEstimate(p50=min(estimate.p50, max_tokens), p90=min(estimate.p90, max_tokens))
     return estimate
+
+
+def predict_lengths(
+    models: RouteModels,
+    config: LengthsConfig,
+    features: RouteFeatures,
+    text: str,
+    max_tokens: int | None,
+) -> Lengths:
+    """The shared prediction and each backend's own (the text features read once), capped by
+    `max_tokens`; with `lengths.predictor: constant`, the constant for every request and backend."""
+    if config.predictor == "constant":
+        constant = ConstantLength(
+            config.constant_tokens, round(config.constant_tokens * config.constant_p90_factor)
+        )
+        return Lengths(capped(constant.estimate, max_tokens), MappingProxyType({}), "constant")
+    seen = prompt_view(features.embedding, features.prompt_tokens, text)
+    own = {
+        name: capped(estimate_for(backend.model, seen), max_tokens)
+        for name, backend in models.backend_lengths.items()
+    }
+    shared = capped(estimate_for(models.length, seen), max_tokens)
+    return Lengths(shared, MappingProxyType(own), models.length_version)
 
 
 def threshold_for(config: RouterConfig, models: RouteModels) -> float | None:

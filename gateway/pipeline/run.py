@@ -33,7 +33,7 @@ from icgate.gateway.pipeline.authenticate import Authenticator, authenticate
 from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, hit_response, look_up, replay_as_stream
 from icgate.gateway.pipeline.call import Caller, CallPlan, OpenStream
 from icgate.gateway.pipeline.quotas import TenantLimiter
-from icgate.gateway.pipeline.record import Recorder, RecordSink, SampleSink, Trail
+from icgate.gateway.pipeline.record import LengthSink, Recorder, RecordSink, SampleSink, Trail
 from icgate.gateway.pipeline.route import RouteOutcome, route
 from icgate.gateway.pipeline.stream import StreamRelay, token_usage
 from icgate.gateway.pipeline.target import Target, resolve_target
@@ -68,6 +68,7 @@ class Pipeline:
         embed: Embed | None = None,
         sink: RecordSink | None = None,
         samples: SampleSink | None = None,
+        lengths: LengthSink | None = None,
     ) -> None:
         self.policy = policy
         self.client = client
@@ -79,7 +80,7 @@ class Pipeline:
         self.embed = embed
         self._models = models
         self.caller = Caller(policy, client, admission, telemetry, entries)
-        self.recorder = Recorder(policy, telemetry, sink, samples, limiter, entries)
+        self.recorder = Recorder(policy, telemetry, sink, samples, limiter, entries, lengths)
 
     @property
     def models(self) -> RouteModels:

@@ -288,3 +288,36 @@ class RequestBody(Base):
     created_at: Mapped[datetime] = mapped_column(index=True)
     prompt: Mapped[str] = mapped_column(Text)
     answer: Mapped[str] = mapped_column(Text)
+
+
+class LengthSampleRow(Base):
+    """An answered request as a training row of its backend's length predictor: what the route stage read
+    (the prompt's feature window, PII-scrubbed; the gateway's token estimate; the embedding, when it had
+    one), the backend that answered, and how long the answer was and how it ended. Written for every
+    answer a backend gave (routed or named, streamed or not); `gateway.store.length_learning` refits from
+    them and keeps a backend's newest `lengths.max_rows`."""
+
+    __tablename__ = "length_samples"
+    __table_args__ = (Index("ix_length_samples_backend_id", "backend", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime]
+    backend: Mapped[str] = mapped_column(String(128))
+    prompt_text: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int]  # the gateway's estimate (icgate.text.estimate_prompt_tokens), as served
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, as the route stage had it
+    completion_tokens: Mapped[int]
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    max_tokens: Mapped[int | None]  # the request's max_tokens (or max_completion_tokens), if it set one
+
+
+class LeaseRow(Base):
+    """A job that one replica at a time runs (the length refit): whoever holds an unexpired row runs it.
+    Taken by an UPDATE of an expired row or an INSERT of a new one, so two replicas never both take it
+    (gateway.store.leases)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime]

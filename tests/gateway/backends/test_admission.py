@@ -187,13 +187,14 @@ async def test_a_waiter_whose_first_token_would_be_late_is_refused_at_its_turn()
         state.ttft.add(tokens, 0.0001 * tokens)  # 0.1 ms a prompt token
     release = asyncio.Event()
 
-    async def holder(prompt: int, first_token: bool) -> None:
-        async with adm.hold(a, ask(prompt=prompt)) as job:
+    async def holder(prompt: int, first_token: bool, output: int = 100) -> None:
+        async with adm.hold(a, ask(prompt=prompt, output=output)) as job:
             if first_token:
                 job.first_token_at = time.perf_counter()
             await release.wait()
 
-    decoding = asyncio.create_task(holder(10, first_token=True))
+    # A short answer decoding (it should end in ~0.3 s: the waiter is told it can wait) and a long prompt.
+    decoding = asyncio.create_task(holder(10, first_token=True, output=10))
     prefilling = asyncio.create_task(holder(20_000, first_token=False))  # ~2 s to its first token
     await asyncio.sleep(0.01)
     started = time.perf_counter()
@@ -203,8 +204,9 @@ async def test_a_waiter_whose_first_token_would_be_late_is_refused_at_its_turn()
     # The decoding request ends: the slot is free, but behind 20k prompt tokens the waiter's first
     # token would come after ~2.1 s, past its objective. Refused now, not admitted into a miss.
     decoding.cancel()
-    with pytest.raises(AdmissionRefused):
+    with pytest.raises(AdmissionRefused) as info:
         await waiter
+    assert info.value.stage == "queued"
     assert time.perf_counter() - started < 1.0
     assert state.waiting == 0 and state.in_flight == 1
     release.set()
@@ -294,13 +296,15 @@ def test_a_full_queue_refuses() -> None:
 async def test_queued_request_is_refused_once_it_can_no_longer_meet_its_objective() -> None:
     a = backend("a", max_concurrent=1, expected_ttft_ms=100)
     adm = admission(a, max_queue_wait_s=30)
-    async with adm.hold(a, ask()):
+    async with adm.hold(a, ask(output=5)):  # predicted to end in 0.25 s; it holds the slot longer
         started = time.perf_counter()
-        with pytest.raises(AdmissionRefused):
-            async with adm.hold(a, ask(slo_ms=400)):
+        with pytest.raises(AdmissionRefused) as info:
+            async with adm.hold(a, ask(slo_ms=400)):  # told it can wait: first token predicted at 0.35 s
                 pytest.fail("admitted past its objective")
         waited = time.perf_counter() - started
     assert 0.25 <= waited < 2.0  # gave up at 0.4 s - 0.1 s predicted first token, not at 30 s
+    assert info.value.stage == "queued"
+    assert info.value.waited_s == pytest.approx(waited, abs=0.05)
     assert adm.states["a"].waiting == 0 and adm.states["a"].in_flight == 0
 
 

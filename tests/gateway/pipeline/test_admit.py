@@ -99,7 +99,14 @@ def test_refusal_and_unavailable_tell_the_client_when_to_come_back() -> None:
         "rate_limit_error",
         "backend_at_capacity",
     )
-    assert refused.headers == {"retry-after": "2"} and "backend s1 is saturated" in refused.message
+    assert refused.headers == {"retry-after": "2", "x-icgate-refused": "arrival"}
+    assert "backend s1 is saturated" in refused.message
+    late = refusal(AdmissionRefused("s1", 1.0, "could not start in time", stage="queued", waited_s=1.2))
+    assert (late.status_code, late.code, late.headers["x-icgate-refused"]) == (
+        429,
+        "backend_at_capacity",
+        "queued",
+    )
     down = unavailable(BackendUnavailable(["s1", "s2"], 30.0))
     assert (down.status_code, down.type, down.code) == (503, "server_error", "backend_unavailable")
     assert down.headers == {"retry-after": "30"} and "'s1', 's2'" in down.message

@@ -10,8 +10,17 @@ from alembic.migration import MigrationContext
 from icgate.gateway.store.db import alembic_config, current_revision, make_engine, normalize_url, upgrade
 from icgate.gateway.store.tables import Base
 
-TABLES = {"tenants", "api_keys", "request_log", "cache_entries", "model_artifacts", "route_samples"}
-HEAD = "0005"
+TABLES = {
+    "tenants",
+    "api_keys",
+    "request_log",
+    "cache_entries",
+    "model_artifacts",
+    "route_samples",
+    "length_samples",
+    "leases",
+}
+HEAD = "0006"
 
 
 def _tables(url: str) -> set[str]:
