@@ -5,14 +5,18 @@ with `running_simulator(EngineConfig.small())`.
 """
 
 from bench.simulator.engine import Engine, EngineConfig, RequestTooLarge, Sequence
+from bench.simulator.lengths import KnownLength, LengthBook, prompt_key
 from bench.simulator.server import Simulator, count_prompt_tokens, running_simulator
 
 __all__ = [
     "Engine",
     "EngineConfig",
+    "KnownLength",
+    "LengthBook",
     "RequestTooLarge",
     "Sequence",
     "Simulator",
     "count_prompt_tokens",
+    "prompt_key",
     "running_simulator",
 ]

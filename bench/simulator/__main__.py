@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from bench.simulator.engine import EngineConfig
+from bench.simulator.lengths import LengthBook
 from bench.simulator.server import Simulator
 
 
@@ -16,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8201)
     parser.add_argument("--model-name", help="the served model id (default: sim-PRESET)")
     parser.add_argument("--stream-interval-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--lengths",
+        type=Path,
+        help="out-of-band answer lengths (bench/simulator/lengths.py): known conversations get theirs",
+    )
     # Every EngineConfig field can override the preset, e.g. --max-num-seqs 8.
     for f in dataclasses.fields(EngineConfig):
         kind = int if f.type in (int, "int") else float
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         config_from_args(args),
         model_name=args.model_name or f"sim-{args.preset}",
         stream_interval_ms=args.stream_interval_ms,
+        lengths=LengthBook.load(args.lengths) if args.lengths else None,
     )
     uvicorn.run(sim.app, host=args.host, port=args.port, log_level="warning", access_log=False)
 

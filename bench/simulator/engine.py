@@ -117,6 +117,8 @@ class Sequence:
     finished_at: float | None = None
     generated: int = 0
     aborted: bool = False
+    # The answer ends by itself at `max_tokens` (an out-of-band true length) rather than being cut there.
+    natural_end: bool = False
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -130,7 +132,9 @@ class Sequence:
 
     @property
     def finish_reason(self) -> str:
-        return "abort" if self.aborted else "length"
+        if self.aborted:
+            return "abort"
+        return "stop" if self.natural_end else "length"
 
     async def wait_progress(self, seen: int) -> int:
         """Wait until more than `seen` tokens exist or the sequence is done; return the count."""
@@ -196,7 +200,9 @@ class Engine:
 
     # --- requests --------------------------------------------------------
 
-    def submit(self, prompt_tokens: int, max_tokens: int | None = None) -> Sequence:
+    def submit(
+        self, prompt_tokens: int, max_tokens: int | None = None, natural_end: bool = False
+    ) -> Sequence:
         max_tokens = self.config.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
@@ -207,7 +213,9 @@ class Engine:
             )
         if self._wake is None:
             raise RuntimeError("engine not started")
-        seq = Sequence(next(self._ids), prompt_tokens, max_tokens, arrived_at=time.monotonic())
+        seq = Sequence(
+            next(self._ids), prompt_tokens, max_tokens, arrived_at=time.monotonic(), natural_end=natural_end
+        )
         self.waiting.append(seq)
         self._wake.set()
         return seq

@@ -3,6 +3,11 @@
 Token counting is by whitespace-separated words, so a benchmark that sends N
 words means N prompt tokens, and the answer is exactly `max_tokens` words, so a
 recorded trace replays with its own prompt and output lengths.
+
+With a `LengthBook` (`--lengths FILE`), a conversation found in it is charged its
+recorded prompt tokens and answered with its recorded length (cut at `max_tokens`
+if the client sent a smaller one, as a model would be), learned out of band: the
+gateway in front sees only the messages. Anything not found is served as above.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from starlette.routing import Route
 
 from bench.harness import ServerThread
 from bench.simulator.engine import Engine, EngineConfig, RequestTooLarge, Sequence
+from bench.simulator.lengths import LengthBook
 
 TOKEN = "tok"
 
@@ -49,11 +55,12 @@ def _error(message: str, status: int = 400, param: str | None = None) -> JSONRes
 
 
 class _EngineCollector(Collector):
-    """Reads the engine at scrape time, under the metric names vLLM exports."""
+    """Reads the engine at scrape time, under the metric names vLLM exports (plus the lookup's own)."""
 
-    def __init__(self, engine: Engine, model_name: str) -> None:
+    def __init__(self, engine: Engine, model_name: str, lookups: dict[str, int]) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.lookups = lookups
 
     def collect(self) -> Iterable[Metric]:
         engine, labels = self.engine, [self.model_name]
@@ -84,6 +91,14 @@ class _EngineCollector(Collector):
         )
         success.add_metric([*labels, "length"], engine.requests_served)
         yield success
+        lookups = CounterMetricFamily(
+            "sim_length_lookups",
+            "Chat requests by whether their conversation was in the out-of-band length file.",
+            labels=["model_name", "result"],
+        )
+        for result in ("hit", "miss"):
+            lookups.add_metric([*labels, result], self.lookups[result])
+        yield lookups
 
 
 class Simulator:
@@ -95,14 +110,21 @@ class Simulator:
     """
 
     def __init__(
-        self, config: EngineConfig, model_name: str = "sim", stream_interval_ms: float = 50.0
+        self,
+        config: EngineConfig,
+        model_name: str = "sim",
+        stream_interval_ms: float = 50.0,
+        lengths: LengthBook | None = None,
     ) -> None:
         self.config = config
         self.model_name = model_name
         self.stream_interval_s = stream_interval_ms / 1000.0
         self.engine = Engine(config)
+        self.lengths = lengths
+        # Only counted with a length book: "miss" then means a prompt that arrived unknown or changed.
+        self.lookups = {"hit": 0, "miss": 0}
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(self.engine, model_name))
+        self.registry.register(_EngineCollector(self.engine, model_name, self.lookups))
         self.app = Starlette(
             routes=[
                 Route("/health", self.health),
@@ -149,7 +171,7 @@ class Simulator:
             return _error("max_tokens must be a positive integer", param="max_tokens")
         self.engine.start()  # a no-op under a lifespan-aware server
         try:
-            seq = self.engine.submit(count_prompt_tokens(messages), limit)
+            seq = self._submit(messages, limit)
         except RequestTooLarge as exc:
             return _error(str(exc), param="max_tokens")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -193,6 +215,17 @@ class Simulator:
                 "usage": _usage(seq),
             }
         )
+
+    def _submit(self, messages: list[Any], limit: int | None) -> Sequence:
+        """Into the engine with the recorded lengths when the conversation is known, else counted words."""
+        known = self.lengths.lookup(messages) if self.lengths is not None else None
+        if self.lengths is not None:
+            self.lookups["hit" if known else "miss"] += 1
+        if known is None:
+            return self.engine.submit(count_prompt_tokens(messages), limit)
+        output = known.output_tokens if limit is None else min(known.output_tokens, limit)
+        natural = output == known.output_tokens
+        return self.engine.submit(known.prompt_tokens, output, natural_end=natural)
 
     async def _abort_on_disconnect(self, request: Request, seq: Sequence) -> None:
         """Free the slot and KV of a request whose client went away (the body is already read)."""
