@@ -9,7 +9,7 @@ takes `decode_ms_base + decode_ms_per_seq * batch`, and a prefill stalls the who
 admission knows these numbers: it learns them from the streams it sees, as it would in front of a real
 server.
 
-    .venv/bin/python -m tests.gateway.backends.replay   # the table in /tmp/helpers/admission.md
+    .venv/bin/python -m tests.gateway.backends.replay   # the tables in docs/admission.md
 """
 
 from __future__ import annotations
