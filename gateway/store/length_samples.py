@@ -14,9 +14,7 @@ import sqlalchemy as sa
 
 from icgate.gateway.config import RequestLogConfig
 from icgate.gateway.store import tables
-from icgate.gateway.store.db import sqlite_file
-from icgate.gateway.store.tables import utcnow
-from icgate.gateway.store.write_behind import Retry, StorageEvents, WriteBehindQueue
+from icgate.gateway.store.write_behind import RowWriter, StorageEvents, insert_rows
 from icgate.lengths.training import LoggedAnswer
 
 FINISHED = "stop"
@@ -47,28 +45,20 @@ def usable(finish_reason: str | None) -> bool:
 
 
 def insert_samples(engine: sa.Engine, batch: list[LengthSample]) -> None:
-    now = utcnow()
-    rows = [{**sample.__dict__, "created_at": now} for sample in batch]
-    with engine.begin() as conn:
-        conn.execute(sa.insert(tables.LengthSampleRow), rows)
+    insert_rows(engine, tables.LengthSampleRow, batch)
 
 
-class LengthSampleWriter(WriteBehindQueue[LengthSample]):
+class LengthSampleWriter(RowWriter[LengthSample]):
     def __init__(
-        self,
-        engine: sa.Engine,
-        config: RequestLogConfig,
-        events: StorageEvents | None = None,
-        close_timeout_s: float = 30.0,
+        self, engine: sa.Engine, config: RequestLogConfig, events: StorageEvents | None = None
     ) -> None:
         super().__init__(
-            lambda batch: insert_samples(engine, batch),
+            engine,
+            tables.LengthSampleRow,
             config,
             name="length samples",
             what="length_samples",
             events=events,
-            retry=Retry(close_timeout_s=close_timeout_s),
-            sqlite_file=sqlite_file(engine),
         )
 
 

@@ -13,9 +13,7 @@ import sqlalchemy as sa
 
 from icgate.gateway.config import RequestLogConfig
 from icgate.gateway.store import tables
-from icgate.gateway.store.db import sqlite_file
-from icgate.gateway.store.tables import utcnow
-from icgate.gateway.store.write_behind import Retry, StorageEvents, WriteBehindQueue
+from icgate.gateway.store.write_behind import RowWriter, StorageEvents
 
 GOOD_ENOUGH = 0.5  # a label at or above this says the answer was good enough
 
@@ -32,29 +30,12 @@ class RouteSample:
     finish_reason: str | None
 
 
-def insert_samples(engine: sa.Engine, batch: list[RouteSample]) -> None:
-    now = utcnow()
-    rows = [{**sample.__dict__, "created_at": now} for sample in batch]
-    with engine.begin() as conn:
-        conn.execute(sa.insert(tables.RouteSampleRow), rows)
-
-
-class RouteSampleWriter(WriteBehindQueue[RouteSample]):
+class RouteSampleWriter(RowWriter[RouteSample]):
     def __init__(
-        self,
-        engine: sa.Engine,
-        config: RequestLogConfig,
-        events: StorageEvents | None = None,
-        close_timeout_s: float = 30.0,
+        self, engine: sa.Engine, config: RequestLogConfig, events: StorageEvents | None = None
     ) -> None:
         super().__init__(
-            lambda batch: insert_samples(engine, batch),
-            config,
-            name="route samples",
-            what="route_samples",
-            events=events,
-            retry=Retry(close_timeout_s=close_timeout_s),
-            sqlite_file=sqlite_file(engine),
+            engine, tables.RouteSampleRow, config, name="route samples", what="route_samples", events=events
         )
 
 

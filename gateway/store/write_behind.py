@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.exc import (
     DataError,
     DBAPIError,
@@ -38,7 +39,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from icgate.gateway.config import RequestLogConfig
-from icgate.gateway.store.db import NEARLY_FULL_BYTES, filesystem_state
+from icgate.gateway.store.db import NEARLY_FULL_BYTES, filesystem_state, sqlite_file
+from icgate.gateway.store.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -479,3 +481,37 @@ def _describe(exc: BaseException) -> str:
         orig = exc.orig  # type: ignore[attr-defined]
         return f"{type(orig).__name__}: {str(orig).strip().splitlines()[0] if str(orig).strip() else ''}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def insert_rows(engine: sa.Engine, table: Any, records: list[Any]) -> None:
+    """Records (dataclasses whose fields are the table's columns) as rows, stamped `created_at`."""
+    now = utcnow()
+    rows = [{**record.__dict__, "created_at": now} for record in records]
+    with engine.begin() as conn:
+        conn.execute(sa.insert(table), rows)
+
+
+class RowWriter(WriteBehindQueue[T]):
+    """Records (dataclasses whose fields are the table's columns) appended to one table behind the
+    request, each stamped `created_at` when its batch is written."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        table: Any,
+        config: RequestLogConfig,
+        *,
+        name: str,
+        what: str,
+        events: StorageEvents | None = None,
+        close_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(
+            lambda batch: insert_rows(engine, table, batch),
+            config,
+            name=name,
+            what=what,
+            events=events,
+            retry=Retry(close_timeout_s=close_timeout_s),
+            sqlite_file=sqlite_file(engine),
+        )
