@@ -17,19 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from icgate.text import message_text
+
 FORMAT = "icgate-sim-lengths"
 VERSION = 1
-
-
-def message_text(content: object) -> str:
-    """A message's text: a string, or its text parts joined by newlines (as icgate.text reads it)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def prompt_key(messages: Sequence[Any]) -> str:
