@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[local,dev]'
 	# Export the models' ONNX graphs into ./data/models now, so the first `make run` starts at once.
 	$(BIN)/icgate prepare
+	# LiteLLM's proxy, which the comparison tests and benchmarks run, in its own venv (bench/.litellm-venv).
+	$(BIN)/python -c 'from bench.litellm_proxy import ensure_proxy_venv; ensure_proxy_venv()'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1529,7 +1529,7 @@ class RunResult:
     # icgate, from its own database after the window:
     per_backend: dict[str, dict[str, Any]] = field(default_factory=dict)  # `score_sizes`
     length_models: dict[str, str] = field(default_factory=dict)  # backend -> predictor in force
-    header_agreement: float | None = None  # the shipped p50s recomputed vs x-icgate-predicted-tokens
+    header_agreement: float | None = None  # the in-force p50s recomputed vs x-icgate-predicted-tokens
     refits_in_window: int | None = None  # length predictors published during the window (must be 0)
     length_artifacts: dict[str, int] = field(default_factory=dict)  # `length:*` rows at the end
     cache_entries: int | None = None  # answers the cache held at the end (must be 0)
@@ -1732,7 +1732,7 @@ def window_check(
     return {
         "per_backend": score_sizes(answers) if system.lengths == "learned" else {},
         "length_models": {b: shipped_name if n == "shipped" else n for b, n in names.items()},
-        "header_agreement": multiset_agreement([a.shipped for a in answers], headers)
+        "header_agreement": multiset_agreement([a.in_force for a in answers], headers)
         if system.lengths == "learned"
         else None,
         "refits_in_window": sum(artifacts_now.values()) - sum(published_before.values()),
@@ -2081,10 +2081,10 @@ def sizing_lines(results: Sequence[RunResult]) -> list[str]:
         "Computed after each window from the gateway's own length samples of the window's answers (what "
         "its route stage read: the feature window, the prompt estimate, the embedding), with the "
         "predictor each backend had in force, capped at `max_tokens` as admission caps it. For (a+) the "
-        "shipped predictor on the same answers is shown too. *Agreement*: share of the recomputed shipped "
-        "p50s that pair one for one with the gateway's own `x-icgate-predicted-tokens` (the shared "
-        "predictor's p50) over the completed requests: 100% means the recomputation is what the gateway "
-        "computed.",
+        "shipped predictor on the same answers is shown too. *Agreement*: share of the recomputed p50s "
+        "in force that pair one for one with the gateway's own `x-icgate-predicted-tokens` (the size "
+        "admission used for the serving backend) over the completed requests: 100% means the "
+        "recomputation is what the gateway used.",
         "",
         "| trace | client | load | system | backend | predictor in force | answers | mean answered | "
         "mean predicted | MAE | Kendall tau | share under | shipped on the same: MAE / tau | agreement |",

@@ -338,7 +338,7 @@ class AdmissionConfig(Strict):
     # A request that would have to queue is told it can wait only if its predicted wait plus this
     # quantile of how much longer than predicted the backend's recent queued requests waited still meets
     # its objective; else it is refused at arrival rather than at its deadline. None: the prediction alone.
-    wait_quantile: float | None = Field(0.9, gt=0, lt=1)
+    wait_quantile: float | None = Field(0.95, gt=0, lt=1)
     max_queue: int = Field(256, ge=0)  # waiting requests per backend
     # How fast a waiting request's predicted length shrinks in the queue order, so long ones never starve.
     ageing_tokens_per_s: float = Field(100.0, ge=0)

@@ -234,6 +234,29 @@ class BackendStateCollector(Collector):
         return list(families.values())
 
 
+LengthsInForce = Callable[[], Mapping[str, tuple[str, int]]]
+
+
+class LengthModelCollector(Collector):
+    """Which length predictor sizes each backend's requests, read at scrape time:
+    `icgate_length_model_answers{backend,version}` is the number of that backend's answers its own
+    predictor was fitted on, and 0 where the shared predictor (`version`) still sizes them. A refit that
+    swapped in shows as a new version here, without reading the log (docs/lengths.md)."""
+
+    def __init__(self, in_force: LengthsInForce) -> None:
+        self.in_force = in_force
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "icgate_length_model_answers",
+            "Answers the length predictor in force for a backend was fitted on (0: the shared predictor).",
+            labels=["backend", "version"],
+        )
+        for backend, (version, answers) in self.in_force().items():
+            family.add_metric([backend, version], float(answers))
+        return [family]
+
+
 class RuntimeCollector(Collector):
     """What a long run must hold level, read at scrape time: the event loop's live asyncio tasks
     (`icgate_asyncio_tasks`) and the database pool's connections (`icgate_db_connections{state}`:
@@ -466,6 +489,9 @@ class Metrics:
 
     def watch_backends(self, snapshot: LiveState) -> None:
         self.registry.register(BackendStateCollector(snapshot))
+
+    def watch_lengths(self, in_force: LengthsInForce) -> None:
+        self.registry.register(LengthModelCollector(in_force))
 
     def watch_runtime(self, tasks: Callable[[], int | None], pool: Callable[[], Pool | None]) -> None:
         self.registry.register(RuntimeCollector(tasks, pool))

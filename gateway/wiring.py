@@ -143,6 +143,7 @@ class Gateway:
         self.replays: ReplayRuns | None = None  # cache replay runs started from the console
         self.shared: SharedSlots | None = None  # state shared with the other replicas (Redis)
         self._pipeline: Pipeline | None = None
+        self.telemetry.metrics.watch_lengths(self.lengths_in_force)  # reads the pipeline's models
         # The policy file, if any: the console's changes are applied through it (gateway/live_policy.py).
         self.live_policy = LivePolicy(policy, policy_path, self.swap_policy, policy.admin.policy_poll_s)
 
@@ -341,6 +342,19 @@ class Gateway:
             self.backend_length_watchers[backend.name] = watcher
             self.watchers.append(watcher)
         return models
+
+    def lengths_in_force(self) -> dict[str, tuple[str, int]]:
+        """Per backend, the version of the length predictor that sizes its requests and the answers it
+        was fitted on (0: the shared predictor); empty before the pipeline starts."""
+        if self._pipeline is None:
+            return {}
+        models = self._pipeline.models
+        shared = "constant" if self.policy.lengths.predictor == "constant" else models.length_version
+        out = {}
+        for backend in self.policy.backends:
+            own = models.backend_lengths.get(backend.name)
+            out[backend.name] = (own.version, own.answers) if own and shared != "constant" else (shared, 0)
+        return out
 
     def _swap_router(self, loaded: route_models.LoadedRouter, stored: StoredModel) -> None:
         self.pipeline.swap_models(route_models.with_router(self.pipeline.models, loaded, stored, self.policy))

@@ -184,6 +184,20 @@ def _route(route: dict[str, Any], row: LogRow) -> Stage:
     return stage
 
 
+def _admitted(stage: Stage, row: LogRow, admit: dict[str, Any]) -> None:
+    queued = admit.get("queue_ms") or 0
+    how = f"queued {queued:.0f} ms" if queued else "admitted at once"
+    if admit.get("predicted_wait_ms"):
+        how += f" (predicted {admit['predicted_wait_ms']:.0f} ms)"
+    stage.add("admit.decision", "Decision", f"{how} on {admit.get('backend')}")
+    if admit.get("predicted_tokens") is not None:  # the backend's own size, where it had a predictor
+        stage.add(
+            "admit.length",
+            f"Output tokens as sized for {admit.get('backend')}, vs actual",
+            f"{admit['predicted_tokens']} vs {row.completion_tokens}",
+        )
+
+
 def _admission(row: LogRow, d: dict[str, Any]) -> Stage:
     stage = Stage("Admission and backends")
     admit = d.get("admit") or {}
@@ -196,11 +210,7 @@ def _admission(row: LogRow, d: dict[str, Any]) -> Stage:
     elif "unavailable" in admit:
         stage.add("admit.decision", "Decision", f"unavailable: {', '.join(admit['unavailable'])}")
     elif admit:
-        queued = admit.get("queue_ms") or 0
-        how = f"queued {queued:.0f} ms" if queued else "admitted at once"
-        if admit.get("predicted_wait_ms"):
-            how += f" (predicted {admit['predicted_wait_ms']:.0f} ms)"
-        stage.add("admit.decision", "Decision", f"{how} on {admit.get('backend')}")
+        _admitted(stage, row, admit)
     elif row.route == "cache":
         stage.add("admit.decision", "Decision", "none needed: answered from the cache")
     seen = d.get("admission")

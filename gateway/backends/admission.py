@@ -731,7 +731,10 @@ class Admission:
         """Where a newcomer joins the queue, and its predicted start (seconds from now).
 
         Class first, then shortest predicted output (aged), but never ahead of a waiter whose
-        objective that would break: a request told it can wait is not overtaken into missing.
+        objective that would break: a request told it can wait is not overtaken into missing. "Break"
+        allows for the queue's recent misses (`WaitError`), as the waiter's own admission did: predicted
+        lengths are what put a newcomer ahead, and a waiter overtaken on a prediction that was short
+        then waits longer than predicted (docs/admission.md, "Overtaking").
         """
         waiters = state.waiters
         key = self._order_key(ask, now, math.inf, now)  # after equals already waiting
@@ -741,13 +744,14 @@ class Admission:
         )
         asks = [w.ask for w in waiters]
         before = self._starts(state, asks, now)
+        margin = state.wait_error.margin_s(self.config.wait_quantile, now)
         while True:
             starts = self._starts(state, [*asks[:pos], ask, *asks[pos:]], now)
             broken = [
                 i
                 for i in range(pos, len(waiters))
                 if (latest := waiters[i].latest_start) is not None
-                and now + starts[i + 1] > latest >= now + before[i]
+                and now + starts[i + 1] + margin > latest >= now + before[i]
             ]
             if not broken:
                 return pos, starts[pos] + self._external_s(state, ask)

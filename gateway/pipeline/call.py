@@ -133,7 +133,7 @@ class Caller:
                 if ctx.stream:
                     job.produced = partial(_streamed, ctx)
                 ctx.backend = backend
-                explain.admitted(ctx, backend, job.predicted_wait_s)
+                explain.admitted(ctx, backend, job.predicted_wait_s, job.ask.output_tokens)
                 metrics.admission(backend.name, "spilled" if spilled else "admitted")
                 own = backend.first_byte_timeout_s(plan.ask.ttft_slo_s) if ctx.stream else backend.timeout_s
                 limit = max(0.0, min(own, deadline - time.perf_counter()))

@@ -100,12 +100,20 @@ def priority(ctx: RequestContext, name: str | None, cls: PriorityClass) -> None:
     ctx.decisions["priority"] = {"class": name, "rank": cls.rank, "ttft_slo_ms": cls.ttft_slo_ms}
 
 
-def admitted(ctx: RequestContext, backend: BackendConfig, predicted_wait_s: float | None = None) -> None:
+def admitted(
+    ctx: RequestContext,
+    backend: BackendConfig,
+    predicted_wait_s: float | None = None,
+    predicted_tokens: int | None = None,
+) -> None:
     """Where it was admitted, how long it queued, and how long admission predicted it would (its error
-    is the queue's: docs/admission.md)."""
+    is the queue's: docs/admission.md); and the answer's length as admission sized it for that backend,
+    which is that backend's own predictor's where it has one (`decisions.route` has the shared one)."""
     ctx.decisions["admit"] = {"backend": backend.name, "queue_ms": round(ctx.queue_s * 1000, 2)}
     if predicted_wait_s is not None:
         ctx.decisions["admit"]["predicted_wait_ms"] = round(predicted_wait_s * 1000, 2)
+    if predicted_tokens is not None:
+        ctx.decisions["admit"]["predicted_tokens"] = predicted_tokens
 
 
 def placed(ctx: RequestContext, placement: Placement, ask: Ask) -> None:
@@ -231,6 +239,9 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
     routed = ctx.decisions.get("route") or {}
     if routed.get("score") is not None:
         headers["x-icgate-router-score"] = f"{routed['score']:.4f}"
-    if routed.get("predicted_tokens"):
-        headers["x-icgate-predicted-tokens"] = str(routed["predicted_tokens"]["p50"])
+    sized = (ctx.decisions.get("admit") or {}).get("predicted_tokens")
+    if sized is None and routed.get("predicted_tokens"):
+        sized = routed["predicted_tokens"]["p50"]
+    if sized is not None:  # the serving backend's size once admitted, else the shared prediction
+        headers["x-icgate-predicted-tokens"] = str(sized)
     return headers

@@ -196,7 +196,7 @@ class Pipeline:
             plan = await self._route(ctx, target, lookup)
             backend = advised_backend(self.admission, plan)
             ctx.backend, ctx.route = backend, backend.tier
-            explain.admitted(ctx, backend)
+            explain.admitted(ctx, backend, predicted_tokens=plan.ask.on(backend.name).output_tokens)
             augmented = self.caller.augmented(ctx, plan, backend)
             ctx.freeze_overhead()  # icgate's own work ends here: the call and its time are the caller's
             return Advice(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -115,12 +116,22 @@ def held_output_tokens(gw: RunningGateway, backend: str, prompt: str) -> int:
         thread.join()
 
 
+def lengths_metric(gw: RunningGateway) -> dict[str, tuple[str, int]]:
+    """`icgate_length_model_answers` from /metrics: per backend, (version in force, answers fitted on)."""
+    text = httpx.get(gw.url + "/metrics", timeout=10).text
+    line = r'^icgate_length_model_answers\{backend="([^"]+)",version="([^"]+)"\} (\S+)$'
+    found = re.findall(line, text, re.M)
+    return {backend: (version, int(float(answers))) for backend, version, answers in found}
+
+
 def test_each_backend_gets_its_own_predictor_and_admission_sizes_its_requests_with_it(
     length_standins: dict[str, str], start_gateway: Callable[..., RunningGateway], tmp_path: Path
 ) -> None:
     gw = start_gateway(policy_for(length_standins, tmp_path / "one.db"))
     before = {b: held_output_tokens(gw, b, essay("lighthouses")) for b in ("terse", "chatty")}
     assert before["terse"] == before["chatty"]  # the shared predictor sizes both alike
+    shared = gw.gateway.pipeline.models.length_version
+    assert lengths_metric(gw) == {"terse": (shared, 0), "chatty": (shared, 0)}
 
     for i, topic in enumerate(TOPICS * 2):
         capped = {"max_tokens": 100} if i % 3 == 0 else {}  # a third are cut at 100 tokens (chatty's essays)
@@ -142,6 +153,12 @@ def test_each_backend_gets_its_own_predictor_and_admission_sizes_its_requests_wi
     # Chatty's essays (about 240 tokens) were cut at 100 a third of the time: read as lower bounds, they
     # do not drag its prediction down to the cap.
     assert after["chatty"] > 150
+    # Which predictor is in force, on /metrics; and the size admission used, in the answer's header.
+    assert lengths_metric(gw) == {b: (in_force[b].version, 41) for b in ("terse", "chatty")}
+    assert {in_force[b].version for b in in_force} & {shared} == set()
+    for backend in ("terse", "chatty"):
+        served = ask(gw, backend, essay("lighthouses"))
+        assert int(served.headers["x-icgate-predicted-tokens"]) == after[backend]
 
 
 def test_two_gateways_on_one_database_refit_one_at_a_time(

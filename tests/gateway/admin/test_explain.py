@@ -164,7 +164,7 @@ def test_admission_says_what_it_saw_and_every_attempt_in_order() -> None:
             "ttft_ms": 850.4,
             "ttft_slo_ms": 1000.0,
         },
-        "admit": {"backend": "large", "queue_ms": 12.0},
+        "admit": {"backend": "large", "queue_ms": 12.0, "predicted_tokens": 180},
         "fallback": {"from": "small", "to": "large", "error": "http_500"},
         "attempts": [
             {
@@ -179,11 +179,14 @@ def test_admission_says_what_it_saw_and_every_attempt_in_order() -> None:
             {"backend": "large", "role": "fallback", "ms": 130.5, "outcome": "answered"},
         ],
     }
-    found = facts(row(decisions, backend="large", fallback_from="small", route="large"))
+    found_row = row(decisions, backend="large", fallback_from="small", route="large")
+    found = facts(found_row)
     assert found["admission.state"].value == (
         "small: 3 of 4 slots in use, 1 queued; first token predicted in 850 ms (objective 1000 ms)"
     )
     assert found["admit.decision"].value == "queued 12 ms on large"
+    assert found["admit.length"].label == "Output tokens as sized for large, vs actual"
+    assert found["admit.length"].value == f"180 vs {found_row.completion_tokens}"
     attempts = found["attempts"]
     assert attempts.value == "2 attempts"
     assert attempts.items == (

@@ -379,7 +379,7 @@ def main() -> None:
             # counted, against now.
             for label, setup in (
                 ("prediction only", Setup(counted=False, admission={"wait_quantile": None})),
-                ("tokens counted, wait_quantile 0.9", Setup()),
+                ("tokens counted, wait_quantile 0.95", Setup()),
             ):
                 rows.append([f"{load:g}x", name, label, *run(setup, load, noise).cells()])
     print(_table(["load", "lengths", "admission", *COLUMNS], rows) + "\n")

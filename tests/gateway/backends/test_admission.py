@@ -150,6 +150,25 @@ def test_a_waiter_is_not_overtaken_into_missing_its_objective() -> None:
     assert adm._plan(state, ask(output=30), now)[0] == 1
 
 
+def test_overtaking_allows_for_the_queues_recent_misses() -> None:
+    a = backend("a", max_concurrent=1, expected_ttft_ms=1, expected_tpot_ms=10)
+    adm = admission(a, ageing_tokens_per_s=0, wait_quantile=0.9)
+    state = adm.states["a"]
+    now = time.perf_counter()
+    state.jobs.add(_job(output=50, started=now))  # frees the slot at ~0.5 s
+    long = _waiter(adm, ask(output=100), now)
+    long.latest_start = now + 1.0  # overtaken by one short request, it would start at 0.8 s
+    state.waiters.append(long)
+    for _ in range(20):  # recent waits came 0.1 s later than predicted: a margin of 0.1 s
+        state.wait_error.add(0.2, 0.3, now)
+    assert adm._plan(state, ask(output=30), now)[0] == 0  # 0.8 s + 0.1 s is still in time
+    for _ in range(20):  # now half came 0.3 s later: the 0.9 quantile is 0.3 s
+        state.wait_error.add(0.2, 0.5, now)
+    assert state.wait_error.margin_s(0.9, now) == pytest.approx(0.3)
+    pos, start = adm._plan(state, ask(output=30), now)  # 0.8 s + 0.3 s would not be: it goes behind
+    assert (pos, start) == (1, pytest.approx(1.5, abs=0.01))
+
+
 def test_time_to_first_token_grows_with_the_prompt_tokens_to_prefill() -> None:
     model = TtftModel(prior_s=0.5)
     assert model.estimate_s(4000) == 0.5  # the prior until it has samples

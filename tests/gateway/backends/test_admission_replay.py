@@ -25,7 +25,7 @@ def test_few_429s_come_after_queueing_once_tokens_are_counted_and_misses_measure
     requests = workload(REQUESTS, LOAD * Setup().capacity_rps(), seed=0, noise=0.6)
     # The wait as predicted from elapsed time alone, with nothing added for the queue's misses...
     before = summarise(replay(Setup(counted=False, admission={"wait_quantile": None}), requests), Setup())
-    # ...and with streams' tokens counted and the misses' 90th percentile added.
+    # ...and with streams' tokens counted and the misses' 95th percentile (the default) added.
     after = summarise(replay(Setup(), requests), Setup())
     assert before.late_share is not None and after.late_share is not None
     assert before.late_share > 0.1

@@ -125,6 +125,22 @@ def test_admission_outcomes_replace_each_other() -> None:
     assert ctx.decisions["admit"] == {"unavailable": ["small", "large"]}
 
 
+def test_the_predicted_tokens_header_is_the_serving_backends_size_once_admitted() -> None:
+    ctx = chat_ctx("hi")
+    outcome = RouteOutcome(RouteDecision("small", None, ()), 3, LengthEstimate(42, 90), None, "heuristic")
+    explain.route(ctx, outcome)
+    assert explain.response_headers(ctx)["x-icgate-predicted-tokens"] == "42"  # the shared prediction
+    explain.admitted(ctx, SMALL, 0.25, predicted_tokens=17)  # the backend's own predictor said 17
+    assert ctx.decisions["admit"] == {
+        "backend": "small",
+        "queue_ms": 0.0,
+        "predicted_wait_ms": 250.0,
+        "predicted_tokens": 17,
+    }
+    assert explain.response_headers(ctx)["x-icgate-predicted-tokens"] == "17"
+    assert ctx.decisions["route"]["predicted_tokens"] == {"p50": 42, "p90": 90}
+
+
 @pytest.mark.parametrize("lower", [False, True])
 def test_spill_fallback_and_examples(lower: bool) -> None:
     ctx = chat_ctx("hi")
