@@ -1792,7 +1792,7 @@ def results_table(results: Sequence[RunResult]) -> list[str]:
         "| load | system | offered req/s | goodput req/s | good output tok/s | sent | completed | "
         "429 at arrival | 429 after queueing (mean wait s) | after queueing, share of 429s | failed | "
         "timed out | late TTFT | slow TPOT | p50 TTFT ms | p99 TTFT ms | p50 TPOT ms | p99 TPOT ms | "
-        "x-icgate-predicted-tokens (the shared predictor) vs answered: MAE / tau / share under | "
+        "x-icgate-predicted-tokens (the size admission used) vs answered: MAE / tau / share under | "
         "on large | spilled | mean queue ms | CPU front / sims / client |"
     )
     lines = [head, "|" + " ---: | --- |" + " ---: |" * 21]
@@ -2488,7 +2488,8 @@ def _commit() -> str:
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    dirty = " plus uncommitted changes" if git("status", "--porcelain") else ""
+    # Untracked files (a worktree's links to the venvs and models) are not changes to the code.
+    dirty = " plus uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
     return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}"
 
 
