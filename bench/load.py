@@ -1283,30 +1283,19 @@ def sized_answers(engine: Any, after_id: int, own: dict[str, Any], shipped: Any)
     computed from exactly what the gateway's route stage read (the sample keeps its feature window, its
     prompt estimate and its embedding; tests/gateway/pipeline/test_record_lengths.py checks they are the
     served features). `own`: backend -> its predictor in force; others were sized by `shipped`."""
-    import sqlalchemy as sa
-
     from icgate.gateway.store import tables
-    from icgate.gateway.store.length_samples import usable
+    from icgate.gateway.store.length_samples import embedding_of, select_samples, usable
     from icgate.lengths.predict import estimate_for, prompt_view
 
     table = tables.LengthSampleRow
-    query = sa.select(
-        table.backend,
-        table.prompt_text,
-        table.prompt_tokens,
-        table.embedding,
-        table.completion_tokens,
-        table.finish_reason,
-        table.max_tokens,
-    ).where(table.id > after_id)
+    query = select_samples().where(table.id > after_id).order_by(table.id)
     out = []
     with engine.connect() as conn:
-        rows = list(conn.execute(query.order_by(table.id)))
+        rows = list(conn.execute(query))
     for row in rows:
         if not usable(row.finish_reason):
             continue
-        vector = None if row.embedding is None else np.frombuffer(row.embedding, dtype=np.float32)
-        seen = prompt_view(vector, int(row.prompt_tokens), row.prompt_text)
+        seen = prompt_view(embedding_of(row.embedding), int(row.prompt_tokens), row.prompt_text)
         cap = row.max_tokens or math.inf
         base = min(estimate_for(shipped, seen).p50, cap)
         mine = min(estimate_for(own[row.backend], seen).p50, cap) if row.backend in own else base

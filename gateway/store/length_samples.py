@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import sqlalchemy as sa
 
 from icgate.gateway.config import RequestLogConfig
@@ -84,23 +85,31 @@ def rows_since(engine: sa.Engine, backend: str, after_id: int) -> int:
         return int(conn.execute(query).scalar() or 0)
 
 
+def select_samples() -> sa.Select[int, str, str, int, bytes | None, int, str | None, int | None]:
+    """The columns a length sample is read back with: by the refit here, and by bench/load.py, which
+    scores the predictors on the same rows."""
+    table = tables.LengthSampleRow
+    return sa.select(
+        table.id,
+        table.backend,
+        table.prompt_text,
+        table.prompt_tokens,
+        table.embedding,
+        table.completion_tokens,
+        table.finish_reason,
+        table.max_tokens,
+    )
+
+
+def embedding_of(stored: bytes | None) -> npt.NDArray[np.float32] | None:
+    """A sample's embedding as the route stage used it (None: it had none)."""
+    return None if stored is None else np.frombuffer(stored, dtype=np.float32)
+
+
 def newest_answers(engine: sa.Engine, backend: str, limit: int) -> tuple[list[LoggedAnswer], int]:
     """A backend's newest `limit` usable answers as training rows, and the newest row id read."""
     table = tables.LengthSampleRow
-    query = (
-        sa.select(
-            table.id,
-            table.prompt_text,
-            table.prompt_tokens,
-            table.embedding,
-            table.completion_tokens,
-            table.finish_reason,
-            table.max_tokens,
-        )
-        .where(table.backend == backend)
-        .order_by(table.id.desc())
-        .limit(limit)
-    )
+    query = select_samples().where(table.backend == backend).order_by(table.id.desc()).limit(limit)
     answers: list[LoggedAnswer] = []
     newest = 0
     with engine.connect() as conn:
@@ -108,16 +117,13 @@ def newest_answers(engine: sa.Engine, backend: str, limit: int) -> tuple[list[Lo
             newest = max(newest, int(row.id))
             if not usable(row.finish_reason):
                 continue
-            vector = None
-            if row.embedding is not None:
-                vector = np.frombuffer(row.embedding, dtype=np.float32)
             answers.append(
                 LoggedAnswer(
                     text=row.prompt_text,
                     prompt_tokens=int(row.prompt_tokens),
                     completion_tokens=int(row.completion_tokens),
                     truncated=is_truncated(row.completion_tokens, row.finish_reason, row.max_tokens),
-                    embedding=vector,
+                    embedding=embedding_of(row.embedding),
                 )
             )
     answers.reverse()  # oldest first, as logged
