@@ -166,8 +166,9 @@ def test_gap_closed_is_the_share_of_the_constant_to_oracle_gap() -> None:
 # --------------------------------------------------------------------------- systems
 
 
-def setup() -> tuple[load.TraceSetup, dict[load.Tier, load.Sim]]:
-    trace = load.Trace("t", rows(), 0)
+def setup(trace_rows: list[load.TraceRow] | None = None) -> tuple[load.TraceSetup, dict[load.Tier, load.Sim]]:
+    """A sized trace (default: `rows()`) and two simulators that are never started."""
+    trace = load.Trace("t", rows() if trace_rows is None else trace_rows, 0)
     capacity = {t: load.Capacity(2.0, 2.0, 100.0, 100.0) for t in load.TIERS}
     plans = {t: load.plan_backend(EngineConfig.preset(t), t, trace.rows, 100.0) for t in load.TIERS}
     sims = {

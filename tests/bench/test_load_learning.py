@@ -21,6 +21,7 @@ from icgate.gateway.store.artifacts import ModelWatcher
 from icgate.gateway.store.length_learning import length_kind
 from icgate.gateway.store.length_samples import LengthSample, insert_samples
 from icgate.lengths.predict import ConstantLength
+from tests.bench.test_load import setup as sized_setup
 
 FAST = EngineConfig(
     max_num_seqs=16,
@@ -142,14 +143,7 @@ def test_headers_and_recomputed_predictions_pair_up_one_for_one() -> None:
 
 def tiny_setup() -> tuple[load.TraceSetup, dict[load.Tier, load.Sim]]:
     item = ct.Item("gsm8k", "1", "m", (("user", "How many apples?"),), 9, 17)
-    trace = load.Trace("t", [load.TraceRow(0.0, 9, 17, item=item), load.TraceRow(0.1, 30, 5, rid="x01")], 0)
-    capacity = {t: load.Capacity(2.0, 2.0, 100.0, 100.0) for t in load.TIERS}
-    plans = {t: load.plan_backend(EngineConfig.preset(t), t, trace.rows, 100.0) for t in load.TIERS}
-    sims = {
-        t: load.Sim(t, EngineConfig.preset(t), 9000 + i, load.Managed(t, [], "", load.REPO / "unused"))
-        for i, t in enumerate(load.TIERS)
-    }
-    return load.TraceSetup(trace, capacity, 20, plans), sims
+    return sized_setup([load.TraceRow(0.0, 9, 17, item=item), load.TraceRow(0.1, 30, 5, rid="x01")])
 
 
 def test_only_a_plus_refits_and_it_fits_each_backend_once() -> None:
