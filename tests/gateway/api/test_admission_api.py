@@ -97,13 +97,18 @@ async def test_contract_max_concurrent_queue_and_429_for_a_backend_addressed_by_
     admitted = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status == 429]
     assert len(admitted) + len(refused) == 10
-    # Two at once, about 0.8 s each: two more can start within 1.5 s, the rest cannot.
-    assert 3 <= len(admitted) <= 6, [o.status for o in outcomes]
+    # Two at once, about 0.8 s each: two more can start within 1.5 s, the rest cannot. The objective
+    # counts from arrival, so when the gateway itself took over half a second to start the first two
+    # (CI runs the suite under coverage, client, gateway and simulators in one process), the next two
+    # cannot make it either and refusing them at arrival is right.
+    own_delay = min(o.first_byte - o.sent for o in admitted)
+    statuses = [o.status for o in outcomes]
+    assert (3 if own_delay < 0.6 else 2) <= len(admitted) <= 6, (statuses, own_delay)
     assert sims.small.engine.max_running_seen == 2
     assert sims.small.engine.requests_served == len(admitted)
     assert sims.large.engine.requests_served == 0  # addressed by name: never spilled
     queued = [float(o.headers["x-icgate-queue-ms"]) for o in admitted]
-    assert sum(1 for q in queued if q > 300) >= 1  # some waited for a slot, and it shows
+    assert sum(1 for q in queued if q > 300) == len(admitted) - 2  # the rest waited for a slot, and it shows
     for o in refused:
         assert int(o.headers["retry-after"]) >= 1
         assert o.body is not None
