@@ -661,8 +661,12 @@ def machine(code_label: str | None = None) -> dict[str, str]:
             head = subprocess.run(
                 [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
             )
+            # Untracked files (a worktree's links to the venvs and models) are not changes to the code.
             dirty = subprocess.run(
-                [*git, "status", "--porcelain"], capture_output=True, text=True, timeout=10
+                [*git, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
             )
             if head.returncode == 0:
                 code = f"commit {head.stdout.strip()}" + (
