@@ -19,10 +19,11 @@ from icgate.gateway.admin.tenants import EDITABLE_NAME, TenantView, limit_change
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.live_policy import PolicyRejected
 from icgate.gateway.records import ANONYMOUS, Tenant, namespace_for
-from icgate.gateway.store import admin_keys, keys, request_log, tables
+from icgate.gateway.store import admin_keys, keys, length_samples, request_log, tables
 from icgate.gateway.store.admin_keys import AdminKeyInfo
 from icgate.gateway.store.cache_entries import CacheEntries, StoredEntry, list_entries
 from icgate.gateway.store.keys import KeyInfo
+from icgate.gateway.store.length_learning import RefitReport
 from icgate.gateway.store.request_log import LogFilter, LogRow, Overview, get_request, list_requests
 from icgate.gateway.wiring import Gateway
 
@@ -342,3 +343,52 @@ async def cache_delete(body: DeleteEntries, gw: GatewayDep, _admin: AdminChange)
     """Delete entries: gone from this replica's answers at once, from the others' at their next sync."""
     deleted = await entries_of(gw).delete(sorted(set(body.ids)))
     return {"deleted": deleted}
+
+
+def refit_json(report: RefitReport) -> dict[str, Any]:
+    return {
+        "ran": report.ran,
+        "asked": report.asked,
+        "at": report.at.isoformat() if report.at is not None else None,
+        "backends": [asdict(b) for b in report.backends],
+    }
+
+
+@router.get("/lengths")
+async def lengths_state(gw: GatewayDep, _admin: CurrentAdmin) -> dict[str, Any]:
+    """Each backend's length predictor in force (its version and the answers it was fitted on, 0 for the
+    shared one), the answers kept for its next refit, and what this replica's last refit did."""
+    kept = {c.backend: c.rows for c in await asyncio.to_thread(length_samples.counts, engine_of(gw))}
+    learning = gw.length_learning
+    config = gw.policy.lengths
+    return {
+        "learn": config.learn,
+        "min_rows": config.min_rows,
+        "min_new_rows": config.min_new_rows,
+        "refit_interval_s": config.refit_interval_s,
+        "backends": [
+            {
+                "backend": name,
+                "version": version,
+                "fitted_answers": answers,
+                "kept_answers": kept.get(name, 0),
+            }
+            for name, (version, answers) in gw.lengths_in_force().items()
+        ],
+        "last_refit": refit_json(learning.last) if learning is not None and learning.last else None,
+    }
+
+
+@router.post("/lengths/refit")
+async def lengths_refit(gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
+    """Refit every backend's length predictor now, on this replica (docs/lengths.md): what each backend's
+    refit did, `published` with the new version where it had enough answers, and new ones since the last."""
+    learning = gw.length_learning
+    if learning is None:
+        raise GatewayError(
+            409,
+            "Length learning is off (lengths.learn: false): there is nothing to refit.",
+            type="invalid_request_error",
+            code="length_learning_off",
+        )
+    return refit_json(await learning.refit_now())

@@ -42,6 +42,26 @@ def take(engine: sa.Engine, name: str, holder: str, term_s: float, now: datetime
     return True
 
 
+def seize(engine: sa.Engine, name: str, holder: str, term_s: float, now: datetime | None = None) -> None:
+    """Take the lease `name` for `term_s` whoever holds it: for a job an operator asks for now, which then
+    also restarts the spacing (the next scheduled run, on any replica, is a whole term away)."""
+    now = now or utcnow()
+    until = now + timedelta(seconds=term_s)
+    table = tables.LeaseRow
+    with engine.begin() as conn:
+        moved = conn.execute(
+            sa.update(table).where(table.name == name).values(holder=holder, expires_at=until)
+        )
+        if moved.rowcount:
+            return
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(table).values(name=name, holder=holder, expires_at=until))
+    except sa.exc.IntegrityError:  # another replica inserted it meanwhile: take it from them
+        with engine.begin() as conn:
+            conn.execute(sa.update(table).where(table.name == name).values(holder=holder, expires_at=until))
+
+
 def holder(engine: sa.Engine, name: str, now: datetime | None = None) -> str | None:
     """Who holds the lease now (None: nobody)."""
     now = now or utcnow()

@@ -23,6 +23,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 import sqlalchemy as sa
@@ -30,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from icgate.gateway.config import LengthsConfig
 from icgate.gateway.store import artifacts, leases, length_samples
+from icgate.gateway.store.tables import utcnow
 from icgate.lengths.training import fit_logged
 
 log = logging.getLogger("icgate.lengths")
@@ -66,10 +68,13 @@ class BackendRefit:
 
 @dataclass(frozen=True)
 class RefitReport:
-    """What one scheduled refit did: nothing when another replica held the lease."""
+    """What one refit did: nothing when another replica held the lease. `asked`: an operator's refit
+    (`refit_now`), not the schedule's."""
 
     ran: bool
     backends: list[BackendRefit] = field(default_factory=list)
+    at: datetime | None = None
+    asked: bool = False
 
     def published(self) -> list[BackendRefit]:
         return [b for b in self.backends if b.outcome == "published"]
@@ -131,8 +136,19 @@ class LengthLearning:
             leases.take, self.engine, LEASE, self.holder, self.config.refit_interval_s
         )
         if not took:
-            self.last = RefitReport(ran=False)
+            self.last = RefitReport(ran=False, at=utcnow())
             return self.last
+        return await self._refit_all(asked=False)
+
+    async def refit_now(self) -> RefitReport:
+        """A refit an operator asked for (`POST /admin/api/lengths/refit`): on this replica, now, whoever
+        held the lease. It takes the lease for a new interval, so the schedule on every replica waits a
+        whole interval after it. A scheduled refit that another replica had already begun may still
+        finish; both then publish, and every replica uses the newest (docs/lengths.md)."""
+        await asyncio.to_thread(leases.seize, self.engine, LEASE, self.holder, self.config.refit_interval_s)
+        return await self._refit_all(asked=True)
+
+    async def _refit_all(self, asked: bool) -> RefitReport:
         done: list[BackendRefit] = []
         for backend in self.backends:
             try:
@@ -151,7 +167,7 @@ class LengthLearning:
                 )
                 if self.on_published is not None:
                     await self.on_published(backend)
-        self.last = RefitReport(ran=True, backends=done)
+        self.last = RefitReport(ran=True, backends=done, at=utcnow(), asked=asked)
         return self.last
 
     def start(self) -> None:

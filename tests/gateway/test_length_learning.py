@@ -183,3 +183,72 @@ def test_two_gateways_on_one_database_refit_one_at_a_time(
     assert sorted(r.ran for r in reports) == [False, True]
     ran = next(r for r in reports if r.ran)
     assert {b.outcome for b in ran.backends} == {"too few answers"}
+
+
+ADMIN_KEY = "admin-key-for-length-tests"
+
+
+def admin(gw: RunningGateway, method: str, path: str) -> httpx.Response:
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    return httpx.request(method, f"{gw.url}/admin/api{path}", headers=headers, timeout=60)
+
+
+def test_an_operator_refits_now_through_the_admin_api_though_the_schedule_holds_the_lease(
+    length_standins: dict[str, str],
+    start_gateway: Callable[..., RunningGateway],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gw = start_gateway(policy_for(length_standins, tmp_path / "asked.db"))
+    learning, writer = gw.gateway.length_learning, gw.gateway.length_writer
+    assert learning is not None and writer is not None
+    assert on_loop(gw, learning.refit()).ran  # the schedule's refit: nothing to fit, the lease held an hour
+    shared = gw.gateway.pipeline.models.length_version
+    state = admin(gw, "GET", "/lengths").json()
+    assert state["backends"] == [
+        {"backend": "terse", "version": shared, "fitted_answers": 0, "kept_answers": 0},
+        {"backend": "chatty", "version": shared, "fitted_answers": 0, "kept_answers": 0},
+    ]
+    assert state["last_refit"]["ran"] and not state["last_refit"]["asked"]
+
+    for i, topic in enumerate(TOPICS * 2):
+        ask(gw, "terse", essay(topic) if i % 2 else question(topic))
+    on_loop(gw, writer.flush(timeout_s=10))
+    assert not on_loop(gw, learning.refit()).ran  # the schedule waits out its lease
+    assert httpx.post(gw.url + "/admin/api/lengths/refit", timeout=10).status_code == 401
+
+    asked = admin(gw, "POST", "/lengths/refit")
+    assert asked.status_code == 200, asked.text
+    report = asked.json()
+    assert report["ran"] and report["asked"]
+    outcomes = {b["backend"]: b for b in report["backends"]}
+    assert (outcomes["terse"]["outcome"], outcomes["terse"]["answers"]) == ("published", 40)
+    assert outcomes["chatty"]["outcome"] == "too few answers"
+    state = admin(gw, "GET", "/lengths").json()
+    assert state["backends"] == [
+        {
+            "backend": "terse",
+            "version": outcomes["terse"]["version"],
+            "fitted_answers": 40,
+            "kept_answers": 40,
+        },
+        {"backend": "chatty", "version": shared, "fitted_answers": 0, "kept_answers": 0},
+    ]
+    assert state["last_refit"] == report
+    assert lengths_metric(gw)["terse"] == (outcomes["terse"]["version"], 40)  # in force, no restart
+
+
+def test_asking_for_a_refit_with_learning_off_is_a_clear_409(
+    length_standins: dict[str, str],
+    start_gateway: Callable[..., RunningGateway],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gw = start_gateway(policy_for(length_standins, tmp_path / "off.db", learn=False))
+    refused = admin(gw, "POST", "/lengths/refit")
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "length_learning_off"
+    state = admin(gw, "GET", "/lengths").json()
+    assert not state["learn"] and state["last_refit"] is None

@@ -23,6 +23,18 @@ def test_a_lease_is_taken_once_until_it_runs_out(engine: sa.Engine) -> None:
     assert leases.holder(engine, "job", now + timedelta(seconds=200)) is None
 
 
+def test_a_seized_lease_changes_hands_and_starts_a_new_term(engine: sa.Engine) -> None:
+    now = utcnow()
+    leases.seize(engine, "fresh", "a", 60, now)  # no row yet
+    assert leases.holder(engine, "fresh", now + timedelta(seconds=1)) == "a"
+    assert leases.take(engine, "job", "a", 60, now)
+    leases.seize(engine, "job", "b", 60, now + timedelta(seconds=30))  # held by a, taken anyway
+    assert leases.holder(engine, "job", now + timedelta(seconds=31)) == "b"
+    assert leases.holder(engine, "job", now + timedelta(seconds=89)) == "b"  # its own term, not a's
+    assert not leases.take(engine, "job", "a", 60, now + timedelta(seconds=61))
+    assert leases.take(engine, "job", "a", 60, now + timedelta(seconds=91))
+
+
 def test_leases_of_other_jobs_are_independent(engine: sa.Engine) -> None:
     assert leases.take(engine, "one", "a", 60)
     assert leases.take(engine, "two", "b", 60)
