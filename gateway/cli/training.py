@@ -55,7 +55,7 @@ def add_parsers(sub: Any, policy_args: PolicyArgs) -> None:
     policy_args(train)
     train.add_argument("--data", type=Path, default=None, help="JSONL of prompts with answers per model")
     train.add_argument("--model", default="gpt-4-0314", help="whose answer lengths to learn")
-    train.add_argument("--from-log", action="store_true", help="add the gateway's routed requests")
+    train.add_argument("--from-log", action="store_true", help="add the gateway's answers (length samples)")
     train.add_argument("--out", type=Path, default=None, help="also save the artifact to this file")
     ev = lsub.add_parser("eval", help="Kendall's tau and MAE on a labelled file, as one JSON object")
     policy_args(ev)
@@ -170,13 +170,17 @@ def run_length(args: argparse.Namespace, policy: Policy, data_dir: Path) -> int:
         rows = length.embed_rows(length.load_length_rows(args.data, args.model), encode)
         extra, held = length.split_rows(rows)
     if args.from_log:
-        records = [
-            length.LengthRecord(text=s.prompt_text, completion_tokens=s.completion_tokens)
-            for s in route_samples(policy, data_dir)
-            if s.finish_reason == "stop"
-        ]
-        say(f"{len(records)} finished answers in the request log")
-        predictor = length.refit_from_records(records, encode, extra_rows=extra)
+        answers = logged_answers(policy, data_dir)
+        finished = [a for a in answers if not a.truncated]
+        say(f"{len(answers)} answers in the length samples, {len(answers) - len(finished)} of them truncated")
+        if extra:  # with a file: its rows and the finished answers, as one fit
+            records = [
+                length.LengthRecord(text=a.text, completion_tokens=a.completion_tokens, embedding=a.embedding)
+                for a in finished
+            ]
+            predictor = length.refit_from_records(records, encode, extra_rows=extra)
+        else:  # the gateway's own refit, over every backend's answers (truncated ones as lower bounds)
+            predictor = length.fit_logged(answers, summary={"data": "length samples, every backend"})
     else:
         predictor = length.fit_rows(
             extra, summary={"data": args.data.name, "model": args.model, "buckets": "0-7 of 10"}
@@ -238,6 +242,20 @@ def current_length_model(policy: Policy, data_dir: Path) -> Any:
     if stored is not None:
         return length.LengthPredictor.from_bytes(stored.artifact, source=f"model_artifacts row {stored.id}")
     return length.load_length_model()
+
+
+def logged_answers(policy: Policy, data_dir: Path) -> list[Any]:
+    """Every backend's kept length samples (`length_samples`), usable ones, oldest first per backend."""
+    from icgate.gateway.store import length_samples
+
+    engine = open_database(policy, data_dir)
+    try:
+        backends = [c.backend for c in length_samples.counts(engine)]
+        return [
+            a for b in backends for a in length_samples.newest_answers(engine, b, policy.lengths.max_rows)[0]
+        ]
+    finally:
+        engine.dispose()
 
 
 def route_samples(policy: Policy, data_dir: Path) -> list[Any]:

@@ -281,6 +281,30 @@ def test_length_train_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 2 and "nobody" in err
 
 
+def test_length_train_from_log_fits_every_backends_kept_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from icgate.gateway.config import load_policy
+    from icgate.gateway.store.length_samples import insert_samples
+    from tests.gateway.store.test_length_learning import samples
+
+    data_dir = tmp_path / "data"
+    code, _, err = run(capsys, "length", "train", "--from-log", "--data-dir", str(data_dir))
+    assert code == 2 and "0 answers" in err  # nothing logged yet: a clear refusal, no traceback
+    assert "Traceback" not in err
+    engine = cli.open_database(load_policy(DEFAULT_POLICY), data_dir)
+    logged = samples("small", 120, 1.0) + samples("large", 80, 3.0, seed=1, cap=400)
+    insert_samples(engine, logged)
+    engine.dispose()
+    code, lines, err = run(capsys, "length", "train", "--from-log", "--data-dir", str(data_dir))
+    assert code == 0, err
+    truncated = sum(s.finish_reason == "length" for s in logged)
+    assert 0 < truncated < 80
+    assert f"200 answers in the length samples, {truncated} of them truncated" in err
+    result = json.loads(lines[-1])
+    assert (result["row"], result["data"], result["answers"]) == (1, "length samples, every backend", 200)
+
+
 def test_serve_takes_a_root_path_for_a_reverse_proxy(tmp_path: Path) -> None:
     from icgate.gateway.api.app import create_app
     from icgate.gateway.api.server import build_server
