@@ -391,4 +391,10 @@ async def lengths_refit(gw: GatewayDep, _admin: AdminChange) -> dict[str, Any]:
             type="invalid_request_error",
             code="length_learning_off",
         )
-    return refit_json(await learning.refit_now())
+    try:
+        report = await learning.refit_now()
+    except sa.exc.SQLAlchemyError:  # the lease could not be taken: nothing was fitted
+        raise GatewayError(
+            503, "The database is not reachable: the refit did not run.", type="server_error"
+        ) from None
+    return refit_json(report)

@@ -129,6 +129,9 @@ class LengthLearning:
         self.holder = holder or replica_name()
         self.last: RefitReport | None = None
         self._task: asyncio.Task[None] | None = None
+        # One refit at a time on this replica: an operator's that arrives during the schedule's (or
+        # another operator's) runs after it, and so fits on what that one left.
+        self._running = asyncio.Lock()
 
     async def refit(self) -> RefitReport:
         """One refit of every backend, if this replica takes the lease (else nothing: another has it)."""
@@ -149,6 +152,10 @@ class LengthLearning:
         return await self._refit_all(asked=True)
 
     async def _refit_all(self, asked: bool) -> RefitReport:
+        async with self._running:
+            return await self._refit_each(asked)
+
+    async def _refit_each(self, asked: bool) -> RefitReport:
         done: list[BackendRefit] = []
         for backend in self.backends:
             try:

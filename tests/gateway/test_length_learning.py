@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from bench.harness import ServerThread
 from bench.standin_backend import StandinBackend
 from icgate.gateway.config import Policy
+from icgate.gateway.store import leases
 from icgate.gateway.store.length_learning import RefitReport
 from tests.gateway.conftest import RunningGateway
 
@@ -252,3 +254,23 @@ def test_asking_for_a_refit_with_learning_off_is_a_clear_409(
     assert refused.json()["error"]["code"] == "length_learning_off"
     state = admin(gw, "GET", "/lengths").json()
     assert not state["learn"] and state["last_refit"] is None
+
+
+def test_a_refit_asked_for_while_the_database_is_away_is_a_clean_503(
+    length_standins: dict[str, str],
+    start_gateway: Callable[..., RunningGateway],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
+    gw = start_gateway(policy_for(length_standins, tmp_path / "away.db"))
+
+    def away(*_args: object) -> None:
+        raise sa.exc.OperationalError("UPDATE leases", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr(leases, "seize", away)
+    refused = admin(gw, "POST", "/lengths/refit")
+    assert refused.status_code == 503
+    error = refused.json()["error"]
+    assert error["type"] == "server_error" and "did not run" in error["message"]
+    assert "Traceback" not in refused.text and "UPDATE" not in refused.text

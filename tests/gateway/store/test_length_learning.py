@@ -9,7 +9,13 @@ import sqlalchemy as sa
 
 from icgate.gateway.config import LengthsConfig, RequestLogConfig
 from icgate.gateway.store import artifacts, leases
-from icgate.gateway.store.length_learning import LEASE, LengthLearning, length_kind, refit_backend
+from icgate.gateway.store.length_learning import (
+    LEASE,
+    LengthLearning,
+    RefitReport,
+    length_kind,
+    refit_backend,
+)
 from icgate.gateway.store.length_samples import (
     LengthSample,
     LengthSampleWriter,
@@ -145,3 +151,17 @@ def test_long_backend_names_get_a_kind_that_fits_the_column() -> None:
     long = "a-very-long-backend-name/with-a-provider-prefix"
     kind = length_kind(long)
     assert len(kind) <= 32 and kind.startswith("length:#") and kind != length_kind(long + "2")
+
+
+def test_refits_asked_for_at_once_run_one_after_the_other(engine: sa.Engine) -> None:
+    insert_samples(engine, samples("a", 150, 1.0))
+
+    async def twice() -> list[RefitReport]:
+        learning = LengthLearning(engine, config(refit_interval_s=300), ["a"], holder="one")
+        return list(await asyncio.gather(learning.refit_now(), learning.refit_now()))
+
+    first, second = asyncio.run(twice())
+    assert first.asked and second.asked and first.ran and second.ran
+    # One ran after the other, not beside it: it found the other's predictor and nothing new.
+    assert sorted(b.outcome for b in first.backends + second.backends) == ["no new answers", "published"]
+    assert len(artifacts.list_models(engine, length_kind("a"))) == 1
