@@ -195,14 +195,26 @@ def admin(gw: RunningGateway, method: str, path: str) -> httpx.Response:
     return httpx.request(method, f"{gw.url}/admin/api{path}", headers=headers, timeout=60)
 
 
-def test_an_operator_refits_now_through_the_admin_api_though_the_schedule_holds_the_lease(
+@pytest.fixture
+def admin_gateway(
     length_standins: dict[str, str],
     start_gateway: Callable[..., RunningGateway],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> Callable[..., RunningGateway]:
+    """Starts a gateway on the length stand-ins, with its own database and the admin key set."""
     monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
-    gw = start_gateway(policy_for(length_standins, tmp_path / "asked.db"))
+
+    def start(database: str, **lengths: Any) -> RunningGateway:
+        return start_gateway(policy_for(length_standins, tmp_path / database, **lengths))
+
+    return start
+
+
+def test_an_operator_refits_now_through_the_admin_api_though_the_schedule_holds_the_lease(
+    admin_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = admin_gateway("asked.db")
     learning, writer = gw.gateway.length_learning, gw.gateway.length_writer
     assert learning is not None and writer is not None
     assert on_loop(gw, learning.refit()).ran  # the schedule's refit: nothing to fit, the lease held an hour
@@ -242,13 +254,9 @@ def test_an_operator_refits_now_through_the_admin_api_though_the_schedule_holds_
 
 
 def test_asking_for_a_refit_with_learning_off_is_a_clear_409(
-    length_standins: dict[str, str],
-    start_gateway: Callable[..., RunningGateway],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    admin_gateway: Callable[..., RunningGateway],
 ) -> None:
-    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
-    gw = start_gateway(policy_for(length_standins, tmp_path / "off.db", learn=False))
+    gw = admin_gateway("off.db", learn=False)
     refused = admin(gw, "POST", "/lengths/refit")
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "length_learning_off"
@@ -257,13 +265,9 @@ def test_asking_for_a_refit_with_learning_off_is_a_clear_409(
 
 
 def test_a_refit_asked_for_while_the_database_is_away_is_a_clean_503(
-    length_standins: dict[str, str],
-    start_gateway: Callable[..., RunningGateway],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    admin_gateway: Callable[..., RunningGateway], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ICGATE_ADMIN_KEY", ADMIN_KEY)
-    gw = start_gateway(policy_for(length_standins, tmp_path / "away.db"))
+    gw = admin_gateway("away.db")
 
     def away(*_args: object) -> None:
         raise sa.exc.OperationalError("UPDATE leases", {}, ConnectionRefusedError("connection refused"))
