@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 
 from icgate.gateway.api.server import build_server
+
+
+def code_label(root: Path) -> str:
+    """What code a benchmark ran: `commit <short sha>`, with ` plus uncommitted changes` when tracked files
+    differ from it; "unknown" outside a git checkout. Untracked files (a worktree's links to the venvs
+    and models) are not changes to the code."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return f"commit {head.stdout.strip()}" + (" plus uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def free_port() -> int:

@@ -67,6 +67,7 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `gateway` imp
 
 from bench import content_trace  # noqa: E402
 from bench.content_trace import Item  # noqa: E402
+from bench.harness import code_label  # noqa: E402
 from bench.litellm_proxy import (  # noqa: E402
     LITELLM_VERSION,
     Deployment,
@@ -2473,15 +2474,6 @@ def run_plan(args: argparse.Namespace) -> list[tuple[str, float, ClientMode]]:
     return out
 
 
-def _commit() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    # Untracked files (a worktree's links to the venvs and models) are not changes to the code.
-    dirty = " plus uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return f"commit {git('rev-parse', '--short', 'HEAD')}{dirty}"
-
-
 def kv_limit() -> int:
     """The smaller simulator's KV cache: a request routed to either backend must fit it."""
     return min(EngineConfig.preset(t).kv_cache_tokens for t in TIERS)
@@ -2641,7 +2633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "took_s": time.monotonic() - started,
         "load_start": load_start,
         "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "commit": _commit(),
+        "commit": code_label(REPO),
         "command": " ".join(
             shlex.quote(a) for a in [".venv/bin/python", "bench/load.py", *(argv or sys.argv[1:])]
         ),

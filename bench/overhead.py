@@ -49,6 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import code_label as git_code_label  # noqa: E402
 from bench.harness import free_port  # noqa: E402
 
 HOST = "127.0.0.1"  # all traffic stays on loopback
@@ -654,24 +655,7 @@ def machine(code_label: str | None = None) -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    code = code_label or "unknown"
-    if not code_label:  # otherwise described by the caller
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            git = ["git", "-C", str(ROOT)]
-            head = subprocess.run(
-                [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-            )
-            # Untracked files (a worktree's links to the venvs and models) are not changes to the code.
-            dirty = subprocess.run(
-                [*git, "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            if head.returncode == 0:
-                code = f"commit {head.stdout.strip()}" + (
-                    " plus uncommitted changes" if dirty.stdout.strip() else ""
-                )
+    code = code_label or git_code_label(ROOT)  # the caller's description, else the checkout's
     from importlib.metadata import PackageNotFoundError, version
 
     libs = []
