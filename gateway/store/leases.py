@@ -48,18 +48,16 @@ def seize(engine: sa.Engine, name: str, holder: str, term_s: float, now: datetim
     now = now or utcnow()
     until = now + timedelta(seconds=term_s)
     table = tables.LeaseRow
+    move = sa.update(table).where(table.name == name).values(holder=holder, expires_at=until)
     with engine.begin() as conn:
-        moved = conn.execute(
-            sa.update(table).where(table.name == name).values(holder=holder, expires_at=until)
-        )
-        if moved.rowcount:
+        if conn.execute(move).rowcount:
             return
     try:
         with engine.begin() as conn:
             conn.execute(sa.insert(table).values(name=name, holder=holder, expires_at=until))
     except sa.exc.IntegrityError:  # another replica inserted it meanwhile: take it from them
         with engine.begin() as conn:
-            conn.execute(sa.update(table).where(table.name == name).values(holder=holder, expires_at=until))
+            conn.execute(move)
 
 
 def holder(engine: sa.Engine, name: str, now: datetime | None = None) -> str | None:

@@ -152,28 +152,25 @@ class LengthLearning:
         return await self._refit_all(asked=True)
 
     async def _refit_all(self, asked: bool) -> RefitReport:
-        async with self._running:
-            return await self._refit_each(asked)
-
-    async def _refit_each(self, asked: bool) -> RefitReport:
         done: list[BackendRefit] = []
-        for backend in self.backends:
-            try:
-                result = await asyncio.to_thread(refit_backend, self.engine, self.config, backend)
-            except Exception:  # one backend's failure must not stop the others, nor the schedule
-                log.exception("length refit of backend %s failed", backend)
-                result = BackendRefit(backend, "failed")
-            done.append(result)
-            if result.outcome == "published":
-                log.info(
-                    "length predictor %s for backend %s published (row %s, %d answers)",
-                    result.version,
-                    backend,
-                    result.row,
-                    result.answers,
-                )
-                if self.on_published is not None:
-                    await self.on_published(backend)
+        async with self._running:
+            for backend in self.backends:
+                try:
+                    result = await asyncio.to_thread(refit_backend, self.engine, self.config, backend)
+                except Exception:  # one backend's failure must not stop the others, nor the schedule
+                    log.exception("length refit of backend %s failed", backend)
+                    result = BackendRefit(backend, "failed")
+                done.append(result)
+                if result.outcome == "published":
+                    log.info(
+                        "length predictor %s for backend %s published (row %s, %d answers)",
+                        result.version,
+                        backend,
+                        result.row,
+                        result.answers,
+                    )
+                    if self.on_published is not None:
+                        await self.on_published(backend)
         self.last = RefitReport(ran=True, backends=done, at=utcnow(), asked=asked)
         return self.last
 
