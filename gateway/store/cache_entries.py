@@ -10,6 +10,7 @@ one PostgreSQL converge.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -523,27 +524,29 @@ class CacheEntries:
         return entry
 
     def _write_entries(self, batch: list[_NewRow]) -> None:
-        """New entries, in one transaction; each gets its id once committed. Core inserts: in a profile,
-        most of an ORM insert was its unit of work, holding the GIL the event loop needs
-        (docs/performance.md)."""
-        ids = []
+        """New entries, in one transaction and one statement; each gets its id once committed.
+
+        One compiled INSERT ... RETURNING for the whole batch, its rows as parameters: building a
+        statement per row with the values in it made SQLAlchemy compute a cache key over every value
+        (vector bytes and answer included), and in a profile at 16 clients that held the GIL the event
+        loop needs for longer than the write itself (docs/performance.md)."""
         with self.engine.begin() as conn:
-            for row in batch:
-                inserted = conn.execute(sa.insert(tables.CacheEntryRow).values(row_values(row.entry)))
-                key = inserted.inserted_primary_key
-                assert key is not None  # a single-row insert always has one
-                ids.append(int(key[0]))
+            ids = conn.execute(_INSERT_ENTRY, [row_values(row.entry) for row in batch]).scalars().all()
         for row, entry_id in zip(batch, ids, strict=True):
-            row.entry.id = entry_id
+            row.entry.id = int(entry_id)
 
     def _write_updates(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
+        """Counters and times, merged per entry, then one UPDATE per set of columns with the entries as its
+        parameters (as `_write_entries`: one compiled statement, not one per entry)."""
         merged: dict[int, dict[str, Any]] = {}
         for entry_id, values in batch:
             merged.setdefault(entry_id, {}).update(values)
-        table = tables.CacheEntryRow
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for entry_id, values in merged.items():
+            by_columns.setdefault(tuple(sorted(values)), []).append({"entry_id": entry_id, **values})
         with self.engine.begin() as conn:
-            for entry_id, values in merged.items():
-                conn.execute(sa.update(table).where(table.id == entry_id).values(**values))
+            for columns, params in by_columns.items():
+                conn.execute(_update_entries(columns), params)
 
     async def delete(self, entry_ids: list[int]) -> int:
         """Tombstone entries so every replica drops them, and drop them here now."""
@@ -631,6 +634,25 @@ def tombstone_rows(
             conn.execute(statement)
     else:
         target.execute(statement)
+
+
+# The ids come back in the order of the rows given (SQLAlchemy's "insertmanyvalues"), on SQLite and
+# PostgreSQL alike.
+_INSERT_ENTRY = sa.insert(tables.CacheEntryRow).returning(
+    tables.CacheEntryRow.id, sort_by_parameter_order=True
+)
+
+
+@functools.cache
+def _update_entries(columns: tuple[str, ...]) -> sa.Update:
+    """UPDATE cache_entries SET <columns> WHERE id = :entry_id, every value a parameter (built once per
+    set of columns: a handful, from the feedback and utility updates)."""
+    table = tables.CacheEntryRow
+    return (
+        sa.update(table)
+        .where(table.id == sa.bindparam("entry_id"))
+        .values({name: sa.bindparam(name) for name in columns})
+    )
 
 
 def row_values(entry: CacheEntry) -> dict[str, Any]:

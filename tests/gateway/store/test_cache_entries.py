@@ -10,11 +10,14 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from threadpoolctl import threadpool_info
 
 from icgate.cache.verify import MAX_TEXT_CHARS, HitVerifier
 from icgate.gateway.records import Tenant
+from icgate.gateway.store import tables
 from icgate.gateway.store.cache_entries import CacheEntries, NewEntry, Usage, VerifierBusyError
+from icgate.gateway.store.db import make_engine, upgrade
 from tests.gateway.pipeline.fakes import (
     DIM,
     FakeClock,
@@ -300,3 +303,50 @@ async def test_feedback_memory_keeps_the_newest_requests_and_older_ones_go_to_th
     assert from_log == ["req-0"]
     await entries.feedback("req-2", 1.0, "t:1", lookup)
     assert from_log == ["req-0"]  # remembered: no need to ask
+
+
+async def test_a_batch_of_inserts_gives_each_entry_its_own_row_and_counters_land_per_entry(
+    empty_db_url: str,
+) -> None:
+    """On SQLite and PostgreSQL: entries written in one statement get the ids of their own rows, and
+    updates of different columns in one batch reach the right entries."""
+    upgrade(empty_db_url)
+    engine = make_engine(empty_db_url)
+    policy = make_policy()
+    entries = CacheEntries(
+        policy.cache, policy.tier_rank, policy.best_tier, engine, cast(HitVerifier, FakeVerifier()), DIM
+    )
+    await entries.start()
+    try:
+        texts = [f"question {n}" for n in range(6)]
+        for i, text in enumerate(texts):  # queued together: the writer takes them as one batch
+            entries.insert_later(f"req-{i}", new_entry(text, "small", f"answer {i}", vector=axis(i % DIM)))
+        await entries.flush()
+        table = tables.CacheEntryRow
+        with engine.connect() as conn:
+            query = sa.select(table.id, table.prompt_text, table.response_text)
+            rows = {r.id: r for r in conn.execute(query)}
+        stored = {e.prompt_text: e for e in entries.store.entries.values()}
+        assert sorted(stored) == sorted(texts)
+        for i, text in enumerate(texts):
+            row = rows[stored[text].id]
+            assert (row.prompt_text, row.response_text) == (text, f"answer {i}")
+        first, second = stored[texts[0]].id, stored[texts[1]].id
+        entries.note_usage("req-served", Usage(namespace="anonymous", served=[first]))
+        entries.note_usage("req-helped", Usage(namespace="anonymous", helped=[second]))
+        assert await entries.feedback("req-helped", -1.0, "anonymous", _unknown) == 1
+        await entries.flush()
+        with engine.connect() as conn:
+            got = {
+                r.id: (r.hits, r.helped, r.feedback_count)
+                for r in conn.execute(sa.select(table.id, table.hits, table.helped, table.feedback_count))
+            }
+        assert got[first] == (1, 0, 0) and got[second] == (0, 1, 1)
+        assert all(got[e.id] == (0, 0, 0) for t, e in stored.items() if t not in texts[:2])
+    finally:
+        await entries.stop()
+        engine.dispose()
+
+
+async def _unknown(request_id: str) -> Usage | None:
+    return None
