@@ -2,12 +2,15 @@
 
 Both gateways run as `icgate serve` processes in front of one zero-latency stand-in, with the same
 policy, and are loaded in interleaved rounds (as in `bench/overhead.py`, whose process and load helpers
-this reuses), so drift of the shared machine hits both alike. Two paths:
+this reuses), so drift of the shared machine hits both alike. Three paths:
 
 - **pass-through**: `model: small`, cache off (the path of every request that names a backend);
 - **full**: `model: auto`, cache on with the learned router, a new question in every request, so
   each one is embedded, looked up (exact, retrieve, verify when a candidate is close), routed,
-  admitted, answered by the backend, recorded and stored.
+  admitted, answered by the backend, recorded and stored;
+- **named**: `model: small` with the cache on as the default policy has it (`cache.named_backends:
+  exact`), a new question in every request: an exact lookup, the backend, and the answer embedded and
+  stored after the response.
 
     .venv/bin/python bench/change_cost.py --before c325b83    # -> bench/results/change_cost.md
 
@@ -56,7 +59,8 @@ TOPICS = ("rivers", "volcanoes", "bread", "chess", "tides", "glaciers", "bees", 
 
 
 def payloads(path: str) -> Callable[[int], bytes]:
-    """Request bodies: the same one on the pass-through path; a new question each time on the full path."""
+    """Request bodies: the same one on the pass-through path; a new question each time on the others
+    (`model: small` on the named path)."""
     if path == "pass-through":
         body = json.dumps(
             {"model": "small", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
@@ -71,7 +75,7 @@ def payloads(path: str) -> Callable[[int], bytes]:
         question = f"In two sentences, what should a beginner know about {topic} (question {run}-{i})?"
         return json.dumps(
             {
-                "model": "auto",
+                "model": "small" if path == "named" else "auto",
                 "messages": [{"role": "user", "content": question}],
                 "max_tokens": 32,
                 "temperature": 0,
@@ -148,7 +152,7 @@ async def measure(
         for version in VERSIONS:
             port = free_port()
             policy = workdir / f"policy-{path}-{version}.yaml"
-            full = path == "full"
+            full = path != "pass-through"  # the cache and its models: on for the full and named paths
             write_policy(
                 policy,
                 standin.url,
@@ -217,7 +221,8 @@ def report(results: list[Result], rev: str, args: argparse.Namespace, took_s: fl
         "",
         f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')} (run took {took_s:.0f} s)",
         *(f"- {k}: {v}" for k, v in info.items()),
-        f"- command: `.venv/bin/python bench/change_cost.py --before {rev} --rounds {args.rounds} "
+        f"- command: `.venv/bin/python bench/change_cost.py --before {rev} --paths {' '.join(args.paths)} "
+        f"--rounds {args.rounds} "
         f"--requests {args.requests} --full-requests {args.full_requests} "
         f"--concurrency {' '.join(map(str, args.concurrency))} --client {args.client}`",
         "- method: `bench/change_cost.py`'s docstring. *before* is the gateway at that revision, *after* the "
@@ -261,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--before", required=True, help="the git revision to compare the working tree with")
     parser.add_argument(
-        "--paths", nargs="+", default=["pass-through", "full"], choices=["pass-through", "full"]
+        "--paths",
+        nargs="+",
+        default=["pass-through", "full"],
+        choices=["pass-through", "full", "named"],
     )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     parser.add_argument(
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument(
-        "--requests", type=int, default=1000, help="pass-through requests per round and target"
+        "--requests", type=int, default=1000, help="pass-through and named requests per round and target"
     )
     parser.add_argument(
         "--full-requests", type=int, default=100, help="full-path requests per round and target"
