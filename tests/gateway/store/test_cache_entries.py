@@ -308,7 +308,7 @@ async def test_feedback_memory_keeps_the_newest_requests_and_older_ones_go_to_th
 async def test_a_batch_of_inserts_gives_each_entry_its_own_row_and_counters_land_per_entry(
     empty_db_url: str,
 ) -> None:
-    """On SQLite and PostgreSQL: entries written in one statement get the ids of their own rows, and
+    """On SQLite and PostgreSQL: entries written in one batch get the ids of their own rows, and
     updates of different columns in one batch reach the right entries."""
     upgrade(empty_db_url)
     engine = make_engine(empty_db_url)
