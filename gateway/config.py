@@ -267,11 +267,15 @@ class CacheConfig(Strict):
     # memory for `POST /v1/feedback`, about 0.5 KB each. Feedback on an older request reaches the entries
     # that served or helped it through the request log, not the entry it produced.
     feedback_memory: int = Field(50_000, ge=0)
-    # The longest a request waits for the verifier's queue (one thread scores every tenant's candidate
-    # pairs, ~10 ms each on the shipped float cross-encoder). A request that would wait longer goes on
-    # without a semantic hit, says so in `x-icgate-cache-skipped: verifier-busy`, and keeps its examples,
-    # route and stored answer. None: wait however long. Why 100 ms: docs/performance.md.
+    # The longest a request waits for the verifier's queue (`verify_threads` threads score every tenant's
+    # candidate pairs, ~10 ms each on the shipped float cross-encoder). A request that would wait longer
+    # goes on without a semantic hit, says so in `x-icgate-cache-skipped: verifier-busy`, and keeps its
+    # examples, route and stored answer. None: wait however long. Why 100 ms: docs/performance.md.
     verify_max_queue_ms: float | None = Field(100.0, ge=0)
+    # Threads that score candidate pairs, sharing one model. A request verifies one to three pairs, tens
+    # of milliseconds: with one thread, one such request holds up every other; two cut the p99 at 16
+    # clients by a fifth on 2 cores (docs/performance.md).
+    verify_threads: int = Field(2, ge=1, le=64)
     # What a request addressed to one backend by name (not a routed name) gets from the cache. `exact`:
     # identical requests only, and its prompt reaches the backend unchanged, so naming a backend costs
     # little more than a plain proxy (its answer is still stored, embedded after the response). `full`: the

@@ -180,7 +180,9 @@ class CacheEntries:
         # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
         # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
         self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
-        self._verify_pool = ThreadPoolExecutor(1, "icgate-verify", initializer=one_openmp_thread)
+        self._verify_pool = ThreadPoolExecutor(
+            config.verify_threads, "icgate-verify", initializer=one_openmp_thread
+        )
         # The verifier's queue, bounded in time as the embedder's is: pairs waiting or being scored, and
         # what scoring a pair took on the verifier's thread.
         self._verify_pending = 0
@@ -385,14 +387,14 @@ class CacheEntries:
 
     async def verify(self, prompt_text: str, vector: Vector, entries: list[CacheEntry]) -> Floats:
         """The verifier's P(same question) for the request against each entry, on the verifier's own
-        thread: it may run a cross-encoder (milliseconds per pair) and the event loop must not wait.
+        threads: it may run a cross-encoder (milliseconds per pair) and the event loop must not wait.
 
         Raises VerifierBusyError, before queueing, when the pairs ahead would keep this request waiting
-        longer than `cache.verify_max_queue_ms`: one thread scores every tenant's pairs in turn, and under
-        a burst its queue, not the backends, would set the tail (docs/performance.md).
+        longer than `cache.verify_max_queue_ms`: `cache.verify_threads` threads score every tenant's pairs,
+        and under a burst their queue, not the backends, would set the tail (docs/performance.md).
         """
         bound = self.config.verify_max_queue_ms
-        if bound is not None and self._pair_time.wait_s(self._verify_pending) * 1000.0 > bound:
+        if bound is not None and self.expected_verify_wait_s() * 1000.0 > bound:
             raise VerifierBusyError(f"{self._verify_pending} pairs ahead of this request's")
         self._verify_pending += len(entries)
         try:
@@ -405,6 +407,12 @@ class CacheEntries:
             )
         finally:
             self._verify_pending -= len(entries)
+
+    def expected_verify_wait_s(self) -> float:
+        """How long the pairs queued or being scored keep a new request waiting: their number times the
+        measured seconds per pair (measured on one thread, with the others busy beside it), shared by
+        the verifier's threads."""
+        return self._pair_time.wait_s(self._verify_pending) / self.config.verify_threads
 
     def _score(self, prompt_text: str, vector: Vector, against: list[tuple[str, Vector]]) -> Floats:
         started = time.perf_counter()

@@ -122,7 +122,7 @@ def test_semantic_max_chars_never_above_what_the_verifier_reads(
 # --- verify --------------------------------------------------------------------------------------------
 
 
-async def test_verify_scores_every_pair_on_the_verifiers_own_thread(new_entries: NewEntries) -> None:
+async def test_verify_scores_every_pair_on_the_verifiers_own_threads(new_entries: NewEntries) -> None:
     verifier = FakeVerifier(scores={"a": 0.2, "b": 0.9, "c": 0.5})
     entries = new_entries(verifier=verifier)
     candidates = [entry_for(entries, chat_ctx(t), i, axis(i)) for i, t in enumerate("abc", start=1)]
@@ -130,10 +130,10 @@ async def test_verify_scores_every_pair_on_the_verifiers_own_thread(new_entries:
     assert scores.tolist() == [0.2, 0.9, 0.5]
     assert verifier.requests == [["the request"] * 3] and verifier.calls == [["a", "b", "c"]]
     assert verifier.shapes == [((3, 8), (3, 8))]
-    [thread] = verifier.threads
-    assert thread.startswith("icgate-verify") and thread != threading.current_thread().name
     await entries.verify("again", axis(0), candidates[:1])
-    assert verifier.threads[1] == thread  # one thread, shared by every request
+    assert len(verifier.threads) == 2
+    assert all(t.startswith("icgate-verify") for t in verifier.threads)
+    assert threading.current_thread().name not in verifier.threads
 
 
 class OpenMPReportingVerifier(FakeVerifier):
@@ -167,18 +167,27 @@ async def test_the_verifiers_thread_scores_with_one_openmp_thread_and_leaves_oth
 
 
 class GatedVerifier(FakeVerifier):
-    """Scores only once the test opens the gate, taking `pair_s` seconds per pair."""
+    """Scores only once the test opens the gate, taking `pair_s` seconds per pair; counts the calls
+    scoring at once."""
 
     def __init__(self, pair_s: float) -> None:
         super().__init__()
         self.pair_s = pair_s
         self.gate = threading.Event()
         self.gate.set()
+        self.lock = threading.Lock()
+        self.inside = 0
 
     def score_batch(self, texts_a: Any, texts_b: Any, vecs_a: Any, vecs_b: Any) -> Any:
-        self.gate.wait(10)
-        time.sleep(self.pair_s * len(texts_b))
-        return super().score_batch(texts_a, texts_b, vecs_a, vecs_b)
+        with self.lock:
+            self.inside += 1
+        try:
+            self.gate.wait(10)
+            time.sleep(self.pair_s * len(texts_b))
+            return super().score_batch(texts_a, texts_b, vecs_a, vecs_b)
+        finally:
+            with self.lock:
+                self.inside -= 1
 
 
 async def test_a_request_that_would_wait_too_long_for_the_verifier_is_turned_away(
@@ -187,7 +196,8 @@ async def test_a_request_that_would_wait_too_long_for_the_verifier_is_turned_awa
     """Measured at 20 ms a pair, three pairs ahead are 60 ms: over a 30 ms bound the next request is told
     at once (nothing queued); once the queue drains it is scored again. Without a bound, it waits."""
     verifier = GatedVerifier(pair_s=0.02)
-    entries = new_entries(make_policy(cache={"verify_max_queue_ms": 30}), verifier=verifier)
+    one_thread = {"verify_max_queue_ms": 30, "verify_threads": 1}
+    entries = new_entries(make_policy(cache=one_thread), verifier=verifier)
     candidates = [entry_for(entries, chat_ctx(t), i, axis(i)) for i, t in enumerate("abc", start=1)]
     await entries.verify("measure", axis(0), candidates)  # learns the cost of a pair
     verifier.gate.clear()
@@ -204,6 +214,44 @@ async def test_a_request_that_would_wait_too_long_for_the_verifier_is_turned_awa
     await patient.verify("measure", axis(0), candidates)
     waiting = [asyncio.create_task(patient.verify(str(i), axis(0), candidates)) for i in range(3)]
     assert [len(scores) for scores in await asyncio.gather(*waiting)] == [3, 3, 3]
+
+
+async def test_two_verifier_threads_score_two_requests_at_once_and_halve_the_predicted_wait(
+    new_entries: NewEntries,
+) -> None:
+    """At 50 ms a pair, three pairs ahead are a 75 ms wait for two threads: under a 100 ms bound the
+    next request goes in, and is scored beside the one ahead. Six pairs ahead (150 ms for two threads)
+    turn the next away; with one thread, three pairs ahead already do (150 ms)."""
+    verifier = GatedVerifier(pair_s=0.05)
+    entries = new_entries(make_policy(cache={"verify_max_queue_ms": 100}), verifier=verifier)
+    assert entries.config.verify_threads == 2  # the default
+    candidates = [entry_for(entries, chat_ctx(t), i, axis(i)) for i, t in enumerate("abc", start=1)]
+    await entries.verify("measure", axis(0), candidates)
+    verifier.gate.clear()
+    first = asyncio.create_task(entries.verify("first", axis(0), candidates))
+    await asyncio.sleep(0.01)
+    assert entries.expected_verify_wait_s() == pytest.approx(0.075, rel=0.3)
+    second = asyncio.create_task(entries.verify("second", axis(0), candidates))
+    deadline = time.monotonic() + 5
+    while verifier.inside < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert verifier.inside == 2  # both requests are being scored at once
+    with pytest.raises(VerifierBusyError):  # six pairs ahead: 150 ms for two threads
+        await entries.verify("third", axis(0), candidates[:1])
+    verifier.gate.set()
+    assert [len(s) for s in await asyncio.gather(first, second)] == [3, 3]
+
+    alone = GatedVerifier(pair_s=0.05)
+    one_thread = {"verify_max_queue_ms": 100, "verify_threads": 1}
+    single = new_entries(make_policy(cache=one_thread), verifier=alone)
+    await single.verify("measure", axis(0), candidates)
+    alone.gate.clear()
+    ahead = asyncio.create_task(single.verify("ahead", axis(0), candidates))
+    await asyncio.sleep(0.01)
+    with pytest.raises(VerifierBusyError):  # three pairs ahead: 150 ms for one thread
+        await single.verify("behind", axis(0), candidates[:1])
+    alone.gate.set()
+    await ahead
 
 
 # --- inserts, on the in-memory database --------------------------------------------------------------
