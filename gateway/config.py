@@ -272,10 +272,11 @@ class CacheConfig(Strict):
     # goes on without a semantic hit, says so in `x-icgate-cache-skipped: verifier-busy`, and keeps its
     # examples, route and stored answer. None: wait however long. Why 100 ms: docs/performance.md.
     verify_max_queue_ms: float | None = Field(100.0, ge=0)
-    # Threads that score candidate pairs, sharing one model. A request verifies one to three pairs, tens
-    # of milliseconds: with one thread, one such request holds up every other; two cut the p99 at 16
-    # clients by a fifth on 2 cores (docs/performance.md).
-    verify_threads: int = Field(2, ge=1, le=64)
+    # Threads that score candidate pairs, sharing one model; default: half the cores, at least one (as
+    # `embedding.threads`). A request verifies one to three pairs, tens of milliseconds, and with one
+    # thread holds up the requests behind it; more threads shorten that wait but let the verifier take
+    # more of the cores from the event loop and the embedder. Measured both ways: docs/performance.md.
+    verify_threads: int | None = Field(None, ge=1, le=64)
     # What a request addressed to one backend by name (not a routed name) gets from the cache. `exact`:
     # identical requests only, and its prompt reaches the backend unchanged, so naming a backend costs
     # little more than a plain proxy (its answer is still stored, embedded after the response). `full`: the

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from icgate.cache.embed import EmbedderBusyError, ServiceTime, UnembeddableTextError
 from icgate.cache.index import VectorIndex, set_threads
+from icgate.cache.onnx_models import default_threads
 from icgate.cache.store import CacheEntry, CacheStore, initial_utility
 from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier, ScorerLoader, one_openmp_thread
 from icgate.gateway.config import CacheConfig, RequestLogConfig
@@ -180,8 +181,9 @@ class CacheEntries:
         # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
         # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
         self._search_pool = ThreadPoolExecutor(2, "icgate-search", initializer=set_threads, initargs=(1,))
+        self.verify_threads = config.verify_threads or default_threads()
         self._verify_pool = ThreadPoolExecutor(
-            config.verify_threads, "icgate-verify", initializer=one_openmp_thread
+            self.verify_threads, "icgate-verify", initializer=one_openmp_thread
         )
         # The verifier's queue, bounded in time as the embedder's is: pairs waiting or being scored, and
         # what scoring a pair took on the verifier's thread.
@@ -390,7 +392,7 @@ class CacheEntries:
         threads: it may run a cross-encoder (milliseconds per pair) and the event loop must not wait.
 
         Raises VerifierBusyError, before queueing, when the pairs ahead would keep this request waiting
-        longer than `cache.verify_max_queue_ms`: `cache.verify_threads` threads score every tenant's pairs,
+        longer than `cache.verify_max_queue_ms`: `verify_threads` threads score every tenant's pairs,
         and under a burst their queue, not the backends, would set the tail (docs/performance.md).
         """
         bound = self.config.verify_max_queue_ms
@@ -412,7 +414,7 @@ class CacheEntries:
         """How long the pairs queued or being scored keep a new request waiting: their number times the
         measured seconds per pair (measured on one thread, with the others busy beside it), shared by
         the verifier's threads."""
-        return self._pair_time.wait_s(self._verify_pending) / self.config.verify_threads
+        return self._pair_time.wait_s(self._verify_pending) / self.verify_threads
 
     def _score(self, prompt_text: str, vector: Vector, against: list[tuple[str, Vector]]) -> Floats:
         started = time.perf_counter()

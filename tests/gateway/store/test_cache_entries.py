@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from threadpoolctl import threadpool_info
 
+from icgate.cache.onnx_models import default_threads
 from icgate.cache.verify import MAX_TEXT_CHARS, HitVerifier
 from icgate.gateway.records import Tenant
 from icgate.gateway.store import tables
@@ -131,7 +132,7 @@ async def test_verify_scores_every_pair_on_the_verifiers_own_threads(new_entries
     assert verifier.requests == [["the request"] * 3] and verifier.calls == [["a", "b", "c"]]
     assert verifier.shapes == [((3, 8), (3, 8))]
     await entries.verify("again", axis(0), candidates[:1])
-    assert len(verifier.threads) == 2
+    assert len(verifier.threads) == 2 and entries.verify_threads == default_threads()
     assert all(t.startswith("icgate-verify") for t in verifier.threads)
     assert threading.current_thread().name not in verifier.threads
 
@@ -223,8 +224,8 @@ async def test_two_verifier_threads_score_two_requests_at_once_and_halve_the_pre
     next request goes in, and is scored beside the one ahead. Six pairs ahead (150 ms for two threads)
     turn the next away; with one thread, three pairs ahead already do (150 ms)."""
     verifier = GatedVerifier(pair_s=0.05)
-    entries = new_entries(make_policy(cache={"verify_max_queue_ms": 100}), verifier=verifier)
-    assert entries.config.verify_threads == 2  # the default
+    two_threads = {"verify_max_queue_ms": 100, "verify_threads": 2}
+    entries = new_entries(make_policy(cache=two_threads), verifier=verifier)
     candidates = [entry_for(entries, chat_ctx(t), i, axis(i)) for i, t in enumerate("abc", start=1)]
     await entries.verify("measure", axis(0), candidates)
     verifier.gate.clear()
