@@ -541,11 +541,14 @@ class CacheEntries:
         included), 0.36 ms of CPU per row against 0.11, on threads that hold the GIL the event loop
         needs (docs/performance.md). A row at a time, so each id comes from the driver's own last row
         id, on any SQLite as on PostgreSQL."""
+        ids = []
         with self.engine.begin() as conn:
             for row in batch:
                 key = conn.execute(_INSERT_ENTRY, row_values(row.entry)).inserted_primary_key
                 assert key is not None  # a single-row insert always has one
-                row.entry.id = int(key[0])
+                ids.append(int(key[0]))
+        for row, entry_id in zip(batch, ids, strict=True):
+            row.entry.id = entry_id
 
     def _write_updates(self, batch: list[tuple[int, dict[str, Any]]]) -> None:
         """Counters and times, merged per entry, then one UPDATE per set of columns with the entries as its
