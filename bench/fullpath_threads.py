@@ -94,7 +94,8 @@ def group(name: str | None) -> str:
     return name
 
 
-async def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[str], dict[str, list[float]]]:
+async def measure(args: argparse.Namespace, workdir: Path) -> tuple[str, list[str], dict[str, list[float]]]:
+    """The gateway's command, a table row per round, and each thread group's (cores, waits)."""
     pool = Pool(load_questions(QQP, args.seed))
     sport = free_port()
     standin = spawn("standin", ["-m", "bench.standin_backend", "--port", str(sport)], sport, workdir)
@@ -118,7 +119,6 @@ async def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[str], d
                 r = await run_round(session, target, feed, 10**9, args.concurrency, args.round_s)
                 after, (idle1, all1) = thread_times(gw.popen.pid), idle_and_total()
                 wall_total += r.wall_s
-                run = sum(v[0] - before.get(t, (0.0, 0.0))[0] for t, v in after.items())
                 for tid, (on, waited) in after.items():
                     on0, waited0 = before.get(tid, (0.0, 0.0))
                     sums = per_thread[group(names.get(tid))]
@@ -126,20 +126,20 @@ async def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[str], d
                     sums[1] += waited - waited0
                 rows.append(
                     f"| {i + 1} | {r.ok} | {r.rps:.1f} | {pct(r.latencies_ms, 50):.1f} | "
-                    f"{pct(r.latencies_ms, 99):.1f} | {run / r.wall_s:.2f} | "
+                    f"{pct(r.latencies_ms, 99):.1f} | {r.cpu_s / r.wall_s:.2f} | "
                     f"{(idle1 - idle0) / max(1, all1 - all0):.2f} | {r.skipped} |"
                 )
                 print(rows[-1], flush=True)
     finally:
         stop(gw)
         stop(standin)
-    args.command = command
-    return rows, {k: [v[0] / wall_total, v[1] / wall_total] for k, v in per_thread.items()}
+    return command, rows, {k: [v[0] / wall_total, v[1] / wall_total] for k, v in per_thread.items()}
 
 
 def report(
     args: argparse.Namespace,
     info: dict[str, str],
+    command: str,
     rows: list[str],
     threads: dict[str, list[float]],
     took_s: float,
@@ -152,7 +152,7 @@ def report(
         "",
         f"- Command: `python bench/fullpath_threads.py --concurrency {args.concurrency} "
         f"--rounds {args.rounds} --round-s {args.round_s:g} --warm {args.warm}`",
-        f"- Gateway: `{args.command}` (fullpath.py's `icgate` policy); new Quora questions, closed loop",
+        f"- Gateway: `{command}` (fullpath.py's `icgate` policy); new Quora questions, closed loop",
         *(f"- {k}: {v}" for k, v in info.items()),
         "- loadavg_after: " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "- Method: the module's docstring.",
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args.policy_override = parse_override(args.policy_override)
     t0, info = time.monotonic(), machine(None)
     with tempfile.TemporaryDirectory(prefix="icgate-threads-") as tmp:
-        rows, threads = asyncio.run(measure(args, Path(tmp)))
-    args.out.write_text(report(args, info, rows, threads, time.monotonic() - t0))
+        command, rows, threads = asyncio.run(measure(args, Path(tmp)))
+    args.out.write_text(report(args, info, command, rows, threads, time.monotonic() - t0))
     print(f"report: {args.out}")
     return 0
 
