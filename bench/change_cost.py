@@ -152,14 +152,14 @@ async def measure(
         for version in VERSIONS:
             port = free_port()
             policy = workdir / f"policy-{path}-{version}.yaml"
-            full = path != "pass-through"  # the cache and its models: on for the full and named paths
+            cached = path != "pass-through"  # the cache and its models: on for the full and named paths
             write_policy(
                 policy,
                 standin.url,
                 "" if args.client == "default" else args.client,
-                embedding={"preload": full},
-                cache={"enabled": full},
-                router={"kind": "learned" if full else "rule"},
+                embedding={"preload": cached},
+                cache={"enabled": cached},
+                router={"kind": "learned" if cached else "rule"},
             )
             cwd = before_tree if version == "before" else ROOT
             cli = [
