@@ -69,7 +69,7 @@ def payloads(path: str) -> Callable[[int], bytes]:
     run = dt.datetime.now().strftime("%H%M%S")
     numbers = itertools.count()  # across rounds: a question is never asked twice (the cache would answer)
 
-    def full(_: int) -> bytes:
+    def new_question(_: int) -> bytes:
         i = next(numbers)
         topic = TOPICS[i % len(TOPICS)]
         question = f"In two sentences, what should a beginner know about {topic} (question {run}-{i})?"
@@ -82,7 +82,7 @@ def payloads(path: str) -> Callable[[int], bytes]:
             }
         ).encode()
 
-    return full
+    return new_question
 
 
 @contextlib.contextmanager
