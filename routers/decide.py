@@ -7,7 +7,8 @@ applies one knob, set in the policy:
   computes on labelled data);
 - `quality_value_usd`: small when the expected quality loss, (1 - P) x the value of a good answer,
   is below what the large tier costs more for this request (prompt tokens plus predicted output tokens at
-  each backend's price).
+  each backend's price, each tier's output at the length that tier is predicted to answer with: a
+  verbose large model costs more than its price per token alone says).
 
 Before either, good in-context examples lift P: the key interaction in IC-Cache is that a small model
 with a close, high-utility example of a large-model answer does nearly as well as the large model.
@@ -65,8 +66,10 @@ def decide(
     predicted_tokens: int,
     knob: DecisionKnob,
     example: ExampleSignal | None = None,
+    large_tokens: int | None = None,
 ) -> RouteDecision:
-    """The tier for one request, with the numbers that decided it."""
+    """The tier for one request, with the numbers that decided it. `predicted_tokens` is the small
+    tier's predicted output, `large_tokens` the large tier's (None: the same)."""
     p, lift = lifted(p_small, example, knob)
     reasons = [f"P(small good enough) {p_small:.3f}"]
     if lift:
@@ -74,8 +77,15 @@ def decide(
         reasons.append(
             f"example similarity {example.similarity:.3f}, utility {example.utility:.2f}: P lifted to {p:.3f}"
         )
-    extra_cost = large.cost(prompt_tokens, predicted_tokens) - small.cost(prompt_tokens, predicted_tokens)
-    reasons.append(f"predicted {predicted_tokens} output tokens; large costs ${extra_cost:.6f} more")
+    on_large = predicted_tokens if large_tokens is None else large_tokens
+    extra_cost = large.cost(prompt_tokens, on_large) - small.cost(prompt_tokens, predicted_tokens)
+    if on_large == predicted_tokens:
+        reasons.append(f"predicted {predicted_tokens} output tokens; large costs ${extra_cost:.6f} more")
+    else:
+        reasons.append(
+            f"predicted {predicted_tokens} output tokens on {small.tier}, {on_large} on {large.tier}; "
+            f"large costs ${extra_cost:.6f} more"
+        )
     if knob.quality_value_usd is not None:
         expected_loss = (1.0 - p) * knob.quality_value_usd
         go_small = expected_loss <= extra_cost

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
@@ -57,13 +57,16 @@ class Replayed:
     p_small: float  # the router's score, before the example lift
     example: ExampleSignal | None  # the best example, when it lifted the score
     prompt_estimate: int  # the prompt tokens the router saw (an estimate)
-    predicted_tokens: int  # the predicted output tokens (p50) the decision priced
+    predicted_tokens: int  # the predicted output tokens (p50), the shared prediction
     prompt_tokens: int  # what the answer was billed for
     completion_tokens: int
     tier: str  # the tier decided, as logged
     score: float  # the score it was decided on (after the lift), as logged
     cost_usd: float  # what it cost, as logged
     router: str | None  # the router version that scored it
+    # Each tier's own predicted output tokens, as the decision priced them (logged since per-tier pricing;
+    # a tier not named here is priced at `predicted_tokens`).
+    priced: Mapping[str, int] = field(default_factory=dict)
 
 
 def replayable(rows: Sequence[ScoredRoute]) -> list[Replayed]:
@@ -85,6 +88,7 @@ def replayable(rows: Sequence[ScoredRoute]) -> list[Replayed]:
             raw = float(first.group(1))
             example = ExampleSignal(float(lift.group(1)), float(lift.group(2)))
         predicted = route.get("predicted_tokens") or {}
+        priced = route.get("priced_tokens") or {}
         out.append(
             Replayed(
                 request_id=row.request_id,
@@ -98,6 +102,7 @@ def replayable(rows: Sequence[ScoredRoute]) -> list[Replayed]:
                 score=float(score),
                 cost_usd=row.cost_usd if math.isfinite(row.cost_usd) else 0.0,
                 router=route.get("router"),
+                priced={k: v for k, v in priced.items() if isinstance(k, str) and isinstance(v, int)},
             )
         )
     return out
@@ -214,7 +219,16 @@ def candidate_knob(
 def replay(rows: Sequence[Replayed], chosen: DecisionKnob, tiers: Tiers) -> list[RouteDecision]:
     """Each request decided again by the gateway's own `decide`, with `chosen` as the knob."""
     return [
-        decide(r.p_small, tiers.small, tiers.large, r.prompt_estimate, r.predicted_tokens, chosen, r.example)
+        decide(
+            r.p_small,
+            tiers.small,
+            tiers.large,
+            r.prompt_estimate,
+            r.priced.get(tiers.small.tier, r.predicted_tokens),
+            chosen,
+            r.example,
+            large_tokens=r.priced.get(tiers.large.tier, r.predicted_tokens),
+        )
         for r in rows
     ]
 

@@ -94,6 +94,8 @@ def route(ctx: RequestContext, outcome: RouteOutcome) -> None:
     }
     if outcome.knob is not None:
         ctx.decisions["route"]["knob"] = {"name": outcome.knob[0], "value": outcome.knob[1]}
+    if outcome.priced:
+        ctx.decisions["route"]["priced_tokens"] = dict(outcome.priced)
 
 
 def priority(ctx: RequestContext, name: str | None, cls: PriorityClass) -> None:

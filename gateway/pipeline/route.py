@@ -46,6 +46,8 @@ class RouteOutcome:
     # The length as each backend with its own predictor would answer (capped like `predicted`); a backend
     # not named here is sized by `predicted`.
     per_backend: Mapping[str, LengthEstimate] = field(default_factory=lambda: MappingProxyType({}))
+    # The output tokens (p50) a learned decision priced each tier at (`priced_tokens`); empty otherwise.
+    priced: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def tier(self) -> str:
@@ -102,15 +104,17 @@ async def route(
         reason = f"no request embedding ({why}): default tier"
         decision = RouteDecision(policy.router.default_tier, None, (reason,))
     else:
-        decision = choose_tier(policy, models, features, predicted, example)
+        decision = choose_tier(policy, models, features, predicted, example, lengths.per_backend)
+    scored = decision.score is not None
     return RouteOutcome(
         decision=decision,
         prompt_tokens=features.prompt_tokens,
         predicted=predicted,
         router_version=models.router_version if target.routed else None,
         length_version=lengths.version,
-        knob=knob_of(policy.router, models) if decision.score is not None else None,
+        knob=knob_of(policy.router, models) if scored else None,
         per_backend=lengths.per_backend,
+        priced=priced_tokens(policy, predicted, lengths.per_backend) if scored else MappingProxyType({}),
     )
 
 
@@ -201,6 +205,20 @@ def knob_of(config: RouterConfig, models: RouteModels) -> tuple[str, float | Non
     return "calibrated", models.threshold
 
 
+def priced_tokens(
+    policy: Policy, predicted: LengthEstimate, per_backend: Mapping[str, LengthEstimate]
+) -> Mapping[str, int]:
+    """The output tokens (p50) each tier is priced at: as the backend whose price `price` takes (the
+    tier's first) is predicted to answer, by its own predictor where it has one, else `predicted`."""
+    tiers = (policy.router.default_tier, policy.router.large_tier)
+    out = {}
+    for tier in tiers:
+        backends = policy.tier(tier)
+        own = per_backend.get(backends[0].name) if backends else None
+        out[tier] = (own or predicted).p50
+    return MappingProxyType(out)
+
+
 def price(policy: Policy, tier: str) -> TierPrice:
     backends = policy.tier(tier)
     if not backends:
@@ -215,8 +233,10 @@ def choose_tier(
     features: RouteFeatures,
     predicted: LengthEstimate,
     example: ExampleSignal | None,
+    per_backend: Mapping[str, LengthEstimate] = MappingProxyType({}),
 ) -> RouteDecision:
-    """The routed decision: the rule as configured, or the learned score through the policy's knob."""
+    """The routed decision: the rule as configured, or the learned score through the policy's knob; the
+    cost knob prices each tier at its own predicted length (`priced_tokens`)."""
     config = policy.router
     scored = models.router.route(features)
     if scored.score is None:  # a rule: its decision stands
@@ -227,12 +247,14 @@ def choose_tier(
         example_lift=config.example_lift,
         example_min_similarity=config.example_min_similarity,
     )
+    tokens = priced_tokens(policy, predicted, per_backend)
     return decide(
         float(scored.score),
         price(policy, config.default_tier),
         price(policy, config.large_tier),
         features.prompt_tokens,
-        predicted.p50,
+        tokens[config.default_tier],
         knob,
         example,
+        large_tokens=tokens[config.large_tier],
     )

@@ -293,3 +293,20 @@ def test_the_knob_keeps_the_policys_example_lift() -> None:
     assert knob.knob(p.router, 0.4) == DecisionKnob(0.4, None, 0.3, 0.6)
     rows: list[Replayed] = []
     assert knob.lifted_scores(rows, knob.knob(p.router, None)) == []
+
+
+def test_a_row_priced_per_tier_is_decided_again_at_those_lengths() -> None:
+    """A row logged with each tier's own length is replayed at those lengths, as the gateway decided it;
+    a row without them (older logs) at the shared prediction. P 0.9, prompt 40: at 100 tokens on both,
+    large costs $0.696 more; at 300 on large, $1.896 more. A good answer worth $10 loses $1.00."""
+    p, m = policy(), models()
+    row = logged([0.9], p, m)[0]
+    shared = knob.replayable([row])[0]
+    row.decision["predicted_tokens"] = {"p50": 100, "p90": 200}
+    row.decision["priced_tokens"] = {"small": 100, "large": 300}
+    own = knob.replayable([row])[0]
+    assert own.priced == {"small": 100, "large": 300} and shared.priced == {}
+    value = knob.knob(p.router, None, 10.0)
+    tiers = Tiers.of(p)
+    assert knob.replay([own], value, tiers)[0].tier == "small"
+    assert knob.replay([shared], value, tiers)[0].tier == "large"

@@ -4,6 +4,7 @@ the admit stage's ask, and admission choosing with the size of the backend it we
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from icgate.gateway.backends.admission import Admission, Ask
 from icgate.gateway.config import AdmissionConfig, BackendConfig, Policy, PriorityClass
+from icgate.gateway.pipeline import explain
 from icgate.gateway.pipeline.admit import ask_for
 from icgate.gateway.pipeline.route import RouteOutcome, predict_lengths, route
 from icgate.gateway.pipeline.target import Target
@@ -92,6 +94,43 @@ async def test_route_outcome_carries_each_backends_estimate() -> None:
     assert outcome.predicted_for("terse") == LengthEstimate(40, 80)
     assert outcome.predicted_for("chatty") == LengthEstimate(400, 800)
     assert outcome.predicted_for("large") == outcome.predicted  # the shared estimate
+
+
+class Even:
+    """A learned-router stand-in: P(small good enough) = 0.7 for every request."""
+
+    def route(self, features: RouteFeatures) -> RouteDecision:
+        return RouteDecision("ignored", 0.7, ())
+
+
+async def test_the_cost_knob_prices_each_tier_at_its_own_backends_length_and_the_log_says_so() -> None:
+    """The small tier's backend (`terse`) is predicted to answer 40 tokens, the large one 80, the shared
+    predictor 60. P(small good enough) 0.7 and a good answer worth $0.35: the expected loss is $0.105.
+    Priced at the shared 60 tokens, large costs (40 + 60) x $1/1k = $0.10 more, under the loss: large.
+    Priced at its own 80, it costs $0.12 more, over the loss: small."""
+    policy = make_policy(
+        backends=[
+            {"name": "terse", "tier": "small", "model": "openai/t"},
+            {"name": "large", "tier": "large", "model": "openai/l"}
+            | {"cost_per_1k_input": 1.0, "cost_per_1k_output": 1.0},
+        ],
+        router={"kind": "learned", "quality_value_usd": 0.35},
+    )
+    models = with_backend_length(rule_models(policy), "terse", Scaled(1.0, "t1"), None, policy)
+    models = with_backend_length(models, "large", Scaled(2.0, "l1"), None, policy)
+    models = replace(models, router=Even(), length=Scaled(1.5, "shared"))
+    ctx = chat_ctx("x" * 160)  # 40 estimated prompt tokens
+    outcome = await route(ctx, Target(routed=True), None, models, policy, None)
+    assert outcome.tier == "small"
+    assert dict(outcome.priced) == {"small": 40, "large": 80}
+    explain.route(ctx, outcome)
+    assert ctx.decisions["route"]["priced_tokens"] == {"small": 40, "large": 80}
+    assert ctx.decisions["route"]["predicted_tokens"] == {"p50": 60, "p90": 120}  # the shared one, as before
+    # A rule decides without prices: nothing is recorded as priced.
+    ruled = await route(
+        chat_ctx("x" * 160), Target(routed=True), None, models_with_own(two_backends()), two_backends(), None
+    )
+    assert dict(ruled.priced) == {}
 
 
 def outcome_with(per_backend: dict[str, LengthEstimate]) -> RouteOutcome:

@@ -18,6 +18,7 @@ from icgate.gateway.pipeline.route import (
     knob_of,
     predict_length,
     price,
+    priced_tokens,
     route,
     threshold_for,
 )
@@ -158,6 +159,23 @@ def test_choose_tier_quality_value_weighs_expected_loss_against_the_extra_cost(
     decision = choose_tier(policy, models, features(), LengthEstimate(190, 400), None)
     assert decision.tier == tier
     assert any("extra cost $0.200000" in reason for reason in decision.reasons)
+
+
+def test_choose_tier_prices_the_large_tier_at_its_own_predicted_length() -> None:
+    # Shared prediction 190: large costs (10 + 190) x $1/1k = $0.20 more, and P=0.7 loses $0.30: large.
+    # The large backend's own predictor says 390: it costs $0.40 more, over the loss: small.
+    policy = priced_policy(quality_value_usd=1.0)
+    models = models_of(Scorer(0.7))
+    shared = LengthEstimate(190, 400)
+    assert choose_tier(policy, models, features(), shared, None).tier == "large"
+    own = {"large": LengthEstimate(390, 800)}
+    decision = choose_tier(policy, models, features(), shared, None, own)
+    assert decision.tier == "small"
+    assert any("190 output tokens on small, 390 on large" in r for r in decision.reasons)
+    assert priced_tokens(policy, shared, own) == {"small": 190, "large": 390}
+    # The small backend's own prediction prices the small tier (free here, so only the reason shows it).
+    both = {"small": LengthEstimate(50, 90), **own}
+    assert priced_tokens(policy, shared, both) == {"small": 50, "large": 390}
 
 
 def test_choose_tier_a_close_useful_example_lifts_the_small_tiers_chance() -> None:
