@@ -96,6 +96,7 @@ async def route(
         ctx.body.get("max_tokens") or ctx.body.get("max_completion_tokens"),
     )
     predicted = lengths.predicted
+    priced: Mapping[str, int] = MappingProxyType({})
     if target.backend is not None:
         reason = f"addressed as {target.backend.name}"
         decision = RouteDecision(tier=target.backend.tier, score=None, reasons=(reason,))
@@ -104,7 +105,8 @@ async def route(
         reason = f"no request embedding ({why}): default tier"
         decision = RouteDecision(policy.router.default_tier, None, (reason,))
     else:
-        decision = choose_tier(policy, models, features, predicted, example, lengths.per_backend)
+        priced = priced_tokens(policy, predicted, lengths.per_backend)
+        decision = choose_tier(policy, models, features, priced, example)
     scored = decision.score is not None
     return RouteOutcome(
         decision=decision,
@@ -114,7 +116,7 @@ async def route(
         length_version=lengths.version,
         knob=knob_of(policy.router, models) if scored else None,
         per_backend=lengths.per_backend,
-        priced=priced_tokens(policy, predicted, lengths.per_backend) if scored else MappingProxyType({}),
+        priced=priced if scored else MappingProxyType({}),
     )
 
 
@@ -231,12 +233,11 @@ def choose_tier(
     policy: Policy,
     models: RouteModels,
     features: RouteFeatures,
-    predicted: LengthEstimate,
+    priced: Mapping[str, int],
     example: ExampleSignal | None,
-    per_backend: Mapping[str, LengthEstimate] = MappingProxyType({}),
 ) -> RouteDecision:
     """The routed decision: the rule as configured, or the learned score through the policy's knob; the
-    cost knob prices each tier at its own predicted length (`priced_tokens`)."""
+    cost knob prices each tier at its own predicted output tokens, `priced` (`priced_tokens`)."""
     config = policy.router
     scored = models.router.route(features)
     if scored.score is None:  # a rule: its decision stands
@@ -247,14 +248,13 @@ def choose_tier(
         example_lift=config.example_lift,
         example_min_similarity=config.example_min_similarity,
     )
-    tokens = priced_tokens(policy, predicted, per_backend)
     return decide(
         float(scored.score),
         price(policy, config.default_tier),
         price(policy, config.large_tier),
         features.prompt_tokens,
-        tokens[config.default_tier],
+        priced[config.default_tier],
         knob,
         example,
-        large_tokens=tokens[config.large_tier],
+        large_tokens=priced[config.large_tier],
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -82,8 +83,13 @@ def features(prompt_tokens: int = 10) -> RouteFeatures:
     return RouteFeatures(prompt_tokens=prompt_tokens, conversation_depth=1)
 
 
+def at(policy: Policy, tokens: int) -> Mapping[str, int]:
+    """Both tiers priced at one predicted length (`priced_tokens` with the shared prediction alone)."""
+    return priced_tokens(policy, LengthEstimate(tokens, 2 * tokens), {})
+
+
 def tier_for(policy: Policy, models: RouteModels, example: ExampleSignal | None = None) -> str:
-    return choose_tier(policy, models, features(), LengthEstimate(190, 400), example).tier
+    return choose_tier(policy, models, features(), at(policy, 190), example).tier
 
 
 # --- choose_tier ---------------------------------------------------------------------------------------
@@ -92,15 +98,15 @@ def tier_for(policy: Policy, models: RouteModels, example: ExampleSignal | None 
 def test_choose_tier_a_rule_decision_stands() -> None:
     rule = LongPromptRule("small", "large", 50)
     policy = priced_policy(threshold=0.99)  # a knob never overrides a rule
-    assert choose_tier(policy, models_of(rule), features(50), LengthEstimate(1, 1), None).tier == "small"
-    decision = choose_tier(policy, models_of(rule), features(51), LengthEstimate(1, 1), None)
+    assert choose_tier(policy, models_of(rule), features(50), at(policy, 1), None).tier == "small"
+    decision = choose_tier(policy, models_of(rule), features(51), at(policy, 1), None)
     assert decision.tier == "large" and decision.score is None and "51 > 50" in decision.reasons[0]
 
 
 @pytest.mark.parametrize(("score", "tier"), [(0.61, "small"), (0.6, "small"), (0.59, "large")])
 def test_choose_tier_threshold(score: float, tier: str) -> None:
     decision = choose_tier(
-        priced_policy(threshold=0.6), models_of(Scorer(score)), features(), LengthEstimate(1, 1), None
+        priced_policy(threshold=0.6), models_of(Scorer(score)), features(), {"small": 1, "large": 1}, None
     )
     assert decision.tier == tier and decision.score == pytest.approx(score)
 
@@ -156,7 +162,7 @@ def test_choose_tier_quality_value_weighs_expected_loss_against_the_extra_cost(
     policy = priced_policy(quality_value_usd=1.0)
     models = models_of(Scorer(score), threshold=0.99)  # ignored: the value knob decides
     assert threshold_for(policy.router, models) is None
-    decision = choose_tier(policy, models, features(), LengthEstimate(190, 400), None)
+    decision = choose_tier(policy, models, features(), at(policy, 190), None)
     assert decision.tier == tier
     assert any("extra cost $0.200000" in reason for reason in decision.reasons)
 
@@ -167,9 +173,9 @@ def test_choose_tier_prices_the_large_tier_at_its_own_predicted_length() -> None
     policy = priced_policy(quality_value_usd=1.0)
     models = models_of(Scorer(0.7))
     shared = LengthEstimate(190, 400)
-    assert choose_tier(policy, models, features(), shared, None).tier == "large"
+    assert choose_tier(policy, models, features(), priced_tokens(policy, shared, {}), None).tier == "large"
     own = {"large": LengthEstimate(390, 800)}
-    decision = choose_tier(policy, models, features(), shared, None, own)
+    decision = choose_tier(policy, models, features(), priced_tokens(policy, shared, own), None)
     assert decision.tier == "small"
     assert any("190 output tokens on small, 390 on large" in r for r in decision.reasons)
     assert priced_tokens(policy, shared, own) == {"small": 190, "large": 390}
