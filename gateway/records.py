@@ -59,8 +59,11 @@ class RequestContext:
     completion_tokens: int = 0
     status_code: int = 200
     error_type: str | None = None
-    # The answer as it streamed by, for storing it once the stream ends.
+    # The answer as it streamed by, for storing it once the stream ends; its characters, counted as
+    # they pass (admission reads them live); whether the backend's usage gave `completion_tokens`.
     output_parts: list[str] = field(default_factory=list)
+    output_chars: int = 0
+    usage_reported: bool = False
     finish_reason: str | None = None
     overhead_frozen_ms: float | None = None
     total_frozen_ms: float | None = None

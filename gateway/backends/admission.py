@@ -391,6 +391,50 @@ class BackendSignals:
     read_at: float  # time.monotonic()
 
 
+@dataclass(frozen=True)
+class Relayed:
+    """How much of an answer a stream has relayed so far."""
+
+    chunks: int  # chunks of the stream
+    chars: int  # characters of answer text in them
+
+
+class CharsPerToken:
+    """Characters per output token in a backend's answers, from its finished streams whose usage it
+    reported; turns what a stream has relayed into tokens.
+
+    Why not a token a chunk: servers may put several tokens in one chunk (vLLM's stream interval, a
+    provider batching its writes, the bench simulator's 50 ms), and a stream counted by its chunks looks
+    less far along than it is, so admission would predict its slot later than it frees. The prior is
+    four characters a token (English text, the gateway's prompt estimate), worth one short answer."""
+
+    PRIOR_CHARS = 400.0
+    PRIOR_TOKENS = 100.0
+
+    def __init__(self, window: int = 64) -> None:
+        self._samples: deque[tuple[int, int]] = deque(maxlen=window)
+        self._chars = self.PRIOR_CHARS
+        self._tokens = self.PRIOR_TOKENS
+
+    def add(self, chars: int, tokens: int) -> None:
+        if chars <= 0 or tokens <= 0:
+            return
+        if len(self._samples) == self._samples.maxlen:
+            old_chars, old_tokens = self._samples[0]
+            self._chars, self._tokens = self._chars - old_chars, self._tokens - old_tokens
+        self._samples.append((chars, tokens))
+        self._chars, self._tokens = self._chars + chars, self._tokens + tokens
+
+    @property
+    def estimate(self) -> float:
+        return self._chars / self._tokens
+
+    def tokens(self, relayed: Relayed) -> float:
+        """Tokens in what a stream relayed: its characters at the learned rate, and at least a token a
+        chunk."""
+        return max(float(relayed.chunks), relayed.chars / self.estimate)
+
+
 @dataclass(eq=False)
 class Job:
     """A request holding one of a backend's slots."""
@@ -400,11 +444,12 @@ class Job:
     queued_s: float = 0.0
     prefill_tokens: int = 0  # its prompt plus those still prefilling when it started
     first_token_at: float | None = None  # streams only
-    completion_tokens: int | None = None  # known once it ends
+    completion_tokens: int | None = None  # the backend's count (its usage) once it ends; None: not said
     predicted_wait_s: float = 0.0  # what admission expected it to wait for its slot (queued_s is actual)
-    # Tokens streamed so far, read live (the call stage sets it for a stream): what is left of the
-    # answer is then its predicted length less these, not a guess from how long it has run.
-    produced: Callable[[], int] | None = None
+    # What the stream has relayed so far, read live (the call stage sets it for a stream): what is left
+    # of the answer is then its predicted length less the tokens in that (`CharsPerToken`), not a guess
+    # from how long it has run.
+    produced: Callable[[], Relayed] | None = None
     batch_area: float | None = None  # the backend's batch-seconds when it started: its mean batch at the end
 
 
@@ -442,6 +487,7 @@ class BackendState:
         self.tpot = Latency(config.expected_tpot_ms / 1000)
         self.decode = DecodeModel(config.expected_tpot_ms / 1000, config.max_concurrent)
         self.wait_error = WaitError()
+        self.chars_per_token = CharsPerToken()
         self.errors = 0
         self.served = 0
         self.signals: BackendSignals | None = None
@@ -478,7 +524,7 @@ class BackendState:
         if job.first_token_at is not None:
             elapsed = max(0.0, now - job.first_token_at)
             if job.produced is not None:
-                return elapsed, float(max(1, job.produced()))
+                return elapsed, max(1.0, self.chars_per_token.tokens(job.produced()))
             return elapsed, max(1.0, elapsed / per_token)
         if job.produced is not None:  # a stream still waiting for its first token
             return 0.0, 0.0
@@ -1054,6 +1100,12 @@ class Admission:
         if job.first_token_at is not None:
             state.ttft.add(job.prefill_tokens, job.first_token_at - job.started)
         tokens = job.completion_tokens
+        if job.produced is not None:  # a stream: its text, against the backend's count if it gave one
+            relayed = job.produced()
+            if tokens:
+                state.chars_per_token.add(relayed.chars, tokens)
+            else:
+                tokens = round(state.chars_per_token.tokens(relayed))
         if not tokens:
             return
         # The batch it ran in, on average over its life (its own place included).
@@ -1134,6 +1186,8 @@ class Admission:
                 # How much longer than predicted requests waited in its queue (mean; the margin added).
                 "wait_error_ms": None if (bias := s.wait_error.bias_s(now)) is None else bias * 1000,
                 "wait_margin_ms": s.wait_error.margin_s(self.config.wait_quantile, now) * 1000,
+                # How a stream's relayed text is counted in tokens (`CharsPerToken`).
+                "chars_per_token": s.chars_per_token.estimate,
                 "errors": s.errors,
                 "served": s.served,
                 # 1 while the backend gets no calls or only a probe (icgate_admission_backend_circuit_open).

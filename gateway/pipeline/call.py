@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
 
-from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask, BackendUnavailable, Job
+from icgate.gateway.backends.admission import (
+    Admission,
+    AdmissionRefused,
+    Ask,
+    BackendUnavailable,
+    Job,
+    Relayed,
+)
 from icgate.gateway.backends.client import BackendClient, BackendError
 from icgate.gateway.config import BackendConfig, Policy
 from icgate.gateway.errors import GatewayError
@@ -288,9 +295,12 @@ class Caller:
 
 
 def _note_output(ctx: RequestContext, job: Job) -> None:
-    job.completion_tokens = ctx.completion_tokens or len(ctx.output_parts)
+    """The answer's size as the backend counted it; a stream whose backend sent no usage is left to
+    admission to count from its text (a cut stream's bill, one token a chunk, is no count of it)."""
+    reported = ctx.usage_reported if ctx.stream else ctx.completion_tokens > 0
+    job.completion_tokens = ctx.completion_tokens if reported else None
 
 
-def _streamed(ctx: RequestContext) -> int:
-    """Tokens a stream has relayed so far: one a content chunk, as OpenAI-compatible servers send them."""
-    return len(ctx.output_parts)
+def _streamed(ctx: RequestContext) -> Relayed:
+    """What a stream has relayed so far (admission counts the tokens in it: `CharsPerToken`)."""
+    return Relayed(len(ctx.output_parts), ctx.output_chars)

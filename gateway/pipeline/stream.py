@@ -107,11 +107,15 @@ class StreamRelay:
 
     def _note(self, chunk: Chunk) -> None:
         """Usage and the answer's text, for the request log and the cache insert."""
+        ctx = self._ctx
         if chunk.get("usage"):
-            self._ctx.prompt_tokens, self._ctx.completion_tokens = token_usage(chunk)
+            ctx.prompt_tokens, ctx.completion_tokens = token_usage(chunk)
+            ctx.usage_reported = True
         for choice in chunk.get("choices") or ():
             if choice.get("index", 0) == 0:
-                self._ctx.output_parts.append((choice.get("delta") or {}).get("content") or "")
+                text = (choice.get("delta") or {}).get("content") or ""
+                ctx.output_parts.append(text)
+                ctx.output_chars += len(text)
                 self._ctx.finish_reason = choice.get("finish_reason") or self._ctx.finish_reason
 
     def _bill_what_was_sent(self) -> None:

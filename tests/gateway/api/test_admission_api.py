@@ -270,3 +270,29 @@ async def test_backend_signals_are_polled_from_its_metrics_endpoint(
         await asyncio.gather(*others)
     assert seen == 3
     assert gw.gateway.admission.snapshot()["small"]["in_flight"] == 0
+
+
+async def test_a_stream_is_as_far_along_as_its_tokens_when_the_backend_sends_several_a_chunk(
+    sims: Sims, start_gateway: StartGateway
+) -> None:
+    """The simulator sends a chunk at most every 50 ms and decodes a token every 20 ms: two or three
+    tokens a chunk, as vLLM's stream interval does. Admission counts what the stream relayed in tokens
+    (its text), so the request is as far along as the backend says, not half as far."""
+    gw = start_gateway(sim_policy(sims))
+    state = gw.gateway.admission.states["small"]
+    body = {**chat("small", 80, stream=True), "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+        streaming = asyncio.create_task(post(http, body))
+        while not (state.jobs and sims.small.engine.running and sims.small.engine.running[0].generated >= 40):
+            await asyncio.sleep(0.005)
+        job = next(iter(state.jobs))
+        assert job.produced is not None
+        relayed = job.produced()
+        counted = state.progress(job, gw.gateway.admission.clock())[1]
+        generated = sims.small.engine.running[0].generated if sims.small.engine.running else 80
+        done = await streaming
+    assert done.status == 200
+    assert relayed.chunks < 0.7 * counted  # the chunks did carry several tokens each
+    # What the gateway has relayed trails what the backend made by at most a chunk in transit.
+    assert generated - 6 <= counted <= generated + 1
+    assert state.chars_per_token.estimate == pytest.approx(4.0, abs=0.05)  # "tok " is four characters

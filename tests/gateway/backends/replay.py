@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask
+from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask, Relayed
 from icgate.gateway.config import AdmissionConfig, BackendConfig
 
 
@@ -204,7 +204,7 @@ async def _one(
             result.waited_s = job.queued_s
             seq = engine.submit(request.prompt, request.output)
             if counted:
-                job.produced = lambda: seq.generated
+                job.produced = lambda: Relayed(seq.generated, 4 * seq.generated)
             try:
                 await seq.first.wait()
                 job.first_token_at = first = loop.time()

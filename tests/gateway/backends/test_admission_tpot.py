@@ -14,6 +14,7 @@ from icgate.gateway.backends.admission import (
     BackendSignals,
     DecodeModel,
     Job,
+    Relayed,
 )
 from icgate.gateway.config import AdmissionConfig, BackendConfig
 
@@ -42,7 +43,7 @@ def decoding(output: int, produced: int, tpot_so_far: float, now: float, slo: fl
     """A stream that has produced `produced` tokens at `tpot_so_far` each, predicted to give `output`."""
     job = Job(Ask(100, output, tpot_slo_s=slo, output_tokens_p90=output), started=now - 1.0)
     job.first_token_at = now - tpot_so_far * (produced - 1)
-    job.produced = lambda: produced
+    job.produced = lambda: Relayed(produced, 4 * produced)
     return job
 
 

@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from icgate.gateway.backends.admission import AdmissionRefused, Ask
+from icgate.gateway.backends.admission import AdmissionRefused, Ask, Latency, Relayed
 from tests.gateway.backends.test_admission_clock import FakeClock, admission, backend
 
 # Before any measurement: 100 ms to the first token, 10 ms per output token (test_admission_clock).
@@ -109,7 +109,7 @@ def test_a_stream_is_as_far_along_as_the_tokens_it_has_sent() -> None:
     state = adm.states["a"]
     job = state.start_job(Ask(10, 100, output_tokens_p90=200, arrived=clock()), clock())
     sent = [1]
-    job.produced = lambda: sent[0]
+    job.produced = lambda: Relayed(sent[0], 4 * sent[0])  # a token a chunk, four characters a token
     assert state.remaining_s(job, clock()) == pytest.approx(0.1 + 1.0)  # no first token yet
     job.first_token_at = 0.1
     clock.advance(2.0)  # twice its predicted time, but it has sent only 40 tokens (a slow batch)
@@ -133,3 +133,59 @@ def test_a_wait_longer_than_max_queue_wait_is_refused_at_arrival_too() -> None:
     longer.states["a"].start_job(Ask(10, 100, arrived=clock()), clock())
     placed = longer.decide(patient, [a])
     assert placed.backend == a and placed.wait_s == pytest.approx(1.1)  # it queues
+
+
+def test_a_stream_that_sends_several_tokens_a_chunk_is_as_far_along_as_the_text_it_has_sent() -> None:
+    """Servers may put several tokens in one chunk (vLLM's stream interval; the bench simulator sends at
+    most a chunk per 50 ms). Counted a token a chunk, such a stream looks half as far along as it is, and
+    its slot is predicted to free later than it will."""
+    clock = FakeClock()
+    a = backend()
+    state = admission(a, clock=clock).states["a"]
+    job = state.start_job(Ask(10, 100, output_tokens_p90=200, arrived=clock()), clock())
+    job.first_token_at = clock()
+    relayed = [Relayed(20, 160)]  # 20 chunks of two tokens, at the prior's four characters a token
+    job.produced = lambda: relayed[0]
+    assert state.progress(job, clock())[1] == 40
+    assert state.remaining_s(job, clock()) == pytest.approx(0.6)  # 60 tokens at 10 ms, not 80
+    relayed[0] = Relayed(30, 60)  # fewer characters than chunks (one-letter tokens): a token a chunk at least
+    assert state.progress(job, clock())[1] == 30
+
+
+async def test_the_characters_a_token_are_learned_from_the_usage_the_backend_reports() -> None:
+    """A backend whose tokens are two characters long (code, another language): once its finished
+    streams' usage says so, a stream's text is counted at that rate; a stream without usage is counted
+    from its text for the time per output token it measures."""
+    clock = FakeClock()
+    a = backend()
+    adm = admission(a, clock=clock)
+    state = adm.states["a"]
+    assert state.chars_per_token.estimate == pytest.approx(4.0)
+
+    async def stream(chars: int, usage: int | None) -> None:
+        async with adm.hold(a, Ask(10, 100, arrived=clock())) as job:
+            clock.advance(0.1)
+            job.first_token_at = clock()
+            clock.advance(1.0)
+            job.produced = lambda: Relayed(chars // 6, chars)  # three tokens a chunk
+            job.completion_tokens = usage
+
+    for _ in range(64):
+        await stream(200, 100)
+    # (400 + 64 x 200) / (100 + 64 x 100): the prior weighs as one short answer against 64.
+    assert state.chars_per_token.estimate == pytest.approx(13200 / 6500)
+    assert adm.snapshot()["a"]["chars_per_token"] == pytest.approx(13200 / 6500)
+    for _ in range(10):  # the window keeps the last 64 answers
+        await stream(300, 100)
+    assert state.chars_per_token.estimate == pytest.approx((400 + 54 * 200 + 10 * 300) / 6500)
+    job = state.start_job(Ask(10, 100, arrived=clock()), clock())
+    job.first_token_at = clock()
+    job.produced = lambda: Relayed(10, 60)
+    assert state.progress(job, clock())[1] == pytest.approx(60 / state.chars_per_token.estimate)
+    state.jobs.clear()
+    # No usage: 200 characters at the learned rate, over the 1 s after the first token.
+    tokens = round(200 / state.chars_per_token.estimate)
+    state.tpot = Latency(0.5)  # a prior far off: the one sample is the estimate
+    await stream(200, None)
+    assert tokens > 80
+    assert state.tpot.estimate_s == pytest.approx(1.0 / (tokens - 1))  # not 1.0 / 32, a token a chunk
