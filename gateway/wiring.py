@@ -207,6 +207,7 @@ class Gateway:
                 self.policy.lengths,
                 [b.name for b in self.policy.backends],
                 on_published=self._check_backend_length,
+                shared=lambda: self.pipeline.models.length,
             )
             self.length_learning.start()
         await self.live_policy.start(self.engine)

@@ -24,7 +24,8 @@ from icgate.gateway.store.length_samples import (
     newest_answers,
     prune,
 )
-from icgate.lengths.predict import EMBEDDING_DIM, LengthPredictor
+from icgate.lengths.predict import EMBEDDING_DIM, ConstantLength, LengthPredictor
+from icgate.lengths.training import fit_logged
 
 MIXING = np.random.default_rng(99).normal(size=(8, EMBEDDING_DIM))
 
@@ -165,3 +166,24 @@ def test_refits_asked_for_at_once_run_one_after_the_other(engine: sa.Engine) -> 
     # One ran after the other, not beside it: it found the other's predictor and nothing new.
     assert sorted(b.outcome for b in first.backends + second.backends) == ["no new answers", "published"]
     assert len(artifacts.list_models(engine, length_kind("a"))) == 1
+
+
+def test_a_backends_own_predictor_is_published_only_if_it_beats_the_shared_one(engine: sa.Engine) -> None:
+    """The shared predictor here was fitted on 2,000 answers like the backend's: a predictor fitted on the
+    backend's 150 misses them by more out of fold, so it is not published and the shared one keeps
+    sizing the backend. Against a shared predictor that says 1,000 tokens for everything, it is."""
+    insert_samples(engine, samples("plenty", 2000, 1.0, seed=7))
+    shared = fit_logged(newest_answers(engine, "plenty", 2000)[0])
+    insert_samples(engine, samples("a", 150, 1.0))
+    kept = refit_backend(engine, config(), "a", shared)
+    assert kept.outcome == "not better than shared"
+    assert kept.own_mae is not None and kept.shared_mae is not None and kept.own_mae >= kept.shared_mae
+    assert artifacts.newest(engine, length_kind("a")) is None
+    beaten = refit_backend(engine, config(), "a", ConstantLength(1000, 2000))
+    assert beaten.outcome == "published"
+    assert beaten.own_mae is not None and beaten.shared_mae is not None
+    assert beaten.own_mae < 100 < 800 < beaten.shared_mae  # answers of about 150 tokens
+    stored = artifacts.newest(engine, length_kind("a"))
+    assert stored is not None
+    assert stored.training["oof_mae_tokens"] == beaten.own_mae
+    assert stored.training["shared_mae_tokens"] == beaten.shared_mae
