@@ -1,0 +1,94 @@
+"""bench/load_windows.py: several runs' windows per cell, and the gap closed per run and of the means."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.load_windows import (
+    Cell,
+    Run,
+    gap_of_means,
+    gap_per_run,
+    keep,
+    read_runs,
+    report,
+    windows_by_cell,
+)
+
+
+def result(system: str, goodput: float, client: str = "none", refused: int = 10, late: int = 1) -> dict:
+    return {
+        "trace": "content",
+        "load": 1.5,
+        "client": client,
+        "system": system,
+        "goodput_rps": goodput,
+        "refused": refused,
+        "refused_late": late,
+    }
+
+
+def run(name: str, learned: float, constant: float, oracle: float, oracle_client: str = "none") -> Run:
+    rows = [
+        result("icgate-learn", learned),
+        result("icgate-constant", constant),
+        result("icgate-oracle", oracle, oracle_client),
+    ]
+    return Run(name, {}, rows)
+
+
+def test_each_run_closes_its_own_gap_and_the_means_close_theirs() -> None:
+    runs = [run("a", 11.5, 11.0, 12.0), run("b", 11.0, 11.2, 12.2), run("c", 12.0, 11.0, 11.0)]
+    cells = windows_by_cell(runs)
+    learned = cells[Cell("content", 1.5, "none", "icgate-learn")]
+    assert [w.goodput_rps for w in learned] == [11.5, 11.0, 12.0]
+    assert learned[0].late_share == pytest.approx(0.1)
+    per_run = dict(gap_per_run(cells, "content", 1.5, "none"))
+    assert per_run["a"] == pytest.approx(0.5)
+    assert per_run["b"] == pytest.approx(-0.2)
+    assert per_run["c"] is None  # the oracle did no better than the constant: no gap to close
+    # Means: learned 11.5, constant 33.2 / 3, oracle 35.2 / 3.
+    assert gap_of_means(cells, "content", 1.5, "none") == pytest.approx((11.5 - 33.2 / 3) / (2 / 3))
+
+
+def test_the_oracle_counts_for_every_client_of_its_run() -> None:
+    """(a*)'s client sends the true length whatever the run's client is; `bench/load.py` runs it once per
+    load, and its window is the ceiling for the capped client too."""
+    capped = Run(
+        "d",
+        {},
+        [
+            result("icgate-learn", 11.6, "cap1024"),
+            result("icgate-constant", 11.2, "cap1024"),
+            result("icgate-oracle", 12.0, "none"),
+        ],
+    )
+    cells = windows_by_cell([capped])
+    assert gap_per_run(cells, "content", 1.5, "cap1024") == [("d", pytest.approx(0.5))]
+    assert gap_of_means(cells, "content", 1.5, "none") is None  # no (a+) with that client
+
+
+def test_kept_runs_rebuild_the_report(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    meta = {
+        "date": "2026-11-28T19:18:11+00:00",
+        "took_s": 600,
+        "commit": "commit abc",
+        "command": "x",
+        "args": {},
+    }
+    (work / "meta.json").write_text(json.dumps(meta))
+    rows = [{**r, "per_backend": {"big": 1}} for r in run("-", 11.5, 11.0, 12.0).results]
+    (work / "results.json").write_text(json.dumps(rows))
+    kept = keep(work, "a smoke run", tmp_path / "windows")
+    assert kept.name == "20261128T191811.json"
+    assert "per_backend" not in kept.read_text()  # only what the tables read
+    runs = read_runs([kept])
+    text = report(runs)
+    assert "| content | 1.5x | none | 50% (20261128T191811.json) | 50% |" in text
+    assert "a smoke run" in text
+    assert "| 11.50 | **11.50** | - | 10% |" in text
