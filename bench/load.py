@@ -892,6 +892,7 @@ Lengths = Literal["learned", "constant", "oracle"]
 Refit = Literal["never", "phase"]
 NO_REFIT_S = 36_000.0  # the first refit comes a tenth of this after start: an hour, long after any run
 FIT_ONCE = 1_000_000_000  # (a+)'s `lengths.min_new_rows`: a backend once fitted is never refitted
+SHED_QUANTILE = 0.75  # (a+s), (a*s): a request that would queue is refused if longer than 3/4 of recent ones
 
 
 @dataclass(frozen=True)
@@ -904,6 +905,7 @@ class System:
     strategy: Literal["simple-shuffle", "least-busy"] | None = None
     max_parallel: bool = False  # LiteLLM: per-deployment max_parallel_requests = icgate's max_concurrent
     learn: bool = False  # icgate: a learning phase before the window ((a+): each backend's own predictor)
+    shed: bool = False  # icgate: `admission.shed_long_quantile` (SHED_QUANTILE): the longest first under load
 
     @property
     def client(self) -> ClientMode | None:
@@ -931,6 +933,23 @@ SYSTEMS = {
         ),
         System("icgate-constant", "(a0) icgate, admission, one constant length", "icgate", True, "constant"),
         System("icgate-oracle", "(a*) icgate, admission, oracle length (ceiling)", "icgate", True, "oracle"),
+        System(
+            "icgate-learn-shed",
+            "(a+s) icgate, admission, each backend's own learned lengths, the longest first under load",
+            "icgate",
+            True,
+            "learned",
+            learn=True,
+            shed=True,
+        ),
+        System(
+            "icgate-oracle-shed",
+            "(a*s) icgate, admission, oracle length, the longest first under load (ceiling)",
+            "icgate",
+            True,
+            "oracle",
+            shed=True,
+        ),
         System("icgate-off", "(b) icgate, admission off", "icgate", admission=False),
         System("litellm-shuffle", "(c1) LiteLLM simple-shuffle", "litellm", strategy="simple-shuffle"),
         System("litellm-least-busy", "(c2) LiteLLM least-busy", "litellm", strategy="least-busy"),
@@ -970,6 +989,7 @@ def icgate_policy(
     args: argparse.Namespace,
     lengths: Lengths | None = None,
     refit: Refit | None = None,
+    shed: bool = False,
 ) -> dict[str, Any]:
     """Every icgate variant gets this policy; `admission.enabled` and how answers are sized differ.
 
@@ -979,7 +999,8 @@ def icgate_policy(
     examples: the prompt reaches the backend unchanged); constant - every request predicted the mix's mean
     answer; oracle - a constant above any answer, which icgate caps at the client's max_tokens, the true
     length. None (admission off, bench/replicas.py): the cache off, as before, so the predictor sees no
-    embedding. `refit` (see `Refit`): None leaves the gateway's defaults.
+    embedding. `refit` (see `Refit`): None leaves the gateway's defaults. `shed`: the longest first under
+    load (`admission.shed_long_quantile: SHED_QUANTILE`).
     """
     backends = []
     for tier in TIERS:
@@ -1009,6 +1030,7 @@ def icgate_policy(
             "ttft_slo_ms": args.ttft_slo_ms,
             "tpot_slo_ms": args.tpot_slo_ms,
             "ttft_margin": args.ttft_margin,
+            **({"shed_long_quantile": SHED_QUANTILE} if shed else {}),
         },
     }
     if lengths == "learned":
@@ -1086,7 +1108,9 @@ def serve_system(
     tag = f"{setup.trace.name}-{system.key}-{port}"
     if system.kind == "icgate":
         policy = work / f"{tag}.yaml"
-        settings = icgate_policy(setup, sims, system.admission, args, system.lengths, refit_of(system))
+        settings = icgate_policy(
+            setup, sims, system.admission, args, system.lengths, refit_of(system), system.shed
+        )
         policy.write_text(yaml.safe_dump(settings, sort_keys=False))
         data = work / tag
         # The embedder's ONNX graph is exported into <data dir>/models on first use (~25 s): one copy
@@ -1832,7 +1856,13 @@ def gap_closed(learned: float, constant: float, oracle: float) -> float | None:
     return (learned - constant) / (oracle - constant) if oracle > constant else None
 
 
-LEARNED_SYSTEMS = ("icgate", "icgate-learn")  # (a) and (a+): the systems the target is about
+# (a), (a+) and (a+s): the systems the target is about. Each one's gap is between (a0) and the oracle under
+# the same admission policy: (a*s) for (a+s), which sheds the longest under load, else (a*).
+LEARNED_SYSTEMS = ("icgate", "icgate-learn", "icgate-learn-shed")
+
+
+def oracle_for(system: str) -> str:
+    return "icgate-oracle-shed" if SYSTEMS[system].shed else "icgate-oracle"
 
 
 def target_lines(results: Sequence[RunResult], ttft_slo_s: float) -> list[str]:
@@ -1841,7 +1871,8 @@ def target_lines(results: Sequence[RunResult], ttft_slo_s: float) -> list[str]:
     lines = [
         "| trace | client | load | system | goodput | best LiteLLM | its goodput | ratio (>= 1.5) | p99 "
         "TTFT ms "
-        "| (a0) goodput | (a*) goodput | gap closed (>= 50%) | 429s after queueing (< 10%) | "
+        "| (a0) goodput | oracle goodput ((a*); (a*s) for (a+s)) | gap closed (>= 50%) | "
+        "429s after queueing (< 10%) | "
         "target met |",
         "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
@@ -1850,7 +1881,7 @@ def target_lines(results: Sequence[RunResult], ttft_slo_s: float) -> list[str]:
             continue
         rival = best_litellm(results, r.trace, r.load, r.client)
         constant = _find(results, r.trace, r.load, "icgate-constant", r.client)
-        oracle = _find(results, r.trace, r.load, "icgate-oracle", None)  # its client ignores the run's
+        oracle = _find(results, r.trace, r.load, oracle_for(r.system), None)  # its client ignores the run's
         ratio = (
             None if rival is None else (r.goodput_rps / rival.goodput_rps if rival.goodput_rps else math.inf)
         )
@@ -2554,7 +2585,13 @@ def run_benchmark(
                     if system.kind == "icgate" and system.key not in skipped:
                         problem = policy_problem(
                             icgate_policy(
-                                setup, sims, system.admission, args, system.lengths, refit_of(system)
+                                setup,
+                                sims,
+                                system.admission,
+                                args,
+                                system.lengths,
+                                refit_of(system),
+                                system.shed,
                             )
                         )
                         if problem:

@@ -347,6 +347,12 @@ class AdmissionConfig(Strict):
     max_queue: int = Field(256, ge=0)  # waiting requests per backend
     # How fast a waiting request's predicted length shrinks in the queue order, so long ones never starve.
     ageing_tokens_per_s: float = Field(100.0, ge=0)
+    # Under load, the longest first: a request that would have to wait for a slot is refused at arrival
+    # when its predicted output is longer than this quantile of the backend's recent requests' (0.75: the
+    # longest quarter). A long answer holds a slot as long as several short ones, so more requests meet
+    # their objective; long ones are refused more often while the backend is saturated (never while it
+    # has room). None: off. See docs/admission.md, "The longest first under load".
+    shed_long_quantile: float | None = Field(None, gt=0, lt=1)
     # A routed request may go to the other tier when its own cannot meet the objective.
     spill: bool = True
     classes: dict[str, PriorityClass] = {}

@@ -47,6 +47,10 @@ from icgate.gateway.backends.shared import SharedSlots, SharedStateDown
 from icgate.gateway.config import AdmissionConfig, BackendConfig, CircuitBreakerConfig
 
 RefusedAt = Literal["arrival", "queued"]
+# `shed_long_quantile` reads the predicted outputs of a backend's last RECENT_SIZES requests, and none until
+# it has seen MIN_RECENT_SIZES.
+RECENT_SIZES = 256
+MIN_RECENT_SIZES = 32
 
 
 class AdmissionRefused(Exception):
@@ -488,6 +492,8 @@ class BackendState:
         self.decode = DecodeModel(config.expected_tpot_ms / 1000, config.max_concurrent)
         self.wait_error = WaitError()
         self.chars_per_token = CharsPerToken()
+        # Predicted outputs of the requests it was recently asked to take: what "long" means for it.
+        self.recent_sizes: deque[int] = deque(maxlen=RECENT_SIZES)
         self.errors = 0
         self.served = 0
         self.signals: BackendSignals | None = None
@@ -560,6 +566,15 @@ class BackendState:
         job.batch_area = self.area_at(now)
         self.jobs.add(job)
         return job
+
+    def longer_than_most(self, size: int, quantile: float) -> int | None:
+        """The `quantile` of its recent requests' predicted outputs, if `size` is above it (None: not, or
+        too few seen yet to say)."""
+        if len(self.recent_sizes) < MIN_RECENT_SIZES:
+            return None
+        ordered = sorted(self.recent_sizes)
+        cut = ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+        return cut if size > cut else None
 
     def service_s(self, ask: Ask) -> float:
         return self.ttft.estimate_s(ask.prompt_tokens) + ask.output_tokens * self.tpot.estimate_s
@@ -865,6 +880,9 @@ class Admission:
         def on(s: BackendState) -> Ask:  # the request as sized for that backend
             return ask.on(s.config.name)
 
+        for s in states:
+            s.recent_sizes.append(on(s).output_tokens)
+
         free = [
             s
             for s in states
@@ -878,16 +896,43 @@ class Admission:
         if budget is None:
             return _seen(min(states, key=lambda s: s.utilisation), False)
         best = min((self._outlook(s, on(s), now) for s in states), key=lambda o: o.ttft_s)
+        shed = None
         if best.fits(budget, self.config.max_queue_wait_s) and best.state.waiting < self.config.max_queue:
-            return _seen(best.state, False, best.ttft_s, best.wait_s)
+            placed = _seen(best.state, False, best.ttft_s, best.wait_s)
+            shed = self._shed(placed, on(best.state))
+            if shed is None:
+                return placed
         spill_states = [self.states[b.name] for b in spill]
         if spill_states:
             other = min((self._outlook(s, on(s), now) for s in spill_states), key=lambda o: o.ttft_s)
             o = other.state
             has_place = o.waiting < self.config.max_queue or self.has_room(o, on(o), now)
             if other.fits(budget, self.config.max_queue_wait_s) and has_place:
-                return _seen(o, True, other.ttft_s, other.wait_s)
-        raise self._refusal(best, on(best.state), budget, now)
+                placed = _seen(o, True, other.ttft_s, other.wait_s)
+                long_there = self._shed(placed, on(o))
+                if long_there is None:
+                    return placed
+                shed = shed or long_there
+        raise shed or self._refusal(best, on(best.state), budget, now)
+
+    def _shed(self, placed: Placement, ask: Ask) -> AdmissionRefused | None:
+        """The refusal for a request that would wait for a slot while `shed_long_quantile` says its answer
+        is one of the longest the backend is asked for (the longest first under load), else None."""
+        quantile = self.config.shed_long_quantile
+        if quantile is None or not placed.wait_s or placed.wait_s <= 0:
+            return None
+        cut = self.states[placed.backend.name].longer_than_most(ask.output_tokens, quantile)
+        if cut is None:
+            return None
+        name = placed.backend.name
+        return AdmissionRefused(
+            name,
+            max(1.0, math.ceil(placed.wait_s)),
+            f"backend {name} is saturated and this request's predicted answer ({ask.output_tokens} tokens) "
+            f"is longer than {quantile:.0%} of its recent requests' ({cut}); under load the longest are "
+            "refused first (admission.shed_long_quantile)",
+            predicted_wait_s=placed.wait_s,
+        )
 
     def _outlook(self, state: BackendState, ask: Ask, now: float) -> Outlook:
         wait = self.wait_s(state, ask, now)

@@ -18,6 +18,8 @@ from bench.load_windows import (
     windows_by_cell,
 )
 
+LEARN = Cell("content", 1.5, "none", "icgate-learn")
+
 
 def result(system: str, goodput: float, client: str = "none", refused: int = 10, late: int = 1) -> dict:
     return {
@@ -46,12 +48,12 @@ def test_each_run_closes_its_own_gap_and_the_means_close_theirs() -> None:
     learned = cells[Cell("content", 1.5, "none", "icgate-learn")]
     assert [w.goodput_rps for w in learned] == [11.5, 11.0, 12.0]
     assert learned[0].late_share == pytest.approx(0.1)
-    per_run = dict(gap_per_run(cells, "content", 1.5, "none"))
+    per_run = dict(gap_per_run(cells, LEARN))
     assert per_run["a"] == pytest.approx(0.5)
     assert per_run["b"] == pytest.approx(-0.2)
     assert per_run["c"] is None  # the oracle did no better than the constant: no gap to close
     # Means: learned 11.5, constant 33.2 / 3, oracle 35.2 / 3.
-    assert gap_of_means(cells, "content", 1.5, "none") == pytest.approx((11.5 - 33.2 / 3) / (2 / 3))
+    assert gap_of_means(cells, LEARN) == pytest.approx((11.5 - 33.2 / 3) / (2 / 3))
 
 
 def test_the_oracle_counts_for_every_client_of_its_run() -> None:
@@ -67,8 +69,8 @@ def test_the_oracle_counts_for_every_client_of_its_run() -> None:
         ],
     )
     cells = windows_by_cell([capped])
-    assert gap_per_run(cells, "content", 1.5, "cap1024") == [("d", pytest.approx(0.5))]
-    assert gap_of_means(cells, "content", 1.5, "none") is None  # no (a+) with that client
+    assert gap_per_run(cells, Cell("content", 1.5, "cap1024", "icgate-learn")) == [("d", pytest.approx(0.5))]
+    assert gap_of_means(cells, LEARN) is None  # no (a+) with that client
 
 
 def test_kept_runs_rebuild_the_report(tmp_path: Path) -> None:
@@ -89,6 +91,20 @@ def test_kept_runs_rebuild_the_report(tmp_path: Path) -> None:
     assert "per_backend" not in kept.read_text()  # only what the tables read
     runs = read_runs([kept])
     text = report(runs)
-    assert "| content | 1.5x | none | 50% (20261128T191811.json) | 50% |" in text
+    assert "| content | 1.5x | none | (a+) | 50% (20261128T191811.json) | 50% |" in text
     assert "a smoke run" in text
     assert "| 11.50 | **11.50** | - | 10% |" in text
+
+
+def test_the_shedding_learned_system_is_measured_against_the_shedding_oracle() -> None:
+    """(a+s) closes its gap between (a0) and (a*s), the oracle under the same policy, not (a*)."""
+    rows = [
+        result("icgate-constant", 11.0),
+        result("icgate-oracle", 11.5),
+        result("icgate-learn-shed", 13.0),
+        result("icgate-oracle-shed", 15.0),
+    ]
+    cells = windows_by_cell([Run("e", {}, rows)])
+    assert gap_per_run(cells, Cell("content", 1.5, "none", "icgate-learn-shed")) == [
+        ("e", pytest.approx(0.5))
+    ]
