@@ -37,9 +37,9 @@ if str(REPO) not in sys.path:
 from bench import content_trace  # noqa: E402
 from bench import load as bench_load  # noqa: E402
 from bench.simulator.lengths import prompt_key  # noqa: E402
-from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask, Relayed  # noqa: E402
+from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask  # noqa: E402
 from icgate.gateway.config import AdmissionConfig, BackendConfig  # noqa: E402
-from tests.gateway.backends.replay import Engine, EngineCost, VirtualLoop  # noqa: E402
+from tests.gateway.backends.replay import Engine, EngineCost, late_share, on_virtual_clock  # noqa: E402
 
 # The setup bench/results/load.md measured for `content` (capacity, the rule's threshold, the plans).
 KV_TOKENS = 49_152
@@ -178,15 +178,7 @@ def replay(window: Sequence[Request], warm: Sequence[Request], admission: Mappin
             try:
                 placed = adm.decide(ask, [backends[r.tier]], [backends[other]])
                 async with adm.hold(placed.backend, ask) as job:
-                    seq = engines[placed.backend.name].submit(r.prompt_tokens, r.output_tokens)
-                    job.produced = lambda: Relayed(seq.generated, 4 * seq.generated)
-                    try:
-                        await seq.first.wait()
-                        job.first_token_at = first = loop.time()
-                        await seq.done.wait()
-                    finally:
-                        engines[placed.backend.name].abort(seq)
-                    job.completion_tokens = r.output_tokens
+                    first = await engines[placed.backend.name].serve(job, r.prompt_tokens, r.output_tokens)
             except AdmissionRefused as refused:
                 return Outcome(refused.stage)
             tpot = (loop.time() - first) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
@@ -200,8 +192,7 @@ def replay(window: Sequence[Request], warm: Sequence[Request], admission: Mappin
             for task in running:
                 task.cancel()
 
-    with asyncio.Runner(loop_factory=VirtualLoop) as runner:
-        return runner.run(main())
+    return on_virtual_clock(main)
 
 
 @dataclass(frozen=True)
@@ -213,8 +204,7 @@ class Summary:
 
     @property
     def late_share(self) -> float | None:
-        refused = self.refused_arrival + self.refused_queued
-        return self.refused_queued / refused if refused else None
+        return late_share(self.refused_arrival, self.refused_queued)
 
 
 def summarise(outcomes: Sequence[Outcome]) -> Summary:

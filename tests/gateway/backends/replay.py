@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import selectors
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask, Relayed
+from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask, Job, Relayed
 from icgate.gateway.config import AdmissionConfig, BackendConfig
 
 
@@ -94,6 +94,21 @@ class Engine:
         self._wake.set()
         return seq
 
+    async def serve(self, job: Job, prompt: int, output: int, counted: bool = True) -> float:
+        """One request to its end, streamed, holding `job`: its progress counted as the call stage counts a
+        stream's (unless `counted` is False), its size told at the end. Returns when its first token came."""
+        seq = self.submit(prompt, output)
+        if counted:
+            job.produced = lambda: Relayed(seq.generated, 4 * seq.generated)
+        try:
+            await seq.first.wait()
+            job.first_token_at = first = asyncio.get_running_loop().time()
+            await seq.done.wait()
+        finally:
+            self.abort(seq)
+        job.completion_tokens = output
+        return first
+
     def abort(self, seq: Seq) -> None:
         for line in (self.waiting, self.running):
             if seq in line:
@@ -161,6 +176,7 @@ def workload(
 
 
 Outcome = Literal["served", "arrival", "queued"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -202,16 +218,7 @@ async def _one(
     try:
         async with adm.hold(placed.backend, ask) as job:
             result.waited_s = job.queued_s
-            seq = engine.submit(request.prompt, request.output)
-            if counted:
-                job.produced = lambda: Relayed(seq.generated, 4 * seq.generated)
-            try:
-                await seq.first.wait()
-                job.first_token_at = first = loop.time()
-                await seq.done.wait()
-            finally:
-                engine.abort(seq)
-            job.completion_tokens = request.output
+            first = await engine.serve(job, request.prompt, request.output, counted)
             result.ttft_s = first - request.arrival_s
             if request.output > 1:
                 result.tpot_s = (loop.time() - first) / (request.output - 1)
@@ -277,8 +284,19 @@ def replay(setup: Setup, requests: Sequence[Request]) -> list[Result]:
         finally:
             running.cancel()
 
+    return on_virtual_clock(main)
+
+
+def on_virtual_clock(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """`main()` run to its end on a `VirtualLoop`."""
     with asyncio.Runner(loop_factory=VirtualLoop) as runner:
         return runner.run(main())
+
+
+def late_share(arrival: int, queued: int) -> float | None:
+    """Of the 429s, those that came after queueing (None: no 429)."""
+    refused = arrival + queued
+    return queued / refused if refused else None
 
 
 @dataclass(frozen=True)
@@ -295,9 +313,7 @@ class Summary:
 
     @property
     def late_share(self) -> float | None:
-        """Of the 429s, those that came after queueing."""
-        refused = self.refused_arrival + self.refused_queued
-        return self.refused_queued / refused if refused else None
+        return late_share(self.refused_arrival, self.refused_queued)
 
     def __add__(self, other: Summary) -> Summary:
         def mean(a: float | None, b: float | None) -> float | None:
