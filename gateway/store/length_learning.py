@@ -130,6 +130,7 @@ def refit_backend(
     if own is not None and baseline is not None:
         predictor.summary["shared_mae_tokens"] = baseline
         if own >= baseline:
+            length_samples.prune(engine, backend, config.max_rows)  # the window stays bounded either way
             return BackendRefit(
                 backend, "not better than shared", len(answers), own_mae=own, shared_mae=baseline
             )

@@ -179,6 +179,9 @@ def test_a_backends_own_predictor_is_published_only_if_it_beats_the_shared_one(e
     assert kept.outcome == "not better than shared"
     assert kept.own_mae is not None and kept.shared_mae is not None and kept.own_mae >= kept.shared_mae
     assert artifacts.newest(engine, length_kind("a")) is None
+    insert_samples(engine, samples("a", 300, 1.0, seed=4))
+    assert refit_backend(engine, config(), "a", shared).outcome == "not better than shared"
+    assert {c.backend: c.rows for c in counts(engine)}["a"] == 400  # pruned to max_rows all the same
     beaten = refit_backend(engine, config(), "a", ConstantLength(1000, 2000))
     assert beaten.outcome == "published"
     assert beaten.own_mae is not None and beaten.shared_mae is not None
