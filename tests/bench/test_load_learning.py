@@ -150,7 +150,9 @@ def test_only_a_plus_refits_and_it_fits_each_backend_once() -> None:
     s, sims = tiny_setup()
     a = args("--learn-refit-s", "7")
     policies = {
-        key: load.icgate_policy(s, sims, system.admission, a, system.lengths, load.refit_of(system))
+        key: load.icgate_policy(
+            s, sims, system.admission, a, system.lengths, load.refit_of(system), system.shed
+        )
         for key, system in load.SYSTEMS.items()
         if system.kind == "icgate"
     }
@@ -167,9 +169,24 @@ def test_only_a_plus_refits_and_it_fits_each_backend_once() -> None:
     assert load.SYSTEMS["icgate-learn"].learn and not load.SYSTEMS["icgate"].learn
     # The learning half goes through every admission before its window: (a+) learns, the others warm up.
     before = {key for key, system in load.SYSTEMS.items() if load.has_phase(system, a)}
-    assert before == {"icgate", "icgate-learn", "icgate-constant", "icgate-oracle"}
+    assert before == {
+        "icgate",
+        "icgate-learn",
+        "icgate-constant",
+        "icgate-oracle",
+        "icgate-learn-shed",
+        "icgate-oracle-shed",
+    }
     cold = args("--warm-requests", "0")
-    assert {key for key, system in load.SYSTEMS.items() if load.has_phase(system, cold)} == {"icgate-learn"}
+    learning = {key for key, system in load.SYSTEMS.items() if load.has_phase(system, cold)}
+    assert learning == {"icgate-learn", "icgate-learn-shed"}
+    # (a+s) and (a*s) are (a+) and (a*) with the longest shed first under load, and only they shed.
+    shedding = {key for key, p in policies.items() if "shed_long_quantile" in p["admission"]}
+    assert shedding == {"icgate-learn-shed", "icgate-oracle-shed"}
+    for key, twin in (("icgate-learn-shed", "icgate-learn"), ("icgate-oracle-shed", "icgate-oracle")):
+        shed = dict(policies[key]["admission"])
+        assert shed.pop("shed_long_quantile") == load.SHED_QUANTILE
+        assert {**policies[key], "admission": shed} == policies[twin]
 
 
 # --------------------------------------------------------------------------- the learning replay
