@@ -15,6 +15,7 @@ mean rate of k*C (its burstiness kept, its inter-arrival times scaled) through e
     (a*) icgate, admission, oracle length (the ceiling) (b)  icgate, admission off
     (c1) LiteLLM simple-shuffle   (c2) LiteLLM least-busy
     (c3) LiteLLM least-busy + max_parallel_requests   (c4) LiteLLM simple-shuffle + max_parallel_requests
+    and, only when named in --systems: (a+s) and (a*s), (a+) and (a*) with `admission.shed_long_quantile`
 
 Traces: `content` replays real prompts with known answer lengths (bench/content_trace.py) at the conv
 trace's arrival times, the measured half of its conversations only ((a+) learns from the other half);
