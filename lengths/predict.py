@@ -372,18 +372,15 @@ class LengthPredictor:
         training rows used (`lengths.training.LengthRow.estimated_prompt_tokens`).
         """
         score, asked = self._score(embedding, prompt_tokens, text)
-        return self._from_score(score, asked)
+        return self.from_score(score, asked)
 
     def predict_view(self, seen: PromptView) -> LengthEstimate:
         """`predict` for a request whose features are computed already (`prompt_view`)."""
-        return self._from_score(self._score_features(seen.embedding, seen.features), seen.asked)
+        return self.from_score(self._score_features(seen.embedding, seen.features), seen.asked)
 
     def from_score(self, score: float, asked: float | None = None) -> LengthEstimate:
         """p50/p90 for a raw score, such as an out-of-fold one at training time (`asked`: a length the
         prompt itself asks for, `requested_tokens`)."""
-        return self._from_score(score, asked)
-
-    def _from_score(self, score: float, asked: float | None) -> LengthEstimate:
         log_mid = self.calib_a + self.calib_b * score
         return _apply_request(_estimate(math.exp(log_mid + self.q50), math.exp(log_mid + self.q90)), asked)
 
