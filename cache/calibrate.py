@@ -417,24 +417,40 @@ class TrainedCrossEncoder:
 
 
 def train_cross_encoder(
-    pairs: Sequence[LabelledPair], config: TrainingConfig, progress: Callable[[str], None] | None = None
+    pairs: Sequence[LabelledPair],
+    config: TrainingConfig,
+    progress: Callable[[str], None] | None = None,
+    teacher: TrainedCrossEncoder | None = None,
 ) -> TrainedCrossEncoder:
-    """A MiniLM cross-encoder fine-tuned on `pairs` (see `cache.cross_encoder_training`).
+    """A MiniLM cross-encoder fine-tuned on `pairs` (see `cache.cross_encoder_training`), distilled from
+    `teacher` when one is given (its logits on both orders of every pair, averaged).
 
     Train it on pairs disjoint from those `calibrate` fits on, so that its logit is out-of-sample for the
-    classifier and for the thresholds.
+    classifier and for the thresholds (a teacher trained on these same pairs keeps that).
     """
     if len({p.duplicate for p in pairs}) < 2:
         raise ValueError("the cross-encoder needs duplicates and non-duplicates to learn from")
+    texts_a, texts_b = [p.text_a for p in pairs], [p.text_b for p in pairs]
+    teacher_logits = None
+    if teacher is not None:
+        if progress is not None:
+            progress(f"teacher logits for {len(pairs)} pairs, both orders")
+        if not teacher.runtime.both_orders:
+            raise ValueError("a teacher's logits must read both orders: the student learns a symmetric one")
+        teacher_logits = teacher.encoder.logits(texts_a, texts_b)
     encoder = fine_tune(
-        PairCrossEncoder(tuned_layers=config.tuned_layers),
-        [p.text_a for p in pairs],
-        [p.text_b for p in pairs],
+        PairCrossEncoder(tuned_layers=config.tuned_layers, layers=config.layers),
+        texts_a,
+        texts_b,
         [p.duplicate for p in pairs],
         config,
         progress,
+        teacher_logits,
     )
     summary = {
+        "layers": config.layers,
+        "distilled_from": None if teacher is None else teacher.summary.get("reused_from"),
+        "distill_weight": None if teacher is None else config.distill_weight,
         "tuned_layers": config.tuned_layers,
         "steps": config.steps,
         "batch_size": config.batch_size,
@@ -689,10 +705,15 @@ class CrossEncoderSource:
     # where its ONNX graph is exported (cache.runtime).
     runtime: CrossEncoderRuntime = field(default_factory=CrossEncoderRuntime)
     graphs: Path | None = None
+    # With `train`: the artifact whose cross-encoder the new one is distilled from (made from the same
+    # file, `max_pairs` and seed, so it never saw the pairs `calibrate` fits on either).
+    teacher: Path | None = None
 
     def __post_init__(self) -> None:
         if self.train is not None and self.reuse is not None:
             raise ValueError("train a cross-encoder or reuse one (cross_encoder_from), not both")
+        if self.teacher is not None and self.train is None:
+            raise ValueError("a teacher is for training a cross-encoder (cross_encoder_steps)")
 
 
 def _reused_cross_encoder(
@@ -758,7 +779,13 @@ def calibrate_file(  # noqa: PLR0913 - `icgate cache calibrate`'s options, one k
     if source.reuse is not None:
         trained = _reused_cross_encoder(source, pairs_path.name, len(chosen), seed)
     elif source.train is not None:
-        trained = train_cross_encoder(rest, source.train, progress)
+        teacher = None
+        if source.teacher is not None:
+            teaching = CrossEncoderSource(
+                reuse=source.teacher, runtime=CrossEncoderRuntime("onnx"), graphs=source.graphs
+            )
+            teacher = _reused_cross_encoder(teaching, pairs_path.name, len(chosen), seed)
+        trained = train_cross_encoder(rest, source.train, progress, teacher)
     verifier = calibrate(
         chosen,
         default_encoder(memo_dir, source.graphs, embedding_runtime),

@@ -22,6 +22,10 @@ class TrainingConfig:
     """Defaults are what the shipped verifier used: ~3 epochs over 33,000 Quora pairs, ~20 min on 2 cores."""
 
     tuned_layers: int = 6
+    layers: int | None = None  # the depth of the reader (None: the packaged model's 6)
+    # With a teacher's logits (`fine_tune(teacher_logits=...)`): the share of each pair's target that is
+    # the teacher's probability rather than its label (knowledge distillation; 0: labels alone).
+    distill_weight: float = 0.7
     steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -57,9 +61,14 @@ def fine_tune(
     labels: Sequence[bool],
     config: TrainingConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    teacher_logits: npt.NDArray[np.float64] | None = None,
 ) -> PairCrossEncoder:
     """`encoder`, its head and top layers fine-tuned in place with binary cross-entropy (AdamW, linear
-    warm-up/decay), in length-bucketed batches that go through every pair once per epoch."""
+    warm-up/decay), in length-bucketed batches that go through every pair once per epoch.
+
+    With `teacher_logits` (a deeper cross-encoder's symmetric logit per pair), each pair's target blends
+    its label with the teacher's probability (`config.distill_weight`): a shallow reader learns the
+    teacher's graded judgement, not only the labels' 0 and 1, which recovers part of what depth gave."""
     import torch
 
     config = config or TrainingConfig()
@@ -83,6 +92,12 @@ def fine_tune(
     )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     y_all = np.asarray(labels, dtype=np.float32)
+    if teacher_logits is not None:
+        if len(teacher_logits) != len(y_all):
+            raise ValueError("fine_tune needs one teacher logit per pair")
+        taught = 1.0 / (1.0 + np.exp(-np.asarray(teacher_logits, dtype=np.float64)))
+        share = config.distill_weight
+        y_all = ((1.0 - share) * y_all + share * taught).astype(np.float32)
     pieces = encoder.tokenizer(clip_for_tokenizer(texts_a), clip_for_tokenizer(texts_b))["input_ids"]
     lengths = np.array([len(ids) for ids in pieces])
     batches = length_bucketed_batches(lengths, min(config.batch_size, len(y_all)), rng)

@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--tuned-layers", type=int, default=6, help="top MiniLM layers the cross-encoder tunes")
     cal.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="keep only the bottom N of MiniLM's 6 layers in the cross-encoder (cost per pair grows with N; "
+        "default: all 6)",
+    )
+    cal.add_argument(
+        "--distill-from",
+        type=Path,
+        default=None,
+        help="with --cross-encoder-steps: distil the new cross-encoder from this artifact's (made from the "
+        "same file and --max-pairs), blending its probabilities into the labels",
+    )
+    cal.add_argument(
         "--cross-encoder-from",
         type=Path,
         default=None,
@@ -418,7 +432,12 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
 
         training = None
         if args.cross_encoder_steps > 0:
-            training = TrainingConfig(tuned_layers=args.tuned_layers, steps=args.cross_encoder_steps)
+            depth = args.layers
+            training = TrainingConfig(
+                tuned_layers=args.tuned_layers if depth is None else min(args.tuned_layers, depth),
+                steps=args.cross_encoder_steps,
+                layers=args.layers,
+            )
         verifier = calibrate.calibrate_file(
             args.pairs,
             out,
@@ -428,6 +447,7 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
             cross_encoder=calibrate.CrossEncoderSource(
                 train=training,
                 reuse=args.cross_encoder_from,
+                teacher=args.distill_from,
                 runtime=CrossEncoderRuntime(args.cross_encoder_runtime, both_orders=not args.one_order),
                 graphs=models_dir(data_dir),
             ),

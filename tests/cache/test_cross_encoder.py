@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from icgate.cache.cross_encoder import MAX_CHARS, MAX_LENGTH, PairCrossEncoder
+from icgate.cache.cross_encoder import MAX_CHARS, MAX_LENGTH, PairCrossEncoder, pair_logits
 
 
 def test_scores_do_not_depend_on_the_order_of_the_pair(tuned: PairCrossEncoder) -> None:
@@ -34,6 +34,35 @@ def test_state_holds_only_the_tuned_layers_and_round_trips(tuned: PairCrossEncod
 def test_tuned_layers_must_exist() -> None:
     with pytest.raises(ValueError, match="tuned_layers"):
         PairCrossEncoder(tuned_layers=7)
+    with pytest.raises(ValueError, match="tuned_layers"):
+        PairCrossEncoder(tuned_layers=3, layers=2)  # a 2-layer reader has no third layer to tune
+    with pytest.raises(ValueError, match="layers must be"):
+        PairCrossEncoder(tuned_layers=1, layers=7)
+
+
+def test_a_shallower_reader_keeps_the_bottom_layers_and_round_trips() -> None:
+    """`layers=2` drops the top four packaged layers; its artifact records the depth, so the gateway
+    rebuilds the same 2-layer network (not a 6-layer one with two layers replaced)."""
+    full = PairCrossEncoder(tuned_layers=1)
+    shallow = PairCrossEncoder(tuned_layers=2, layers=2)
+    assert len(shallow.model.bert.encoder.layer) == 2 and shallow.layers == 2
+    kept = dict(shallow.model.named_parameters())
+    for name, weight in full.model.named_parameters():  # the two kept layers are the packaged bottom two
+        if name.startswith(("bert.encoder.layer.0.", "bert.encoder.layer.1.")):
+            assert np.array_equal(kept[name].detach().numpy(), weight.detach().numpy())
+    assert not any(n.startswith("bert.encoder.layer.2.") for n in kept)
+    state = shallow.state()
+    assert state["layers"] == 2
+    assert {n.split(".")[3] for n in state["weights"] if n.startswith("bert.encoder.layer.")} == {"0", "1"}
+    restored = PairCrossEncoder.from_state(state)
+    assert restored.layers == 2
+    a, b = ["How do I cook rice?", "What is love?"], ["How can I cook rice?", "What is hate?"]
+    np.testing.assert_allclose(restored.logits(a, b), shallow.logits(a, b), atol=0.05)
+    assert not np.allclose(full.logits(a, b), shallow.logits(a, b), atol=1e-3)  # a different network
+    old = dict(state)
+    old.pop("layers")  # an artifact from before depth was recorded: all six layers
+    with pytest.raises(ValueError, match="do not match"):
+        PairCrossEncoder.from_state(old)
 
 
 def test_long_texts_are_cut_before_the_tokenizer_reads_them(
@@ -57,3 +86,29 @@ def test_long_texts_are_cut_before_the_tokenizer_reads_them(
     assert encoded["input_ids"].tolist() == expected
     assert max(seen) <= MAX_CHARS
     assert np.isfinite(tuned.logits([huge, short], [short, huge])).all()
+
+
+def test_many_pairs_are_read_in_order_of_length_and_come_back_in_theirs() -> None:
+    """Past one batch, pairs go to the model sorted by length (a batch is padded to its longest pair),
+    and each logit lands at its own pair's index."""
+    rng = np.random.default_rng(0)
+    texts_a = ["w " * int(n) for n in rng.integers(1, 60, size=150)]
+    texts_b = ["v " * int(n) for n in rng.integers(1, 60, size=150)]
+    batches: list[list[int]] = []
+
+    def run(first: list[str], second: list[str]) -> np.ndarray:
+        batches.append([len(a) + len(b) for a, b in zip(first, second, strict=True)])
+        return np.array([len(a) - 0.5 * len(b) for a, b in zip(first, second, strict=True)], dtype=float)
+
+    logits = pair_logits(run, texts_a, texts_b, both_orders=False, batch_size=64)
+    expected = [len(a) - 0.5 * len(b) for a, b in zip(texts_a, texts_b, strict=True)]
+    np.testing.assert_array_equal(logits, expected)
+    assert [len(b) for b in batches] == [64, 64, 22]
+    assert all(max(batches[i]) <= min(batches[i + 1]) for i in range(2))  # sorted across batches
+    both = pair_logits(run, texts_a, texts_b, both_orders=True, batch_size=64)
+    np.testing.assert_allclose(
+        both, [(e + len(b) - 0.5 * len(a)) / 2 for e, a, b in zip(expected, texts_a, texts_b, strict=True)]
+    )
+    batches.clear()
+    pair_logits(run, texts_a[:3], texts_b[:3], both_orders=False)  # one batch: as given
+    assert batches == [[len(a) + len(b) for a, b in zip(texts_a[:3], texts_b[:3], strict=True)]]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from icgate.cache.calibrate import calibrate, train_cross_encoder
 from icgate.cache.cross_encoder import PairCrossEncoder
-from icgate.cache.cross_encoder_training import length_bucketed_batches
+from icgate.cache.cross_encoder_training import fine_tune, length_bucketed_batches
 from icgate.cache.embed import SentenceTransformerEmbedder
 from icgate.cache.verify import CROSS_ENCODER_FEATURE, SCALAR_FEATURES, HitVerifier, feature_names
 from tests.cache.synthetic import TINY, synthetic_pairs
@@ -37,6 +39,33 @@ def test_fine_tuning_learns_the_labels(tuned: PairCrossEncoder) -> None:
         return float(logits[labels].mean() - logits[~labels].mean())
 
     assert gap(tuned) > gap(untrained) + 1.0
+
+
+def test_a_student_learns_the_teachers_judgement_not_only_the_labels() -> None:
+    """Distillation: with a teacher that calls every pair a duplicate (logit +6), a shallow student fine-tuned
+    on the same labels scores the non-duplicates far higher than one trained on the labels alone."""
+    pairs = synthetic_pairs()
+    texts_a, texts_b = [p.text_a for p in pairs], [p.text_b for p in pairs]
+    labels = [p.duplicate for p in pairs]
+    config = replace(TINY, layers=1, distill_weight=0.9)
+    alone = fine_tune(PairCrossEncoder(tuned_layers=1, layers=1), texts_a, texts_b, labels, config)
+    taught = fine_tune(
+        PairCrossEncoder(tuned_layers=1, layers=1),
+        texts_a,
+        texts_b,
+        labels,
+        config,
+        teacher_logits=np.full(len(pairs), 6.0),
+    )
+    negatives = ~np.array(labels)
+    assert (
+        taught.logits(texts_a, texts_b)[negatives].mean()
+        > alone.logits(texts_a, texts_b)[negatives].mean() + 1
+    )
+    with pytest.raises(ValueError, match="one teacher logit per pair"):
+        fine_tune(
+            PairCrossEncoder(tuned_layers=1, layers=1), texts_a, texts_b, labels, config, None, np.ones(3)
+        )
 
 
 def test_verifier_with_a_cross_encoder_saves_and_loads(

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from icgate.cache.cross_encoder import PairCrossEncoder
 from icgate.cache.onnx_models import OnnxPairScorer
 from icgate.cache.runtime import pair_scorer_loader
 from icgate.cache.verify import CrossEncoderRuntime, HitVerifier
@@ -188,6 +189,24 @@ def test_cache_calibrate_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture
         "--cross-encoder-from", str(out), "--cross-encoder-steps", "8", "--data-dir", str(tmp_path),
     )  # fmt: skip
     assert code != 0 and "not both" in err
+    # a shallower reader distilled from the trained one: its depth and its teacher are recorded
+    student = tmp_path / "student.joblib"
+    code, lines, err = run(
+        capsys, "cache", "calibrate", "--pairs", str(pairs), "--precision", "0.8", "--out", str(student),
+        "--cross-encoder-steps", "8", "--layers", "1", "--distill-from", str(out),
+        "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    distilled = json.loads(lines[-1])["cross_encoder"]
+    assert distilled["layers"] == 1 and distilled["distilled_from"] == calibrated["version"], distilled
+    assert "teacher logits" in err
+    shallow = HitVerifier.load(student).cross_encoder
+    assert isinstance(shallow, PairCrossEncoder) and len(shallow.model.bert.encoder.layer) == 1
+    code, _, err = run(
+        capsys, "cache", "calibrate", "--pairs", str(pairs), "--out", str(again),
+        "--distill-from", str(out), "--data-dir", str(tmp_path),
+    )  # fmt: skip
+    assert code != 0 and "a teacher is for training" in err
     code, lines, err = run(
         capsys, "cache", "eval", "--pairs", str(pairs), "--verifier", str(out), "--data-dir", str(tmp_path)
     )
