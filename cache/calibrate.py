@@ -433,10 +433,10 @@ def train_cross_encoder(
     texts_a, texts_b = [p.text_a for p in pairs], [p.text_b for p in pairs]
     teacher_logits = None
     if teacher is not None:
-        if progress is not None:
-            progress(f"teacher logits for {len(pairs)} pairs, both orders")
         if not teacher.runtime.both_orders:
             raise ValueError("a teacher's logits must read both orders: the student learns a symmetric one")
+        if progress is not None:
+            progress(f"teacher logits for {len(pairs)} pairs, both orders")
         teacher_logits = teacher.encoder.logits(texts_a, texts_b)
     encoder = fine_tune(
         PairCrossEncoder(tuned_layers=config.tuned_layers, layers=config.layers),

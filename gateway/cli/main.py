@@ -436,7 +436,7 @@ def manage_cache(args: argparse.Namespace, policy: Policy, data_dir: Path) -> in
             training = TrainingConfig(
                 tuned_layers=args.tuned_layers if depth is None else min(args.tuned_layers, depth),
                 steps=args.cross_encoder_steps,
-                layers=args.layers,
+                layers=depth,
             )
         verifier = calibrate.calibrate_file(
             args.pairs,
