@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if a.row is not None
         ]
         for shed in (None, args.shed):
-            policy = {} if shed is None else {"shed_long_quantile": shed}
+            policy = {"shed_long_quantile": shed}
             got = {}
             for sizing in ("constant", "oracle", "learned"):
                 window = requests(window_rows, sizing, fitted["sizes"])

@@ -1031,7 +1031,7 @@ def icgate_policy(
             "ttft_slo_ms": args.ttft_slo_ms,
             "tpot_slo_ms": args.tpot_slo_ms,
             "ttft_margin": args.ttft_margin,
-            **({"shed_long_quantile": SHED_QUANTILE} if shed else {}),
+            "shed_long_quantile": SHED_QUANTILE if shed else None,
         },
     }
     if lengths == "learned":

@@ -347,12 +347,14 @@ class AdmissionConfig(Strict):
     max_queue: int = Field(256, ge=0)  # waiting requests per backend
     # How fast a waiting request's predicted length shrinks in the queue order, so long ones never starve.
     ageing_tokens_per_s: float = Field(100.0, ge=0)
-    # Under load, the longest first: a request that would have to wait for a slot is refused at arrival
-    # when its predicted output is longer than this quantile of the backend's recent requests' (0.75: the
-    # longest quarter). A long answer holds a slot as long as several short ones, so more requests meet
-    # their objective; long ones are refused more often while the backend is saturated (never while it
-    # has room). None: off. See docs/admission.md, "The longest first under load".
-    shed_long_quantile: float | None = Field(None, gt=0, lt=1)
+    # Under load, the longest first: a request with a time-to-first-token objective that would have to
+    # wait for a slot is refused at arrival when its predicted output is longer than this quantile of the
+    # backend's recent requests' (0.75: the longest quarter). A long answer holds a slot as long as several
+    # short ones, so more requests meet their objective; long ones are refused more often while the
+    # backend is saturated (never while it has room). A request without an objective, or of a priority
+    # class ranked ahead of the default one, is never shed. None: off. Why on by default: docs/admission.md,
+    # "The longest first under load".
+    shed_long_quantile: float | None = Field(0.75, gt=0, lt=1)
     # A routed request may go to the other tier when its own cannot meet the objective.
     spill: bool = True
     classes: dict[str, PriorityClass] = {}
@@ -377,6 +379,11 @@ class AdmissionConfig(Strict):
 
     def tenant(self, name: str) -> TenantLimits | None:
         return self.tenants.get(name) or self.tenants.get("*")
+
+    @property
+    def default_rank(self) -> int:
+        """The queue rank of a request whose tenant names no priority class."""
+        return self.classes[self.default_class].rank if self.default_class else 0
 
     def priority_of(self, tenant: str) -> tuple[str | None, PriorityClass]:
         """The tenant's class name and class, with the section's objectives filling what it leaves unset."""

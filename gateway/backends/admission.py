@@ -917,9 +917,13 @@ class Admission:
 
     def _shed(self, placed: Placement, ask: Ask) -> AdmissionRefused | None:
         """The refusal for a request that would wait for a slot while `shed_long_quantile` says its answer
-        is one of the longest the backend is asked for (the longest first under load), else None."""
+        is one of the longest the backend is asked for (the longest first under load), else None. Shedding
+        serves objectives: a request without one is never told to wait (no `wait_s`), and a class ranked ahead
+        of the default one may wait as before."""
         quantile = self.config.shed_long_quantile
         if quantile is None or not placed.wait_s or placed.wait_s <= 0:
+            return None
+        if ask.rank < self.config.default_rank:
             return None
         cut = self.states[placed.backend.name].longer_than_most(ask.output_tokens, quantile)
         if cut is None:

@@ -180,13 +180,14 @@ def test_only_a_plus_refits_and_it_fits_each_backend_once() -> None:
     cold = args("--warm-requests", "0")
     learning = {key for key, system in load.SYSTEMS.items() if load.has_phase(system, cold)}
     assert learning == {"icgate-learn", "icgate-learn-shed"}
-    # (a+s) and (a*s) are (a+) and (a*) with the longest shed first under load, and only they shed.
-    shedding = {key for key, p in policies.items() if "shed_long_quantile" in p["admission"]}
+    # (a+s) and (a*s) are (a+) and (a*) with the longest shed first under load, and only they shed: the
+    # others turn off what is the gateway's default.
+    shedding = {key for key, p in policies.items() if p["admission"]["shed_long_quantile"] is not None}
     assert shedding == {"icgate-learn-shed", "icgate-oracle-shed"}
     for key, twin in (("icgate-learn-shed", "icgate-learn"), ("icgate-oracle-shed", "icgate-oracle")):
         shed = dict(policies[key]["admission"])
         assert shed.pop("shed_long_quantile") == load.SHED_QUANTILE
-        assert {**policies[key], "admission": shed} == policies[twin]
+        assert {**policies[key], "admission": {**shed, "shed_long_quantile": None}} == policies[twin]
 
 
 # --------------------------------------------------------------------------- the learning replay

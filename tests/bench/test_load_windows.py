@@ -13,6 +13,8 @@ from bench.load_windows import (
     gap_of_means,
     gap_per_run,
     keep,
+    ratio_of_means,
+    ratio_per_run,
     read_runs,
     report,
     windows_by_cell,
@@ -108,3 +110,30 @@ def test_the_shedding_learned_system_is_measured_against_the_shedding_oracle() -
     assert gap_per_run(cells, Cell("content", 1.5, "none", "icgate-learn-shed")) == [
         ("e", pytest.approx(0.5))
     ]
+
+
+def test_the_ratio_to_litellm_is_per_run_against_that_runs_best_and_of_the_means_against_the_best_mean() -> (
+    None
+):
+    """Per run: against the better LiteLLM window of the same run. Of the means: against the configuration
+    whose mean is higher, even where it lost a run."""
+    runs = [
+        Run(
+            "a",
+            {},
+            [result("icgate-learn", 12.0), result("litellm-mpr", 6.0), result("litellm-shuffle-mpr", 8.0)],
+        ),
+        Run(
+            "b",
+            {},
+            [result("icgate-learn", 14.0), result("litellm-mpr", 10.0), result("litellm-shuffle-mpr", 7.0)],
+        ),
+        Run("c", {}, [result("icgate-learn", 13.0)]),  # no LiteLLM window: no ratio for this run
+    ]
+    cells = windows_by_cell(runs)
+    assert ratio_per_run(cells, LEARN) == [("a", pytest.approx(1.5)), ("b", pytest.approx(1.4))]
+    ratio = ratio_of_means(cells, LEARN)
+    assert ratio is not None
+    assert ratio[0] == pytest.approx(13.0 / 8.0) and ratio[1] == "litellm-mpr"  # 8.0 against 7.5
+    assert "1.50x (a), 1.40x (b)" in report(runs)
+    assert ratio_of_means(cells, Cell("content", 2.0, "none", "icgate-learn")) is None

@@ -1,5 +1,6 @@
-"""`admission.shed_long_quantile`: under load, a request that would have to wait is refused at arrival when
-its predicted answer is one of the longest the backend is asked for (fake clock, exact numbers)."""
+"""`admission.shed_long_quantile` (0.75 by default): under load, a request that would have to wait is refused
+at arrival when its predicted answer is one of the longest the backend is asked for (fake clock, exact
+numbers)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from icgate.gateway.backends.admission import Admission, AdmissionRefused, Ask
-from icgate.gateway.config import AdmissionConfig, BackendConfig
+from icgate.gateway.config import AdmissionConfig, BackendConfig, PriorityClass
 from tests.gateway.backends.test_admission_clock import FakeClock, admission, backend
 
 # Before any measurement: 100 ms to the first token, 10 ms per output token (test_admission_clock).
@@ -46,7 +47,7 @@ def test_under_load_the_longest_quarter_is_refused_at_arrival_and_the_rest_queue
 def test_a_long_request_is_admitted_while_the_backend_has_room_and_queues_with_the_setting_off() -> None:
     clock = FakeClock()
     a = backend()
-    shedding, off = admission(a, clock=clock, shed_long_quantile=0.75), admission(a, clock=clock)
+    shedding, off = admission(a, clock=clock), admission(a, clock=clock, shed_long_quantile=None)
     for adm in (shedding, off):
         seen(adm, a, clock, list(range(10, 410, 10)))
     assert shedding.decide(Ask(10, 400, ttft_slo_s=5.0, arrived=clock()), [a]).backend == a  # room: taken
@@ -80,6 +81,33 @@ def test_a_long_request_its_own_backend_would_shed_spills_to_one_with_room() -> 
     adm.states["b"].start_job(Ask(10, 20, arrived=clock()), clock())
     placed = adm.decide(Ask(10, 400, ttft_slo_s=5.0, arrived=clock()), [small], [large])
     assert (placed.backend, placed.spilled) == (large, True) and placed.wait_s == pytest.approx(0.3)
+
+
+def test_shedding_is_on_by_default_and_spares_requests_without_an_objective_or_of_a_higher_class() -> None:
+    """Shedding serves objectives: with none a long request queues as it did; a class ranked ahead of the
+    default one queues too; the default class and those ranked behind it are shed."""
+    assert AdmissionConfig().shed_long_quantile == 0.75
+    clock = FakeClock()
+    a = backend()
+    adm = admission(
+        a,
+        clock=clock,
+        classes={
+            "gold": PriorityClass(rank=-1),
+            "standard": PriorityClass(rank=0),
+            "batch": PriorityClass(rank=5),
+        },
+        default_class="standard",
+    )
+    seen(adm, a, clock, list(range(10, 410, 10)))
+    saturate(adm, clock)
+    assert adm.decide(Ask(10, 400, arrived=clock()), [a]).backend == a  # no objective: it may wait
+    assert adm.decide(Ask(10, 400, rank=-1, ttft_slo_s=5.0, arrived=clock()), [a]).wait_s == pytest.approx(
+        0.3
+    )
+    for rank in (0, 5):
+        with pytest.raises(AdmissionRefused):
+            adm.decide(Ask(10, 400, rank=rank, ttft_slo_s=5.0, arrived=clock()), [a])
 
 
 @pytest.mark.parametrize("value", [0, 1, 1.5])
