@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,9 @@ class Result:
     path: str
     concurrency: int
     rounds: dict[str, list[Round]] = field(default_factory=lambda: {t: [] for t in TARGETS})
+    # Cache entries each version had written by the time it stopped (paths with the cache on).
+    stored: dict[str, int] = field(default_factory=dict)
+    warmup_ok: dict[str, int] = field(default_factory=dict)
 
     def latencies(self, target: str) -> list[float]:
         return [x for r in self.rounds[target] for x in r.latencies_ms]
@@ -190,9 +194,10 @@ async def measure(
                 for t in TARGETS
             }
             for t in TARGETS:  # warm-up
-                await run_round(
+                warm = await run_round(
                     sessions[t], urls[t], t, max(60, 4 * concurrency), concurrency, 30, pids, payloads=make
                 )
+                result.warmup_ok[t] = warm.ok
             orders = [TARGETS, TARGETS[::-1], ("before", "direct", "after"), ("after", "direct", "before")]
             per_round = args.full_requests if path == "full" else args.requests
             for i in range(args.rounds):
@@ -211,7 +216,27 @@ async def measure(
     finally:
         for proc in reversed(procs):
             stop(proc)
+    if path != "pass-through":
+        for version in VERSIONS:
+            result.stored[version] = stored_answers(workdir / f"data-{path}-{version}-c{concurrency}")
     return result
+
+
+def stored_answers(data_dir: Path) -> int:
+    """Cache entries in a stopped gateway's SQLite database (it writes what is pending before it exits)."""
+    db = data_dir / "icgate.db"
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT count(*) FROM cache_entries").fetchone()[0])
+
+
+def _stored(r: Result) -> str:
+    """Answers stored over answered requests (warm-up included), before -> after."""
+    if not r.stored:
+        return "-"
+    answered = {v: r.ok(v) + r.warmup_ok.get(v, 0) for v in VERSIONS}
+    return " -> ".join(f"{r.stored[v]} / {answered[v]}" for v in VERSIONS)
 
 
 def report(results: list[Result], rev: str, args: argparse.Namespace, took_s: float) -> str:
@@ -232,8 +257,9 @@ def report(results: list[Result], rev: str, args: argparse.Namespace, took_s: fl
         "latency percentile minus the stand-in's own (direct).",
         "",
         "| path | concurrency | CPU ms/req before | after | after / before | added p50 ms before -> after "
-        "| added p99 ms before -> after | p99 ms before -> after | errors before / after |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- |",
+        "| added p99 ms before -> after | p99 ms before -> after | errors before / after "
+        "| answers stored / answered, before -> after |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         cb, ca = r.gateway_cpu_ms("before"), r.gateway_cpu_ms("after")
@@ -242,7 +268,7 @@ def report(results: list[Result], rev: str, args: argparse.Namespace, took_s: fl
             f"{r.added('before', 50):.2f} -> {r.added('after', 50):.2f} | "
             f"{r.added('before', 99):.2f} -> {r.added('after', 99):.2f} | "
             f"{pct(r.latencies('before'), 99):.2f} -> {pct(r.latencies('after'), 99):.2f} | "
-            f"{r.errors('before')} / {r.errors('after')} |"
+            f"{r.errors('before')} / {r.errors('after')} | {_stored(r)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -283,6 +283,12 @@ class CacheConfig(Strict):
     # semantic hits and examples of routed requests. `models.<backend>` overrides it for one backend.
     # Why `exact` is the default: docs/performance.md.
     named_backends: Literal["exact", "full"] = "exact"
+    # The share of the clock that embedding named requests' answers after their response may take (they
+    # were not embedded on their path), one at a time with a rest after each; and how many answers may
+    # wait for their turn before a new one is not stored (icgate_storage_dropped_total{what=
+    # "cache_store_budget"}). 1: no rest. Why 0.25 and what it costs routed traffic: docs/performance.md.
+    store_embed_share: float = Field(0.25, gt=0, le=1)
+    store_embed_backlog: int = Field(256, ge=0)
     tenants: dict[str, CacheSwitches] = {}
     models: dict[str, CacheSwitches] = {}
 

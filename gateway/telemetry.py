@@ -449,8 +449,9 @@ class Metrics:
         self.storage_drops = Counter(
             "icgate_storage_dropped_total",
             "Records never written to the database: their write-behind queue was full (the database away, "
-            "full or read-only for long), the database rejected them, or it was still away at shutdown.",
-            ["what"],  # request_log | route_samples | cache_insert | cache_update
+            "full or read-only for long), the database rejected them, or it was still away at shutdown; "
+            "cache_store_budget: named requests' answers not stored, as too many waited for their turn.",
+            ["what"],  # request_log | route_samples | cache_insert | cache_update | cache_store_budget
             registry=r,
         )
         self.storage_errors = Counter(

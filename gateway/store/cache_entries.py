@@ -35,6 +35,7 @@ from icgate.cache.verify import DEFAULT_ARTIFACT, MAX_TEXT_CHARS, HitVerifier, S
 from icgate.gateway.config import CacheConfig, RequestLogConfig
 from icgate.gateway.store import tables
 from icgate.gateway.store.db import sqlite_file
+from icgate.gateway.store.duty_cycle import BacklogFullError, DutyCycle
 from icgate.gateway.store.write_behind import Retry, StorageEvents, WriteBehindQueue
 from icgate.text import scrub_pii
 
@@ -171,6 +172,9 @@ class CacheEntries:
     ) -> None:
         self.config = config
         self.embed_later = embed_later
+        # Embedding the answers of named requests after their response: at most this share of the clock.
+        self.background = DutyCycle(config.store_embed_share, config.store_embed_backlog)
+        self._events = events
         self.tier_rank = tier_rank
         self.best_tier = best_tier  # its answers start with a higher utility
         self.engine = engine
@@ -497,12 +501,21 @@ class CacheEntries:
             self._forget(worse.id)
 
     async def _embed(self, new: NewEntry) -> Vector | None:
-        """The vector of an entry that was not embedded on the request's path; None (nothing stored)
-        when the embedder is busy or cannot read the text: a store is the first thing to shed."""
-        if self.embed_later is None:
+        """The vector of an entry that was not embedded on the request's path, in its turn within the
+        background share; None (nothing stored) when the embedder is busy or cannot read the text, or too
+        many answers already wait for their turn: a store is the first thing to shed."""
+        embed_later = self.embed_later
+        if embed_later is None:
             return None
         try:
-            return await self.embed_later(new.embed_text, new.namespace)
+            return await self.background.run(lambda: embed_later(new.embed_text, new.namespace))
+        except BacklogFullError:
+            if self._events is not None:
+                self._events.storage_dropped("cache_store_budget", 1)
+            log.debug(
+                "cache insert skipped: %d answers wait for the background share", self.background.waiting
+            )
+            return None
         except (EmbedderBusyError, UnembeddableTextError) as exc:
             log.debug("cache insert skipped: %s", type(exc).__name__)
             return None

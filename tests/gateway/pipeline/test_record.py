@@ -190,6 +190,59 @@ async def test_a_named_answer_is_embedded_after_the_response_and_stored(new_entr
     assert busy.store.entries == {}
 
 
+class HeldEmbed(FakeEmbed):
+    """An embedder that answers only once released, so the background share stays taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, text: str, scope: str = "") -> Any:
+        self.calls.append((text, scope))
+        await self.release.wait()
+        return axis(len(self.calls))
+
+
+class Drops:
+    def __init__(self) -> None:
+        self.dropped: list[tuple[str, int]] = []
+
+    def storage_dropped(self, what: str, count: int) -> None:
+        self.dropped.append((what, count))
+
+    def storage_error(self, what: str, kind: str) -> None:
+        pass
+
+
+async def test_named_answers_wait_for_the_background_share_and_past_its_backlog_are_counted_not_stored(
+    new_entries: NewEntries,
+) -> None:
+    """Embedding named answers runs one at a time within `store_embed_share`: with one embedding held and
+    one answer waiting (`store_embed_backlog: 1`), a third is not stored and is counted; the other two land
+    in the order they came once the embedder answers."""
+    entries = await started(new_entries(make_policy(cache={"store_embed_backlog": 1})))
+    embed = HeldEmbed()
+    entries.embed_later = embed
+    drops = Drops()
+    entries._events = drops
+    questions = [f"Question number {i}: what is the capital of country {i}?" for i in range(3)]
+    for question in questions:
+        ctx = chat_ctx(question, ALICE, model="small")
+        lookup = plan_lookup(ctx, entries, named=True)
+        assert lookup is not None and lookup.embed_after
+        store_answer(ctx, Trail(Target(routed=False), lookup), entries, answered(ctx))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [text for text, _ in embed.calls] == questions[:1]  # one at a time
+    assert entries.background.waiting == 1
+    assert drops.dropped == [("cache_store_budget", 1)]
+    embed.release.set()
+    await entries.flush()
+    assert [text for text, _ in embed.calls] == questions[:2]
+    assert sorted(e.prompt_text for e in entries.store.entries.values()) == sorted(questions[:2])
+    assert drops.dropped == [("cache_store_budget", 1)]
+
+
 async def test_an_exchange_over_max_entry_chars_is_answered_not_stored(new_entries: NewEntries) -> None:
     limit = len(QUESTION) + len("Rome.")
     entries = await started(new_entries(make_policy(cache={"max_entry_chars": limit})))
