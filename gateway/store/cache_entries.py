@@ -241,6 +241,7 @@ class CacheEntries:
         `timeout_s` in all (default: `close_timeout_s`); what is still unwritten then is counted lost."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self._close_timeout_s if timeout_s is None else max(0.0, timeout_s))
+        self.background.drain()  # answers waiting for their turn are embedded now, not at the share's pace
         if self._sync_task is not None:
             self._sync_task.cancel()
             await asyncio.gather(self._sync_task, return_exceptions=True)

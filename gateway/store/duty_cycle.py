@@ -50,6 +50,11 @@ class DutyCycle:
     def waiting(self) -> int:
         return self._waiting
 
+    def drain(self) -> None:
+        """No more rests: what waits now runs back to back, after the rest already begun (at shutdown, the
+        backlog is stored in a fraction of a second instead of at the share's pace)."""
+        self.share = 1.0
+
     def _must_wait(self) -> bool:
         return self._lock.locked() or self.clock() < self._ready_at
 

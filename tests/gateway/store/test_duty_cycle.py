@@ -115,6 +115,17 @@ async def test_a_failing_or_cancelled_piece_frees_its_turn() -> None:
     assert cycle.waiting == 0
 
 
+async def test_after_drain_what_waits_runs_back_to_back() -> None:
+    """Shutdown: the rest already begun is kept, the pieces behind it no longer rest."""
+    clock = FakeClock()
+    cycle = DutyCycle(0.25, backlog=10, clock=clock, sleep=clock.sleep)
+    starts: list[float] = []
+    await cycle.run(piece(clock, 0.010, starts))
+    cycle.drain()
+    await asyncio.gather(*(cycle.run(piece(clock, 0.010, starts)) for _ in range(3)))
+    assert starts == pytest.approx([0.0, 0.040, 0.050, 0.060])
+
+
 def test_the_share_and_the_backlog_are_checked() -> None:
     with pytest.raises(ValueError):
         DutyCycle(0.0, backlog=1)
