@@ -172,6 +172,11 @@ def ratio_of_means(cells: Mapping[Cell, Sequence[Window]], cell: Cell) -> tuple[
     return (spread([w.goodput_rps for w in cells[cell]])[0] / mean, system) if mean > 0 else None
 
 
+def _short(system: str) -> str:
+    """A system's tag, "(a+)" for "(a+) icgate, admission, ..."."""
+    return SYSTEMS[system].label.split(")")[0] + ")"
+
+
 def _f(value: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
 
@@ -232,9 +237,9 @@ def report(runs: Sequence[Run]) -> str:
     for cell in targets:
         per_run = ", ".join(f"{_f(g, '{:.0%}')} ({run})" for run, g in gap_per_run(cells, cell))
         means = _f(gap_of_means(cells, cell), "{:.0%}")
-        label = SYSTEMS[cell.system].label.split(")")[0] + ")"
         lines.append(
-            f"| {cell.trace} | {cell.load:g}x | {cell.client} | {label} | {per_run or '-'} | {means} |"
+            f"| {cell.trace} | {cell.load:g}x | {cell.client} | {_short(cell.system)} | {per_run or '-'} | "
+            f"{means} |"
         )
     lines += [
         "",
@@ -249,11 +254,10 @@ def report(runs: Sequence[Run]) -> str:
     for cell in targets:
         per_run = ", ".join(f"{r:.2f}x ({run})" for run, r in ratio_per_run(cells, cell))
         of_means = ratio_of_means(cells, cell)
-        label = SYSTEMS[cell.system].label.split(")")[0] + ")"
+        ratio, against = (f"{of_means[0]:.2f}x", _short(of_means[1])) if of_means else ("-", "-")
         lines.append(
-            f"| {cell.trace} | {cell.load:g}x | {cell.client} | {label} | {per_run or '-'} | "
-            f"{f'{of_means[0]:.2f}x' if of_means else '-'} | "
-            f"{SYSTEMS[of_means[1]].label.split(')')[0] + ')' if of_means else '-'} |"
+            f"| {cell.trace} | {cell.load:g}x | {cell.client} | {_short(cell.system)} | {per_run or '-'} | "
+            f"{ratio} | {against} |"
         )
     return "\n".join(lines) + "\n"
 

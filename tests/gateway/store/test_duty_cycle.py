@@ -24,6 +24,12 @@ class FakeClock:
         await asyncio.sleep(0)
 
 
+def clocked(share: float, backlog: int = 10) -> tuple[FakeClock, DutyCycle, list[float]]:
+    """A duty cycle on a fake clock, and the list its pieces note their starts in."""
+    clock = FakeClock()
+    return clock, DutyCycle(share, backlog=backlog, clock=clock, sleep=clock.sleep), []
+
+
 def piece(clock: FakeClock, took_s: float, starts: list[float]) -> Callable[[], Awaitable[str]]:
     """Work that notes when it started and takes `took_s` of the fake clock."""
 
@@ -37,9 +43,7 @@ def piece(clock: FakeClock, took_s: float, starts: list[float]) -> Callable[[], 
 
 
 async def test_each_piece_rests_three_times_what_it_took_at_a_quarter_share() -> None:
-    clock = FakeClock()
-    cycle = DutyCycle(0.25, backlog=10, clock=clock, sleep=clock.sleep)
-    starts: list[float] = []
+    clock, cycle, starts = clocked(0.25, backlog=10)
     works = [piece(clock, 0.010, starts) for _ in range(3)]
     results = await asyncio.gather(*(cycle.run(w) for w in works))
     assert starts == pytest.approx([0.0, 0.040, 0.080])
@@ -48,9 +52,7 @@ async def test_each_piece_rests_three_times_what_it_took_at_a_quarter_share() ->
 
 
 async def test_a_piece_after_a_quiet_spell_starts_at_once() -> None:
-    clock = FakeClock()
-    cycle = DutyCycle(0.25, backlog=0, clock=clock, sleep=clock.sleep)
-    starts: list[float] = []
+    clock, cycle, starts = clocked(0.25, backlog=0)
     await cycle.run(piece(clock, 0.010, starts))
     clock.now += 1.0  # long after its rest
     await cycle.run(piece(clock, 0.010, starts))
@@ -58,9 +60,7 @@ async def test_a_piece_after_a_quiet_spell_starts_at_once() -> None:
 
 
 async def test_a_full_share_never_rests() -> None:
-    clock = FakeClock()
-    cycle = DutyCycle(1.0, backlog=10, clock=clock, sleep=clock.sleep)
-    starts: list[float] = []
+    clock, cycle, starts = clocked(1.0, backlog=10)
     await asyncio.gather(*(cycle.run(piece(clock, 0.010, starts)) for _ in range(3)))
     assert starts == pytest.approx([0.0, 0.010, 0.020])
 
@@ -89,8 +89,7 @@ async def test_past_the_backlog_a_piece_is_refused_and_never_runs() -> None:
 
 
 async def test_a_failing_or_cancelled_piece_frees_its_turn() -> None:
-    clock = FakeClock()
-    cycle = DutyCycle(0.5, backlog=1, clock=clock, sleep=clock.sleep)
+    clock, cycle, starts = clocked(0.5, backlog=1)
 
     async def fails() -> None:
         clock.now += 0.010
@@ -109,7 +108,6 @@ async def test_a_failing_or_cancelled_piece_frees_its_turn() -> None:
     stuck.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stuck
-    starts: list[float] = []
     await cycle.run(piece(clock, 0.010, starts))
     assert starts == pytest.approx([0.020])  # after the failed piece's 10 ms rest, nothing else
     assert cycle.waiting == 0
@@ -117,9 +115,7 @@ async def test_a_failing_or_cancelled_piece_frees_its_turn() -> None:
 
 async def test_after_drain_what_waits_runs_back_to_back() -> None:
     """Shutdown: the rest already begun is kept, the pieces behind it no longer rest."""
-    clock = FakeClock()
-    cycle = DutyCycle(0.25, backlog=10, clock=clock, sleep=clock.sleep)
-    starts: list[float] = []
+    clock, cycle, starts = clocked(0.25, backlog=10)
     await cycle.run(piece(clock, 0.010, starts))
     cycle.drain()
     await asyncio.gather(*(cycle.run(piece(clock, 0.010, starts)) for _ in range(3)))
