@@ -26,10 +26,9 @@ import datetime as dt
 import itertools
 import json
 import sqlite3
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import free_port  # noqa: E402
+from bench.harness import cli_module, free_port, worktree  # noqa: E402
 from bench.overhead import (  # noqa: E402
     CHAT_PATH,
     STANDIN,
@@ -86,24 +85,6 @@ def payloads(path: str) -> Callable[[int], bytes]:
     return new_question
 
 
-@contextlib.contextmanager
-def worktree(rev: str) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="icgate-before-") as tmp:
-        where = Path(tmp) / "tree"
-        subprocess.run(
-            ["git", "worktree", "add", "-f", "--detach", str(where), rev],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        try:
-            yield where
-        finally:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(where)], cwd=ROOT, capture_output=True
-            )
-
-
 @dataclass
 class Result:
     path: str
@@ -134,11 +115,6 @@ def client_said(client: str) -> str:
     if client == "default":
         return "with no `client:` in the policy (each version's own default)"
     return f"`client: {client}`"
-
-
-def cli_module(tree: Path) -> str:
-    """The gateway's command line in `tree`: under `icgate` since the package was named, else the old path."""
-    return "icgate.gateway.cli.main" if (tree / "icgate").is_dir() else "gateway.cli"
 
 
 async def measure(

@@ -75,6 +75,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import cli_module, worktree  # noqa: E402
 from bench.litellm_proxy import (  # noqa: E402
     LITELLM_VERSION,
     Deployment,
@@ -229,16 +230,25 @@ class Setup:
 
 
 def spawn_gateway(
-    name: str, workdir: Path, standin: Proc, overrides: list[dict[str, Any]], serve_args: str
+    name: str,
+    workdir: Path,
+    standin: Proc,
+    overrides: list[dict[str, Any]],
+    serve_args: str,
+    tree: Path | None = None,
 ) -> tuple[Proc, dict[str, Any], str]:
-    """`icgate serve` with its own policy file and data directory; also the policy and the command."""
+    """`icgate serve` with its own policy file and data directory; also the policy and the command.
+    With `tree`, the code of that checkout (`--before`) rather than this one."""
     port = free_port()
     path = workdir / f"policy-{name}.yaml"
     policy = icgate_policy(path, standin.url, overrides)
     cli = ["serve", "--policy", str(path), "--port", str(port), "--data-dir", str(workdir / f"data-{name}")]
     cli += ["--no-launch", *shlex.split(serve_args)]
     command = shlex.join(["icgate", *cli]).replace(str(workdir) + "/", "")
-    return spawn(name, ["-m", "icgate.gateway.cli.main", *cli], port, workdir), policy, command
+    if tree is None:
+        return spawn(name, ["-m", "icgate.gateway.cli.main", *cli], port, workdir), policy, command
+    proc = spawn(name, ["-m", cli_module(tree), *cli], port, workdir, cwd=tree)
+    return proc, policy, f"{command}, the code at {tree.name}"
 
 
 @contextlib.contextmanager
@@ -252,21 +262,28 @@ def servers(
         sport = free_port()
         standin = spawn(DIRECT, ["-m", "bench.standin_backend", "--port", str(sport)], sport, workdir)
         stack.callback(stop, standin)
-        variants = [(ICGATE, [args.policy_override], args.icgate_args)]
+        variants: list[tuple[str, list[dict[str, Any]], str, Path | None]] = [
+            (ICGATE, [args.policy_override], args.icgate_args, None)
+        ]
+        if args.before:
+            tree = stack.enter_context(worktree(args.before))
+            variants.append((f"{ICGATE}-before", [args.policy_override], args.icgate_args, tree))
         overrides = dict(args.variant)
         for name in [*overrides, *(n for n in args.variant_serve if n not in overrides)]:
             serve_args = f"{args.icgate_args} {args.variant_serve.get(name, '')}"
-            variants.append((f"{ICGATE}-{name}", [args.policy_override, overrides.get(name, {})], serve_args))
+            variants.append(
+                (f"{ICGATE}-{name}", [args.policy_override, overrides.get(name, {})], serve_args, None)
+            )
         gateways = []
-        for name, policy_overrides, serve_args in variants:
+        for name, policy_overrides, serve_args, code in variants:
             gw, setup.policies[name], setup.commands[name] = spawn_gateway(
-                name, workdir, standin, policy_overrides, serve_args
+                name, workdir, standin, policy_overrides, serve_args, code
             )
             stack.callback(stop, gw)
             gateways.append(gw)
         proxy = stack.enter_context(start_litellm(workdir, standin, setup))
         targets = [proc_target(standin, False)]
-        for gw, (_, _, serve_args) in zip(gateways, variants, strict=True):
+        for gw, (_, _, serve_args, _) in zip(gateways, variants, strict=True):
             targets.append(replace(proc_target(gw, True), one_process="--workers" not in serve_args))
         running = proxy.proc
         assert running is not None
@@ -1060,6 +1077,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         help="NAME=FLAGS: `icgate serve` flags for variant `icgate-NAME` (made if no --variant names it)",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="REV",
+        help="one more gateway, `icgate-before`: the default policy served by the code at git revision REV",
     )
     parser.add_argument("--seed", type=int, default=0, help="question order and repeat choices")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fullpath.md")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ import httpx
 import uvicorn
 
 from icgate.gateway.api.server import build_server
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def code_label(root: Path) -> str:
@@ -79,3 +84,28 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def worktree(rev: str) -> Iterator[Path]:
+    """The code at git revision `rev`, checked out into a temporary worktree of this repository (removed
+    on exit), for a benchmark that runs it beside the working tree."""
+    with tempfile.TemporaryDirectory(prefix="icgate-before-") as tmp:
+        where = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "worktree", "add", "-f", "--detach", str(where), rev],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield where
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(where)], cwd=REPO, capture_output=True
+            )
+
+
+def cli_module(tree: Path) -> str:
+    """The gateway's command line in `tree`: under `icgate` since the package was named, else the old path."""
+    return "icgate.gateway.cli.main" if (tree / "icgate").is_dir() else "gateway.cli"
