@@ -460,12 +460,6 @@ class ServerConfig(Strict):
     # cache outcome and timings) and the metrics say more, and the line costs the event loop about 0.1 ms
     # per request (docs/performance.md).
     access_log: bool = False
-    # How long a thread may keep the GIL while another waits for it (`sys.setswitchinterval`), set by
-    # `icgate serve` for its own process. CPython's 5 ms let the verifier's and the embedder's threads,
-    # between their model calls, keep the event loop waiting up to 5 ms each time the loop had let the
-    # GIL go (a socket write, a hand-off to a thread): at 16 clients a fifth of the two cores stayed idle
-    # while requests waited. None leaves CPython's (docs/performance.md).
-    switch_interval_ms: float | None = Field(0.5, gt=0, le=100)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line plus every header
     max_messages: int = Field(2048, ge=1)  # chat messages, or prompts of one completion request

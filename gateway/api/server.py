@@ -28,7 +28,6 @@ import json
 import logging
 import resource
 import socket
-import sys
 import time
 from typing import Any, ClassVar
 
@@ -59,16 +58,6 @@ def raise_fd_limit() -> tuple[int, int]:
         except (ValueError, OSError) as exc:  # e.g. above fs.nr_open
             log.warning("could not raise the file-descriptor limit to %d: %s", target, exc)
     return soft, hard
-
-
-def set_switch_interval(config: ServerConfig) -> float:
-    """The process's GIL switch interval from `server.switch_interval_ms` (unchanged when None); returns
-    the one it had, in seconds. For the serving process only: it is the interpreter's, for every thread,
-    and the in-process middleware leaves its host's alone."""
-    before = sys.getswitchinterval()
-    if config.switch_interval_ms is not None:
-        sys.setswitchinterval(config.switch_interval_ms / 1000.0)
-    return before
 
 
 def connection_cap(config: ServerConfig) -> int:

@@ -248,13 +248,12 @@ def serve(
 ) -> int:
     """One gateway process; on `sock` (a worker's shared listening socket) instead of host:port if given."""
     from icgate.gateway.api.app import create_app
-    from icgate.gateway.api.server import build_server, raise_fd_limit, set_switch_interval
+    from icgate.gateway.api.server import build_server, raise_fd_limit
     from icgate.gateway.wiring import Gateway
 
     # Idle sockets must not run the process out of descriptors before the connection cap refuses them.
     soft, hard = raise_fd_limit()
     logging.getLogger("icgate").info("file-descriptor limit %d (hard %d)", soft, hard)
-    set_switch_interval(policy.server)  # the event loop waits less for the GIL (`server.switch_interval_ms`)
     gateway = Gateway(policy, data_dir, launch_local=launch_local, policy_path=policy_path)
     app = create_app(gateway, freeze_heap=True)
     server = build_server(app, host, port, log_level="info")

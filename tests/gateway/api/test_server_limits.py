@@ -13,10 +13,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from pydantic import ValidationError
 
 from icgate.gateway.api.bounds import PRECHECK_BYTES, check_request_bounds
-from icgate.gateway.api.server import connection_cap, set_switch_interval
+from icgate.gateway.api.server import connection_cap
 from icgate.gateway.config import Policy, PolicyError, ServerConfig, load_policy
 from icgate.gateway.errors import GatewayError
 from tests.gateway.conftest import RunningGateway, Standins, standin_policy
@@ -387,19 +386,3 @@ def test_uvicorns_access_log_is_off_unless_the_policy_asks(tmp_path: Any) -> Non
         policy = Policy.model_validate({"backends": [backend], "server": server})
         app = create_app(Gateway(policy, tmp_path))
         assert build_server(app, "127.0.0.1", 0).config.access_log is expected
-
-
-def test_the_serving_process_sets_its_gil_switch_interval_from_the_policy() -> None:
-    import sys
-
-    original = sys.getswitchinterval()
-    try:
-        assert ServerConfig().switch_interval_ms == 0.5
-        assert set_switch_interval(ServerConfig(switch_interval_ms=2.0)) == original
-        assert sys.getswitchinterval() == pytest.approx(0.002)
-        assert set_switch_interval(ServerConfig(switch_interval_ms=None)) == pytest.approx(0.002)
-        assert sys.getswitchinterval() == pytest.approx(0.002)  # None leaves the interval as it was
-    finally:
-        sys.setswitchinterval(original)
-    with pytest.raises(ValidationError, match="switch_interval_ms"):
-        ServerConfig(switch_interval_ms=0)
