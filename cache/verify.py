@@ -493,12 +493,6 @@ class HitVerifier:
             scores[model] = self.model.predict_proba(features)[:, 1]
         return scores
 
-    def score_until_hit(
-        self, texts_a: Sequence[str], texts_b: Sequence[str], vecs_a: npt.ArrayLike, vecs_b: npt.ArrayLike
-    ) -> npt.NDArray[np.float64]:
-        """`score_batch` for one request's candidates, most similar first (`score_until_hit`)."""
-        return score_until_hit(self.score_batch, self.probability_threshold, texts_a, texts_b, vecs_a, vecs_b)
-
     def accept_batch(
         self, texts_a: Sequence[str], texts_b: Sequence[str], vecs_a: npt.ArrayLike, vecs_b: npt.ArrayLike
     ) -> npt.NDArray[np.bool_]:
@@ -576,39 +570,6 @@ class HitVerifier:
             cross_encoder_state=state,
             cross_encoder_runtime=runtime,
         )
-
-
-BatchScorer = Callable[
-    [Sequence[str], Sequence[str], npt.NDArray[np.float32], npt.NDArray[np.float32]], npt.NDArray[np.float64]
-]
-
-
-def score_until_hit(
-    score_batch: BatchScorer,
-    threshold: float,
-    texts_a: Sequence[str],
-    texts_b: Sequence[str],
-    vecs_a: npt.ArrayLike,
-    vecs_b: npt.ArrayLike,
-) -> npt.NDArray[np.float64]:
-    """Scores of one request's candidates, most similar first: the first pair alone, then the rest
-    together only if the first is no hit (its score under `threshold`). Pairs left unscored are NaN.
-
-    Which requests get a hit does not change (a hit needs one pair at the threshold, and the first is
-    one); which verified entry serves it may. What it saves: the most similar candidate is the one that
-    is a hit for 92-93% of the new Quora questions that get one, and the others often ask the same
-    thing as it: scoring them all took 1.3-1.4 times the cross-encoder passes
-    (bench/results/verify_order.md).
-    """
-    va = np.asarray(vecs_a, dtype=np.float32)
-    vb = np.asarray(vecs_b, dtype=np.float32)
-    scores = np.full(len(texts_a), np.nan)
-    if not len(scores):
-        return scores
-    scores[:1] = score_batch(texts_a[:1], texts_b[:1], va[:1], vb[:1])
-    if len(scores) > 1 and scores[0] < threshold:
-        scores[1:] = score_batch(texts_a[1:], texts_b[1:], va[1:], vb[1:])
-    return scores
 
 
 class PairClassifier:

@@ -38,7 +38,6 @@ WHY_NOT_SERVED = {
     "output_limit": "not checked: its answer is longer than the request's max_tokens allows",
     "not_allowed": "not checked: expired, or from a lower tier than the backend the request names",
     "not_top": "not checked: only the 3 most similar usable candidates go to the verifier",
-    "after_hit": "not checked: a more similar candidate was already a hit",
     "below_threshold": "not served: the verifier's score is under the threshold",
     "outscored": "not served: it passed the verifier, but another candidate scored higher",
     "exact_hit": "not needed: the request was an exact hit",

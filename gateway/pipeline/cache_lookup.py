@@ -43,7 +43,6 @@ TOO_LONG = "too_long"  # longer than `cache.semantic_max_chars`
 OUTPUT_LIMIT = "output_limit"  # its answer is longer than the request's max_tokens allows
 NOT_ALLOWED = "not_allowed"  # expired, or of a lower tier than the named backend's
 NOT_TOP = "not_top"  # usable, but not among the VERIFIED_CANDIDATES most similar
-AFTER_HIT = "after_hit"  # a more similar candidate was already a hit (`HitVerifier.score_until_hit`)
 
 
 class Embed(Protocol):
@@ -213,12 +212,8 @@ async def look_up_semantic(
         return None
     threshold = entries.verifier.probability_threshold
     lookup.threshold = threshold
-    for c, score in zip(usable, scores, strict=True):
-        if np.isnan(score):
-            lookup.passed_over[c.entry.id] = AFTER_HIT
-        else:
-            lookup.scores[c.entry.id] = float(score)
-    best = int(np.nanargmax(scores))
+    lookup.scores = {c.entry.id: float(score) for c, score in zip(usable, scores, strict=True)}
+    best = int(np.argmax(scores))
     if scores[best] < threshold:
         return None
     return Hit(usable[best].entry, usable[best].similarity, "semantic", float(scores[best]))

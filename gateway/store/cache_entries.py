@@ -393,8 +393,7 @@ class CacheEntries:
         return out
 
     async def verify(self, prompt_text: str, vector: Vector, entries: list[CacheEntry]) -> Floats:
-        """The verifier's P(same question) for the request against each entry (most similar first; NaN
-        for the entries after the first hit, `HitVerifier.score_until_hit`), on the verifier's own
+        """The verifier's P(same question) for the request against each entry, on the verifier's own
         threads: it may run a cross-encoder (milliseconds per pair) and the event loop must not wait.
 
         Raises VerifierBusyError, before queueing, when the pairs ahead would keep this request waiting
@@ -424,13 +423,13 @@ class CacheEntries:
 
     def _score(self, prompt_text: str, vector: Vector, against: list[tuple[str, Vector]]) -> Floats:
         started = time.perf_counter()
-        scores = self.verifier.score_until_hit(
+        scores = self.verifier.score_batch(
             [prompt_text] * len(against),
             [text for text, _ in against],
             np.repeat(vector[None, :], len(against), axis=0),
             np.stack([v for _, v in against]),
         )
-        self._pair_time.timed(time.perf_counter() - started, int(np.count_nonzero(~np.isnan(scores))))
+        self._pair_time.timed(time.perf_counter() - started, len(against))
         return scores
 
     # --- after the response -----------------------------------------------------------------------

@@ -223,18 +223,3 @@ def test_pairs_the_rules_settle_never_reach_the_classifier() -> None:
     assert scores.tolist() == [0.0, 1.0, 1.0]  # other numbers: never; twins: always; the rest: the model's
     assert model.rows == 1
     assert apply_rules(texts_a, texts_b, np.full(3, 0.5)).tolist() == [0.0, 1.0, 0.5]
-
-
-def test_candidates_after_a_hit_are_left_unscored() -> None:
-    model = _CountingModel()
-    verifier = HitVerifier(cosine_threshold=0.5, probability_threshold=0.5, model=model, version="t")
-    texts_b = ["How can I change my password?", "How do I change my password?", "How to change a password?"]
-    vectors = np.stack([unit(1)] * 3)
-    scores = verifier.score_until_hit(["How do I reset my password?"] * 3, texts_b, vectors, vectors)
-    assert scores[0] == 1.0 and np.isnan(scores[1:]).all() and model.rows == 1
-    # below the prefilter, the first is no hit: the other two are scored
-    far = np.stack([unit(2), unit(1), unit(1)])
-    model = _CountingModel()
-    verifier = HitVerifier(cosine_threshold=0.5, probability_threshold=0.5, model=model, version="t")
-    scores = verifier.score_until_hit(["How do I reset my password?"] * 3, texts_b, vectors, far)
-    assert scores.tolist() == [0.0, 1.0, 1.0] and model.rows == 2

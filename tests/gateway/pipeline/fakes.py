@@ -16,7 +16,7 @@ import pytest
 
 from icgate.cache.embed import EmbedderBusyError
 from icgate.cache.store import CacheEntry
-from icgate.cache.verify import HitVerifier, score_until_hit
+from icgate.cache.verify import HitVerifier
 from icgate.gateway.backends.admission import Admission
 from icgate.gateway.backends.client import BackendClient
 from icgate.gateway.config import BackendConfig, Policy, TelemetryConfig
@@ -106,11 +106,6 @@ class FakeVerifier:
         self.shapes.append((np.shape(vecs_a), np.shape(vecs_b)))
         self.threads.append(threading.current_thread().name)
         return np.array([self.scores.get(b, self.default) for b in texts_b], dtype=np.float64)
-
-    def score_until_hit(
-        self, texts_a: Sequence[str], texts_b: Sequence[str], vecs_a: Any, vecs_b: Any
-    ) -> Scores:
-        return score_until_hit(self.score_batch, self.probability_threshold, texts_a, texts_b, vecs_a, vecs_b)
 
 
 def make_policy(cache: dict[str, Any] | None = None, **overrides: Any) -> Policy:

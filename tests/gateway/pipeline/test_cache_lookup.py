@@ -11,7 +11,6 @@ from icgate.cache.embed import UnembeddableTextError
 from icgate.gateway.config import TelemetryConfig
 from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.cache_lookup import (
-    AFTER_HIT,
     BELOW_PREFILTER,
     NOT_ALLOWED,
     NOT_TOP,
@@ -383,34 +382,19 @@ async def test_semantic_hit_length_caps(new_entries: NewEntries) -> None:
 async def test_only_the_most_similar_candidates_are_verified(new_entries: NewEntries) -> None:
     texts = ["q1", "q2", "q3", "q4", "q5"]
     # q4 and q5 would pass, but they are not among the three most similar.
-    # q1, the most similar, is no hit (threshold 0.5), so the next two are scored, together.
-    verifier = FakeVerifier(scores={"q1": 0.4, "q2": 0.8, "q3": 0.1, "q4": 1.0, "q5": 1.0})
+    verifier = FakeVerifier(scores={"q1": 0.6, "q2": 0.8, "q3": 0.1, "q4": 1.0, "q5": 1.0})
     entries = new_entries(verifier=verifier)
     for i, (text, cosine) in enumerate(zip(texts, [0.99, 0.97, 0.95, 0.93, 0.91], strict=True), start=1):
         store_similar(entries, i, cosine=cosine, text=text, other=i)
     lookup = await lookup_of(entries, chat_ctx(REQUEST))
     assert VERIFIED_CANDIDATES == 3
-    assert verifier.calls == [["q1"], ["q2", "q3"]]
-    assert verifier.shapes == [((1, 8), (1, 8)), ((2, 8), (2, 8))]
+    assert verifier.calls == [["q1", "q2", "q3"]]
+    assert verifier.shapes == [((3, 8), (3, 8))]
     hit = lookup.hit
     assert hit is not None and hit.entry.id == 2 and hit.verifier_score == pytest.approx(0.8)
     assert hit.similarity == pytest.approx(0.97, abs=1e-5)
-    assert lookup.scores == pytest.approx({1: 0.4, 2: 0.8, 3: 0.1})
+    assert lookup.scores == pytest.approx({1: 0.6, 2: 0.8, 3: 0.1})
     assert lookup.passed_over == {4: NOT_TOP, 5: NOT_TOP}
-
-
-async def test_a_hit_on_the_most_similar_candidate_leaves_the_rest_unscored(new_entries: NewEntries) -> None:
-    # q2 would score higher, but q1 is already a hit: it serves, and the verifier never reads q2 or q3.
-    verifier = FakeVerifier(scores={"q1": 0.6, "q2": 0.9, "q3": 0.9})
-    entries = new_entries(verifier=verifier)
-    for i, (text, cosine) in enumerate(zip(["q1", "q2", "q3"], [0.99, 0.97, 0.95], strict=True), start=1):
-        store_similar(entries, i, cosine=cosine, text=text, other=i)
-    lookup = await lookup_of(entries, chat_ctx(REQUEST))
-    assert verifier.calls == [["q1"]]
-    assert lookup.hit is not None and lookup.hit.entry.id == 1
-    assert lookup.hit.verifier_score == pytest.approx(0.6)
-    assert lookup.scores == pytest.approx({1: 0.6})
-    assert lookup.passed_over == {2: AFTER_HIT, 3: AFTER_HIT}
 
 
 async def test_semantic_switch_off_still_retrieves_for_examples_and_store(new_entries: NewEntries) -> None:

@@ -123,19 +123,16 @@ def test_semantic_max_chars_never_above_what_the_verifier_reads(
 # --- verify --------------------------------------------------------------------------------------------
 
 
-async def test_verify_scores_pairs_until_a_hit_on_the_verifiers_own_threads(new_entries: NewEntries) -> None:
-    verifier = FakeVerifier(scores={"a": 0.2, "b": 0.9, "c": 0.5})  # threshold 0.5
+async def test_verify_scores_every_pair_on_the_verifiers_own_threads(new_entries: NewEntries) -> None:
+    verifier = FakeVerifier(scores={"a": 0.2, "b": 0.9, "c": 0.5})
     entries = new_entries(verifier=verifier)
     candidates = [entry_for(entries, chat_ctx(t), i, axis(i)) for i, t in enumerate("abc", start=1)]
     scores = await entries.verify("the request", axis(0), candidates)
-    assert scores.tolist() == [0.2, 0.9, 0.5]  # "a" is no hit, so "b" and "c" are scored too
-    assert verifier.requests == [["the request"], ["the request"] * 2]
-    assert verifier.calls == [["a"], ["b", "c"]]
-    assert verifier.shapes == [((1, 8), (1, 8)), ((2, 8), (2, 8))]
-    scores = await entries.verify("again", axis(0), candidates[1:])
-    assert scores[0] == 0.9 and np.isnan(scores[1])  # "b" is a hit: "c" is never read
-    assert verifier.calls[2:] == [["b"]]
-    assert len(verifier.threads) == 3 and entries.verify_threads == default_threads()
+    assert scores.tolist() == [0.2, 0.9, 0.5]
+    assert verifier.requests == [["the request"] * 3] and verifier.calls == [["a", "b", "c"]]
+    assert verifier.shapes == [((3, 8), (3, 8))]
+    await entries.verify("again", axis(0), candidates[:1])
+    assert len(verifier.threads) == 2 and entries.verify_threads == default_threads()
     assert all(t.startswith("icgate-verify") for t in verifier.threads)
     assert threading.current_thread().name not in verifier.threads
 
