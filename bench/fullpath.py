@@ -235,20 +235,21 @@ def spawn_gateway(
     standin: Proc,
     overrides: list[dict[str, Any]],
     serve_args: str,
-    tree: Path | None = None,
+    code: tuple[Path, str] | None = None,
 ) -> tuple[Proc, dict[str, Any], str]:
     """`icgate serve` with its own policy file and data directory; also the policy and the command.
-    With `tree`, the code of that checkout (`--before`) rather than this one."""
+    With `code` (a checkout and its revision, `--before`), that code rather than this one's."""
     port = free_port()
     path = workdir / f"policy-{name}.yaml"
     policy = icgate_policy(path, standin.url, overrides)
     cli = ["serve", "--policy", str(path), "--port", str(port), "--data-dir", str(workdir / f"data-{name}")]
     cli += ["--no-launch", *shlex.split(serve_args)]
     command = shlex.join(["icgate", *cli]).replace(str(workdir) + "/", "")
-    if tree is None:
+    if code is None:
         return spawn(name, ["-m", "icgate.gateway.cli.main", *cli], port, workdir), policy, command
+    tree, rev = code
     proc = spawn(name, ["-m", cli_module(tree), *cli], port, workdir, cwd=tree)
-    return proc, policy, f"{command}, the code at {tree.name}"
+    return proc, policy, f"{command}` with the code at `{rev}"
 
 
 @contextlib.contextmanager
@@ -262,12 +263,14 @@ def servers(
         sport = free_port()
         standin = spawn(DIRECT, ["-m", "bench.standin_backend", "--port", str(sport)], sport, workdir)
         stack.callback(stop, standin)
-        variants: list[tuple[str, list[dict[str, Any]], str, Path | None]] = [
+        variants: list[tuple[str, list[dict[str, Any]], str, tuple[Path, str] | None]] = [
             (ICGATE, [args.policy_override], args.icgate_args, None)
         ]
         if args.before:
             tree = stack.enter_context(worktree(args.before))
-            variants.append((f"{ICGATE}-before", [args.policy_override], args.icgate_args, tree))
+            variants.append(
+                (f"{ICGATE}-before", [args.policy_override], args.icgate_args, (tree, args.before))
+            )
         overrides = dict(args.variant)
         for name in [*overrides, *(n for n in args.variant_serve if n not in overrides)]:
             serve_args = f"{args.icgate_args} {args.variant_serve.get(name, '')}"
