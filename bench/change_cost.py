@@ -25,7 +25,6 @@ import contextlib
 import datetime as dt
 import itertools
 import json
-import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,7 +36,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import cli_module, free_port, worktree  # noqa: E402
+from bench.harness import cache_entries, cli_module, free_port, gateway_engine, worktree  # noqa: E402
 from bench.overhead import (  # noqa: E402
     CHAT_PATH,
     STANDIN,
@@ -199,12 +198,14 @@ async def measure(
 
 
 def stored_answers(data_dir: Path) -> int:
-    """Cache entries in a stopped gateway's SQLite database (it writes what is pending before it exits)."""
-    db = data_dir / "icgate.db"
-    if not db.exists():
+    """Cache entries in a stopped gateway's database (it writes what is pending before it exits)."""
+    if not (data_dir / "icgate.db").exists():
         return 0
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return int(conn.execute("SELECT count(*) FROM cache_entries").fetchone()[0])
+    engine = gateway_engine(data_dir)
+    try:
+        return cache_entries(engine)
+    finally:
+        engine.dispose()
 
 
 def _stored(r: Result) -> str:

@@ -249,7 +249,7 @@ def spawn_gateway(
         return spawn(name, ["-m", "icgate.gateway.cli.main", *cli], port, workdir), policy, command
     tree, rev = code
     proc = spawn(name, ["-m", cli_module(tree), *cli], port, workdir, cwd=tree)
-    return proc, policy, f"{command}` with the code at `{rev}"
+    return proc, policy, f"{command}  # the code at {rev}"
 
 
 @contextlib.contextmanager

@@ -109,3 +109,20 @@ def worktree(rev: str) -> Iterator[Path]:
 def cli_module(tree: Path) -> str:
     """The gateway's command line in `tree`: under `icgate` since the package was named, else the old path."""
     return "icgate.gateway.cli.main" if (tree / "icgate").is_dir() else "gateway.cli"
+
+
+def gateway_engine(data_dir: Path) -> Any:
+    """An engine on the SQLite database `icgate serve --data-dir` keeps (read while the gateway runs)."""
+    from icgate.gateway.store.db import make_engine
+
+    return make_engine(f"sqlite:///{data_dir / 'icgate.db'}")
+
+
+def cache_entries(engine: Any) -> int:
+    """Answers the gateway's cache holds (with `cache.store: false`, always 0)."""
+    import sqlalchemy as sa
+
+    from icgate.gateway.store import tables
+
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(tables.CacheEntryRow)).scalar() or 0)

@@ -68,7 +68,7 @@ if str(REPO) not in sys.path:  # run as a script: make `bench` and `gateway` imp
 
 from bench import content_trace  # noqa: E402
 from bench.content_trace import Item  # noqa: E402
-from bench.harness import code_label  # noqa: E402
+from bench.harness import cache_entries, code_label, gateway_engine  # noqa: E402
 from bench.litellm_proxy import (  # noqa: E402
     LITELLM_VERSION,
     Deployment,
@@ -1183,13 +1183,6 @@ IN_FORCE = "{kind} model {version} in force"
 SETTLE_S = 20.0  # longest wait for the gateway's write-behind queue to store a run's length samples
 
 
-def gateway_engine(data_dir: Path) -> Any:
-    """An engine on the SQLite database `icgate serve --data-dir` keeps (read while the gateway runs)."""
-    from icgate.gateway.store.db import make_engine
-
-    return make_engine(f"sqlite:///{data_dir / 'icgate.db'}")
-
-
 @dataclass(frozen=True)
 class PublishedLength:
     """A backend's own length predictor as the gateway published it (`model_artifacts`, kind
@@ -1256,16 +1249,6 @@ def length_artifacts(engine: Any) -> dict[str, int]:
     query = sa.select(table.kind, sa.func.count()).where(table.kind.like("length:%")).group_by(table.kind)
     with engine.connect() as conn:
         return {str(kind): int(n) for kind, n in conn.execute(query)}
-
-
-def cache_entries(engine: Any) -> int:
-    """Answers the gateway's cache holds (with `cache.store: false`, always 0)."""
-    import sqlalchemy as sa
-
-    from icgate.gateway.store import tables
-
-    with engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(tables.CacheEntryRow)).scalar() or 0)
 
 
 def samples_after(engine: Any, after_id: int) -> tuple[int, int]:

@@ -479,18 +479,18 @@ class HitVerifier:
         readable = [max(len(a), len(b)) <= MAX_TEXT_CHARS for a, b in zip(texts_a, texts_b, strict=True)]
         keep = np.flatnonzero((cosines >= self.cosine_threshold) & np.array(readable, dtype=bool)).tolist()
         # The rules first (`apply_rules`): a pair they decide needs no features, cross-encoder or trees.
-        model = []
+        undecided = []
         for i in keep:
             verdict = rule_verdict(texts_a[i], texts_b[i])
             if verdict is None:
-                model.append(i)
+                undecided.append(i)
             else:
                 scores[i] = verdict
-        if model:
+        if undecided:
             features = self.features(
-                [texts_a[i] for i in model], [texts_b[i] for i in model], va[model], vb[model]
+                [texts_a[i] for i in undecided], [texts_b[i] for i in undecided], va[undecided], vb[undecided]
             )
-            scores[model] = self.model.predict_proba(features)[:, 1]
+            scores[undecided] = self.model.predict_proba(features)[:, 1]
         return scores
 
     def accept_batch(
