@@ -289,6 +289,12 @@ class CacheConfig(Strict):
     # "cache_store_budget"}). 1: no rest. Why 0.25 and what it costs routed traffic: docs/performance.md.
     store_embed_share: float = Field(0.25, gt=0, le=1)
     store_embed_backlog: int = Field(256, ge=0)
+    # Identical requests in flight at once (same tenant, same exact-cache key) share one answer: the
+    # first goes to a backend, the others wait for its answer and are served it as an exact hit, for at
+    # most `coalesce_wait_s` (then, or if the first stores nothing, each goes on alone). Streamed requests
+    # may wait for a first but never lead (gateway/store/in_flight.py; docs/performance.md).
+    coalesce: bool = True
+    coalesce_wait_s: float = Field(60.0, gt=0)
     tenants: dict[str, CacheSwitches] = {}
     models: dict[str, CacheSwitches] = {}
 

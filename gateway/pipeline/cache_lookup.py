@@ -1,4 +1,5 @@
-"""Stage 4, cache lookup: exact key, then embed and retrieve, then a verified semantic hit.
+"""Stage 4, cache lookup: exact key, then an identical request in flight, then embed and retrieve, then a
+verified semantic hit.
 
 One embedding per request is made here and reused downstream (the route stage's features, the
 examples, the stored entry), so the outcome, `CacheLookup`, travels on to those stages. A hit is
@@ -27,6 +28,7 @@ from icgate.gateway.errors import GatewayError
 from icgate.gateway.pipeline.target import Target
 from icgate.gateway.records import RequestContext, namespace_for
 from icgate.gateway.store.cache_entries import CacheEntries, Candidate, Hit, VerifierBusyError
+from icgate.gateway.store.in_flight import Lead
 from icgate.gateway.telemetry import Tracing
 from icgate.text import last_user_text
 
@@ -78,6 +80,11 @@ class CacheLookup:
     # semantic hit, no examples, nothing stored, and the router takes its default tier) or VERIFIER_BUSY
     # (no semantic hit; the rest as usual).
     skipped: str | None = None
+    # Identical requests in flight (`cache.coalesce`): `lead` while this one leads them (settled by the
+    # insert of its answer, or by the pipeline when there is none); `shared` when it was served the
+    # answer of one it waited for.
+    lead: Lead | None = None
+    shared: bool = False
     # What the semantic step judged, kept for the explanation (no work of its own): each candidate that
     # the verifier did not see, with why (the codes above), and the prefilter they were held to; the
     # verifier's score for each one it saw, and its threshold; why no candidate was tried (TOO_LONG).
@@ -101,21 +108,60 @@ async def embed_request(embed: Embed, text: str, scope: str) -> Vector:
 
 
 async def look_up(
-    ctx: RequestContext, target: Target, entries: CacheEntries, embed: Embed, tracing: Tracing
+    ctx: RequestContext,
+    target: Target,
+    entries: CacheEntries,
+    embed: Embed,
+    tracing: Tracing,
+    may_lead: bool = False,
 ) -> CacheLookup | None:
-    """The stage: None when the cache is off for this request, else the lookup (with `.hit` if any)."""
+    """The stage: None when the cache is off for this request, else the lookup (with `.hit` if any).
+    `may_lead`: the caller settles `lookup.lead` however the request ends (`Pipeline.run` does)."""
     lookup = plan_lookup(ctx, entries, named=not target.routed)
     if lookup is None:
         return None
     min_tier = target.min_tier
     with tracing.stage_span("exact_cache"):
         lookup.hit = look_up_exact(lookup, entries, min_tier)
+    if lookup.hit is None and entries.config.coalesce and lookup.exact and lookup.servable:
+        with tracing.stage_span("in_flight"):
+            lookup.hit = await share_in_flight(lookup, entries, min_tier, may_lead and not ctx.stream)
     if lookup.hit is None:
-        with tracing.stage_span("embed_retrieve"):
-            await embed_and_retrieve(lookup, entries, embed)
-        with tracing.stage_span("semantic_hit"):
-            lookup.hit = await look_up_semantic(lookup, entries, min_tier, ctx.body)
+        try:
+            with tracing.stage_span("embed_retrieve"):
+                await embed_and_retrieve(lookup, entries, embed)
+            with tracing.stage_span("semantic_hit"):
+                lookup.hit = await look_up_semantic(lookup, entries, min_tier, ctx.body)
+        except BaseException:
+            release(lookup)
+            raise
     return lookup
+
+
+async def share_in_flight(
+    lookup: CacheLookup, entries: CacheEntries, min_tier: str | None, may_lead: bool
+) -> Hit | None:
+    """An identical request already in flight: wait for its answer and take it as an exact hit. Else
+    this one leads (`lookup.lead`) when it may: a streamed request (its answer is stored when the stream
+    ends) and a named one (embedded after its response) only follow."""
+    key = (lookup.namespace, lookup.exact_key)
+    if may_lead and lookup.storable and not lookup.embed_after:
+        lookup.lead = entries.in_flight.lead(key)
+        if lookup.lead is not None:
+            return None
+    entry = await entries.in_flight.follow(key, entries.config.coalesce_wait_s)
+    if entry is None or not entries.allowed(entry, min_tier):
+        return None
+    lookup.shared = True
+    return Hit(entry, 1.0, "exact", 1.0)
+
+
+def release(lookup: CacheLookup | None) -> None:
+    """The requests waiting for this one go on alone: it has no answer for them (a hit, an error, an
+    answer not stored). Does nothing once the answer was handed to the insert (`store_answer`)."""
+    if lookup is not None and lookup.lead is not None:
+        lookup.lead.share(None)
+        lookup.lead = None
 
 
 def plan_lookup(ctx: RequestContext, entries: CacheEntries, named: bool = False) -> CacheLookup | None:

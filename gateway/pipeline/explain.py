@@ -34,7 +34,7 @@ def cache(ctx: RequestContext, lookup: CacheLookup) -> None:
     hit = lookup.hit
     ctx.decisions["cache"] = {
         "hit": hit.kind if hit else None,
-        "entry": hit.entry.id if hit else None,
+        "entry": hit.entry.id if hit and hit.entry.id else None,  # 0: an answer not yet written
         "similarity": hit.similarity if hit else lookup.best_similarity,
         "verifier": hit.verifier_score if hit else None,
         "candidates": len(lookup.candidates),
@@ -42,6 +42,8 @@ def cache(ctx: RequestContext, lookup: CacheLookup) -> None:
     }
     if lookup.skipped:
         ctx.decisions["cache"]["skipped"] = lookup.skipped
+    if lookup.shared:
+        ctx.decisions["cache"]["shared"] = True  # the answer of an identical request it waited for
     if lookup.candidates:
         ctx.decisions["cache"]["nearest"] = nearest(lookup)
         if lookup.prefilter is not None:
@@ -234,6 +236,8 @@ def response_headers(ctx: RequestContext) -> dict[str, str]:
     cached = ctx.decisions.get("cache") or {}
     if cached.get("skipped"):
         headers["x-icgate-cache-skipped"] = cached["skipped"]
+    if cached.get("shared"):
+        headers["x-icgate-cache-shared"] = "true"
     if cached.get("similarity") is not None:
         headers["x-icgate-similarity"] = f"{cached['similarity']:.4f}"
     if "examples" in ctx.decisions:

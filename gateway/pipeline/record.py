@@ -221,6 +221,8 @@ def store_answer(
     # Entries live in memory on every replica: one tenant's megabyte prompts must not fill it.
     if len(lookup.prompt_text) + len(text) > entries.config.max_entry_chars:
         return
+    # Identical requests waiting for this one (`CacheLookup.lead`) get the entry from the insert.
+    lead, lookup.lead = lookup.lead, None
     entries.insert_later(
         ctx.request_id,
         NewEntry(
@@ -237,6 +239,7 @@ def store_answer(
             completion_tokens=ctx.completion_tokens,
             vector=lookup.vector,
         ),
+        lead,
     )
 
 

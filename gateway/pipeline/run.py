@@ -2,7 +2,8 @@
 
 `Pipeline.run` reads as the request's path; each stage is a module of this package:
 
-    authenticate -> quotas -> target -> cache_lookup (a hit is answered here)
+    authenticate -> quotas -> target -> cache_lookup (a hit, or the answer of an identical request in
+    flight, is answered here)
     -> route -> admit -> call (augment per attempt, fallback once) -> record
 
 A caller that makes the backend call itself (LiteLLM's router, through gateway/inprocess/litellm_router.py)
@@ -30,7 +31,14 @@ from icgate.gateway.pipeline import explain
 from icgate.gateway.pipeline.admit import ask_for, candidates_for, priority_of, spill_candidates
 from icgate.gateway.pipeline.advise import Advice, advised_backend
 from icgate.gateway.pipeline.authenticate import Authenticator, authenticate
-from icgate.gateway.pipeline.cache_lookup import CacheLookup, Embed, hit_response, look_up, replay_as_stream
+from icgate.gateway.pipeline.cache_lookup import (
+    CacheLookup,
+    Embed,
+    hit_response,
+    look_up,
+    release,
+    replay_as_stream,
+)
 from icgate.gateway.pipeline.call import Caller, CallPlan, OpenStream
 from icgate.gateway.pipeline.quotas import TenantLimiter
 from icgate.gateway.pipeline.record import LengthSink, Recorder, RecordSink, SampleSink, Trail
@@ -141,24 +149,28 @@ class Pipeline:
     async def _stages(
         self, ctx: RequestContext, api_key: str | None, tenant: Tenant | None, exits: AsyncExitStack
     ) -> PipelineResult:
-        target, lookup = await self._before_route(ctx, api_key, tenant)
-        if lookup is not None and lookup.hit is not None:
-            return await self._serve_hit(ctx, Trail(target, lookup), lookup.hit, exits)
-        plan = await self._route(ctx, target, lookup)
-        if ctx.stream:
-            opened = await self.caller.open_stream(ctx, plan, exits)
-            return self._relay(ctx, opened.result, exits, Trail(target, lookup, opened.examples))
-        called = await self.caller.complete(ctx, plan, exits)
-        response = called.result
-        ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
-        await exits.aclose()
-        self.record(ctx, Trail(target, lookup, called.examples), response)
-        return PipelineResult(ctx, response=response)
+        target, lookup = await self._before_route(ctx, api_key, tenant, may_lead=True)
+        try:
+            if lookup is not None and lookup.hit is not None:
+                return await self._serve_hit(ctx, Trail(target, lookup), lookup.hit, exits)
+            plan = await self._route(ctx, target, lookup)
+            if ctx.stream:
+                opened = await self.caller.open_stream(ctx, plan, exits)
+                return self._relay(ctx, opened.result, exits, Trail(target, lookup, opened.examples))
+            called = await self.caller.complete(ctx, plan, exits)
+            response = called.result
+            ctx.prompt_tokens, ctx.completion_tokens = token_usage(response)
+            await exits.aclose()
+            self.record(ctx, Trail(target, lookup, called.examples), response)
+            return PipelineResult(ctx, response=response)
+        finally:
+            release(lookup)  # identical requests waiting for this one: unless its answer went to the insert
 
     async def _before_route(
-        self, ctx: RequestContext, api_key: str | None, tenant: Tenant | None
+        self, ctx: RequestContext, api_key: str | None, tenant: Tenant | None, may_lead: bool = False
     ) -> tuple[Target, CacheLookup | None]:
-        """Stages 1-4: who asks, within which limits, for what, and what the cache holds for it."""
+        """Stages 1-4: who asks, within which limits, for what, and what the cache holds for it.
+        `may_lead`: identical requests may wait for this one's answer (the caller releases them)."""
         tracing = self.telemetry.tracing
         with tracing.stage_span("authenticate"):
             ctx.tenant = tenant or await authenticate(api_key, self.policy.auth, self.authenticator)
@@ -169,7 +181,7 @@ class Pipeline:
         with tracing.stage_span("resolve_target"):
             target = resolve_target(ctx.model, self.policy)
             explain.target(ctx, target)
-        return target, await self._look_up(ctx, target)
+        return target, await self._look_up(ctx, target, may_lead)
 
     async def _route(self, ctx: RequestContext, target: Target, lookup: CacheLookup | None) -> CallPlan:
         """Stages 5-6: the tier, then where the request may go and what admission is asked."""
@@ -231,10 +243,10 @@ class Pipeline:
             self.telemetry.metrics.admission("none", "limited")
             raise
 
-    async def _look_up(self, ctx: RequestContext, target: Target) -> CacheLookup | None:
+    async def _look_up(self, ctx: RequestContext, target: Target, may_lead: bool) -> CacheLookup | None:
         if self.entries is None or self.embed is None:
             return None
-        lookup = await look_up(ctx, target, self.entries, self.embed, self.telemetry.tracing)
+        lookup = await look_up(ctx, target, self.entries, self.embed, self.telemetry.tracing, may_lead)
         if lookup is not None:
             explain.cache(ctx, lookup)
         return lookup

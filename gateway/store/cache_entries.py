@@ -36,6 +36,7 @@ from icgate.gateway.config import CacheConfig, RequestLogConfig
 from icgate.gateway.store import tables
 from icgate.gateway.store.db import sqlite_file
 from icgate.gateway.store.duty_cycle import BacklogFullError, DutyCycle
+from icgate.gateway.store.in_flight import InFlight, Lead
 from icgate.gateway.store.write_behind import Retry, StorageEvents, WriteBehindQueue
 from icgate.text import scrub_pii
 
@@ -181,6 +182,8 @@ class CacheEntries:
         self.verifier = verifier
         self.clock = clock
         self.store = CacheStore()
+        # Identical requests in flight: the first leads, the others wait for its answer (`cache.coalesce`).
+        self.in_flight = InFlight()
         self.index = VectorIndex(dim, hnsw_threshold=config.hnsw_threshold)
         # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
         # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.
@@ -449,16 +452,22 @@ class CacheEntries:
                 entry.last_used_at = now
                 self._updates.submit((entry_id, {counter: getattr(entry, counter), "last_used_at": _dt(now)}))
 
-    def insert_later(self, request_id: str, new: NewEntry) -> None:
-        """Store an answer off the hot path; the request has already been answered."""
+    def insert_later(self, request_id: str, new: NewEntry, lead: Lead | None = None) -> None:
+        """Store an answer off the hot path; the request has already been answered. `lead`: identical
+        requests wait for this answer (`in_flight`); they get the entry once it is scrubbed, before the
+        database has it, or nothing if it is not stored."""
         if len(self._inserts) >= self.config.insert_queue_size + 64:
             self._writes.refuse()  # the database is behind: skip (and count) rather than pile up
+            if lead is not None:
+                lead.share(None)
             return
-        task = asyncio.create_task(self._insert(request_id, new))
+        task = asyncio.create_task(self._insert(request_id, new, lead))
         self._inserts.add(task)
         task.add_done_callback(self._inserts.discard)
+        if lead is not None:  # however the insert ends (even cancelled before it ran), nobody waits on
+            task.add_done_callback(lambda _: lead.share(None))
 
-    async def _insert(self, request_id: str, new: NewEntry) -> None:
+    async def _insert(self, request_id: str, new: NewEntry, lead: Lead | None = None) -> None:
         key = (new.namespace, new.exact_key)
         rank = self.tier_rank(new.tier)
         token = object()
@@ -475,6 +484,8 @@ class CacheEntries:
             self._pending[key] = (rank, token)
             # Scrubbing is linear but a prompt may be megabytes: off the event loop.
             entry = await asyncio.to_thread(self._new_entry, new, vector)
+            if lead is not None:
+                lead.share(entry)
             row = _NewRow(entry, asyncio.get_running_loop().create_future())
             if not self._writes.submit(row) or not await row.done:
                 return  # not written: counted and logged by the queue

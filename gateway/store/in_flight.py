@@ -1,0 +1,67 @@
+"""Identical requests in flight share one answer (request coalescing).
+
+Without this, N identical requests that arrive together (a retry storm, a dashboard refreshing the same
+prompt, a popular question) all miss the exact cache, since the first answer is not stored yet: each is
+embedded, verified and sent to a backend. Here the first one leads: the others wait for its answer and
+are served it as an exact hit, which is what they would have got a moment later. A follower never
+depends on the leader for more than its answer: if the leader fails, is cancelled or stores nothing, the
+followers go on as if alone, and none waits longer than `cache.coalesce_wait_s`.
+
+Keys are (namespace, exact key): the exact cache's key within one tenant's namespace, so requests are
+shared only where an exact hit could be. One registry per process (replicas do not wait for each
+other: a replica learns another's answers when it syncs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from icgate.cache.store import CacheEntry
+
+Key = tuple[str, str]
+
+
+@dataclass
+class Lead:
+    """The leader's handle: `share` the answer (an entry), or None when there is none to share. The first
+    call settles it; later calls do nothing."""
+
+    future: asyncio.Future[CacheEntry | None]
+
+    def share(self, entry: CacheEntry | None) -> None:
+        if not self.future.done():
+            self.future.set_result(entry)
+
+
+class InFlight:
+    def __init__(self) -> None:
+        self._leaders: dict[Key, asyncio.Future[CacheEntry | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._leaders)
+
+    def lead(self, key: Key) -> Lead | None:
+        """A handle if no identical request is in flight (this one leads; it must settle the handle), else
+        None (follow the one that is)."""
+        if key in self._leaders:
+            return None
+        future: asyncio.Future[CacheEntry | None] = asyncio.get_running_loop().create_future()
+        self._leaders[key] = future
+        future.add_done_callback(lambda done: self._forget(key, done))
+        return Lead(future)
+
+    async def follow(self, key: Key, wait_s: float) -> CacheEntry | None:
+        """The leader's answer, or None: no leader, none to share, or not within `wait_s`. Cancelling a
+        follower leaves the leader alone."""
+        future = self._leaders.get(key)
+        if future is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait_s)
+        except TimeoutError:
+            return None
+
+    def _forget(self, key: Key, done: asyncio.Future[CacheEntry | None]) -> None:
+        if self._leaders.get(key) is done:
+            del self._leaders[key]
