@@ -103,7 +103,11 @@ def _cache(
 ) -> Stage:
     stage = Stage("Cache")
     hit = cache.get("hit")
-    if hit == "exact":
+    if hit == "exact" and cache.get("shared"):
+        stage.add(
+            "cache.hit", "Answer", "an exact hit: the answer of the same request, in flight when this arrived"
+        )
+    elif hit == "exact":
         stage.add("cache.hit", "Answer", "an exact hit: the same request was answered before")
     elif hit == "semantic":
         stage.add(

@@ -241,3 +241,12 @@ def test_bodies_are_shown_where_kept_and_otherwise_it_says_which_setting_keeps_t
     assert kept["bodies.prompt"].value == "user: mail <email>"
     assert kept["bodies.answer"].value == "(none)"
     assert "bodies.none" not in kept
+
+
+def test_a_shared_answer_says_it_was_an_identical_request_in_flight() -> None:
+    shared = {"hit": "exact", "entry": None, "similarity": 1.0, "verifier": 1.0, "candidates": 0}
+    said = facts(row({"cache": {**shared, "shared": True}}, route="cache", backend=None))
+    in_flight = "an exact hit: the answer of the same request, in flight when this arrived"
+    assert said["cache.hit"].value == in_flight
+    earlier = facts(row({"cache": shared}, route="cache", backend=None))
+    assert earlier["cache.hit"].value == "an exact hit: the same request was answered before"
