@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -374,3 +375,21 @@ def test_feedback_after_a_restart_finds_the_request_in_the_log(
         if e.prompt_text == "What is the capital of Italy?"
     )
     assert entry.utility == 1.0 and entry.feedback_count == 1
+
+
+def test_identical_requests_sent_together_reach_the_backend_once(
+    standins: Standins, start_gateway: StartGateway
+) -> None:
+    gw = start_gateway(cache_policy(standins))
+    standins.small.delay_s = 0.5  # every request arrives while the first is at the backend
+    question = "Which planet has the most moons?"
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: ask(gw, question), range(4)))
+
+    assert len(standins.small.received) == 1
+    shared = [a for a in answers if a.headers.get("x-icgate-cache-shared") == "true"]
+    assert len(shared) == 3 and all(a.headers["x-icgate-route"] == "cache" for a in shared)
+    [lead] = [a for a in answers if "x-icgate-cache-shared" not in a.headers]
+    assert lead.headers["x-icgate-route"] == "small"
+    content = {a.json()["choices"][0]["message"]["content"] for a in answers}
+    assert len(content) == 1 and len({a.json()["id"] for a in answers}) == 4
