@@ -15,6 +15,8 @@ other: a replica learns another's answers when it syncs them).
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from icgate.cache.store import CacheEntry
@@ -35,8 +37,13 @@ class Lead:
 
 
 class InFlight:
-    def __init__(self) -> None:
-        self._leaders: dict[Key, asyncio.Future[CacheEntry | None]] = {}
+    """`stale_after_s`: a leader older than this is taken for gone, in case one were never settled: its
+    key would otherwise make every later identical request wait out its bound."""
+
+    def __init__(self, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self._leaders: dict[Key, tuple[asyncio.Future[CacheEntry | None], float]] = {}
 
     def __len__(self) -> int:
         return len(self._leaders)
@@ -44,17 +51,17 @@ class InFlight:
     def lead(self, key: Key) -> Lead | None:
         """A handle if no identical request is in flight (this one leads; it must settle the handle), else
         None (follow the one that is)."""
-        if key in self._leaders:
+        if self._live(key) is not None:
             return None
         future: asyncio.Future[CacheEntry | None] = asyncio.get_running_loop().create_future()
-        self._leaders[key] = future
+        self._leaders[key] = (future, self.clock())
         future.add_done_callback(lambda done: self._forget(key, done))
         return Lead(future)
 
     async def follow(self, key: Key, wait_s: float) -> CacheEntry | None:
         """The leader's answer, or None: no leader, none to share, or not within `wait_s`. Cancelling a
         follower leaves the leader alone."""
-        future = self._leaders.get(key)
+        future = self._live(key)
         if future is None:
             return None
         try:
@@ -62,6 +69,13 @@ class InFlight:
         except TimeoutError:
             return None
 
+    def _live(self, key: Key) -> asyncio.Future[CacheEntry | None] | None:
+        found = self._leaders.get(key)
+        if found is None or self.clock() - found[1] > self.stale_after_s:
+            return None
+        return found[0]
+
     def _forget(self, key: Key, done: asyncio.Future[CacheEntry | None]) -> None:
-        if self._leaders.get(key) is done:
+        found = self._leaders.get(key)
+        if found is not None and found[0] is done:
             del self._leaders[key]
