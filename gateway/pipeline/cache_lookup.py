@@ -144,12 +144,12 @@ async def share_in_flight(
     """An identical request already in flight: wait for its answer and take it as an exact hit. Else
     this one leads (`lookup.lead`) when it may: a streamed request (its answer is stored when the stream
     ends) and a named one (embedded after its response) only follow."""
-    key = (lookup.namespace, lookup.exact_key)
+    key, wait_s = (lookup.namespace, lookup.exact_key), entries.config.coalesce_wait_s
     if may_lead and lookup.storable and not lookup.embed_after:
-        lookup.lead = entries.in_flight.lead(key)
+        lookup.lead = entries.in_flight.lead(key, wait_s)
         if lookup.lead is not None:
             return None
-    entry = await entries.in_flight.follow(key, entries.config.coalesce_wait_s)
+    entry = await entries.in_flight.follow(key, wait_s)
     if entry is None or not entries.allowed(entry, min_tier):
         return None
     lookup.shared = True

@@ -183,7 +183,7 @@ class CacheEntries:
         self.clock = clock
         self.store = CacheStore()
         # Identical requests in flight: the first leads, the others wait for its answer (`cache.coalesce`).
-        self.in_flight = InFlight(stale_after_s=config.coalesce_wait_s)
+        self.in_flight = InFlight()
         self.index = VectorIndex(dim, hnsw_threshold=config.hnsw_threshold)
         # One OpenMP thread per search: on 2 cores a single query is 2.5-3x slower with two
         # (bench/results/cache_lookup.md), and faiss's thread count is per calling thread.

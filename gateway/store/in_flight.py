@@ -37,21 +37,18 @@ class Lead:
 
 
 class InFlight:
-    """`stale_after_s`: a leader older than this is taken for gone, in case one were never settled: its
-    key would otherwise make every later identical request wait out its bound."""
-
-    def __init__(self, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stale_after_s = stale_after_s
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._leaders: dict[Key, tuple[asyncio.Future[CacheEntry | None], float]] = {}
 
     def __len__(self) -> int:
         return len(self._leaders)
 
-    def lead(self, key: Key) -> Lead | None:
+    def lead(self, key: Key, wait_s: float) -> Lead | None:
         """A handle if no identical request is in flight (this one leads; it must settle the handle), else
-        None (follow the one that is)."""
-        if self._live(key) is not None:
+        None (follow the one that is). A leader older than `wait_s` is taken for gone, in case one were
+        never settled: its key would otherwise make every later identical request wait out its bound."""
+        if self._live(key, wait_s) is not None:
             return None
         future: asyncio.Future[CacheEntry | None] = asyncio.get_running_loop().create_future()
         self._leaders[key] = (future, self.clock())
@@ -61,7 +58,7 @@ class InFlight:
     async def follow(self, key: Key, wait_s: float) -> CacheEntry | None:
         """The leader's answer, or None: no leader, none to share, or not within `wait_s`. Cancelling a
         follower leaves the leader alone."""
-        future = self._live(key)
+        future = self._live(key, wait_s)
         if future is None:
             return None
         try:
@@ -69,9 +66,9 @@ class InFlight:
         except TimeoutError:
             return None
 
-    def _live(self, key: Key) -> asyncio.Future[CacheEntry | None] | None:
+    def _live(self, key: Key, wait_s: float) -> asyncio.Future[CacheEntry | None] | None:
         found = self._leaders.get(key)
-        if found is None or self.clock() - found[1] > self.stale_after_s:
+        if found is None or self.clock() - found[1] > wait_s:
             return None
         return found[0]
 

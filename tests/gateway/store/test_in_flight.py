@@ -31,31 +31,32 @@ def entry(text: str = "hi") -> CacheEntry:
 
 
 async def test_followers_get_what_the_leader_shares_and_the_key_is_free_again() -> None:
-    flight = InFlight(stale_after_s=60.0)
-    lead = flight.lead(KEY)
+    flight = InFlight()
+    lead = flight.lead(KEY, 60.0)
     assert lead is not None
-    assert flight.lead(KEY) is None  # an identical request in flight: follow it instead
+    assert flight.lead(KEY, 60.0) is None  # an identical request in flight: follow it instead
     waiting = [asyncio.create_task(flight.follow(KEY, 5.0)) for _ in range(3)]
     await asyncio.sleep(0)
     answer = entry()
     lead.share(answer)
     assert await asyncio.gather(*waiting) == [answer, answer, answer]
     assert len(flight) == 0
-    assert flight.lead(KEY) is not None  # the next identical request leads anew
+    assert flight.lead(KEY, 60.0) is not None  # the next identical request leads anew
 
 
 async def test_nothing_to_follow_returns_at_once_and_other_keys_are_separate() -> None:
-    flight = InFlight(stale_after_s=60.0)
+    flight = InFlight()
     assert await asyncio.wait_for(flight.follow(KEY, 60.0), 1.0) is None
-    lead = flight.lead(KEY)
+    lead = flight.lead(KEY, 60.0)
     assert lead is not None
-    assert flight.lead(("tenant-b", KEY[1])) is not None  # another tenant's identical request leads its own
+    other_tenant = ("tenant-b", KEY[1])
+    assert flight.lead(other_tenant, 60.0) is not None  # another tenant's identical request leads its own
     assert await asyncio.wait_for(flight.follow(("tenant-b", "other"), 60.0), 1.0) is None
 
 
 async def test_a_leader_with_nothing_to_share_frees_its_followers() -> None:
-    flight = InFlight(stale_after_s=60.0)
-    lead = flight.lead(KEY)
+    flight = InFlight()
+    lead = flight.lead(KEY, 60.0)
     assert lead is not None
     waiting = asyncio.create_task(flight.follow(KEY, 5.0))
     await asyncio.sleep(0)
@@ -66,8 +67,8 @@ async def test_a_leader_with_nothing_to_share_frees_its_followers() -> None:
 
 
 async def test_a_follower_waits_no_longer_than_its_bound_and_leaves_the_leader_alone() -> None:
-    flight = InFlight(stale_after_s=60.0)
-    lead = flight.lead(KEY)
+    flight = InFlight()
+    lead = flight.lead(KEY, 60.0)
     assert lead is not None
     assert await flight.follow(KEY, 0.01) is None  # the leader is slow: this one goes on alone
     cancelled = asyncio.create_task(flight.follow(KEY, 5.0))
@@ -83,14 +84,14 @@ async def test_a_follower_waits_no_longer_than_its_bound_and_leaves_the_leader_a
 
 async def test_a_leader_never_settled_is_taken_for_gone_after_the_bound() -> None:
     now = [0.0]
-    flight = InFlight(stale_after_s=60.0, clock=lambda: now[0])
-    lost = flight.lead(KEY)  # a leader whose request never settles its handle (a bug, say)
+    flight = InFlight(clock=lambda: now[0])
+    lost = flight.lead(KEY, 60.0)  # a leader whose request never settles its handle (a bug, say)
     assert lost is not None
     now[0] = 59.0
-    assert flight.lead(KEY) is None  # still in flight: follow it
+    assert flight.lead(KEY, 60.0) is None  # still in flight: follow it
     now[0] = 61.0
     assert await asyncio.wait_for(flight.follow(KEY, 60.0), 1.0) is None  # no waiting on a stale one
-    fresh = flight.lead(KEY)
+    fresh = flight.lead(KEY, 60.0)
     assert fresh is not None  # the next identical request leads anew
     lost.share(None)  # the stale one settling late does not unregister the fresh one
     await asyncio.sleep(0)
