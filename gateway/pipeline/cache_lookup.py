@@ -125,7 +125,10 @@ async def look_up(
         lookup.hit = look_up_exact(lookup, entries, min_tier)
     if lookup.hit is None and entries.config.coalesce and lookup.exact and lookup.servable:
         with tracing.stage_span("in_flight"):
+            started = time.perf_counter()
             lookup.hit = await share_in_flight(lookup, entries, min_tier, may_lead and not ctx.stream)
+            if lookup.lead is None:  # it waited for another request's backend call: not the gateway's work
+                ctx.backend_s += time.perf_counter() - started
     if lookup.hit is None:
         try:
             with tracing.stage_span("embed_retrieve"):

@@ -49,15 +49,16 @@ class GatedClient(FakeClient):
 
 
 async def together(
-    h: Harness, client: GatedClient, first: RequestContext, *others: RequestContext
+    h: Harness, client: GatedClient, first: RequestContext, *others: RequestContext, hold_s: float = 0.0
 ) -> list[PipelineResult | BaseException]:
-    """`first` reaches the backend and waits there; `others` start meanwhile; then the gate opens. Each
-    runs as its context's tenant (as an in-process client wrapped for one tenant would)."""
+    """`first` reaches the backend and waits there; `others` start meanwhile; then, `hold_s` later, the
+    gate opens. Each runs as its context's tenant (as an in-process client wrapped for one tenant would)."""
     leader = asyncio.create_task(h.pipeline.run(first, tenant=first.tenant))
     await client.entered.wait()
     followers = [asyncio.create_task(h.pipeline.run(ctx, tenant=ctx.tenant)) for ctx in others]
     for _ in range(20):  # let the others reach the cache stage and wait there
         await asyncio.sleep(0)
+    await asyncio.sleep(hold_s)
     client.gate.set()
     return list(await asyncio.gather(leader, *followers, return_exceptions=True))
 
@@ -71,7 +72,7 @@ async def test_identical_requests_in_flight_share_one_backend_call(new_entries: 
     client = GatedClient()
     h, entries, embed = await with_cache(new_entries, client=client)
     first, second, third = chat_ctx(QUESTION), chat_ctx(QUESTION), chat_ctx(QUESTION, stream=True)
-    results = await together(h, client, first, second, third)
+    results = await together(h, client, first, second, third, hold_s=0.2)
 
     assert client.backends == ["small"]  # one call for all three
     assert embed.calls == [(QUESTION, "anonymous")]  # the followers were not embedded either
@@ -81,6 +82,7 @@ async def test_identical_requests_in_flight_share_one_backend_call(new_entries: 
         assert ctx.decisions["cache"]["hit"] == "exact" and ctx.decisions["cache"]["shared"] is True
         assert ctx.decisions["cache"]["entry"] is None  # the answer was not written yet
         assert (ctx.prompt_tokens, ctx.completion_tokens) == (7, 3)  # billed as the hit it is
+        assert ctx.backend_s >= 0.2  # the wait for the leader's backend call is not the gateway's own work
     lead, shared, streamed = results
     assert isinstance(lead, PipelineResult) and isinstance(shared, PipelineResult)
     assert isinstance(streamed, PipelineResult)
@@ -88,6 +90,7 @@ async def test_identical_requests_in_flight_share_one_backend_call(new_entries: 
     assert shared.response["choices"][0]["message"]["content"] == "small says hi"
     assert shared.response["id"] == f"chatcmpl-{second.request_id}"
     assert shared.headers()["x-icgate-cache-shared"] == "true"
+    assert float(shared.headers()["x-icgate-backend-ms"]) >= 200.0
     assert "x-icgate-cache-shared" not in lead.headers()
     assert streamed.chunks is not None
     text = "".join(
