@@ -100,15 +100,7 @@ class Screened:
     ) -> npt.NDArray[np.float64]:
         v = self.verifier
         model: Any = v.model
-        scores = np.zeros(len(texts_a))
-        cosines = np.einsum("ij,ij->i", vecs_a, vecs_b)
-        undecided = []
-        for i in np.flatnonzero(cosines >= v.cosine_threshold).tolist():
-            verdict = rule_verdict(texts_a[i], texts_b[i])
-            if verdict is None:
-                undecided.append(i)
-            else:
-                scores[i] = verdict
+        scores, undecided = v.rules_first(texts_a, texts_b, vecs_a, vecs_b)  # as the shipped verifier does
         if not undecided:
             return scores
         a = [texts_a[i] for i in undecided]

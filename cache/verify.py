@@ -474,11 +474,29 @@ class HitVerifier:
         vb = np.asarray(vecs_b, dtype=np.float32)
         if va.ndim != 2 or va.shape[1] != self.dim:
             raise ValueError(f"expected vectors of dimension {self.dim}, got shape {va.shape}")
+        scores, undecided = self.rules_first(texts_a, texts_b, va, vb)
+        if undecided:
+            features = self.features(
+                [texts_a[i] for i in undecided], [texts_b[i] for i in undecided], va[undecided], vb[undecided]
+            )
+            scores[undecided] = self.model.predict_proba(features)[:, 1]
+        return scores
+
+    def rules_first(
+        self,
+        texts_a: Sequence[str],
+        texts_b: Sequence[str],
+        vecs_a: npt.NDArray[np.float32],
+        vecs_b: npt.NDArray[np.float32],
+    ) -> tuple[npt.NDArray[np.float64], list[int]]:
+        """What is decided without the model, and what is left to it: every pair's score (0.0 below the
+        prefilter or over MAX_TEXT_CHARS, the hard rules' verdict where they settle it, `apply_rules`),
+        and the indices of the pairs the model must score. A pair the rules decide needs no features,
+        cross-encoder or trees."""
         scores = np.zeros(len(texts_a), dtype=np.float64)
-        cosines = np.einsum("ij,ij->i", va, vb)
+        cosines = np.einsum("ij,ij->i", vecs_a, vecs_b)
         readable = [max(len(a), len(b)) <= MAX_TEXT_CHARS for a, b in zip(texts_a, texts_b, strict=True)]
         keep = np.flatnonzero((cosines >= self.cosine_threshold) & np.array(readable, dtype=bool)).tolist()
-        # The rules first (`apply_rules`): a pair they decide needs no features, cross-encoder or trees.
         undecided = []
         for i in keep:
             verdict = rule_verdict(texts_a[i], texts_b[i])
@@ -486,12 +504,7 @@ class HitVerifier:
                 undecided.append(i)
             else:
                 scores[i] = verdict
-        if undecided:
-            features = self.features(
-                [texts_a[i] for i in undecided], [texts_b[i] for i in undecided], va[undecided], vb[undecided]
-            )
-            scores[undecided] = self.model.predict_proba(features)[:, 1]
-        return scores
+        return scores, undecided
 
     def accept_batch(
         self, texts_a: Sequence[str], texts_b: Sequence[str], vecs_a: npt.ArrayLike, vecs_b: npt.ArrayLike
